@@ -1,0 +1,24 @@
+// Running argmax shared by the channel max (p_c) and the max over ground truths (p_r).
+#pragma once
+
+#include "tbd_ops/macros.h"
+
+namespace tbd_ops {
+
+// Running argmax with torch.max(dim) semantics: the first NaN wins, otherwise
+// the largest value, and on ties the lowest index.
+template <typename T> struct ArgMax {
+  T value;
+  int64_t index;  // -1 while empty
+};
+
+template <typename T> TBD_HD ArgMax<T> argmax_empty() { return {T(0), -1}; }
+
+// Feed candidates in increasing index order.
+template <typename T> TBD_HD void argmax_update(ArgMax<T>& a, T v, int64_t idx) {
+  if (a.index < 0) { a.value = v; a.index = idx; return; }
+  if (is_nan(a.value)) return;
+  if (is_nan(v) || v > a.value) { a.value = v; a.index = idx; }
+}
+
+}  // namespace tbd_ops

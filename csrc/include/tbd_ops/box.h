@@ -1,0 +1,164 @@
+// Box coders and IoU: forward and backward for one box / one pair.
+// Formulas follow MMDetection's DeltaXYWHBBoxCoder / distance2bbox operation by
+// operation, so results agree to rounding; gradients follow autograd's
+// conventions for clamp / maximum / minimum so that they match a PyTorch
+// reference exactly, including at ties.
+#pragma once
+
+#include "tbd_ops/macros.h"
+
+namespace tbd_ops {
+
+template <typename A> struct Box {
+  A x1, y1, x2, y2;
+};
+
+enum class Coder : int { kDeltaXYWH = 0, kDistance = 1, kNone = 2 };
+
+template <typename A> struct CoderParams {
+  Coder coder;
+  A mean[4];
+  A std[4];
+  A max_ratio;  // |log(wh_ratio_clip)|
+  A scale;      // distance coder: multiplies the ltrb prediction
+  bool clip;    // clip to [0, max_w] x [0, max_h]
+  A max_h, max_w;
+};
+
+// d = pred, r = prior (4 anchor coordinates, or the point (x, y) in r[0], r[1]).
+template <typename A>
+TBD_HD Box<A> decode_box(const A d[4], const A r[4], const CoderParams<A>& cp) {
+  Box<A> b;
+  if (cp.coder == Coder::kDeltaXYWH) {
+    const A dx = d[0] * cp.std[0] + cp.mean[0];
+    const A dy = d[1] * cp.std[1] + cp.mean[1];
+    const A dw = clamp_val(d[2] * cp.std[2] + cp.mean[2], -cp.max_ratio, cp.max_ratio);
+    const A dh = clamp_val(d[3] * cp.std[3] + cp.mean[3], -cp.max_ratio, cp.max_ratio);
+    const A px = (r[0] + r[2]) * A(0.5);
+    const A py = (r[1] + r[3]) * A(0.5);
+    const A pw = r[2] - r[0];
+    const A ph = r[3] - r[1];
+    const A gx = px + pw * dx;
+    const A gy = py + ph * dy;
+    const A gw = pw * math_exp(dw);
+    const A gh = ph * math_exp(dh);
+    b = {gx - gw * A(0.5), gy - gh * A(0.5), gx + gw * A(0.5), gy + gh * A(0.5)};
+  } else if (cp.coder == Coder::kDistance) {
+    b = {r[0] - d[0] * cp.scale, r[1] - d[1] * cp.scale,
+         r[0] + d[2] * cp.scale, r[1] + d[3] * cp.scale};
+  } else {
+    b = {d[0], d[1], d[2], d[3]};
+  }
+  if (cp.clip) {
+    b.x1 = clamp_val(b.x1, A(0), cp.max_w);
+    b.y1 = clamp_val(b.y1, A(0), cp.max_h);
+    b.x2 = clamp_val(b.x2, A(0), cp.max_w);
+    b.y2 = clamp_val(b.y2, A(0), cp.max_h);
+  }
+  return b;
+}
+
+// Vector-Jacobian product of decode_box: given g = dL/d(box), writes dL/d(pred)
+// into d_pred[4] and, when d_prior is non-null, dL/d(prior) into d_prior[0..3]
+// (anchors) or d_prior[0..1] (points).
+template <typename A>
+TBD_HD void decode_box_backward(const A d[4], const A r[4], const CoderParams<A>& cp,
+                                Box<A> g, A d_pred[4], A* d_prior) {
+  if (cp.clip) {
+    // Masks from the unclipped box.
+    const CoderParams<A> nc = [&] { CoderParams<A> c = cp; c.clip = false; return c; }();
+    const Box<A> u = decode_box(d, r, nc);
+    g.x1 *= clamp_grad(u.x1, A(0), cp.max_w);
+    g.y1 *= clamp_grad(u.y1, A(0), cp.max_h);
+    g.x2 *= clamp_grad(u.x2, A(0), cp.max_w);
+    g.y2 *= clamp_grad(u.y2, A(0), cp.max_h);
+  }
+  if (cp.coder == Coder::kDeltaXYWH) {
+    const A dx = d[0] * cp.std[0] + cp.mean[0];
+    const A dy = d[1] * cp.std[1] + cp.mean[1];
+    const A dw_raw = d[2] * cp.std[2] + cp.mean[2];
+    const A dh_raw = d[3] * cp.std[3] + cp.mean[3];
+    const A ew = math_exp(clamp_val(dw_raw, -cp.max_ratio, cp.max_ratio));
+    const A eh = math_exp(clamp_val(dh_raw, -cp.max_ratio, cp.max_ratio));
+    const A pw = r[2] - r[0];
+    const A ph = r[3] - r[1];
+    const A g_gx = g.x1 + g.x2, g_gy = g.y1 + g.y2;
+    const A g_gw = (g.x2 - g.x1) * A(0.5), g_gh = (g.y2 - g.y1) * A(0.5);
+    d_pred[0] = g_gx * pw * cp.std[0];
+    d_pred[1] = g_gy * ph * cp.std[1];
+    d_pred[2] = g_gw * pw * ew * clamp_grad(dw_raw, -cp.max_ratio, cp.max_ratio) * cp.std[2];
+    d_pred[3] = g_gh * ph * eh * clamp_grad(dh_raw, -cp.max_ratio, cp.max_ratio) * cp.std[3];
+    if (d_prior) {
+      const A g_pw = g_gx * dx + g_gw * ew;  // d/d(pw)
+      const A g_ph = g_gy * dy + g_gh * eh;
+      d_prior[0] = g_gx * A(0.5) - g_pw;
+      d_prior[1] = g_gy * A(0.5) - g_ph;
+      d_prior[2] = g_gx * A(0.5) + g_pw;
+      d_prior[3] = g_gy * A(0.5) + g_ph;
+    }
+  } else if (cp.coder == Coder::kDistance) {
+    d_pred[0] = -g.x1 * cp.scale;
+    d_pred[1] = -g.y1 * cp.scale;
+    d_pred[2] = g.x2 * cp.scale;
+    d_pred[3] = g.y2 * cp.scale;
+    if (d_prior) {
+      d_prior[0] = g.x1 + g.x2;
+      d_prior[1] = g.y1 + g.y2;
+    }
+  } else {
+    d_pred[0] = g.x1;
+    d_pred[1] = g.y1;
+    d_pred[2] = g.x2;
+    d_pred[3] = g.y2;
+  }
+}
+
+// Area with widths and heights clamped at 0 (a degenerate box has area 0).
+template <typename A> TBD_HD A box_area(const Box<A>& b) {
+  return clamp_min_val(b.x2 - b.x1, A(0)) * clamp_min_val(b.y2 - b.y1, A(0));
+}
+
+// inter / max(area_a + area_b - inter, eps).
+template <typename A> TBD_HD A box_iou(const Box<A>& a, const Box<A>& b, A eps) {
+  const A iw = clamp_min_val(min_nan(a.x2, b.x2) - max_nan(a.x1, b.x1), A(0));
+  const A ih = clamp_min_val(min_nan(a.y2, b.y2) - max_nan(a.y1, b.y1), A(0));
+  const A inter = iw * ih;
+  const A uni = box_area(a) + box_area(b) - inter;
+  return inter / clamp_min_val(uni, eps);
+}
+
+// Gradient of box_iou(a, b) scaled by g, with respect to both boxes.
+template <typename A>
+TBD_HD void box_iou_backward(const Box<A>& a, const Box<A>& b, A eps, A g,
+                             Box<A>& ga, Box<A>& gb) {
+  const A iw_raw = min_nan(a.x2, b.x2) - max_nan(a.x1, b.x1);
+  const A ih_raw = min_nan(a.y2, b.y2) - max_nan(a.y1, b.y1);
+  const A iw = clamp_min_val(iw_raw, A(0));
+  const A ih = clamp_min_val(ih_raw, A(0));
+  const A inter = iw * ih;
+  const A aw_raw = a.x2 - a.x1, ah_raw = a.y2 - a.y1;
+  const A bw_raw = b.x2 - b.x1, bh_raw = b.y2 - b.y1;
+  const A aw = clamp_min_val(aw_raw, A(0)), ah = clamp_min_val(ah_raw, A(0));
+  const A bw = clamp_min_val(bw_raw, A(0)), bh = clamp_min_val(bh_raw, A(0));
+  const A uni = aw * ah + bw * bh - inter;
+  const A u = clamp_min_val(uni, eps);
+  const A g_u = -g * inter / (u * u);
+  const A g_uni = g_u * clamp_min_grad(uni, eps);
+  const A g_inter = g / u - g_uni;
+  const A g_iw = g_inter * ih * clamp_min_grad(iw_raw, A(0));
+  const A g_ih = g_inter * iw * clamp_min_grad(ih_raw, A(0));
+  const A g_aw = g_uni * ah * clamp_min_grad(aw_raw, A(0));
+  const A g_ah = g_uni * aw * clamp_min_grad(ah_raw, A(0));
+  const A g_bw = g_uni * bh * clamp_min_grad(bw_raw, A(0));
+  const A g_bh = g_uni * bw * clamp_min_grad(bh_raw, A(0));
+  ga.x1 = -g_iw * dmax_da(a.x1, b.x1) - g_aw;
+  ga.x2 = g_iw * dmin_da(a.x2, b.x2) + g_aw;
+  ga.y1 = -g_ih * dmax_da(a.y1, b.y1) - g_ah;
+  ga.y2 = g_ih * dmin_da(a.y2, b.y2) + g_ah;
+  gb.x1 = -g_iw * dmax_da(b.x1, a.x1) - g_bw;
+  gb.x2 = g_iw * dmin_da(b.x2, a.x2) + g_bw;
+  gb.y1 = -g_ih * dmax_da(b.y1, a.y1) - g_bh;
+  gb.y2 = g_ih * dmin_da(b.y2, a.y2) + g_bh;
+}
+
+}  // namespace tbd_ops

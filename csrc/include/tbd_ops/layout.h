@@ -1,0 +1,39 @@
+// Index arithmetic for the detector layouts (SPEC 0): prior p of a level with
+// A anchors per location is p = (h * W + w) * A + a, and its 4 regression
+// values sit in channels a*4 + k of a [N, A*4, H, W] tensor. A [N, P, 4] tensor
+// is the same layout with A = 1, H = 1, W = P.
+#pragma once
+
+#include "tbd_ops/macros.h"
+
+namespace tbd_ops {
+
+struct PredLayout {
+  int64_t A, H, W;
+  int64_t sN, sC, sH, sW;  // element strides
+};
+
+TBD_HD int64_t pred_offset(const PredLayout& l, int64_t n, int64_t p, int64_t k) {
+  const int64_t a = p % l.A;
+  const int64_t hw = p / l.A;
+  const int64_t w = hw % l.W;
+  const int64_t h = hw / l.W;
+  return n * l.sN + (a * 4 + k) * l.sC + h * l.sH + w * l.sW;
+}
+
+// Loads the 4 regression values of prediction (n, p) converted to A.
+template <typename A, typename T, typename Cvt>
+TBD_HD void load_pred(const T* pred, const PredLayout& l, int64_t n, int64_t p, A out[4], Cvt cvt) {
+  const int64_t base = pred_offset(l, n, p, 0);
+  for (int k = 0; k < 4; ++k) out[k] = cvt(pred[base + k * l.sC]);
+}
+
+// Loads prior p ([P, D] with strides s0, s1; D = 4 anchors or 2 points).
+template <typename A, typename T, typename Cvt>
+TBD_HD void load_prior(const T* priors, int64_t s0, int64_t s1, int dim, int64_t p, A out[4], Cvt cvt) {
+  out[0] = out[1] = out[2] = out[3] = A(0);
+  if (!priors) return;
+  for (int k = 0; k < dim; ++k) out[k] = cvt(priors[p * s0 + k * s1]);
+}
+
+}  // namespace tbd_ops

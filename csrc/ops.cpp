@@ -1,0 +1,334 @@
+// Schemas of every tbd_ops operator, argument validation, the autocast policy
+// and the Python module entry. Kernels are registered per backend in
+// csrc/cpu/*.cpp and cuda/ops_cuda.cpp; fake (meta) kernels and autograd
+// formulas are registered from Python (tbd_ops/_meta.py, tbd_ops/_autograd.py).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "ops.h"
+
+namespace tbd_ops {
+
+namespace {
+
+bool supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(supported_float(t.scalar_type()), op, ": ", name,
+                   " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+}  // namespace
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void cmss_check(const at::Tensor& x, double temperature) {
+  constexpr const char* op = "channel_max_spatial_softmax";
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be a 4-D tensor [N, K, H, W], got a ", x.dim(),
+                    "-D tensor of shape ", x.sizes());
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.size(1) >= 1, op, ": x must have at least one channel (K >= 1), got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": temperature must be a finite number > 0, got ", temperature);
+}
+
+void cmss_backward_check(const at::Tensor& grad, const at::Tensor& log_p,
+                         const at::Tensor& argmax, int64_t channels, double temperature) {
+  constexpr const char* op = "_channel_max_spatial_softmax_backward";
+  TORCH_CHECK_VALUE(grad.dim() == 3, op, ": grad must be [N, H, W], got shape ", grad.sizes());
+  check_float(op, "grad", grad);
+  TORCH_CHECK_VALUE(log_p.sizes() == grad.sizes() && argmax.sizes() == grad.sizes(), op,
+                    ": grad, log_p and argmax must have the same shape, got ", grad.sizes(), ", ",
+                    log_p.sizes(), " and ", argmax.sizes());
+  TORCH_CHECK_TYPE(log_p.scalar_type() == acc_dtype(grad.scalar_type()), op, ": log_p must be ",
+                   acc_dtype(grad.scalar_type()), ", got ", log_p.scalar_type());
+  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kLong, op, ": argmax must be int64, got ",
+                   argmax.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == log_p.device() && grad.device() == argmax.device(), op,
+                    ": grad, log_p and argmax must be on one device, got ", grad.device(), ", ",
+                    log_p.device(), " and ", argmax.device());
+  TORCH_CHECK_VALUE(channels >= 1, op, ": channels must be >= 1, got ", channels);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": temperature must be a finite number > 0, got ", temperature);
+}
+
+PredLayout pred_layout_of(const at::Tensor& t) {
+  PredLayout l{};
+  if (t.dim() == 4) {
+    l.A = t.size(1) / 4;
+    l.H = t.size(2);
+    l.W = t.size(3);
+    l.sN = t.stride(0);
+    l.sC = t.stride(1);
+    l.sH = t.stride(2);
+    l.sW = t.stride(3);
+  } else {  // [N, P, 4]
+    l.A = 1;
+    l.H = 1;
+    l.W = t.size(1);
+    l.sN = t.stride(0);
+    l.sC = t.stride(2);
+    l.sH = 0;
+    l.sW = t.stride(1);
+  }
+  if (l.W == 0) l.W = 1;  // P == 0: no index is ever formed
+  if (l.A == 0) l.A = 1;
+  return l;
+}
+
+DecodeProblem decode_prepare(const char* op, const at::Tensor& bbox_pred,
+                             const c10::optional<at::Tensor>& priors, const at::Tensor& gt_bboxes,
+                             at::IntArrayRef gt_counts, c10::string_view coder,
+                             at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
+                             c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip) {
+  DecodeProblem pb;
+  // bbox_pred
+  TORCH_CHECK_VALUE(bbox_pred.dim() == 4 || bbox_pred.dim() == 3, op,
+                    ": bbox_pred must be [N, A*4, H, W] or [N, P, 4], got shape ",
+                    bbox_pred.sizes());
+  check_float(op, "bbox_pred", bbox_pred);
+  if (bbox_pred.dim() == 4) {
+    TORCH_CHECK_VALUE(bbox_pred.size(1) % 4 == 0 && bbox_pred.size(1) > 0, op,
+                      ": bbox_pred channels must be a positive multiple of 4 (A*4), got ",
+                      bbox_pred.size(1));
+    pb.P = bbox_pred.size(1) / 4 * bbox_pred.size(2) * bbox_pred.size(3);
+  } else {
+    TORCH_CHECK_VALUE(bbox_pred.size(2) == 4, op,
+                      ": bbox_pred of rank 3 must be [N, P, 4], got shape ", bbox_pred.sizes());
+    pb.P = bbox_pred.size(1);
+  }
+  pb.N = bbox_pred.size(0);
+  pb.pl = pred_layout_of(bbox_pred);
+
+  // coder and its parameters
+  if (coder == "delta_xywh") {
+    pb.params.coder = Coder::kDeltaXYWH;
+  } else if (coder == "distance") {
+    pb.params.coder = Coder::kDistance;
+  } else if (coder == "none") {
+    pb.params.coder = Coder::kNone;
+  } else {
+    TORCH_CHECK_VALUE(false, op, ": coder must be 'delta_xywh', 'distance' or 'none', got '",
+                      std::string(coder), "'");
+  }
+  TORCH_CHECK_VALUE(means.size() == 4, op, ": means must have 4 values, got ", means.size());
+  TORCH_CHECK_VALUE(stds.size() == 4, op, ": stds must have 4 values, got ", stds.size());
+  for (int k = 0; k < 4; ++k) {
+    TORCH_CHECK_VALUE(std::isfinite(means[k]) && std::isfinite(stds[k]), op,
+                      ": means and stds must be finite, got means=", means, ", stds=", stds);
+    pb.params.mean[k] = means[k];
+    pb.params.std[k] = stds[k];
+  }
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  pb.params.scale = scale;
+  TORCH_CHECK_VALUE(std::isfinite(wh_ratio_clip) && wh_ratio_clip > 0, op,
+                    ": wh_ratio_clip must be a finite number > 0, got ", wh_ratio_clip);
+  pb.params.max_ratio = std::abs(std::log(wh_ratio_clip));
+  pb.params.clip = max_shape.has_value();
+  if (max_shape.has_value()) {
+    const auto ms = *max_shape;
+    TORCH_CHECK_VALUE(ms.size() >= 2, op, ": max_shape must be (h, w), got ", ms);
+    TORCH_CHECK_VALUE(std::isfinite(ms[0]) && std::isfinite(ms[1]) && ms[0] >= 0 && ms[1] >= 0,
+                      op, ": max_shape must hold finite sizes >= 0, got ", ms);
+    pb.params.max_h = ms[0];
+    pb.params.max_w = ms[1];
+  }
+
+  // priors
+  if (pb.params.coder == Coder::kNone) {
+    pb.prior_dim = 0;
+  } else {
+    TORCH_CHECK_VALUE(priors.has_value() && priors->defined(), op, ": coder '",
+                      std::string(coder), "' needs priors, got None");
+  }
+  if (priors.has_value() && priors->defined()) {
+    const at::Tensor& pr = *priors;
+    TORCH_CHECK_VALUE(pr.dim() == 2, op, ": priors must be [P, 4] or [P, 2], got shape ",
+                      pr.sizes());
+    TORCH_CHECK_VALUE(pr.size(0) == pb.P, op, ": priors must have P = H*W*A = ", pb.P,
+                      " rows to match bbox_pred of shape ", bbox_pred.sizes(), ", got ",
+                      pr.size(0));
+    TORCH_CHECK_TYPE(pr.scalar_type() == bbox_pred.scalar_type(), op,
+                     ": priors must have the dtype of bbox_pred (", bbox_pred.scalar_type(),
+                     "), got ", pr.scalar_type());
+    TORCH_CHECK_VALUE(pr.device() == bbox_pred.device(), op,
+                      ": priors must be on the device of bbox_pred (", bbox_pred.device(),
+                      "), got ", pr.device());
+    if (pb.params.coder == Coder::kDeltaXYWH) {
+      TORCH_CHECK_VALUE(pr.size(1) == 4, op,
+                        ": coder 'delta_xywh' needs anchors [P, 4], got priors of shape ",
+                        pr.sizes());
+      pb.prior_dim = 4;
+    } else if (pb.params.coder == Coder::kDistance) {
+      TORCH_CHECK_VALUE(pr.size(1) == 2 || pr.size(1) == 4, op,
+                        ": coder 'distance' needs points [P, 2] (or [P, 4] with strides), got "
+                        "priors of shape ",
+                        pr.sizes());
+      pb.prior_dim = 2;
+    }
+  }
+
+  // ground truths
+  TORCH_CHECK_VALUE(gt_bboxes.dim() == 2 && gt_bboxes.size(1) == 4, op,
+                    ": gt_bboxes must be [sum G_n, 4], got shape ", gt_bboxes.sizes());
+  TORCH_CHECK_TYPE(gt_bboxes.scalar_type() == bbox_pred.scalar_type(), op,
+                   ": gt_bboxes must have the dtype of bbox_pred (", bbox_pred.scalar_type(),
+                   "), got ", gt_bboxes.scalar_type());
+  TORCH_CHECK_VALUE(gt_bboxes.device() == bbox_pred.device(), op,
+                    ": gt_bboxes must be on the device of bbox_pred (", bbox_pred.device(),
+                    "), got ", gt_bboxes.device());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(gt_counts.size()) == pb.N, op,
+                    ": gt_counts must have one count per image (N = ", pb.N, "), got ",
+                    gt_counts.size());
+  pb.gt_offsets.resize(pb.N + 1);
+  pb.gt_offsets[0] = 0;
+  for (int64_t n = 0; n < pb.N; ++n) {
+    TORCH_CHECK_VALUE(gt_counts[n] >= 0, op, ": gt_counts must be >= 0, got ", gt_counts[n],
+                      " for image ", n);
+    pb.gt_offsets[n + 1] = pb.gt_offsets[n] + gt_counts[n];
+  }
+  TORCH_CHECK_VALUE(pb.gt_offsets[pb.N] == gt_bboxes.size(0), op,
+                    ": gt_counts must sum to the rows of gt_bboxes (", gt_bboxes.size(0),
+                    "), got ", pb.gt_offsets[pb.N]);
+  pb.gts = gt_bboxes.contiguous();
+  return pb;
+}
+
+void decode_backward_check(const DecodeProblem& pb, const at::Tensor& bbox_pred,
+                           const at::Tensor& grad_iou, const at::Tensor& arg) {
+  constexpr const char* op = "_decode_max_iou_backward";
+  TORCH_CHECK_VALUE(grad_iou.dim() == 2 && grad_iou.size(0) == pb.N && grad_iou.size(1) == pb.P,
+                    op, ": grad_iou must be [N, P] = [", pb.N, ", ", pb.P, "], got ",
+                    grad_iou.sizes());
+  TORCH_CHECK_VALUE(arg.sizes() == grad_iou.sizes(), op, ": arg must be [N, P], got ",
+                    arg.sizes());
+  TORCH_CHECK_TYPE(grad_iou.scalar_type() == bbox_pred.scalar_type(), op,
+                   ": grad_iou must have the dtype of bbox_pred (", bbox_pred.scalar_type(),
+                   "), got ", grad_iou.scalar_type());
+  TORCH_CHECK_TYPE(arg.scalar_type() == at::kLong, op, ": arg must be int64, got ",
+                   arg.scalar_type());
+  TORCH_CHECK_VALUE(grad_iou.device() == bbox_pred.device() && arg.device() == bbox_pred.device(),
+                    op, ": grad_iou and arg must be on the device of bbox_pred");
+}
+
+namespace {
+
+// ---- autocast: compute in fp32 inside the kernels, return the input dtype ----
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_autocast(const at::Tensor& x,
+                                                             double temperature,
+                                                             bool scale_by_hw) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("tbd_ops::channel_max_spatial_softmax", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, double, bool)>();
+  // The kernels read 16-bit logits directly and accumulate in fp32.
+  return op.call(x, temperature, scale_by_hw);
+}
+
+using DecodeSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, at::IntArrayRef,
+    c10::string_view, at::ArrayRef<double>, at::ArrayRef<double>, double,
+    c10::optional<at::ArrayRef<double>>, double);
+
+c10::TypedOperatorHandle<DecodeSig>& decode_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("tbd_ops::decode_max_iou", "")
+                       .typed<DecodeSig>();
+  return op;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_autocast(
+    const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
+    const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
+    at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
+    c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  // Mixed precision (e.g. fp16 predictions, fp32 anchors and boxes): run in
+  // the widest floating dtype, return IoU in the dtype of bbox_pred.
+  at::ScalarType t = bbox_pred.scalar_type();
+  const bool has_priors = priors.has_value() && priors->defined();
+  if (has_priors && priors->is_floating_point()) t = at::promote_types(t, priors->scalar_type());
+  if (gt_bboxes.is_floating_point()) t = at::promote_types(t, gt_bboxes.scalar_type());
+  const bool uniform = t == bbox_pred.scalar_type() &&
+                       (!has_priors || priors->scalar_type() == t) && gt_bboxes.scalar_type() == t;
+  if (!bbox_pred.is_floating_point() || uniform) {
+    return decode_op().call(bbox_pred, priors, gt_bboxes, gt_counts, coder, means, stds, scale,
+                            max_shape, wh_ratio_clip);
+  }
+  c10::optional<at::Tensor> pr;
+  if (has_priors) pr = priors->to(t);
+  auto [iou, arg] = decode_op().call(bbox_pred.to(t), pr, gt_bboxes.to(t), gt_counts, coder,
+                                     means, stds, scale, max_shape, wh_ratio_clip);
+  return {iou.to(bbox_pred.scalar_type()), arg};
+}
+
+// box_max_iou: the same op on already-decoded boxes.
+std::tuple<at::Tensor, at::Tensor> box_max_iou(const at::Tensor& boxes,
+                                               const at::Tensor& gt_bboxes,
+                                               at::IntArrayRef gt_counts) {
+  TORCH_CHECK_VALUE(boxes.dim() == 3 && boxes.size(2) == 4,
+                    "box_max_iou: boxes must be [N, P, 4], got shape ", boxes.sizes());
+  static const std::vector<double> zeros{0., 0., 0., 0.}, ones{1., 1., 1., 1.};
+  return decode_op().call(boxes, c10::nullopt, gt_bboxes, gt_counts, "none", zeros, ones, 1.0,
+                          c10::nullopt, 0.016);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tbd_ops, m) {
+  m.def(
+      "channel_max_spatial_softmax(Tensor x, float temperature=1.0, bool scale_by_hw=False)"
+      " -> (Tensor out, Tensor log_p, Tensor argmax)");
+  m.def(
+      "_channel_max_spatial_softmax_backward(Tensor grad, Tensor log_p, Tensor argmax,"
+      " int channels, float temperature, bool scale_by_hw, bool channels_last) -> Tensor");
+  m.def(
+      "decode_max_iou(Tensor bbox_pred, Tensor? priors, Tensor gt_bboxes, int[] gt_counts,"
+      " str coder=\"delta_xywh\", float[] means=[0., 0., 0., 0.], float[] stds=[1., 1., 1., 1.],"
+      " float scale=1.0, float[]? max_shape=None, float wh_ratio_clip=0.016)"
+      " -> (Tensor iou, Tensor arg)");
+  m.def(
+      "_decode_max_iou_backward(Tensor grad_iou, Tensor arg, Tensor bbox_pred, Tensor? priors,"
+      " Tensor gt_bboxes, int[] gt_counts, str coder, float[] means, float[] stds, float scale,"
+      " float[]? max_shape, float wh_ratio_clip, bool[3] output_mask)"
+      " -> (Tensor grad_bbox_pred, Tensor grad_priors, Tensor grad_gt_bboxes)");
+  m.def("box_max_iou(Tensor boxes, Tensor gt_bboxes, int[] gt_counts) -> (Tensor iou, Tensor arg)",
+        TORCH_FN(box_max_iou));
+}
+
+TORCH_LIBRARY_IMPL(tbd_ops, AutocastCPU, m) {
+  m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_autocast));
+  m.impl("decode_max_iou", TORCH_FN(decode_autocast));
+}
+
+TORCH_LIBRARY_IMPL(tbd_ops, AutocastCUDA, m) {
+  m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_autocast));
+  m.impl("decode_max_iou", TORCH_FN(decode_autocast));
+}
+
+}  // namespace tbd_ops
+
+// Importing tbd_ops._C loads the shared library, which runs the static
+// registrations above; the module itself only records how it was built.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+#ifdef TBD_OPS_WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  return m;
+}
+

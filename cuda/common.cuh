@@ -1,0 +1,72 @@
+// Helpers shared by the CUDA kernels (no PyTorch).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "launchers.h"
+#include "tbd_ops/macros.h"
+
+namespace tbd_ops {
+namespace cuda {
+
+constexpr int kBlock = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Explicit conversions (PyTorch builds with __CUDA_NO_HALF_CONVERSIONS__).
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+template <typename T> struct FromAcc {
+  template <typename A> __device__ __forceinline__ static T cvt(A v) { return static_cast<T>(v); }
+};
+template <> struct FromAcc<__half> {
+  template <typename A> __device__ __forceinline__ static __half cvt(A v) {
+    return __float2half_rn(static_cast<float>(v));
+  }
+};
+template <> struct FromAcc<__nv_bfloat16> {
+  template <typename A> __device__ __forceinline__ static __nv_bfloat16 cvt(A v) {
+    return __float2bfloat16_rn(static_cast<float>(v));
+  }
+};
+template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) {
+  return FromAcc<T>::cvt(v);
+}
+
+struct ToAcc {
+  template <typename T> __device__ __forceinline__ auto operator()(T v) const { return to_acc(v); }
+};
+
+template <typename T> struct TypeTag { using type = T; };
+
+// Calls f(TypeTag<T>{}) with the CUDA scalar type matching dt.
+template <typename F> void dispatch_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat: f(TypeTag<float>{}); break;
+    case DType::kDouble: f(TypeTag<double>{}); break;
+    case DType::kHalf: f(TypeTag<__half>{}); break;
+    case DType::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
+    default: throw std::invalid_argument("tbd_ops: unsupported dtype");
+  }
+}
+
+// Raises on a launch error (the registration layer turns it into a Python error).
+inline void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("tbd_ops: CUDA launch of ") + what +
+                             " failed: " + cudaGetErrorString(err));
+  }
+}
+
+}  // namespace cuda
+}  // namespace tbd_ops

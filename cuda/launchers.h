@@ -1,0 +1,64 @@
+// Host entry points of the CUDA kernels. Plain C++ (no PyTorch, no CUDA
+// headers): the registration layer (ops_cuda.cpp) validates and allocates,
+// these launch on the given stream and never synchronize.
+#pragma once
+
+#include <cstdint>
+
+#include "tbd_ops/box.h"
+#include "tbd_ops/layout.h"
+
+namespace tbd_ops {
+namespace cuda {
+
+enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
+
+// ---- channel_max_spatial_softmax -------------------------------------------
+// Blocks per image of the forward/backward grid; the caller allocates
+// `partials` of 2 * N * blocks (forward) / N * blocks (backward) accumulator
+// values (float, or double for kDouble).
+int64_t cmss_blocks_per_image(int64_t hw);
+
+// x: logits [N, K, H, W] with element strides xs[4]. Writes out (dtype of x,
+// contiguous [N, H, W]), log_p (accumulator dtype, [N, H, W]) and argmax
+// (int64, [N, H, W]).
+void cmss_forward(DType dt, const void* x, const int64_t xs[4], int64_t N, int64_t K,
+                  int64_t H, int64_t W, double temperature, bool scale_by_hw, void* out,
+                  void* log_p, int64_t* argmax, void* partials, void* stream);
+
+// grad: [N, H, W] (dtype dt) with strides gs[3]; writes dx [N, K, H, W] with
+// element strides ds[4] (every element: the argmax channel gets the gradient,
+// the others 0).
+void cmss_backward(DType dt, const void* grad, const int64_t gs[3], const void* log_p,
+                   const int64_t* argmax, int64_t N, int64_t K, int64_t H, int64_t W,
+                   double temperature, bool scale_by_hw, void* dx, const int64_t ds[4],
+                   void* partials, void* stream);
+
+// ---- decode_max_iou ---------------------------------------------------------
+struct DecodeIouArgs {
+  const void* pred;        // dtype dt, layout pl
+  PredLayout pl;
+  const void* priors;      // dtype dt, [P, >= prior_dim] or nullptr (coder none)
+  int64_t prior_s0, prior_s1;
+  int prior_dim;
+  const void* gts;         // dtype dt, contiguous [sum G_n, 4]
+  const int64_t* gt_offsets;  // HOST array of N + 1 offsets into gts
+  int64_t N, P;
+  CoderParams<double> params;
+  double eps;
+};
+
+// iou: [N, P] contiguous, dtype dt; arg: [N, P] int64.
+void decode_max_iou_forward(DType dt, const DecodeIouArgs& a, void* iou, int64_t* arg,
+                            void* stream);
+
+// grad_iou: [N, P] with strides (gs0, gs1). Outputs may be null when not
+// requested: grad_pred (layout gpl), grad_priors ([P, prior_dim] contiguous),
+// grad_gts ([sum G_n, 4] contiguous). Every requested output is fully written.
+void decode_max_iou_backward(DType dt, const DecodeIouArgs& a, const void* grad_iou,
+                             int64_t gs0, int64_t gs1, const int64_t* arg, void* grad_pred,
+                             const PredLayout& gpl, void* grad_priors, void* grad_gts,
+                             void* stream);
+
+}  // namespace cuda
+}  // namespace tbd_ops

@@ -1,0 +1,170 @@
+// CUDA registration: validation, allocation, device guard and current stream.
+// The kernels themselves (cuda/*.cu) see only raw pointers, sizes and strides.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../csrc/ops.h"
+#include "launchers.h"
+
+namespace tbd_ops {
+namespace {
+
+cuda::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat;
+    case at::kDouble: return cuda::DType::kDouble;
+    case at::kHalf: return cuda::DType::kHalf;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "tbd_ops: unsupported dtype ", t.scalar_type());
+  }
+}
+
+void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+
+// Kernel-side errors (std::exception from the launchers) become Python errors.
+template <typename F> void launch(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cuda(const at::Tensor& x, double temperature,
+                                                         bool scale_by_hw) {
+  cmss_check(x, temperature);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), K = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK_VALUE(N <= 65535, "channel_max_spatial_softmax: at most 65535 images per call, got ",
+                    N);
+  auto out = at::empty({N, H, W}, x.options());
+  auto log_p = at::empty({N, H, W}, x.options().dtype(acc_dtype(x.scalar_type())));
+  auto argmax = at::empty({N, H, W}, x.options().dtype(at::kLong));
+  if (N == 0 || H * W == 0) return {out, log_p, argmax};
+  const int64_t bpi = cuda::cmss_blocks_per_image(H * W);
+  auto partials = at::empty({2 * N * bpi}, log_p.options());
+  const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  launch([&] {
+    cuda::cmss_forward(dtype_of(x), x.const_data_ptr(), xs, N, K, H, W, temperature, scale_by_hw,
+                       out.mutable_data_ptr(), log_p.mutable_data_ptr(),
+                       argmax.mutable_data_ptr<int64_t>(), partials.mutable_data_ptr(),
+                       current_stream());
+  });
+  return {out, log_p, argmax};
+}
+
+at::Tensor cmss_backward_cuda(const at::Tensor& grad, const at::Tensor& log_p,
+                              const at::Tensor& argmax, int64_t channels, double temperature,
+                              bool scale_by_hw, bool channels_last) {
+  cmss_backward_check(grad, log_p, argmax, channels, temperature);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t N = grad.size(0), H = grad.size(1), W = grad.size(2);
+  TORCH_CHECK_VALUE(N <= 65535,
+                    "_channel_max_spatial_softmax_backward: at most 65535 images per call, got ",
+                    N);
+  auto dx = at::empty({N, channels, H, W},
+                      grad.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                 : at::MemoryFormat::Contiguous));
+  if (N == 0 || H * W == 0) return dx;
+  const auto lpc = log_p.contiguous();
+  const auto amc = argmax.contiguous();
+  auto partials = at::empty({N * cuda::cmss_blocks_per_image(H * W)}, lpc.options());
+  const int64_t gs[3] = {grad.stride(0), grad.stride(1), grad.stride(2)};
+  const int64_t ds[4] = {dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3)};
+  launch([&] {
+    cuda::cmss_backward(dtype_of(grad), grad.const_data_ptr(), gs, lpc.const_data_ptr(),
+                        amc.const_data_ptr<int64_t>(), N, channels, H, W, temperature,
+                        scale_by_hw, dx.mutable_data_ptr(), ds, partials.mutable_data_ptr(),
+                        current_stream());
+  });
+  return dx;
+}
+
+cuda::DecodeIouArgs make_args(const DecodeProblem& pb, const at::Tensor& bbox_pred,
+                              const c10::optional<at::Tensor>& priors) {
+  cuda::DecodeIouArgs a{};
+  a.pred = bbox_pred.const_data_ptr();
+  a.pl = pb.pl;
+  const bool use_priors = pb.prior_dim > 0;
+  a.priors = use_priors ? priors->const_data_ptr() : nullptr;
+  a.prior_s0 = use_priors ? priors->stride(0) : 0;
+  a.prior_s1 = use_priors ? priors->stride(1) : 0;
+  a.prior_dim = pb.prior_dim;
+  a.gts = pb.gts.const_data_ptr();
+  a.gt_offsets = pb.gt_offsets.data();
+  a.N = pb.N;
+  a.P = pb.P;
+  a.params = pb.params;
+  a.eps = kIouEps;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_max_iou_cuda(
+    const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
+    const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
+    at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
+    c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip) {
+  const DecodeProblem pb = decode_prepare("decode_max_iou", bbox_pred, priors, gt_bboxes,
+                                          gt_counts, coder, means, stds, scale, max_shape,
+                                          wh_ratio_clip);
+  const c10::cuda::CUDAGuard guard(bbox_pred.device());
+  auto iou = at::empty({pb.N, pb.P}, bbox_pred.options());
+  auto arg = at::empty({pb.N, pb.P}, bbox_pred.options().dtype(at::kLong));
+  const auto a = make_args(pb, bbox_pred, priors);
+  launch([&] {
+    cuda::decode_max_iou_forward(dtype_of(bbox_pred), a, iou.mutable_data_ptr(),
+                                 arg.mutable_data_ptr<int64_t>(), current_stream());
+  });
+  return {iou, arg};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cuda(
+    const at::Tensor& grad_iou, const at::Tensor& arg, const at::Tensor& bbox_pred,
+    const c10::optional<at::Tensor>& priors, const at::Tensor& gt_bboxes,
+    at::IntArrayRef gt_counts, c10::string_view coder, at::ArrayRef<double> means,
+    at::ArrayRef<double> stds, double scale, c10::optional<at::ArrayRef<double>> max_shape,
+    double wh_ratio_clip, std::array<bool, 3> output_mask) {
+  const DecodeProblem pb = decode_prepare("_decode_max_iou_backward", bbox_pred, priors,
+                                          gt_bboxes, gt_counts, coder, means, stds, scale,
+                                          max_shape, wh_ratio_clip);
+  decode_backward_check(pb, bbox_pred, grad_iou, arg);
+  const c10::cuda::CUDAGuard guard(bbox_pred.device());
+  const bool want_priors = output_mask[1] && pb.prior_dim > 0;
+  at::Tensor grad_pred =
+      output_mask[0] ? at::empty_like(bbox_pred) : at::empty({0}, bbox_pred.options());
+  // The kernels write [P, prior_dim]; points given as [P, 4] get zero stride columns.
+  at::Tensor grad_priors_k = want_priors ? at::empty({pb.P, pb.prior_dim}, bbox_pred.options())
+                                         : at::empty({0}, bbox_pred.options());
+  at::Tensor grad_gts =
+      output_mask[2] ? at::zeros({pb.gts.size(0), 4}, bbox_pred.options())
+                     : at::empty({0}, bbox_pred.options());
+  const auto argc = arg.contiguous();
+  const auto a = make_args(pb, bbox_pred, priors);
+  launch([&] {
+    cuda::decode_max_iou_backward(
+        dtype_of(bbox_pred), a, grad_iou.const_data_ptr(), grad_iou.stride(0), grad_iou.stride(1),
+        argc.const_data_ptr<int64_t>(), output_mask[0] ? grad_pred.mutable_data_ptr() : nullptr,
+        pred_layout_of(grad_pred.dim() == bbox_pred.dim() ? grad_pred : bbox_pred),
+        want_priors ? grad_priors_k.mutable_data_ptr() : nullptr,
+        output_mask[2] ? grad_gts.mutable_data_ptr() : nullptr, current_stream());
+  });
+  at::Tensor grad_priors = grad_priors_k;
+  if (want_priors && priors->size(1) != pb.prior_dim) {
+    grad_priors = at::zeros({pb.P, priors->size(1)}, bbox_pred.options());
+    grad_priors.narrow(1, 0, pb.prior_dim).copy_(grad_priors_k);
+  }
+  return {grad_pred, grad_priors, grad_gts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tbd_ops, CUDA, m) {
+  m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_cuda));
+  m.impl("_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cuda));
+  m.impl("decode_max_iou", TORCH_FN(decode_max_iou_cuda));
+  m.impl("_decode_max_iou_backward", TORCH_FN(decode_max_iou_backward_cuda));
+}
+
+}  // namespace tbd_ops

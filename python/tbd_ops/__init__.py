@@ -1,0 +1,30 @@
+"""tbd_ops: fused CPU/CUDA kernels for Task-Balanced Distillation and PseCo losses.
+
+Every op is a PyTorch dispatcher operator (``torch.ops.tbd_ops.<name>``) with CPU
+and CUDA kernels, a backward op, a fake kernel for ``torch.compile`` and an
+autocast policy. ``tbd_ops.reference`` holds pure-PyTorch implementations with
+the same signatures.
+"""
+from ._version import __version__
+from . import _C  # noqa: F401  (loads the kernels and registers the operators)
+from .ops import box_max_iou, channel_max_spatial_softmax, decode_max_iou
+from . import reference  # noqa: E402
+
+
+def cuda_available() -> bool:
+    """Whether this build of tbd_ops contains the CUDA kernels.
+
+    This says nothing about a GPU being present; combine with
+    ``torch.cuda.is_available()`` for that.
+    """
+    return bool(_C.WITH_CUDA)
+
+
+__all__ = [
+    "__version__",
+    "cuda_available",
+    "channel_max_spatial_softmax",
+    "decode_max_iou",
+    "box_max_iou",
+    "reference",
+]

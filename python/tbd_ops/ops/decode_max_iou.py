@@ -1,0 +1,181 @@
+"""p_r: fused box decode + max IoU against every ground truth (SPEC 1.2)."""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._utils import check_tensor
+
+_OP = "decode_max_iou"
+_CODERS = ("delta_xywh", "distance", "none")
+
+Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _flatten_gts(op: str, gt_bboxes, n: int, ref: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+    """Ragged ground truths (list of N [G_n, 4], or [N, G, 4]) -> ([sum G_n, 4], counts)."""
+    if isinstance(gt_bboxes, torch.Tensor):
+        if gt_bboxes.dim() != 3:
+            raise ValueError(
+                f"{op}: gt_bboxes must be a list of N tensors [G_n, 4] or one tensor [N, G, 4], "
+                f"got a tensor of shape {tuple(gt_bboxes.shape)}"
+            )
+        gt_bboxes = list(gt_bboxes.unbind(0))
+    if not isinstance(gt_bboxes, (list, tuple)):
+        raise TypeError(f"{op}: gt_bboxes must be a list of tensors, got {type(gt_bboxes).__name__}")
+    if len(gt_bboxes) != n:
+        raise ValueError(f"{op}: gt_bboxes must hold one tensor per image (N = {n}), got {len(gt_bboxes)}")
+    for i, g in enumerate(gt_bboxes):
+        check_tensor(op, f"gt_bboxes[{i}]", g)
+        if g.dim() != 2 or g.shape[1] != 4:
+            raise ValueError(f"{op}: gt_bboxes[{i}] must be [G, 4], got shape {tuple(g.shape)}")
+    counts = [int(g.shape[0]) for g in gt_bboxes]
+    if n == 0:
+        return ref.new_empty((0, 4)), counts
+    flat = gt_bboxes[0] if n == 1 else torch.cat(list(gt_bboxes), 0)
+    return flat, counts
+
+
+def _as_floats(op: str, name: str, value, length: Optional[int]) -> List[float]:
+    try:
+        out = [float(v) for v in value]
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be a sequence of numbers, got {type(value).__name__}") from None
+    if length is not None and len(out) != length:
+        raise ValueError(f"{op}: {name} must have {length} values, got {len(out)}")
+    return out
+
+
+def decode_max_iou(
+    bbox_pred: Tensors,
+    priors: Optional[Tensors],
+    gt_bboxes,
+    *,
+    coder: str = "delta_xywh",
+    means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+    stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    scale: Union[float, Sequence[float]] = 1.0,
+    max_shape: Optional[Sequence[float]] = None,
+    wh_ratio_clip: float = 16 / 1000,
+):
+    """Decode every prediction and take its max IoU over the image's ground truths.
+
+    The predictions x ground-truth IoU matrix is never formed: memory is O(P + G).
+
+    Args:
+        bbox_pred: ``[N, A*4, H, W]`` head output (read in place, prior order
+            ``(h, w, a)``) or ``[N, P, 4]``; or a list of levels.
+        priors: ``[P, 4]`` anchors (``delta_xywh``), ``[P, 2]`` points
+            (``distance``; ``[P, 4]`` points with strides also accepted), None for
+            ``coder="none"``; a list for list input.
+        gt_bboxes: list of N tensors ``[G_n, 4]`` (``G_n`` may be 0) or ``[N, G, 4]``.
+        coder: ``"delta_xywh"`` (MMDetection's DeltaXYWHBBoxCoder), ``"distance"``
+            (``distance2bbox(points, ltrb * scale)``) or ``"none"``.
+        means, stds, wh_ratio_clip: ``delta_xywh`` parameters.
+        scale: ``distance`` multiplier, one number or one per level.
+        max_shape: ``(h, w)`` to clip decoded boxes to, or None.
+
+    Returns:
+        ``(iou [N, P], arg [N, P] int64)``: the max IoU in the dtype of
+        ``bbox_pred`` (0 for an image without ground truth) and the index of the
+        maximizing ground truth (lowest on ties, -1 without ground truth). A list
+        of such pairs for list input.
+    """
+    if coder not in _CODERS:
+        raise ValueError(f"{_OP}: coder must be one of {_CODERS}, got {coder!r}")
+    if isinstance(bbox_pred, (list, tuple)):
+        levels = len(bbox_pred)
+        if priors is None:
+            priors = [None] * levels
+        if not isinstance(priors, (list, tuple)) or len(priors) != levels:
+            raise ValueError(f"{_OP}: priors must be a list with one tensor per level ({levels})")
+        scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * levels
+        if len(scales) != levels:
+            raise ValueError(f"{_OP}: scale must be one number or one per level ({levels}), got {len(scales)}")
+        return [
+            decode_max_iou(b, p, gt_bboxes, coder=coder, means=means, stds=stds, scale=s,
+                           max_shape=max_shape, wh_ratio_clip=wh_ratio_clip)
+            for b, p, s in zip(bbox_pred, priors, scales)
+        ]
+    check_tensor(_OP, "bbox_pred", bbox_pred)
+    if priors is not None:
+        check_tensor(_OP, "priors", priors)
+    if bbox_pred.dim() not in (3, 4):
+        raise ValueError(f"{_OP}: bbox_pred must be [N, A*4, H, W] or [N, P, 4], got shape {tuple(bbox_pred.shape)}")
+    gts, counts = _flatten_gts(_OP, gt_bboxes, bbox_pred.shape[0], bbox_pred)
+    ms = None if max_shape is None else _as_floats(_OP, "max_shape", max_shape, None)[:2]
+    if ms is not None and len(ms) != 2:
+        raise ValueError(f"{_OP}: max_shape must be (h, w), got {max_shape!r}")
+    return tuple(
+        torch.ops.tbd_ops.decode_max_iou.default(
+            bbox_pred, priors, gts, counts, coder,
+            _as_floats(_OP, "means", means, 4), _as_floats(_OP, "stds", stds, 4),
+            float(scale), ms, float(wh_ratio_clip),
+        )
+    )
+
+
+def box_max_iou(boxes: Tensors, gt_bboxes):
+    """Max IoU of already-decoded boxes ``[N, P, 4]`` over each image's ground truths.
+
+    Returns ``(iou [N, P], arg [N, P] int64)`` as :func:`decode_max_iou`.
+    """
+    if isinstance(boxes, (list, tuple)):
+        return [box_max_iou(b, gt_bboxes) for b in boxes]
+    check_tensor("box_max_iou", "boxes", boxes)
+    if boxes.dim() != 3 or boxes.shape[2] != 4:
+        raise ValueError(f"box_max_iou: boxes must be [N, P, 4], got shape {tuple(boxes.shape)}")
+    gts, counts = _flatten_gts("box_max_iou", gt_bboxes, boxes.shape[0], boxes)
+    return tuple(torch.ops.tbd_ops.box_max_iou.default(boxes, gts, counts))
+
+
+def _num_priors(bbox_pred):
+    if bbox_pred.dim() == 4:
+        return bbox_pred.shape[1] // 4 * bbox_pred.shape[2] * bbox_pred.shape[3]
+    return bbox_pred.shape[1]
+
+
+@torch.library.register_fake("tbd_ops::decode_max_iou")
+def _fake(bbox_pred, priors, gt_bboxes, gt_counts, coder="delta_xywh", means=(0.0,) * 4,
+          stds=(1.0,) * 4, scale=1.0, max_shape=None, wh_ratio_clip=0.016):
+    torch._check(bbox_pred.dim() in (3, 4), lambda: f"{_OP}: bbox_pred must be [N, A*4, H, W] or [N, P, 4]")
+    torch._check(len(gt_counts) == bbox_pred.shape[0], lambda: f"{_OP}: gt_counts must have one count per image")
+    n, p = bbox_pred.shape[0], _num_priors(bbox_pred)
+    return bbox_pred.new_empty((n, p)), bbox_pred.new_empty((n, p), dtype=torch.long)
+
+
+@torch.library.register_fake("tbd_ops::_decode_max_iou_backward")
+def _fake_backward(grad_iou, arg, bbox_pred, priors, gt_bboxes, gt_counts, coder, means, stds,
+                   scale, max_shape, wh_ratio_clip, output_mask):
+    empty = bbox_pred.new_empty((0,))
+    g_pred = torch.empty_like(bbox_pred) if output_mask[0] else empty
+    want_priors = output_mask[1] and priors is not None and coder != "none"
+    g_priors = priors.new_empty(priors.shape) if want_priors else bbox_pred.new_empty((0,))
+    g_gts = gt_bboxes.new_empty(gt_bboxes.shape) if output_mask[2] else bbox_pred.new_empty((0,))
+    return g_pred, g_priors, g_gts
+
+
+def _setup_context(ctx, inputs, output):
+    bbox_pred, priors, gt_bboxes, *params = inputs
+    _, arg = output
+    ctx.mark_non_differentiable(arg)
+    ctx.save_for_backward(bbox_pred, priors, gt_bboxes, arg)
+    ctx.params = params  # gt_counts, coder, means, stds, scale, max_shape, wh_ratio_clip
+
+
+def _backward(ctx, grad_iou, _grad_arg):
+    bbox_pred, priors, gt_bboxes, arg = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [bool(need[0]), bool(need[1]) and priors is not None, bool(need[2])]
+    if grad_iou is None or not any(mask):
+        return (None,) * 10
+    g_pred, g_priors, g_gts = torch.ops.tbd_ops._decode_max_iou_backward.default(
+        grad_iou, arg, bbox_pred, priors, gt_bboxes, *ctx.params, mask
+    )
+    return (
+        g_pred if mask[0] else None,
+        g_priors if mask[1] and g_priors.numel() == priors.numel() else None,
+        g_gts if mask[2] else None,
+    ) + (None,) * 7
+
+
+torch.library.register_autograd("tbd_ops::decode_max_iou", _backward, setup_context=_setup_context)

@@ -1,0 +1,118 @@
+"""Pure-PyTorch reference implementations, same signatures as the fused ops.
+
+They favour clarity over speed and memory (``decode_max_iou`` here does form
+the predictions x ground-truth IoU matrix); tests and benchmarks compare the
+kernels against them. Computation happens in float32 (float64 for float64
+inputs), as in the kernels.
+"""
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["channel_max_spatial_softmax", "decode_max_iou", "box_max_iou", "decode_boxes", "pairwise_iou"]
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def channel_max_spatial_softmax(x, temperature: float = 1.0, scale_by_hw: bool = False):
+    """``softmax over H*W of (max_k x[n, k]) / T`` -> ``[N, H, W]`` (list for list input)."""
+    if isinstance(x, (list, tuple)):
+        return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for t in x]
+    n, _, h, w = x.shape
+    z = _acc(x).max(dim=1).values  # ties: lowest channel, as the kernels
+    p = torch.softmax((z / temperature).reshape(n, h * w), dim=1).reshape(n, h, w)
+    if scale_by_hw:
+        p = p * (h * w)
+    return p.to(x.dtype)
+
+
+def decode_boxes(bbox_pred, priors, *, coder="delta_xywh", means=(0.0,) * 4, stds=(1.0,) * 4,
+                 scale=1.0, max_shape=None, wh_ratio_clip=16 / 1000) -> torch.Tensor:
+    """Decoded boxes ``[N, P, 4]`` with MMDetection's formulas, operation by operation."""
+    if bbox_pred.dim() == 4:
+        n, c, h, w = bbox_pred.shape
+        pred = bbox_pred.reshape(n, c // 4, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+    else:
+        pred = bbox_pred
+    pred = _acc(pred)
+    if coder == "delta_xywh":
+        rois = _acc(priors)[None]
+        denorm = pred * pred.new_tensor(stds) + pred.new_tensor(means)
+        dxy, dwh = denorm[..., :2], denorm[..., 2:]
+        pxy = (rois[..., :2] + rois[..., 2:]) * 0.5
+        pwh = rois[..., 2:] - rois[..., :2]
+        dxy_wh = pwh * dxy
+        max_ratio = abs(math.log(wh_ratio_clip))
+        dwh = dwh.clamp(min=-max_ratio, max=max_ratio)
+        gxy = pxy + dxy_wh
+        gwh = pwh * dwh.exp()
+        boxes = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
+    elif coder == "distance":
+        pts = _acc(priors)[None, :, :2]
+        d = pred * scale
+        boxes = torch.stack([pts[..., 0] - d[..., 0], pts[..., 1] - d[..., 1],
+                             pts[..., 0] + d[..., 2], pts[..., 1] + d[..., 3]], dim=-1)
+    elif coder == "none":
+        boxes = pred
+    else:
+        raise ValueError(f"decode_boxes: unknown coder {coder!r}")
+    if max_shape is not None:
+        mh, mw = float(max_shape[0]), float(max_shape[1])
+        boxes = torch.stack([boxes[..., 0].clamp(0, mw), boxes[..., 1].clamp(0, mh),
+                             boxes[..., 2].clamp(0, mw), boxes[..., 3].clamp(0, mh)], dim=-1)
+    return boxes
+
+
+def pairwise_iou(boxes: torch.Tensor, gts: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """IoU matrix ``[P, G]``: ``inter / max(union, eps)``, degenerate boxes have area 0."""
+    def area(b):
+        return (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+
+    lt = torch.maximum(boxes[:, None, :2], gts[None, :, :2])
+    rb = torch.minimum(boxes[:, None, 2:], gts[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area(boxes)[:, None] + area(gts)[None, :] - inter
+    return inter / union.clamp(min=eps)
+
+
+def _gt_list(gt_bboxes, n):
+    if isinstance(gt_bboxes, torch.Tensor):
+        return list(gt_bboxes.unbind(0))
+    return list(gt_bboxes)
+
+
+def decode_max_iou(bbox_pred, priors, gt_bboxes, *, coder="delta_xywh", means=(0.0,) * 4,
+                   stds=(1.0,) * 4, scale=1.0, max_shape=None, wh_ratio_clip=16 / 1000):
+    """Decode, form the full IoU matrix per image, take its max -> ``(iou [N, P], arg [N, P])``."""
+    if isinstance(bbox_pred, (list, tuple)):
+        pri = priors if priors is not None else [None] * len(bbox_pred)
+        scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(bbox_pred)
+        return [decode_max_iou(b, p, gt_bboxes, coder=coder, means=means, stds=stds, scale=s,
+                               max_shape=max_shape, wh_ratio_clip=wh_ratio_clip)
+                for b, p, s in zip(bbox_pred, pri, scales)]
+    boxes = decode_boxes(bbox_pred, priors, coder=coder, means=means, stds=stds, scale=scale,
+                         max_shape=max_shape, wh_ratio_clip=wh_ratio_clip)
+    n, p = boxes.shape[0], boxes.shape[1]
+    ious, args = [], []
+    for i, g in enumerate(_gt_list(gt_bboxes, n)):
+        if g.shape[0] == 0:
+            ious.append(boxes.new_zeros(p) + 0 * boxes[i].sum())
+            args.append(torch.full((p,), -1, dtype=torch.long, device=boxes.device))
+            continue
+        v, a = pairwise_iou(boxes[i], _acc(g)).max(dim=1)  # ties: lowest index
+        ious.append(v)
+        args.append(a)
+    if n == 0:
+        return boxes.new_zeros((0, p)).to(bbox_pred.dtype), torch.zeros((0, p), dtype=torch.long, device=boxes.device)
+    return torch.stack(ious).to(bbox_pred.dtype), torch.stack(args)
+
+
+def box_max_iou(boxes, gt_bboxes):
+    """Max IoU of decoded boxes ``[N, P, 4]`` over each image's ground truths."""
+    if isinstance(boxes, (list, tuple)):
+        return [box_max_iou(b, gt_bboxes) for b in boxes]
+    return decode_max_iou(boxes, None, gt_bboxes, coder="none")

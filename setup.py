@@ -1,0 +1,109 @@
+"""Build script of tbd_ops (the compiled extension tbd_ops._C).
+
+Environment knobs:
+  TBD_OPS_CUDA        unset: build the CUDA kernels whenever nvcc is found (a GPU is not needed);
+                      1: build them and fail if nvcc is missing; 0: CPU-only build.
+  TBD_OPS_CUDA_ARCHS  compute capabilities, e.g. "90" or "80;90" (default: 75;80;86;89;90;100;120);
+                      SASS for each, plus PTX for the newest.
+  MAX_JOBS            parallel compile jobs (ninja).
+  TBD_OPS_DEBUG=1     -O0 -g builds.
+"""
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "75;80;86;89;90;100;120"
+
+
+def read_version():
+    text = (ROOT / "python" / "tbd_ops" / "_version.py").read_text()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+def cuda_mode():
+    value = os.environ.get("TBD_OPS_CUDA", "").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in ("1", "on", "true", "yes"):
+        return "on"
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    raise SystemExit(f"TBD_OPS_CUDA must be 0, 1 or unset, got {value!r}")
+
+
+def nvcc_version(cuda_home):
+    out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def arch_flags():
+    raw = os.environ.get("TBD_OPS_CUDA_ARCHS", DEFAULT_ARCHS)
+    archs = sorted({a.strip().replace(".", "").replace("sm_", "") for a in re.split(r"[;, ]+", raw) if a.strip()}, key=int)
+    if not archs or not all(a.isdigit() for a in archs):
+        raise SystemExit(f"TBD_OPS_CUDA_ARCHS must list compute capabilities like '80;90', got {raw!r}")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    return flags
+
+
+def build_extension():
+    import torch
+
+    mode = cuda_mode()
+    cuda_home = cpp_extension.CUDA_HOME
+    has_nvcc = cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    if mode == "on" and not has_nvcc:
+        raise SystemExit("TBD_OPS_CUDA=1 but nvcc was not found (set CUDA_HOME); refusing a CPU-only build")
+    with_cuda = has_nvcc and mode != "off"
+    if with_cuda and torch.version.cuda is None:
+        if mode == "on":
+            raise SystemExit("TBD_OPS_CUDA=1 but the installed torch has no CUDA support")
+        with_cuda = False
+    if with_cuda:
+        nv = nvcc_version(cuda_home)
+        torch_major = int(torch.version.cuda.split(".")[0])
+        if nv is not None and nv[0] != torch_major:
+            raise SystemExit(
+                f"nvcc is CUDA {nv[0]}.{nv[1]} but torch was built with CUDA {torch.version.cuda}; "
+                "install a matching toolkit or set TBD_OPS_CUDA=0"
+            )
+
+    debug = os.environ.get("TBD_OPS_DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = ["csrc/ops.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    include_dirs = [str(ROOT / "csrc" / "include")]
+    extra = {"cxx": opt + ["-fvisibility=hidden"]}
+    define_macros = []
+    if with_cuda:
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*.cu"))
+        sources.append("cuda/ops_cuda.cpp")
+        extra["cxx"].append("-DTBD_OPS_WITH_CUDA")
+        extra["nvcc"] = opt + ["-lineinfo", "-DTBD_OPS_WITH_CUDA"] + arch_flags()
+        ext = cpp_extension.CUDAExtension
+    else:
+        ext = cpp_extension.CppExtension
+    print(f"tbd_ops: building {'with CUDA kernels' if with_cuda else 'CPU-only'}")
+    return ext(
+        name="tbd_ops._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra,
+    )
+
+
+setup(
+    name="tbd_ops",
+    version=read_version(),
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=[build_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
