@@ -64,9 +64,8 @@ at::Tensor cmss_backward_cuda(const at::Tensor& grad, const at::Tensor& log_p,
   TORCH_CHECK_VALUE(N <= 65535,
                     "_channel_max_spatial_softmax_backward: at most 65535 images per call, got ",
                     N);
-  auto dx = at::empty({N, channels, H, W},
-                      grad.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                 : at::MemoryFormat::Contiguous));
+  auto dx = at::empty({N, channels, H, W}, grad.options(),
+                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (N == 0 || H * W == 0) return dx;
   const auto lpc = log_p.contiguous();
   const auto amc = argmax.contiguous();

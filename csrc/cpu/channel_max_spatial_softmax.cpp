@@ -85,9 +85,9 @@ at::Tensor cmss_backward_cpu(const at::Tensor& grad, const at::Tensor& log_p,
                              bool scale_by_hw, bool channels_last) {
   cmss_backward_check(grad, log_p, argmax, channels, temperature);
   const int64_t N = grad.size(0), H = grad.size(1), W = grad.size(2), HW = H * W;
-  auto dx = at::zeros({N, channels, H, W},
-                      grad.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                 : at::MemoryFormat::Contiguous));
+  auto dx = at::empty({N, channels, H, W}, grad.options(),
+                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
+                .zero_();
   if (N == 0 || HW == 0) return dx;
   const auto lpc = log_p.contiguous();
   const auto amc = argmax.contiguous();

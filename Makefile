@@ -1,0 +1,65 @@
+# tbd_ops — the two everyday commands:
+#   make test    build everything, run pytest and the GoogleTest suite
+#   make bench   build, run the kernel microbenchmarks on the best device present
+# Set-up is automatic: a virtual environment in .venv with torch==2.11.0.
+# On a machine that already has torch and no network (e.g. a GPU box), use
+#   make gpu-suite            (uses the system python3, creates nothing, downloads nothing)
+# Knobs: TBD_OPS_CUDA=0|1, TBD_OPS_CUDA_ARCHS="80;90", MAX_JOBS, PYTHON, TORCH_SPEC.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.11.0
+DEV_DEPS    ?= numpy pytest expecttest matplotlib ninja setuptools wheel
+BUILD_DIR   ?= build/cpp
+MAX_JOBS    ?= 2
+export MAX_JOBS
+
+ifeq ($(USE_SYSTEM_PYTHON),1)
+PY := $(PYTHON)
+DEPS :=
+else
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-stamp
+endif
+
+.PHONY: all build test pytest ctest bench gpu-suite clean
+
+all: build
+
+$(VENV)/.deps-stamp:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" $(DEV_DEPS)
+	touch $@
+
+# Compiles the extension in place (python/tbd_ops/_C*.so); incremental with ninja.
+# Users install with:  pip install --no-build-isolation .
+build: $(DEPS)
+	$(PY) setup.py --quiet build_ext --inplace
+
+pytest: build
+	$(PY) -m pytest tests -q
+
+ctest:
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build $(BUILD_DIR)
+	ctest --test-dir $(BUILD_DIR) --output-on-failure
+
+# Runs both suites even if the first fails; fails if either failed.
+test: build
+	@status=0; \
+	echo "==== pytest ===="; \
+	$(PY) -m pytest tests -q -ra || status=1; \
+	echo "==== GoogleTest (ctest) ===="; \
+	$(MAKE) --no-print-directory ctest || status=1; \
+	if [ $$status -ne 0 ]; then echo "make test: FAILED"; else echo "make test: all passed"; fi; \
+	exit $$status
+
+bench: build
+	PYTHONPATH=python $(PY) benchmarks/run_all.py
+
+gpu-suite:
+	bash benchmarks/gpu_suite.sh
+
+clean:
+	rm -rf build python/tbd_ops/_C*.so

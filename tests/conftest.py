@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+import tbd_ops  # noqa: F401  (registers the operators)
+
+HAS_CUDA = torch.cuda.is_available() and tbd_ops.cuda_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of tbd_ops")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
+
+# Tolerances of the kernels against the float64 reference, per input dtype
+# (outputs are rounded to the input dtype; math runs in float32 inside).
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=2e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-4),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """Fresh random inputs every run; the seed shows in the captured output of a failure."""
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    print(f"replay with torch.manual_seed({seed})")
+    yield

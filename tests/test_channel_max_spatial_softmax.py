@@ -1,0 +1,256 @@
+"""channel_max_spatial_softmax (p_c): kernels vs tbd_ops.reference."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import tbd_ops
+from tbd_ops import reference as ref
+from conftest import DEVICES, TOL, requires_cuda
+
+OP = torch.ops.tbd_ops.channel_max_spatial_softmax.default
+SHAPES = [(2, 7, 5, 9), (3, 80, 13, 21), (1, 1, 1, 1), (2, 720, 7, 11), (1, 3, 1, 17), (4, 2, 33, 1)]
+
+
+def logits(shape, device, dtype=torch.float64, scale=3.0):
+    return (torch.randn(shape, device=device, dtype=torch.float64) * scale).to(dtype)
+
+
+def both(x, g, **kw):
+    """(value, grad) of ours and of the reference for the same input and grad_output."""
+    out = []
+    for fn in (tbd_ops.channel_max_spatial_softmax, ref.channel_max_spatial_softmax):
+        xi = x.detach().clone().requires_grad_()
+        y = fn(xi, **kw)
+        (gx,) = torch.autograd.grad(y, xi, g)
+        out.append((y, gx))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("temperature,scale_by_hw", [(1.0, False), (0.5, True), (3.0, False)])
+def test_float64_matches_reference(device, shape, temperature, scale_by_hw):
+    x = logits(shape, device)
+    g = torch.randn(shape[0], shape[2], shape[3], device=device, dtype=torch.float64)
+    (y, gx), (y_ref, gx_ref) = both(x, g, temperature=temperature, scale_by_hw=scale_by_hw)
+    assert y.dtype == torch.float64 and y.shape == (shape[0], shape[2], shape[3])
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-14)
+    total = y.sum(dim=(1, 2))
+    expected = shape[2] * shape[3] if scale_by_hw else 1.0
+    torch.testing.assert_close(total, torch.full_like(total, expected), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_only_in_argmax_channel(device):
+    x = logits((2, 6, 4, 5), device).requires_grad_()
+    y = tbd_ops.channel_max_spatial_softmax(x)
+    (gx,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    am = x.argmax(dim=1, keepdim=True)
+    off = gx.clone().scatter_(1, am, 0.0)
+    assert off.abs().max().item() == 0.0
+    assert gx.gather(1, am).abs().min().item() > 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed_shape", [(2, 3, 4, 5), (1, 5, 3, 1)])
+def test_gradcheck(device, seed_shape):
+    x = logits(seed_shape, device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: tbd_ops.channel_max_spatial_softmax(t, 0.7, True), (x,))
+
+
+def sample_inputs(device):
+    return [
+        (logits((2, 5, 3, 4), device, torch.float32), 1.0, False),
+        (logits((2, 5, 3, 4), device, torch.float64).requires_grad_(), 0.5, True),
+        (logits((1, 9, 6, 2), device, torch.float32).contiguous(memory_format=torch.channels_last).requires_grad_(), 2.0, False),
+        (logits((3, 4, 5, 6), device, torch.float16).requires_grad_(), 1.0, False),
+        (logits((0, 4, 5, 6), device, torch.float32).requires_grad_(), 1.0, False),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in sample_inputs(device):
+        opcheck(torch.ops.tbd_ops.channel_max_spatial_softmax, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(device, dtype):
+    x = logits((2, 80, 13, 21), device, dtype)
+    g = torch.randn(2, 13, 21, device=device, dtype=torch.float64)
+    (y, gx), _ = both(x, g.to(dtype), scale_by_hw=True)
+    # Reference on the same (rounded) values in float64.
+    (y_ref, gx_ref), _ = both(x.double(), g.to(dtype).double(), scale_by_hw=True)
+    assert y.dtype == dtype and gx.dtype == dtype
+    torch.testing.assert_close(y.double(), y_ref, **TOL[dtype])
+    torch.testing.assert_close(gx.double(), gx_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "channel_slice", "transposed_hw", "expanded_grad"])
+def test_non_contiguous(device, layout):
+    base = logits((2, 12, 7, 9), device)
+    if layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "channel_slice":
+        x = logits((2, 24, 7, 9), device)[:, ::2]
+    elif layout == "transposed_hw":
+        x = logits((2, 12, 9, 7), device).transpose(2, 3)
+    else:
+        x = base
+    assert layout == "expanded_grad" or not x.is_contiguous()
+    g = torch.randn(2, 7, 9, device=device, dtype=torch.float64)
+    if layout == "expanded_grad":
+        g = torch.randn(1, 7, 1, device=device, dtype=torch.float64).expand(2, 7, 9)
+    (y, gx), (y_ref, gx_ref) = both(x, g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-14)
+    if layout == "channels_last":
+        assert gx.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0)])
+def test_empty(device, shape):
+    x = logits(shape, device).requires_grad_()
+    y = tbd_ops.channel_max_spatial_softmax(x)
+    assert y.shape == (shape[0], shape[2], shape[3])
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_location_is_one_with_zero_gradient(device):
+    x = logits((3, 4, 1, 1), device).requires_grad_()
+    y = tbd_ops.channel_max_spatial_softmax(x)
+    torch.testing.assert_close(y, torch.ones_like(y))
+    (gx,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    assert gx.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_pick_lowest_channel(device):
+    x = logits((2, 1, 3, 4), device).repeat(1, 5, 1, 1)  # every channel equal
+    x[:, 3] -= 1.0  # a smaller channel in the middle changes nothing
+    g = torch.randn(2, 3, 4, device=device, dtype=torch.float64)
+    (_, gx), (_, gx_ref) = both(x, g)
+    assert gx[:, 1:].abs().max().item() == 0.0
+    assert gx[:, 0].abs().min().item() > 0.0
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_and_inf_propagate(device):
+    x = logits((2, 3, 4, 5), device)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 0, 0] = float("-inf")
+    y = tbd_ops.channel_max_spatial_softmax(x)
+    y_ref = ref.channel_max_spatial_softmax(x)
+    assert torch.isnan(y[0]).all()
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-14, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    x = logits((2, 80, 50, 84), device, torch.float32)
+    a = tbd_ops.channel_max_spatial_softmax(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b = tbd_ops.channel_max_spatial_softmax(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_list_of_levels(device):
+    levels = [logits((2, 9, 8, 10), device), logits((2, 9, 4, 5), device), logits((2, 9, 2, 3), device)]
+    out = tbd_ops.channel_max_spatial_softmax(levels, temperature=2.0)
+    assert isinstance(out, list) and len(out) == 3
+    for y, x in zip(out, levels):
+        torch.testing.assert_close(y, ref.channel_max_spatial_softmax(x, temperature=2.0), rtol=1e-10, atol=1e-14)
+    assert len(tbd_ops.channel_max_spatial_softmax(tuple(levels))) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    def loss(x):
+        return (tbd_ops.channel_max_spatial_softmax(x, 0.5, True) ** 2).sum()
+
+    x = logits((2, 6, 5, 7), device, torch.float32).requires_grad_()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    (g1,) = torch.autograd.grad(compiled(x), x)
+    (g2,) = torch.autograd.grad(loss(x), x)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_keeps_input_dtype(device):
+    dtype = torch.bfloat16
+    x32 = logits((2, 5, 4, 6), device, torch.float32)
+    with torch.autocast(device_type=device, dtype=dtype):
+        y32 = tbd_ops.channel_max_spatial_softmax(x32)
+        y16 = tbd_ops.channel_max_spatial_softmax(x32.to(dtype))
+    assert y32.dtype == torch.float32 and y16.dtype == dtype
+    torch.testing.assert_close(y32, ref.channel_max_spatial_softmax(x32), **TOL[torch.float32])
+
+
+class TestBadInput:
+    def test_rank(self):
+        with pytest.raises(ValueError, match=r"x must be a 4-D tensor \[N, K, H, W\], got a 3-D"):
+            tbd_ops.channel_max_spatial_softmax(torch.randn(2, 3, 4))
+
+    def test_dtype(self):
+        with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got Long"):
+            tbd_ops.channel_max_spatial_softmax(torch.ones(2, 3, 4, 5, dtype=torch.long))
+
+    @pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf")])
+    def test_temperature(self, t):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0, got"):
+            tbd_ops.channel_max_spatial_softmax(torch.randn(2, 3, 4, 5), temperature=t)
+
+    def test_no_channels(self):
+        with pytest.raises(ValueError, match=r"at least one channel"):
+            tbd_ops.channel_max_spatial_softmax(torch.randn(2, 0, 4, 5))
+
+    def test_not_a_tensor(self):
+        with pytest.raises(TypeError, match="x must be a torch.Tensor, got float"):
+            tbd_ops.channel_max_spatial_softmax(1.0)
+
+    def test_backward_op_shapes(self):
+        g = torch.randn(2, 3, 4)
+        with pytest.raises(ValueError, match="must have the same shape"):
+            torch.ops.tbd_ops._channel_max_spatial_softmax_backward(
+                g, torch.randn(2, 3, 5), torch.zeros(2, 3, 4, dtype=torch.long), 5, 1.0, False, False)
+
+
+@requires_cuda
+def test_cuda_matches_cpu_and_graph_capture():
+    x = logits((2, 720, 25, 42), "cpu", torch.float32)
+    y_cpu = tbd_ops.channel_max_spatial_softmax(x)
+    xc = x.cuda()
+    y_gpu = tbd_ops.channel_max_spatial_softmax(xc)
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-5, atol=1e-9)
+    # No host synchronization inside: the op can be captured in a CUDA graph.
+    static_x = xc.clone()
+    tbd_ops.channel_max_spatial_softmax(static_x)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = tbd_ops.channel_max_spatial_softmax(static_x)
+    static_x.copy_(xc * 2)
+    graph.replay()
+    torch.testing.assert_close(static_y, tbd_ops.channel_max_spatial_softmax(xc * 2))
+
+
+@requires_cuda
+def test_cuda_device_guard_and_cpu_mismatch():
+    x = logits((2, 3, 4, 5), "cuda", torch.float32).requires_grad_()
+    y = tbd_ops.channel_max_spatial_softmax(x)
+    assert y.device == x.device
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        torch.ops.tbd_ops._channel_max_spatial_softmax_backward(
+            y.detach(), torch.zeros(2, 4, 5), torch.zeros(2, 4, 5, dtype=torch.long, device="cuda"),
+            3, 1.0, False, False)
