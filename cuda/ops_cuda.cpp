@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cuda(
     cuda::decode_max_iou_backward(
         dtype_of(bbox_pred), a, grad_iou.const_data_ptr(), grad_iou.stride(0), grad_iou.stride(1),
         argc.const_data_ptr<int64_t>(), output_mask[0] ? grad_pred.mutable_data_ptr() : nullptr,
-        pred_layout_of(grad_pred.dim() == bbox_pred.dim() ? grad_pred : bbox_pred),
+        output_mask[0] ? pred_layout_of(grad_pred) : pb.pl,
         want_priors ? grad_priors_k.mutable_data_ptr() : nullptr,
         output_mask[2] ? grad_gts.mutable_data_ptr() : nullptr, current_stream());
   });

@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
   if (output_mask[0]) grad_pred.zero_();
   if (pb.N == 0 || pb.P == 0) return {grad_pred, grad_priors, grad_gts};
   const auto argc = arg.contiguous();
-  const PredLayout gpl = pred_layout_of(grad_pred);
+  const PredLayout gpl = output_mask[0] ? pred_layout_of(grad_pred) : pb.pl;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bbox_pred.scalar_type(),
                                   "decode_max_iou_backward_cpu", [&] {
     using A = acc_t<scalar_t>;

@@ -99,7 +99,7 @@ def decode_max_iou(
     check_tensor(_OP, "bbox_pred", bbox_pred)
     if priors is not None:
         check_tensor(_OP, "priors", priors)
-    if bbox_pred.dim() not in (3, 4):
+    if bbox_pred.dim() not in (3, 4) or (bbox_pred.dim() == 3 and bbox_pred.shape[2] != 4):
         raise ValueError(f"{_OP}: bbox_pred must be [N, A*4, H, W] or [N, P, 4], got shape {tuple(bbox_pred.shape)}")
     gts, counts = _flatten_gts(_OP, gt_bboxes, bbox_pred.shape[0], bbox_pred)
     ms = None if max_shape is None else _as_floats(_OP, "max_shape", max_shape, None)[:2]

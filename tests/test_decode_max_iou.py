@@ -1,0 +1,456 @@
+"""decode_max_iou / box_max_iou (p_r): kernels vs tbd_ops.reference."""
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import tbd_ops
+from tbd_ops import reference as ref
+from conftest import DEVICES, TOL, requires_cuda
+
+F64 = torch.float64
+
+
+def rand_boxes(n, device, dtype=F64, extent=60.0, min_wh=1.0, max_wh=30.0):
+    xy = torch.rand(n, 2, device=device, dtype=F64) * extent
+    wh = torch.rand(n, 2, device=device, dtype=F64) * (max_wh - min_wh) + min_wh
+    return torch.cat([xy, xy + wh], 1).to(dtype)
+
+
+def make_problem(device, coder="delta_xywh", N=2, A=3, H=4, W=5, counts=(5, 0), dtype=F64, form="4d"):
+    """Random predictions, priors and ragged ground truths for one FPN level."""
+    P = H * W * A
+    if coder == "delta_xywh":
+        priors = rand_boxes(P, device, dtype)
+        pred = torch.randn(N, A * 4, H, W, device=device, dtype=F64) * 0.3
+    elif coder == "distance":
+        priors = (torch.rand(P, 2, device=device, dtype=F64) * 60).to(dtype)
+        pred = torch.rand(N, A * 4, H, W, device=device, dtype=F64) * 4 + 0.5
+    else:
+        priors = None
+        pred = rand_boxes(N * P, device).view(N, P, 4).permute(0, 2, 1).reshape(N, 4, P, 1)
+        pred = pred.view(N, 4, H * W, A).permute(0, 3, 1, 2).reshape(N, A * 4, H, W)
+    if form == "3d":
+        pred = pred.view(N, A, 4, H, W).permute(0, 3, 4, 1, 2).reshape(N, P, 4)
+    gts = [rand_boxes(c, device, dtype) for c in counts[:N]]
+    return pred.to(dtype), priors, gts
+
+
+CODER_KW = {
+    "delta_xywh": dict(coder="delta_xywh", means=(0.01, -0.02, 0.0, 0.03), stds=(0.1, 0.1, 0.2, 0.2)),
+    "distance": dict(coder="distance", scale=8.0),
+    "none": dict(coder="none"),
+}
+
+
+def run_both(pred, priors, gts, kw, need=(True, True, True), grad=None):
+    """Values and gradients (pred, priors, gts) of ours and of the reference."""
+    results = []
+    for fn in (tbd_ops.decode_max_iou, ref.decode_max_iou):
+        p = pred.detach().clone().requires_grad_(need[0])
+        q = None if priors is None else priors.detach().clone().requires_grad_(need[1])
+        g = [t.detach().clone().requires_grad_(need[2]) for t in gts]
+        iou, arg = fn(p, q, g, **kw)
+        leaves = [t for t in [p, q, *g] if t is not None and t.requires_grad]
+        if grad is None:  # one random grad_output shared by both
+            grad = torch.randn_like(iou)
+        go = grad
+        grads = torch.autograd.grad(iou, leaves, go, allow_unused=True) if leaves else ()
+        grads = [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads)]
+        results.append((iou, arg, grads))
+    return results
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("coder", ["delta_xywh", "distance", "none"])
+@pytest.mark.parametrize("form", ["4d", "3d"])
+@pytest.mark.parametrize("A", [1, 3])
+@pytest.mark.parametrize("max_shape", [None, (40.0, 45.0)])
+def test_float64_matches_reference(device, coder, form, A, max_shape):
+    pred, priors, gts = make_problem(device, coder, A=A, counts=(7, 1, 0), N=3, form=form)
+    kw = dict(CODER_KW[coder], max_shape=max_shape)
+    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(pred, priors, gts, kw)
+    assert iou.dtype == F64 and arg.dtype == torch.long and iou.shape == (3, pred.shape[1] if form == "3d" else 4 * 5 * A)
+    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+    assert torch.equal(arg, arg_r)
+    assert (iou > 0).any()
+    for d, d_r in zip(grads, grads_r):
+        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+    assert (arg[2] == -1).all() and (iou[2] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("coder", ["delta_xywh", "distance", "none"])
+def test_gradcheck(device, coder):
+    pred, priors, gts = make_problem(device, coder, A=2, H=2, W=3, counts=(4, 2))
+    kw = dict(CODER_KW[coder], max_shape=(50.0, 55.0))
+    inputs = [pred.requires_grad_(), *(t.requires_grad_() for t in gts)]
+    if priors is not None:
+        inputs.append(priors.requires_grad_())
+
+    def fn(p, g0, g1, *pr):
+        return tbd_ops.decode_max_iou(p, pr[0] if pr else None, [g0, g1], **kw)[0]
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
+def sample_inputs(device):
+    out = []
+    for coder in ("delta_xywh", "distance", "none"):
+        for dtype, rg in ((torch.float32, False), (F64, True), (torch.float16, True)):
+            pred, priors, gts = make_problem(device, coder, dtype=dtype, counts=(3, 0))
+            flat = torch.cat(gts)
+            kw = CODER_KW[coder]
+            args = (pred.requires_grad_(rg), None if priors is None else priors.requires_grad_(rg),
+                    flat.requires_grad_(rg), [3, 0], kw["coder"],
+                    list(kw.get("means", (0.0,) * 4)), list(kw.get("stds", (1.0,) * 4)),
+                    kw.get("scale", 1.0), [40.0, 50.0], 0.016)
+            out.append(args)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in sample_inputs(device):
+        opcheck(torch.ops.tbd_ops.decode_max_iou, args)
+    boxes = rand_boxes(12, device).view(2, 6, 4).requires_grad_()
+    opcheck(torch.ops.tbd_ops.box_max_iou, (boxes, rand_boxes(3, device), [1, 2]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("G", [1, 1500])
+def test_one_and_many_ground_truths(device, G):
+    # 1500 > one shared-memory tile of the CUDA kernel.
+    pred, priors, gts = make_problem(device, "delta_xywh", N=2, A=1, H=6, W=7, counts=(G, G // 2 + 1))
+    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(pred, priors, gts, CODER_KW["delta_xywh"])
+    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+    assert torch.equal(arg, arg_r)
+    for d, d_r in zip(grads, grads_r):
+        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+    if G == 1:
+        assert (arg[0] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_pick_lowest_ground_truth(device):
+    boxes = rand_boxes(10, device).view(1, 10, 4)
+    g = rand_boxes(3, device)
+    gts = [torch.cat([g[:1], g, g])]  # every box appears at least twice
+    iou, arg = tbd_ops.box_max_iou(boxes, gts)
+    iou_r, arg_r = ref.box_max_iou(boxes, gts)
+    assert torch.equal(arg, arg_r)
+    assert (arg <= 3).all()  # the first copy always wins
+    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_degenerate_and_zero_area_boxes(device):
+    gts = [torch.tensor([[10.0, 10.0, 10.0, 20.0],     # zero width
+                         [30.0, 30.0, 20.0, 20.0],     # inverted
+                         [0.0, 0.0, 10.0, 10.0]], device=device, dtype=F64)]
+    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0],     # identical to gt 2
+                           [10.0, 10.0, 10.0, 20.0],   # identical zero-area box
+                           [25.0, 25.0, 22.0, 22.0],   # inverted, inside gt 1's span
+                           [100.0, 100.0, 110.0, 110.0]]], device=device, dtype=F64)
+    iou, arg = tbd_ops.box_max_iou(boxes, gts)
+    iou_r, arg_r = ref.box_max_iou(boxes, gts)
+    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+    assert torch.equal(arg, arg_r)
+    assert iou[0, 0].item() == pytest.approx(1.0)
+    assert iou[0, 1].item() == 0.0 and iou[0, 2].item() == 0.0 and iou[0, 3].item() == 0.0
+    assert (iou >= 0).all()
+    b = boxes.clone().requires_grad_()
+    (gb,) = torch.autograd.grad(tbd_ops.box_max_iou(b, gts)[0].sum(), b)
+    b_r = boxes.clone().requires_grad_()
+    (gb_r,) = torch.autograd.grad(ref.box_max_iou(b_r, gts)[0].sum(), b_r)
+    torch.testing.assert_close(gb, gb_r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_ground_truth_anywhere(device):
+    pred, priors, _ = make_problem(device, "delta_xywh", N=2)
+    p = pred.clone().requires_grad_()
+    q = priors.clone().requires_grad_()
+    iou, arg = tbd_ops.decode_max_iou(p, q, [priors.new_zeros(0, 4)] * 2)
+    assert (iou == 0).all() and (arg == -1).all()
+    gp, gq = torch.autograd.grad(iou.sum(), [p, q])
+    assert (gp == 0).all() and (gq == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 12, 4, 5), (2, 12, 0, 5), (2, 0, 4, 5)])
+def test_empty(device, shape):
+    N, C, H, W = shape
+    P = C // 4 * H * W
+    pred = torch.randn(shape, device=device, dtype=F64, requires_grad=True)
+    priors = rand_boxes(P, device).requires_grad_()
+    gts = [rand_boxes(3, device) for _ in range(N)]
+    if C == 0:
+        with pytest.raises(ValueError, match="positive multiple of 4"):
+            tbd_ops.decode_max_iou(pred, priors, gts)
+        return
+    iou, arg = tbd_ops.decode_max_iou(pred, priors, gts)
+    assert iou.shape == (N, P) and arg.shape == (N, P)
+    iou.sum().backward()
+    assert pred.grad.shape == pred.shape and priors.grad.shape == priors.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(device, dtype):
+    pred, priors, gts = make_problem(device, "delta_xywh", N=2, A=3, H=8, W=9, counts=(20, 5), dtype=dtype)
+    kw = CODER_KW["delta_xywh"]
+    (iou, arg, grads), _ = run_both(pred, priors, gts, kw, grad=torch.ones(2, 216, device=device, dtype=dtype))
+    # Reference: float64 math on the same (rounded) inputs.
+    (iou_r, arg_r, grads_r), _ = run_both(pred.double(), priors.double(), [g.double() for g in gts], kw,
+                                          grad=torch.ones(2, 216, device=device, dtype=F64))
+    assert iou.dtype == dtype
+    torch.testing.assert_close(iou.double(), iou_r, **TOL[dtype])
+    agree = (arg == arg_r).double().mean().item()
+    assert agree > 0.97  # near-ties may flip in reduced precision
+    if dtype == torch.float32:
+        same = arg == arg_r
+        torch.testing.assert_close(grads[0].double().view(2, 3, 4, 8, 9).permute(0, 3, 4, 1, 2).reshape(2, -1, 4)[same],
+                                   grads_r[0].view(2, 3, 4, 8, 9).permute(0, 3, 4, 1, 2).reshape(2, -1, 4)[same],
+                                   rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_large_coordinates_do_not_overflow(device):
+    # Areas near 1e8 overflow float16 (max 65504); the math runs in float32.
+    gts = [torch.tensor([[0.0, 0.0, 9000.0, 9500.0], [1000.0, 2000.0, 9990.0, 9990.0]], device=device)]
+    boxes = torch.tensor([[[10.0, 20.0, 8990.0, 9400.0], [1500.0, 2500.0, 9000.0, 9900.0]]], device=device)
+    iou, arg = tbd_ops.box_max_iou(boxes.half(), [g.half() for g in gts])
+    iou_r, arg_r = ref.box_max_iou(boxes.half().double(), [g.half().double() for g in gts])
+    assert torch.isfinite(iou).all()
+    torch.testing.assert_close(iou.double(), iou_r, **TOL[torch.float16])
+    assert torch.equal(arg, arg_r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "sliced_3d", "strided_priors"])
+def test_non_contiguous(device, layout):
+    pred, priors, gts = make_problem(device, "delta_xywh", N=2, A=3, H=5, W=6, counts=(6, 4))
+    if layout == "channels_last":
+        pred = pred.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced_3d":
+        big = torch.randn(2, 90, 8, device=device, dtype=F64) * 0.3
+        pred = big[:, :, 1:8:2]
+    else:
+        priors = torch.cat([priors, priors], 1)[:, ::2].contiguous()[:, :].t().contiguous().t()
+    assert not (pred.is_contiguous() and priors.is_contiguous())
+    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(pred, priors, gts, CODER_KW["delta_xywh"])
+    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+    assert torch.equal(arg, arg_r)
+    for d, d_r in zip(grads, grads_r):
+        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_points_with_strides_and_list_of_levels(device):
+    levels, priors, scales = [], [], [8.0, 16.0]
+    for H, W in ((6, 8), (3, 4)):
+        p, pts, _ = make_problem(device, "distance", N=2, A=1, H=H, W=W)
+        levels.append(p)
+        priors.append(torch.cat([pts, torch.full_like(pts, 8.0)], 1))  # [P, 4] (x, y, stride_w, stride_h)
+    gts = [rand_boxes(5, device), rand_boxes(2, device)]
+    out = tbd_ops.decode_max_iou(levels, priors, gts, coder="distance", scale=scales)
+    out_r = ref.decode_max_iou(levels, priors, gts, coder="distance", scale=scales)
+    assert isinstance(out, list) and len(out) == 2
+    for (iou, arg), (iou_r, arg_r) in zip(out, out_r):
+        torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+        assert torch.equal(arg, arg_r)
+    q = priors[0].clone().requires_grad_()
+    (gq,) = torch.autograd.grad(tbd_ops.decode_max_iou(levels[0], q, gts, coder="distance", scale=8.0)[0].sum(), q)
+    q_r = priors[0].clone().requires_grad_()
+    (gq_r,) = torch.autograd.grad(ref.decode_max_iou(levels[0], q_r, gts, coder="distance", scale=8.0)[0].sum(), q_r)
+    torch.testing.assert_close(gq, gq_r, rtol=1e-10, atol=1e-12)
+    assert (gq[:, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gt_as_batched_tensor(device):
+    pred, priors, gts = make_problem(device, "delta_xywh", counts=(4, 4))
+    a = tbd_ops.decode_max_iou(pred, priors, torch.stack(gts))
+    b = tbd_ops.decode_max_iou(pred, priors, gts)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    pred, priors, gts = make_problem(device, "delta_xywh", N=2, A=9, H=10, W=12, counts=(40, 3), dtype=torch.float32)
+    gts = [g.requires_grad_() for g in gts]
+    q = priors.requires_grad_()
+
+    def run():
+        iou, _ = tbd_ops.decode_max_iou(pred, q, gts)
+        return [iou, *torch.autograd.grad(iou, [q, *gts], torch.ones_like(iou))]
+
+    a = run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b = run()
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    pred, priors, gts = make_problem(device, "delta_xywh", dtype=torch.float32, counts=(5, 2))
+
+    def loss(p):
+        iou, _ = tbd_ops.decode_max_iou(p, priors, gts, stds=(0.1, 0.1, 0.2, 0.2))
+        return (1 - iou).sum()
+
+    p = pred.requires_grad_()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    (g1,) = torch.autograd.grad(compiled(p), p)
+    (g2,) = torch.autograd.grad(loss(p), p)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_mixed_precision(device):
+    pred, priors, gts = make_problem(device, "delta_xywh", dtype=torch.float32, counts=(5, 2))
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        iou, arg = tbd_ops.decode_max_iou(pred.bfloat16(), priors, gts)
+    assert iou.dtype == torch.bfloat16
+    iou_r, arg_r = ref.decode_max_iou(pred.bfloat16().float(), priors, gts)
+    torch.testing.assert_close(iou.float(), iou_r, **TOL[torch.bfloat16])
+    with pytest.raises(TypeError, match="priors must have the dtype of bbox_pred"):
+        tbd_ops.decode_max_iou(pred.bfloat16(), priors, gts)  # outside autocast: explicit error
+
+
+def test_memory_stays_linear():
+    """One image, 151,200 anchors x 800 ground truths: the fp32 IoU matrix alone would be 460 MiB."""
+    P, G = 151_200, 800
+    boxes = rand_boxes(P, "cpu", torch.float32, extent=1200.0, max_wh=200.0).view(1, P, 4)
+    gts = [rand_boxes(G, "cpu", torch.float32, extent=1200.0, max_wh=200.0)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        iou, arg = tbd_ops.box_max_iou(boxes, gts)
+    allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
+    outputs = iou.numel() * iou.element_size() + arg.numel() * arg.element_size()
+    assert allocated >= outputs  # the measurement sees the outputs ...
+    assert allocated < outputs + 4 * 2**20  # ... and nothing of size P x G
+    # Spot-check values against the dense reference on a slice.
+    iou_r, arg_r = ref.box_max_iou(boxes[:, :2000], gts)
+    torch.testing.assert_close(iou[:, :2000], iou_r, **TOL[torch.float32])
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.pred, self.priors, self.gts = make_problem("cpu", "delta_xywh", N=2, A=3, H=4, W=5, counts=(3, 1))
+
+    def test_prior_count(self):
+        with pytest.raises(ValueError, match=r"priors must have P = H\*W\*A = 60 rows .* got 59"):
+            tbd_ops.decode_max_iou(self.pred, self.priors[:59], self.gts)
+
+    def test_channels(self):
+        with pytest.raises(ValueError, match="positive multiple of 4"):
+            tbd_ops.decode_max_iou(self.pred[:, :10], self.priors, self.gts)
+
+    def test_rank(self):
+        with pytest.raises(ValueError, match=r"bbox_pred must be \[N, A\*4, H, W\] or \[N, P, 4\]"):
+            tbd_ops.decode_max_iou(self.pred[0, 0], self.priors, self.gts)
+        with pytest.raises(ValueError, match=r"got shape \(12, 4, 5\)"):
+            tbd_ops.decode_max_iou(self.pred[0], self.priors, self.gts)
+
+    def test_gt_list_length(self):
+        with pytest.raises(ValueError, match=r"one tensor per image \(N = 2\), got 1"):
+            tbd_ops.decode_max_iou(self.pred, self.priors, self.gts[:1])
+
+    def test_gt_shape(self):
+        with pytest.raises(ValueError, match=r"gt_bboxes\[1\] must be \[G, 4\], got shape \(1, 5\)"):
+            tbd_ops.decode_max_iou(self.pred, self.priors, [self.gts[0], torch.zeros(1, 5, dtype=F64)])
+
+    def test_coder(self):
+        with pytest.raises(ValueError, match="coder must be one of"):
+            tbd_ops.decode_max_iou(self.pred, self.priors, self.gts, coder="tblr")
+
+    def test_missing_priors(self):
+        with pytest.raises(ValueError, match="coder 'delta_xywh' needs priors, got None"):
+            tbd_ops.decode_max_iou(self.pred, None, self.gts)
+
+    def test_prior_columns(self):
+        with pytest.raises(ValueError, match=r"needs anchors \[P, 4\]"):
+            tbd_ops.decode_max_iou(self.pred, self.priors[:, :2], self.gts)
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(TypeError, match="gt_bboxes must have the dtype of bbox_pred"):
+            tbd_ops.decode_max_iou(self.pred, self.priors, [g.float() for g in self.gts])
+
+    def test_integer_input(self):
+        with pytest.raises(TypeError, match="bbox_pred must be float32, float64, float16 or bfloat16"):
+            tbd_ops.decode_max_iou(self.pred.long(), self.priors.long(), [g.long() for g in self.gts])
+
+    @pytest.mark.parametrize("kw,msg", [
+        (dict(means=(0.0, 0.0)), "means must have 4 values, got 2"),
+        (dict(stds=(1.0, 1.0, float("nan"), 1.0)), "means and stds must be finite"),
+        (dict(wh_ratio_clip=0.0), "wh_ratio_clip must be a finite number > 0"),
+        (dict(max_shape=(10.0, -1.0)), "max_shape must hold finite sizes >= 0"),
+        (dict(max_shape=(10.0,)), r"max_shape must be \(h, w\)"),
+    ])
+    def test_parameters(self, kw, msg):
+        with pytest.raises(ValueError, match=msg):
+            tbd_ops.decode_max_iou(self.pred, self.priors, self.gts, **kw)
+
+    def test_box_max_iou_rank(self):
+        with pytest.raises(ValueError, match=r"boxes must be \[N, P, 4\]"):
+            tbd_ops.box_max_iou(torch.zeros(2, 4), self.gts)
+
+    def test_gt_counts_sum(self):
+        with pytest.raises(ValueError, match=r"gt_counts must sum to the rows of gt_bboxes \(4\), got 5"):
+            torch.ops.tbd_ops.decode_max_iou(self.pred, self.priors, torch.cat(self.gts), [3, 2])
+
+
+@requires_cuda
+def test_cuda_matches_cpu_many_images_and_graph_capture():
+    # 70 images: more than one launch chunk of the CUDA kernels.
+    N = 70
+    pred, priors, gts = make_problem("cpu", "delta_xywh", N=N, A=3, H=6, W=7,
+                                     counts=[(i * 7) % 23 for i in range(N)], dtype=torch.float32)
+    q = priors.clone().requires_grad_()
+    iou, arg = tbd_ops.decode_max_iou(pred, q, gts)
+    (gq,) = torch.autograd.grad(iou.sum(), q)
+    qc = priors.cuda().requires_grad_()
+    gts_c = [g.cuda() for g in gts]
+    iou_c, arg_c = tbd_ops.decode_max_iou(pred.cuda(), qc, gts_c)
+    (gq_c,) = torch.autograd.grad(iou_c.sum(), qc)
+    torch.testing.assert_close(iou_c.cpu(), iou, rtol=1e-5, atol=1e-6)
+    assert (arg_c.cpu() == arg).float().mean() > 0.999
+    torch.testing.assert_close(gq_c.cpu(), gq, rtol=1e-3, atol=1e-4)
+    static_pred = pred.cuda()
+    tbd_ops.decode_max_iou(static_pred, qc.detach(), gts_c)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_iou, _ = tbd_ops.decode_max_iou(static_pred, qc.detach(), gts_c)
+    static_pred.mul_(0.5)
+    graph.replay()
+    torch.testing.assert_close(static_iou, tbd_ops.decode_max_iou(static_pred, qc.detach(), gts_c)[0])
+
+
+@requires_cuda
+def test_cuda_memory_stays_linear():
+    P, G = 151_200, 800
+    boxes = rand_boxes(P, "cuda", torch.float32, extent=1200.0, max_wh=200.0).view(1, P, 4)
+    gts = [rand_boxes(G, "cuda", torch.float32, extent=1200.0, max_wh=200.0)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    iou, arg = tbd_ops.box_max_iou(boxes, gts)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 8 * 2**20, f"peak extra memory {extra / 2**20:.1f} MiB"
+
+
+@requires_cuda
+def test_cuda_device_mismatch():
+    pred, priors, gts = make_problem("cuda", "delta_xywh", counts=(3, 1))
+    with pytest.raises(ValueError, match="priors must be on the device of bbox_pred"):
+        tbd_ops.decode_max_iou(pred, priors.cpu(), gts)
+    with pytest.raises(ValueError, match="gt_bboxes must be on the device of bbox_pred"):
+        tbd_ops.decode_max_iou(pred, priors, [g.cpu() for g in gts])
