@@ -33,7 +33,7 @@ def make_problem(device, coder="delta_xywh", N=2, A=3, H=4, W=5, counts=(5, 0), 
         pred = pred.view(N, 4, H * W, A).permute(0, 3, 1, 2).reshape(N, A * 4, H, W)
     if form == "3d":
         pred = pred.view(N, A, 4, H, W).permute(0, 3, 4, 1, 2).reshape(N, P, 4)
-    gts = [rand_boxes(c, device, dtype) for c in counts[:N]]
+    gts = [rand_boxes(c, device, dtype, extent=35.0) for c in counts[:N]]  # inside any clip window used
     return pred.to(dtype), priors, gts
 
 
