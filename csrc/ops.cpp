@@ -35,8 +35,8 @@ void cmss_check(const at::Tensor& x, double temperature) {
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be a 4-D tensor [N, K, H, W], got a ", x.dim(),
                     "-D tensor of shape ", x.sizes());
   check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.size(1) >= 1, op, ": x must have at least one channel (K >= 1), got shape ",
-                    x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(1) <= INT32_MAX, op,
+                    ": x must have between 1 and 2^31 - 1 channels, got shape ", x.sizes());
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
                     ": temperature must be a finite number > 0, got ", temperature);
 }

@@ -14,11 +14,15 @@ template <typename T> struct ArgMax {
 
 template <typename T> TBD_HD ArgMax<T> argmax_empty() { return {T(0), -1}; }
 
+// Whether a later candidate v replaces the current best value (branch-free
+// form, usable in vectorized loops).
+template <typename T> TBD_HD bool argmax_takes(T best, T v) {
+  return (!is_nan(best)) & (is_nan(v) | (v > best));
+}
+
 // Feed candidates in increasing index order.
 template <typename T> TBD_HD void argmax_update(ArgMax<T>& a, T v, int64_t idx) {
-  if (a.index < 0) { a.value = v; a.index = idx; return; }
-  if (is_nan(a.value)) return;
-  if (is_nan(v) || v > a.value) { a.value = v; a.index = idx; }
+  if (a.index < 0 || argmax_takes(a.value, v)) { a.value = v; a.index = idx; }
 }
 
 }  // namespace tbd_ops

@@ -23,8 +23,18 @@ template <typename A> TBD_HD SoftmaxState<A> softmax_combine(SoftmaxState<A> a, 
   return {m, a.s * math_exp(a.m - m) + b.s * math_exp(b.m - m)};
 }
 
+// Adds one value (one exp instead of the two of a general combine).
 template <typename A> TBD_HD void softmax_add(SoftmaxState<A>& st, A y) {
-  st = softmax_combine(st, SoftmaxState<A>{y, A(1)});
+  if (is_nan(y) || is_nan(st.m)) {
+    st = {A(NAN), A(NAN)};
+  } else if (y == -INFINITY) {
+    // exp(-inf - m) = 0: nothing to add.
+  } else if (y <= st.m) {
+    st.s += math_exp(y - st.m);
+  } else {
+    st.s = st.s * math_exp(st.m - y) + A(1);
+    st.m = y;
+  }
 }
 
 // log of the normalizer: log sum exp(y).
