@@ -69,7 +69,8 @@ cmss_max_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t s2, int
     const int64_t h = i / W, w = i - h * W;
     const T* px = x + n * s0 + h * s2 + w * s3;
     ArgMax<A> am = argmax_empty<A>();
-    for (int64_t k = 0; k < K; ++k) argmax_update(am, to_acc(px[k * s1]), k);
+#pragma unroll 8
+    for (int64_t k = 0; k < K; ++k) argmax_update(am, to_acc(px[k * s1]), k);  // loads in flight
     const A y = am.value * inv_t;
     log_p[n * HW + i] = y;
     argmax[n * HW + i] = am.index;
