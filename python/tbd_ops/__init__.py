@@ -5,6 +5,8 @@ and CUDA kernels, a backward op, a fake kernel for ``torch.compile`` and an
 autocast policy. ``tbd_ops.reference`` holds pure-PyTorch implementations with
 the same signatures.
 """
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from ._version import __version__
 from . import _C  # noqa: F401  (loads the kernels and registers the operators)
 from .ops import box_max_iou, channel_max_spatial_softmax, decode_max_iou
