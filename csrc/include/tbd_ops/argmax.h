@@ -17,7 +17,9 @@ template <typename T> TBD_HD ArgMax<T> argmax_empty() { return {T(0), -1}; }
 // Whether a later candidate v replaces the current best value (branch-free
 // form, usable in vectorized loops).
 template <typename T> TBD_HD bool argmax_takes(T best, T v) {
-  return (!is_nan(best)) & (is_nan(v) | (v > best));
+  // Bitwise on ints: no short-circuit branches, so loops over it vectorize.
+  return static_cast<bool>(static_cast<int>(!is_nan(best)) &
+                           (static_cast<int>(is_nan(v)) | static_cast<int>(v > best)));
 }
 
 // Feed candidates in increasing index order.

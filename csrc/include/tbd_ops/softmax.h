@@ -29,6 +29,8 @@ template <typename A> TBD_HD void softmax_add(SoftmaxState<A>& st, A y) {
     st = {A(NAN), A(NAN)};
   } else if (y == -INFINITY) {
     // exp(-inf - m) = 0: nothing to add.
+  } else if (st.m == INFINITY || (y == INFINITY && st.m != -INFINITY)) {
+    st = {A(INFINITY), A(NAN)};  // exp(inf - inf) is NaN, as in the two-pass softmax
   } else if (y <= st.m) {
     st.s += math_exp(y - st.m);
   } else {

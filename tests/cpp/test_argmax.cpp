@@ -1,0 +1,171 @@
+// tbd_ops/argmax.h: running argmax with torch.max(dim) semantics.
+#include "tbd_ops/argmax.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "test_util.h"
+
+namespace {
+
+using namespace tbd_ops;
+
+// torch.max(dim): the first NaN if there is one, otherwise the first position
+// holding the largest value.
+template <typename T> int64_t reference_argmax(const std::vector<T>& v) {
+  if (v.empty()) return -1;
+  for (size_t i = 0; i < v.size(); ++i)
+    if (std::isnan(v[i])) return static_cast<int64_t>(i);
+  size_t best = 0;
+  for (size_t i = 1; i < v.size(); ++i)
+    if (v[i] > v[best]) best = i;
+  return static_cast<int64_t>(best);
+}
+
+template <typename T> ArgMax<T> run_argmax(const std::vector<T>& v) {
+  ArgMax<T> a = argmax_empty<T>();
+  for (size_t i = 0; i < v.size(); ++i) argmax_update(a, v[i], static_cast<int64_t>(i));
+  return a;
+}
+
+template <typename T> class ArgMaxTyped : public ::testing::Test {};
+using FloatTypes = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(ArgMaxTyped, FloatTypes);
+
+TYPED_TEST(ArgMaxTyped, EmptyHasNoIndex) {
+  const ArgMax<TypeParam> a = argmax_empty<TypeParam>();
+  EXPECT_EQ(a.index, -1);
+}
+
+TYPED_TEST(ArgMaxTyped, SingleNegativeValue) {
+  // The empty state's placeholder value (0) must not beat a negative candidate.
+  using T = TypeParam;
+  const ArgMax<T> a = run_argmax<T>({T(-3)});
+  EXPECT_EQ(a.index, 0);
+  EXPECT_EQ(a.value, T(-3));
+}
+
+TYPED_TEST(ArgMaxTyped, AllNegativeValues) {
+  using T = TypeParam;
+  const ArgMax<T> a = run_argmax<T>({T(-5), T(-2), T(-7), T(-2), T(-9)});
+  EXPECT_EQ(a.index, 1);
+  EXPECT_EQ(a.value, T(-2));
+}
+
+TYPED_TEST(ArgMaxTyped, TiesGoToLowestIndex) {
+  using T = TypeParam;
+  const ArgMax<T> a = run_argmax<T>({T(1), T(3), T(3), T(2), T(3)});
+  EXPECT_EQ(a.index, 1);
+  EXPECT_EQ(a.value, T(3));
+  const ArgMax<T> b = run_argmax<T>({T(4), T(4), T(4)});
+  EXPECT_EQ(b.index, 0);
+}
+
+TYPED_TEST(ArgMaxTyped, SignedZerosTie) {
+  using T = TypeParam;
+  EXPECT_EQ(run_argmax<T>({T(-0.0), T(0.0)}).index, 0);
+  EXPECT_EQ(run_argmax<T>({T(0.0), T(-0.0)}).index, 0);
+}
+
+TYPED_TEST(ArgMaxTyped, FirstNanWins) {
+  using T = TypeParam;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T inf = std::numeric_limits<T>::infinity();
+  {
+    const ArgMax<T> a = run_argmax<T>({T(1), nan, T(5), nan, inf});
+    EXPECT_EQ(a.index, 1);
+    EXPECT_TRUE(std::isnan(a.value));
+  }
+  {
+    const ArgMax<T> a = run_argmax<T>({nan, inf, T(3)});
+    EXPECT_EQ(a.index, 0);
+    EXPECT_TRUE(std::isnan(a.value));
+  }
+  {
+    const ArgMax<T> a = run_argmax<T>({T(1), T(2), nan});
+    EXPECT_EQ(a.index, 2);
+    EXPECT_TRUE(std::isnan(a.value));
+  }
+}
+
+TYPED_TEST(ArgMaxTyped, Infinities) {
+  using T = TypeParam;
+  const T inf = std::numeric_limits<T>::infinity();
+  {
+    const ArgMax<T> a = run_argmax<T>({-inf, -inf});
+    EXPECT_EQ(a.index, 0);
+    EXPECT_EQ(a.value, -inf);
+  }
+  {
+    const ArgMax<T> a = run_argmax<T>({-inf, T(-1e30), -inf});
+    EXPECT_EQ(a.index, 1);
+  }
+  {
+    const ArgMax<T> a = run_argmax<T>({T(1), inf, inf});
+    EXPECT_EQ(a.index, 1);
+    EXPECT_EQ(a.value, inf);
+  }
+}
+
+TYPED_TEST(ArgMaxTyped, KeepsCallerIndices) {
+  // Indices need only increase, not be contiguous (e.g. a strided walk).
+  using T = TypeParam;
+  ArgMax<T> a = argmax_empty<T>();
+  const T vals[] = {T(-1), T(4), T(2), T(4)};
+  for (int i = 0; i < 4; ++i) argmax_update(a, vals[i], int64_t(100) + 7 * i);
+  EXPECT_EQ(a.index, 107);
+  EXPECT_EQ(a.value, T(4));
+}
+
+TYPED_TEST(ArgMaxTyped, TakesPredicate) {
+  // argmax_takes(best, v): a later candidate replaces the current best iff the
+  // best is not NaN and v is NaN or strictly larger.
+  using T = TypeParam;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T inf = std::numeric_limits<T>::infinity();
+  EXPECT_TRUE(argmax_takes(T(1), T(2)));
+  EXPECT_FALSE(argmax_takes(T(2), T(1)));
+  EXPECT_FALSE(argmax_takes(T(2), T(2)));      // tie: keep the earlier index
+  EXPECT_FALSE(argmax_takes(T(0.0), T(-0.0)));
+  EXPECT_FALSE(argmax_takes(T(-0.0), T(0.0)));
+  EXPECT_TRUE(argmax_takes(T(-5), T(-4)));
+  EXPECT_TRUE(argmax_takes(-inf, T(-1e30)));
+  EXPECT_FALSE(argmax_takes(inf, inf));
+  EXPECT_TRUE(argmax_takes(T(1), nan));        // first NaN wins
+  EXPECT_TRUE(argmax_takes(inf, nan));
+  EXPECT_FALSE(argmax_takes(nan, nan));        // ... and stays
+  EXPECT_FALSE(argmax_takes(nan, inf));
+  EXPECT_FALSE(argmax_takes(nan, T(3)));
+}
+
+TYPED_TEST(ArgMaxTyped, RandomAgainstReference) {
+  using T = TypeParam;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T inf = std::numeric_limits<T>::infinity();
+  tbd_test::Rng rng(1234);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int n = static_cast<int>(rng.integer(1, 12));
+    const double p_nan = trial % 3 == 0 ? 0.08 : 0.0;
+    std::vector<T> v(n);
+    for (int i = 0; i < n; ++i) {
+      const double u = rng.uniform(0, 1);
+      if (u < p_nan) v[i] = nan;
+      else if (u < p_nan + 0.03) v[i] = rng.coin() ? inf : -inf;
+      else v[i] = T(rng.integer(-4, 2));  // small integers: many ties, many negatives
+    }
+    const ArgMax<T> a = run_argmax(v);
+    const int64_t ref = reference_argmax(v);
+    ASSERT_EQ(a.index, ref) << "trial " << trial;
+    if (std::isnan(v[ref])) {
+      EXPECT_TRUE(std::isnan(a.value));
+    } else {
+      EXPECT_EQ(a.value, v[ref]);
+    }
+  }
+}
+
+}  // namespace
