@@ -143,12 +143,14 @@ def test_ties_pick_lowest_channel(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_nan_and_inf_propagate(device):
-    x = logits((2, 3, 4, 5), device)
+    x = logits((3, 3, 4, 5), device)
     x[0, 1, 2, 3] = float("nan")
-    x[1, 0, 0, 0] = float("-inf")
+    x[1, :, 0, 0] = float("-inf")  # a location at -inf gets probability 0
+    x[2, 1, 3, 4] = float("inf")   # softmax with +inf is NaN everywhere, as torch.softmax
     y = tbd_ops.channel_max_spatial_softmax(x)
     y_ref = ref.channel_max_spatial_softmax(x)
-    assert torch.isnan(y[0]).all()
+    assert torch.isnan(y[0]).all() and torch.isnan(y[2]).all()
+    assert y[1, 0, 0].item() == 0.0 and torch.isfinite(y[1]).all()
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-14, equal_nan=True)
 
 
