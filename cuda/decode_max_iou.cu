@@ -27,21 +27,6 @@ struct ImageChunk {
   int64_t off[kChunk + 1];    // ground-truth offsets (absolute rows of gts)
 };
 
-template <typename A> CoderParams<A> cast_params(const CoderParams<double>& p) {
-  CoderParams<A> c;
-  c.coder = p.coder;
-  for (int k = 0; k < 4; ++k) {
-    c.mean[k] = static_cast<A>(p.mean[k]);
-    c.std[k] = static_cast<A>(p.std[k]);
-  }
-  c.max_ratio = static_cast<A>(p.max_ratio);
-  c.scale = static_cast<A>(p.scale);
-  c.clip = p.clip;
-  c.max_h = static_cast<A>(p.max_h);
-  c.max_w = static_cast<A>(p.max_w);
-  return c;
-}
-
 template <typename T, typename A>
 __device__ __forceinline__ Box<A> load_gt(const T* gts, int64_t row) {
   const T* g = gts + row * 4;

@@ -21,6 +21,27 @@ GRAD_TOL = dict(TOL)
 GRAD_TOL[torch.float32] = dict(rtol=1e-4, atol=1e-5)
 
 
+def assert_compiles_like_eager(loss, x):
+    """torch.compile(fullgraph=True) of loss(x) gives eager's value and gradient."""
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    value = compiled(x)
+    (g1,) = torch.autograd.grad(value, x)
+    expected = loss(x)
+    (g2,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(g1, g2)
+
+
+def run_single_threaded(fn):
+    """fn() with one intra-op thread (to compare against the multi-threaded result)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     """Fresh random inputs every run; the seed shows in the captured output of a failure."""

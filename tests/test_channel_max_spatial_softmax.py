@@ -5,7 +5,7 @@ from torch.library import opcheck
 
 import tbd_ops
 from tbd_ops import reference as ref
-from conftest import DEVICES, GRAD_TOL, TOL, requires_cuda
+from conftest import DEVICES, GRAD_TOL, TOL, assert_compiles_like_eager, requires_cuda, run_single_threaded
 
 OP = torch.ops.tbd_ops.channel_max_spatial_softmax.default
 SHAPES = [(2, 7, 5, 9), (3, 80, 13, 21), (1, 1, 1, 1), (2, 720, 7, 11), (1, 3, 1, 17), (4, 2, 33, 1)]
@@ -158,12 +158,7 @@ def test_nan_and_inf_propagate(device):
 def test_deterministic(device):
     x = logits((2, 80, 50, 84), device, torch.float32)
     a = tbd_ops.channel_max_spatial_softmax(x)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        b = tbd_ops.channel_max_spatial_softmax(x)
-    finally:
-        torch.set_num_threads(threads)
+    b = run_single_threaded(lambda: tbd_ops.channel_max_spatial_softmax(x))
     assert torch.equal(a, b)
 
 
@@ -182,11 +177,7 @@ def test_torch_compile_fullgraph(device):
     def loss(x):
         return (tbd_ops.channel_max_spatial_softmax(x, 0.5, True) ** 2).sum()
 
-    x = logits((2, 6, 5, 7), device, torch.float32).requires_grad_()
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    (g1,) = torch.autograd.grad(compiled(x), x)
-    (g2,) = torch.autograd.grad(loss(x), x)
-    torch.testing.assert_close(g1, g2)
+    assert_compiles_like_eager(loss, logits((2, 6, 5, 7), device, torch.float32).requires_grad_())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,7 +7,7 @@ from torch.library import opcheck
 
 import tbd_ops
 from tbd_ops import reference as ref
-from conftest import DEVICES, TOL, requires_cuda
+from conftest import DEVICES, TOL, assert_compiles_like_eager, requires_cuda, run_single_threaded
 
 F64 = torch.float64
 
@@ -288,12 +288,7 @@ def test_deterministic(device):
         return [iou, *torch.autograd.grad(iou, [q, *gts], torch.ones_like(iou))]
 
     a = run()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        b = run()
-    finally:
-        torch.set_num_threads(threads)
+    b = run_single_threaded(run)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -306,11 +301,7 @@ def test_torch_compile_fullgraph(device):
         iou, _ = tbd_ops.decode_max_iou(p, priors, gts, stds=(0.1, 0.1, 0.2, 0.2))
         return (1 - iou).sum()
 
-    p = pred.requires_grad_()
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    (g1,) = torch.autograd.grad(compiled(p), p)
-    (g2,) = torch.autograd.grad(loss(p), p)
-    torch.testing.assert_close(g1, g2)
+    assert_compiles_like_eager(loss, pred.requires_grad_())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -330,7 +321,8 @@ def test_memory_stays_linear():
     P, G = 151_200, 800
     boxes = rand_boxes(P, "cpu", torch.float32, extent=1200.0, max_wh=200.0).view(1, P, 4)
     gts = [rand_boxes(G, "cpu", torch.float32, extent=1200.0, max_wh=200.0)]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                acc_events=True) as prof:
         iou, arg = tbd_ops.box_max_iou(boxes, gts)
     allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
     outputs = iou.numel() * iou.element_size() + arg.numel() * arg.element_size()

@@ -14,21 +14,6 @@
 namespace tbd_ops {
 namespace {
 
-template <typename A> CoderParams<A> cast_params(const CoderParams<double>& p) {
-  CoderParams<A> c;
-  c.coder = p.coder;
-  for (int k = 0; k < 4; ++k) {
-    c.mean[k] = static_cast<A>(p.mean[k]);
-    c.std[k] = static_cast<A>(p.std[k]);
-  }
-  c.max_ratio = static_cast<A>(p.max_ratio);
-  c.scale = static_cast<A>(p.scale);
-  c.clip = p.clip;
-  c.max_h = static_cast<A>(p.max_h);
-  c.max_w = static_cast<A>(p.max_w);
-  return c;
-}
-
 // Typed view of one decode problem.
 template <typename T> struct Decoder {
   using A = acc_t<T>;

@@ -25,6 +25,22 @@ template <typename A> struct CoderParams {
   A max_h, max_w;
 };
 
+// Parameters in the accumulation type A (they are validated and stored in double).
+template <typename A> TBD_HD CoderParams<A> cast_params(const CoderParams<double>& p) {
+  CoderParams<A> c;
+  c.coder = p.coder;
+  for (int k = 0; k < 4; ++k) {
+    c.mean[k] = static_cast<A>(p.mean[k]);
+    c.std[k] = static_cast<A>(p.std[k]);
+  }
+  c.max_ratio = static_cast<A>(p.max_ratio);
+  c.scale = static_cast<A>(p.scale);
+  c.clip = p.clip;
+  c.max_h = static_cast<A>(p.max_h);
+  c.max_w = static_cast<A>(p.max_w);
+  return c;
+}
+
 // d = pred, r = prior (4 anchor coordinates, or the point (x, y) in r[0], r[1]).
 template <typename A>
 TBD_HD Box<A> decode_box(const A d[4], const A r[4], const CoderParams<A>& cp) {
