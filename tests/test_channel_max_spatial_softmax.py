@@ -73,6 +73,12 @@ def sample_inputs(device):
 def test_opcheck(device):
     for args in sample_inputs(device):
         opcheck(torch.ops.tbd_ops.channel_max_spatial_softmax, args)
+        x, t, s = args
+        out, log_p, argmax = OP(x, t, s)
+        grad = torch.randn_like(out)
+        for channels_last in (False, True):
+            opcheck(torch.ops.tbd_ops._channel_max_spatial_softmax_backward,
+                    (grad, log_p, argmax, x.shape[1], t, s, channels_last))
 
 
 @pytest.mark.parametrize("device", DEVICES)

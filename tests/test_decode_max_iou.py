@@ -114,6 +114,10 @@ def sample_inputs(device):
 def test_opcheck(device):
     for args in sample_inputs(device):
         opcheck(torch.ops.tbd_ops.decode_max_iou, args)
+        iou, arg = torch.ops.tbd_ops.decode_max_iou(*args)
+        for mask in ([True, True, True], [False, True, False], [True, False, False]):
+            opcheck(torch.ops.tbd_ops._decode_max_iou_backward,
+                    (torch.randn_like(iou), arg, *(a.detach() if isinstance(a, torch.Tensor) else a for a in args), mask))
     boxes = rand_boxes(12, device).view(2, 6, 4).requires_grad_()
     opcheck(torch.ops.tbd_ops.box_max_iou, (boxes, rand_boxes(3, device), [1, 2]))
 
