@@ -78,7 +78,8 @@ def build_extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = ["csrc/ops.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
     include_dirs = [str(ROOT / "csrc" / "include")]
-    extra = {"cxx": opt + ["-fvisibility=hidden"]}
+    # -fopenmp: at::parallel_for is inline and runs serially without it.
+    extra = {"cxx": opt + ["-fvisibility=hidden", "-fopenmp"]}
     define_macros = []
     if with_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*.cu"))
@@ -95,6 +96,7 @@ def build_extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
     )
 
 
