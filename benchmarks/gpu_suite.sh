@@ -54,7 +54,7 @@ out = [f"# tbd_ops GPU suite — {name}", "",
 for step in ["build", "pytest", "memcheck", "racecheck", "bench"]:
     summary = tail(step, 1).replace("|", "/")
     out.append(f"| {step} | {status(step)} | {summary} |")
-out += ["", "## Benchmarks", "", "```", tail("bench", 200), "```", ""]
+out += ["", "## Benchmarks", "", "```", tail("bench", 100000), "```", ""]
 dest = pathlib.Path("benchmarks/results") / f"gpu_{slug}.md"
 dest.write_text("\n".join(out))
 print(f"wrote {dest}")
