@@ -43,7 +43,8 @@ pytest: build
 ctest:
 	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 	cmake --build $(BUILD_DIR)
-	ctest --test-dir $(BUILD_DIR) --output-on-failure
+	@ctest --test-dir $(BUILD_DIR) --output-on-failure > $(BUILD_DIR)/ctest.log 2>&1; rc=$$?; \
+	if [ $$rc -ne 0 ]; then cat $(BUILD_DIR)/ctest.log; else tail -n 3 $(BUILD_DIR)/ctest.log; fi; exit $$rc
 
 # Runs both suites even if the first fails; fails if either failed.
 test: build
