@@ -112,12 +112,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
                                           max_shape, wh_ratio_clip);
   decode_backward_check(pb, bbox_pred, grad_iou, arg);
   const bool want_priors = output_mask[1] && pb.prior_dim > 0;
-  at::Tensor grad_pred = output_mask[0] ? at::empty_like(bbox_pred) : at::empty({0}, bbox_pred.options());
+  at::Tensor grad_pred = output_mask[0] ? at::zeros_like(bbox_pred) : at::empty({0}, bbox_pred.options());
   at::Tensor grad_priors = want_priors ? at::zeros_like(*priors, at::MemoryFormat::Contiguous)
                                        : at::empty({0}, bbox_pred.options());
   at::Tensor grad_gts = output_mask[2] ? at::zeros({pb.gts.size(0), 4}, bbox_pred.options())
                                        : at::empty({0}, bbox_pred.options());
-  if (output_mask[0]) grad_pred.zero_();
   if (pb.N == 0 || pb.P == 0) return {grad_pred, grad_priors, grad_gts};
   const auto argc = arg.contiguous();
   const PredLayout gpl = output_mask[0] ? pred_layout_of(grad_pred) : pb.pl;

@@ -314,6 +314,16 @@ double softmax_loss(const std::vector<double>& z, const std::vector<double>& g, 
   return L;
 }
 
+// Central finite difference of softmax_loss with respect to z[j].
+double softmax_loss_fd(const std::vector<double>& z, const std::vector<double>& g, double scale,
+                       double temp, size_t j) {
+  const double h = 1e-6;
+  std::vector<double> zp = z, zm = z;
+  zp[j] += h;
+  zm[j] -= h;
+  return (softmax_loss(zp, g, scale, temp) - softmax_loss(zm, g, scale, temp)) / (2 * h);
+}
+
 std::vector<double> softmax_probs(const std::vector<double>& z, double temp) {
   double m = -std::numeric_limits<double>::infinity();
   for (double v : z) m = std::max(m, v / temp);
@@ -335,12 +345,8 @@ TEST(SpatialSoftmaxGrad, MatchesFiniteDifferenceDouble) {
     const std::vector<double> p = softmax_probs(z, temp);
     double dot = 0;
     for (size_t i = 0; i < n; ++i) dot += p[i] * g[i];
-    const double h = 1e-6;
     for (size_t j = 0; j < n; ++j) {
-      std::vector<double> zp = z, zm = z;
-      zp[j] += h;
-      zm[j] -= h;
-      const double fd = (softmax_loss(zp, g, scale, temp) - softmax_loss(zm, g, scale, temp)) / (2 * h);
+      const double fd = softmax_loss_fd(z, g, scale, temp, j);
       const double an = spatial_softmax_grad(p[j], g[j], dot, scale, 1.0 / temp);
       EXPECT_TRUE(Close(an, fd, 1e-6, 1e-8)) << "trial " << trial << " j " << j;
     }
@@ -358,12 +364,8 @@ TEST(SpatialSoftmaxGrad, MatchesFiniteDifferenceFloat) {
     const std::vector<double> p = softmax_probs(z, temp);
     double dot = 0;
     for (size_t i = 0; i < n; ++i) dot += p[i] * g[i];
-    const double h = 1e-6;
     for (size_t j = 0; j < n; ++j) {
-      std::vector<double> zp = z, zm = z;
-      zp[j] += h;
-      zm[j] -= h;
-      const double fd = (softmax_loss(zp, g, scale, temp) - softmax_loss(zm, g, scale, temp)) / (2 * h);
+      const double fd = softmax_loss_fd(z, g, scale, temp, j);
       const float an = spatial_softmax_grad(float(p[j]), float(g[j]), float(dot), scale, 1.0f / temp);
       EXPECT_TRUE(Close(an, fd, 1e-4, 1e-6)) << "trial " << trial << " j " << j;
     }

@@ -165,7 +165,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_iou, _grad_arg):
     bbox_pred, priors, gt_bboxes, arg = ctx.saved_tensors
     need = ctx.needs_input_grad
-    mask = [bool(need[0]), bool(need[1]) and priors is not None, bool(need[2])]
+    coder = ctx.params[1]
+    mask = [bool(need[0]), bool(need[1]) and priors is not None and coder != "none", bool(need[2])]
     if grad_iou is None or not any(mask):
         return (None,) * 10
     g_pred, g_priors, g_gts = torch.ops.tbd_ops._decode_max_iou_backward.default(
@@ -173,7 +174,7 @@ def _backward(ctx, grad_iou, _grad_arg):
     )
     return (
         g_pred if mask[0] else None,
-        g_priors if mask[1] and g_priors.numel() == priors.numel() else None,
+        g_priors if mask[1] else None,
         g_gts if mask[2] else None,
     ) + (None,) * 7
 
