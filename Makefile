@@ -22,7 +22,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-stamp
 endif
 
-.PHONY: all build test pytest ctest bench gpu-suite clean
+.PHONY: all build build-emu test pytest ctest ctest-asan bench gpu-suite cuda-report clean
 
 all: build
 
@@ -37,7 +37,12 @@ $(VENV)/.deps-stamp:
 build: $(DEPS)
 	$(PY) setup.py --quiet build_ext --inplace
 
-pytest: build
+# Test-only: the CUDA path (glue, launchers, kernels) compiled by the host
+# compiler against the SIMT emulator (tests/emu/tbd_ops_emu*.so, never installed).
+build-emu: $(DEPS)
+	$(PY) tests/emu/setup.py
+
+pytest: build build-emu
 	$(PY) -m pytest tests -q
 
 ctest:
@@ -47,7 +52,7 @@ ctest:
 	if [ $$rc -ne 0 ]; then cat $(BUILD_DIR)/ctest.log; else tail -n 3 $(BUILD_DIR)/ctest.log; fi; exit $$rc
 
 # Runs both suites even if the first fails; fails if either failed.
-test: build
+test: build build-emu
 	@status=0; \
 	echo "==== pytest ===="; \
 	$(PY) -m pytest tests -q -ra || status=1; \
@@ -63,4 +68,4 @@ gpu-suite:
 	bash benchmarks/gpu_suite.sh
 
 clean:
-	rm -rf build python/tbd_ops/_C*.so
+	rm -rf build python/tbd_ops/_C*.so tests/emu/tbd_ops_emu*.so

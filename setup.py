@@ -76,16 +76,18 @@ def build_extension():
 
     debug = os.environ.get("TBD_OPS_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = ["csrc/ops.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    sources = sorted(str(p.relative_to(ROOT)) for p in [*(ROOT / "csrc").glob("*.cpp"), *(ROOT / "csrc" / "cpu").glob("*.cpp")])
     include_dirs = [str(ROOT / "csrc" / "include")]
     # -fopenmp: at::parallel_for is inline and runs serially without it.
-    extra = {"cxx": opt + ["-fvisibility=hidden", "-fopenmp"]}
+    # -ffp-contract=off / -fmad=false: no FMA contraction, so that the CPU kernels,
+    # the emulated CUDA kernels and the GPU agree bit for bit on per-element results.
+    extra = {"cxx": opt + ["-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]}
     define_macros = []
     if with_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*.cu"))
         sources.append("cuda/ops_cuda.cpp")
         extra["cxx"].append("-DTBD_OPS_WITH_CUDA")
-        extra["nvcc"] = opt + ["-lineinfo", "-DTBD_OPS_WITH_CUDA"] + arch_flags()
+        extra["nvcc"] = opt + ["-lineinfo", "-fmad=false", "-DTBD_OPS_WITH_CUDA"] + arch_flags()
         ext = cpp_extension.CUDAExtension
     else:
         ext = cpp_extension.CppExtension

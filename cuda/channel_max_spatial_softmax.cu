@@ -3,15 +3,16 @@
 // Forward, two launches:
 //   1. cmss_max_kernel: one thread per location reads the K logits once
 //      (any strides), keeps the argmax, stores y = z / T in log_p and folds y
-//      into an online-softmax state; a CUB block reduction writes one (m, s)
+//      into an online-softmax state; a block reduction writes one (m, s)
 //      partial per block.
 //   2. cmss_normalize_kernel: each block combines the image's partials in a
 //      fixed order (deterministic), then writes log_p = y - lse and
 //      out = scale * math_exp(log_p).
 // Backward, two launches: dot = sum(p * g) per image (fixed-order partials),
 // then dx = 0 everywhere except dx[argmax] = (1/T) * scale * p * (g - dot).
-#include <cub/block/block_reduce.cuh>
-
+//
+// Grid: (blocks per image, images of the chunk); grid.y is at most 65535, so
+// larger batches run as several launches of at most kMaxImagesPerLaunch.
 #include "common.cuh"
 #include "tbd_ops/softmax.h"
 
@@ -20,6 +21,7 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kMaxBlocksPerImage = 256;
+constexpr int64_t kMaxImagesPerLaunch = 65535;
 
 template <typename A> struct SoftmaxCombineOp {
   __device__ __forceinline__ SoftmaxState<A> operator()(const SoftmaxState<A>& a,
@@ -32,37 +34,25 @@ template <typename A> struct SoftmaxCombineOp {
 // the block gets the result.
 template <typename A>
 __device__ SoftmaxState<A> combine_partials(const A* pm, const A* ps, int64_t bpi) {
-  using Reduce = cub::BlockReduce<SoftmaxState<A>, kBlock>;
-  __shared__ typename Reduce::TempStorage tmp;
-  __shared__ SoftmaxState<A> result;
   SoftmaxState<A> st = softmax_empty<A>();
   for (int64_t b = threadIdx.x; b < bpi; b += blockDim.x) {
     st = softmax_combine(st, SoftmaxState<A>{pm[b], ps[b]});
   }
-  st = Reduce(tmp).Reduce(st, SoftmaxCombineOp<A>());
-  if (threadIdx.x == 0) result = st;
-  __syncthreads();
-  return result;
+  return block_reduce<kBlock>(st, SoftmaxCombineOp<A>());
 }
 
 template <typename A> __device__ A sum_partials(const A* p, int64_t bpi) {
-  using Reduce = cub::BlockReduce<A, kBlock>;
-  __shared__ typename Reduce::TempStorage tmp;
-  __shared__ A result;
   A s = A(0);
   for (int64_t b = threadIdx.x; b < bpi; b += blockDim.x) s += p[b];
-  s = Reduce(tmp).Sum(s);
-  if (threadIdx.x == 0) result = s;
-  __syncthreads();
-  return result;
+  return block_sum<kBlock>(s);
 }
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
-cmss_max_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t s2, int64_t s3,
+cmss_max_kernel(int64_t n0, const T* __restrict__ x, int64_t s0, int64_t s1, int64_t s2, int64_t s3,
                 int64_t K, int64_t W, int64_t HW, A inv_t, A* __restrict__ log_p,
                 int64_t* __restrict__ argmax, A* __restrict__ part_m, A* __restrict__ part_s) {
-  const int64_t n = blockIdx.y;
+  const int64_t n = n0 + blockIdx.y;
   const int64_t bpi = gridDim.x;
   SoftmaxState<A> st = softmax_empty<A>();
   for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < HW; i += bpi * kBlock) {
@@ -76,9 +66,7 @@ cmss_max_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t s2, int
     argmax[n * HW + i] = am.index;
     softmax_add(st, y);
   }
-  using Reduce = cub::BlockReduce<SoftmaxState<A>, kBlock>;
-  __shared__ typename Reduce::TempStorage tmp;
-  st = Reduce(tmp).Reduce(st, SoftmaxCombineOp<A>());
+  st = block_reduce<kBlock>(st, SoftmaxCombineOp<A>());
   if (threadIdx.x == 0) {
     part_m[n * bpi + blockIdx.x] = st.m;
     part_s[n * bpi + blockIdx.x] = st.s;
@@ -87,9 +75,9 @@ cmss_max_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t s2, int
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
-cmss_normalize_kernel(int64_t HW, A scale, const A* __restrict__ part_m,
+cmss_normalize_kernel(int64_t n0, int64_t HW, A scale, const A* __restrict__ part_m,
                       const A* __restrict__ part_s, A* __restrict__ log_p, T* __restrict__ out) {
-  const int64_t n = blockIdx.y;
+  const int64_t n = n0 + blockIdx.y;
   const int64_t bpi = gridDim.x;
   const A lse = softmax_lse(combine_partials(part_m + n * bpi, part_s + n * bpi, bpi));
   for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < HW; i += bpi * kBlock) {
@@ -101,28 +89,26 @@ cmss_normalize_kernel(int64_t HW, A scale, const A* __restrict__ part_m,
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
-cmss_dot_kernel(const T* __restrict__ grad, int64_t g0, int64_t g1, int64_t g2, int64_t W,
+cmss_dot_kernel(int64_t n0, const T* __restrict__ grad, int64_t g0, int64_t g1, int64_t g2, int64_t W,
                 int64_t HW, const A* __restrict__ log_p, A* __restrict__ part) {
-  const int64_t n = blockIdx.y;
+  const int64_t n = n0 + blockIdx.y;
   const int64_t bpi = gridDim.x;
   A s = A(0);
   for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < HW; i += bpi * kBlock) {
     const int64_t h = i / W, w = i - h * W;
     s += math_exp(log_p[n * HW + i]) * to_acc(grad[n * g0 + h * g1 + w * g2]);
   }
-  using Reduce = cub::BlockReduce<A, kBlock>;
-  __shared__ typename Reduce::TempStorage tmp;
-  s = Reduce(tmp).Sum(s);
+  s = block_sum<kBlock>(s);
   if (threadIdx.x == 0) part[n * bpi + blockIdx.x] = s;
 }
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
-cmss_scatter_kernel(const T* __restrict__ grad, int64_t g0, int64_t g1, int64_t g2,
+cmss_scatter_kernel(int64_t n0, const T* __restrict__ grad, int64_t g0, int64_t g1, int64_t g2,
                     const A* __restrict__ log_p, const int64_t* __restrict__ argmax, int64_t K,
                     int64_t W, int64_t HW, A inv_t, A scale, const A* __restrict__ part,
                     T* __restrict__ dx, int64_t d0, int64_t d1, int64_t d2, int64_t d3) {
-  const int64_t n = blockIdx.y;
+  const int64_t n = n0 + blockIdx.y;
   const int64_t bpi = gridDim.x;
   const A dot = sum_partials(part + n * bpi, bpi);
   const T zero = from_acc<T>(A(0));
@@ -144,27 +130,34 @@ int64_t cmss_blocks_per_image(int64_t hw) {
   return b < 1 ? 1 : (b > kMaxBlocksPerImage ? kMaxBlocksPerImage : b);
 }
 
+template <typename F> void for_each_image_chunk(int64_t N, int64_t bpi, F&& f) {
+  for (int64_t n0 = 0; n0 < N; n0 += kMaxImagesPerLaunch) {
+    const int64_t count = N - n0 < kMaxImagesPerLaunch ? N - n0 : kMaxImagesPerLaunch;
+    f(n0, dim3(static_cast<unsigned>(bpi), static_cast<unsigned>(count)));
+  }
+}
+
 void cmss_forward(DType dt, const void* x, const int64_t xs[4], int64_t N, int64_t K, int64_t H,
                   int64_t W, double temperature, bool scale_by_hw, void* out, void* log_p,
                   int64_t* argmax, void* partials, void* stream) {
   const int64_t HW = H * W;
   if (N == 0 || HW == 0) return;
   const int64_t bpi = cmss_blocks_per_image(HW);
-  const dim3 grid(static_cast<unsigned>(bpi), static_cast<unsigned>(N));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     A* pm = static_cast<A*>(partials);
     A* ps = pm + N * bpi;
-    cmss_max_kernel<T, A><<<grid, kBlock, 0, s>>>(
-        static_cast<const T*>(x), xs[0], xs[1], xs[2], xs[3], K, W, HW,
-        A(1) / static_cast<A>(temperature), static_cast<A*>(log_p), argmax, pm, ps);
-    check_launch("cmss_max_kernel");
-    cmss_normalize_kernel<T, A><<<grid, kBlock, 0, s>>>(
-        HW, scale_by_hw ? static_cast<A>(HW) : A(1), pm, ps, static_cast<A*>(log_p),
-        static_cast<T*>(out));
-    check_launch("cmss_normalize_kernel");
+    const A inv_t = A(1) / static_cast<A>(temperature);
+    const A scale = scale_by_hw ? static_cast<A>(HW) : A(1);
+    for_each_image_chunk(N, bpi, [&](int64_t n0, dim3 grid) {
+      launch_kernel((cmss_max_kernel<T, A>), grid, kBlock, 0, s, n0, static_cast<const T*>(x),
+                    xs[0], xs[1], xs[2], xs[3], K, W, HW, inv_t, static_cast<A*>(log_p), argmax,
+                    pm, ps);
+      launch_kernel((cmss_normalize_kernel<T, A>), grid, kBlock, 0, s, n0, HW, scale, pm, ps,
+                    static_cast<A*>(log_p), static_cast<T*>(out));
+    });
   });
 }
 
@@ -175,21 +168,21 @@ void cmss_backward(DType dt, const void* grad, const int64_t gs[3], const void* 
   const int64_t HW = H * W;
   if (N == 0 || HW == 0 || K == 0) return;
   const int64_t bpi = cmss_blocks_per_image(HW);
-  const dim3 grid(static_cast<unsigned>(bpi), static_cast<unsigned>(N));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     A* part = static_cast<A*>(partials);
     const A* lp = static_cast<const A*>(log_p);
-    cmss_dot_kernel<T, A><<<grid, kBlock, 0, s>>>(static_cast<const T*>(grad), gs[0], gs[1],
-                                                  gs[2], W, HW, lp, part);
-    check_launch("cmss_dot_kernel");
-    cmss_scatter_kernel<T, A><<<grid, kBlock, 0, s>>>(
-        static_cast<const T*>(grad), gs[0], gs[1], gs[2], lp, argmax, K, W, HW,
-        A(1) / static_cast<A>(temperature), scale_by_hw ? static_cast<A>(HW) : A(1), part,
-        static_cast<T*>(dx), ds[0], ds[1], ds[2], ds[3]);
-    check_launch("cmss_scatter_kernel");
+    const A inv_t = A(1) / static_cast<A>(temperature);
+    const A scale = scale_by_hw ? static_cast<A>(HW) : A(1);
+    for_each_image_chunk(N, bpi, [&](int64_t n0, dim3 grid) {
+      launch_kernel((cmss_dot_kernel<T, A>), grid, kBlock, 0, s, n0, static_cast<const T*>(grad),
+                    gs[0], gs[1], gs[2], W, HW, lp, part);
+      launch_kernel((cmss_scatter_kernel<T, A>), grid, kBlock, 0, s, n0,
+                    static_cast<const T*>(grad), gs[0], gs[1], gs[2], lp, argmax, K, W, HW, inv_t,
+                    scale, part, static_cast<T*>(dx), ds[0], ds[1], ds[2], ds[3]);
+    });
   });
 }
 

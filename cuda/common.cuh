@@ -1,15 +1,12 @@
-// Helpers shared by the CUDA kernels (no PyTorch).
+// Helpers shared by the CUDA kernels (no PyTorch): dtype conversion and dispatch.
 #pragma once
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <stdexcept>
-#include <string>
 
+#include "backend.cuh"
 #include "launchers.h"
+#include "reduce.cuh"
 #include "tbd_ops/macros.h"
 
 namespace tbd_ops {
@@ -56,15 +53,6 @@ template <typename F> void dispatch_dtype(DType dt, F&& f) {
     case DType::kHalf: f(TypeTag<__half>{}); break;
     case DType::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
     default: throw std::invalid_argument("tbd_ops: unsupported dtype");
-  }
-}
-
-// Raises on a launch error (the registration layer turns it into a Python error).
-inline void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("tbd_ops: CUDA launch of ") + what +
-                             " failed: " + cudaGetErrorString(err));
   }
 }
 

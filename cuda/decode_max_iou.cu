@@ -5,8 +5,15 @@
 // Ground-truth offsets travel as kernel parameters (chunks of up to
 // kChunk images), so nothing is copied or synchronized with the host and the
 // launches can be captured in a CUDA graph.
-#include <cub/block/block_reduce.cuh>
-
+//
+// Backward:
+//   - predictions and priors: one thread per prior loops over the chunk's
+//     images; the prior gradient is accumulated in the accumulation type
+//     across chunks (scratch) and rounded to the input dtype once, at the end;
+//   - ground truths, O(N*P + G): every prediction gets the key of the
+//     ground-truth row it matched, a stable radix sort groups the predictions
+//     by row (in increasing prediction order), and one block per row sums its
+//     segment in a fixed order.
 #include <algorithm>
 
 #include "common.cuh"
@@ -19,7 +26,7 @@ namespace cuda {
 namespace {
 
 constexpr int kChunk = 64;     // images per launch
-constexpr int kTile = 1024;    // ground-truth boxes per shared-memory tile
+constexpr int kTile = 1024;    // ground-truth boxes per shared-memory tile (dynamic)
 
 struct ImageChunk {
   int64_t n0;                 // first image of the chunk
@@ -48,7 +55,7 @@ decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
                           int64_t ps0, int64_t ps1, int pdim, const T* __restrict__ gts,
                           ImageChunk chunk, int64_t P, CoderParams<A> cp, A eps,
                           T* __restrict__ iou, int64_t* __restrict__ arg) {
-  __shared__ Box<A> tile[kTile];
+  Box<A>* tile = dynamic_smem<Box<A>>();  // kTile boxes
   const int64_t n = chunk.n0 + blockIdx.y;
   const int64_t p = blockIdx.x * int64_t(kBlock) + threadIdx.x;
   const bool active = p < P;
@@ -62,7 +69,7 @@ decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
   ArgMax<A> best = argmax_empty<A>();
   for (int64_t t0 = 0; t0 < G; t0 += kTile) {
     const int tn = static_cast<int>(G - t0 < kTile ? G - t0 : kTile);
-    __syncthreads();
+    __syncthreads();  // the previous tile is no longer read
     for (int j = threadIdx.x; j < tn; j += kBlock) tile[j] = load_gt<T, A>(gts, g0 + t0 + j);
     __syncthreads();
     if (active) {
@@ -76,7 +83,8 @@ decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
 }
 
 // One thread per prior: loops over the chunk's images, writes the gradient of
-// every prediction and accumulates the prior's gradient in a fixed order.
+// every prediction and adds the prior's gradient to prior_acc (accumulation
+// type; the first chunk writes it). The last chunk writes grad_priors.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
 decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __restrict__ priors,
@@ -84,10 +92,14 @@ decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
                           ImageChunk chunk, int64_t P, CoderParams<A> cp, A eps,
                           const T* __restrict__ grad, int64_t gs0, int64_t gs1,
                           const int64_t* __restrict__ arg, T* __restrict__ grad_pred,
-                          PredLayout gpl, T* __restrict__ grad_priors) {
+                          PredLayout gpl, A* __restrict__ prior_acc, T* __restrict__ grad_priors,
+                          bool last_chunk) {
   const int64_t p = blockIdx.x * int64_t(kBlock) + threadIdx.x;
   if (p >= P) return;
   A acc[4] = {A(0), A(0), A(0), A(0)};
+  if (grad_priors && chunk.n0 > 0) {
+    for (int k = 0; k < pdim; ++k) acc[k] = prior_acc[p * pdim + k];
+  }
   for (int i = 0; i < chunk.count; ++i) {
     const int64_t n = chunk.n0 + i;
     const int64_t a = arg[n * P + p];
@@ -108,11 +120,42 @@ decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
   }
   if (grad_priors) {
     for (int k = 0; k < pdim; ++k) {
-      // Chunks run in order on one stream: the first writes, later ones add.
-      const A prev = chunk.n0 == 0 ? A(0) : to_acc(grad_priors[p * pdim + k]);
-      grad_priors[p * pdim + k] = from_acc<T>(prev + acc[k]);
+      if (last_chunk) {
+        grad_priors[p * pdim + k] = from_acc<T>(acc[k]);  // rounded once
+      } else {
+        prior_acc[p * pdim + k] = acc[k];
+      }
     }
   }
+}
+
+// key[n*P + p] = row of gts matched by prediction (n, p), or `none` (sorts
+// last) when it matched nothing; val = n*P + p.
+__global__ void __launch_bounds__(kBlock)
+decode_max_iou_gt_keys_kernel(ImageChunk chunk, int64_t P, const int64_t* __restrict__ arg,
+                              int32_t none, int32_t* __restrict__ keys,
+                              int64_t* __restrict__ vals) {
+  const int64_t p = blockIdx.x * int64_t(kBlock) + threadIdx.x;
+  if (p >= P) return;
+  const int64_t n = chunk.n0 + blockIdx.y;
+  const int64_t g0 = chunk.off[blockIdx.y];
+  const int64_t a = arg[n * P + p];
+  const bool hit = a >= 0 && a < chunk.off[blockIdx.y + 1] - g0;
+  keys[n * P + p] = hit ? static_cast<int32_t>(g0 + a) : none;
+  vals[n * P + p] = n * P + p;
+}
+
+__device__ __forceinline__ int64_t lower_bound(const int32_t* keys, int64_t n, int32_t key) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (keys[mid] < key) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
 }
 
 template <typename A> struct Box4Sum {
@@ -121,35 +164,33 @@ template <typename A> struct Box4Sum {
   }
 };
 
-// One block per ground truth: sums the gradient of the predictions whose max
-// IoU it is (block reduction, fixed order).
+// One block per ground-truth row: sums the gradient of the predictions whose
+// max IoU it is, over its segment of the sorted keys (fixed order).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
 decode_max_iou_bwd_gt_kernel(const T* __restrict__ pred, PredLayout pl,
                              const T* __restrict__ priors, int64_t ps0, int64_t ps1, int pdim,
-                             const T* __restrict__ gts, ImageChunk chunk, int64_t P,
-                             CoderParams<A> cp, A eps, const T* __restrict__ grad, int64_t gs0,
-                             int64_t gs1, const int64_t* __restrict__ arg,
+                             const T* __restrict__ gts, int64_t NP, int64_t P, CoderParams<A> cp,
+                             A eps, const T* __restrict__ grad, int64_t gs0, int64_t gs1,
+                             const int32_t* __restrict__ keys, const int64_t* __restrict__ vals,
                              T* __restrict__ grad_gts) {
-  const int64_t n = chunk.n0 + blockIdx.y;
-  const int64_t j = blockIdx.x;
-  const int64_t g0 = chunk.off[blockIdx.y];
-  if (j >= chunk.off[blockIdx.y + 1] - g0) return;  // uniform over the block
-  const Box<A> gt = load_gt<T, A>(gts, g0 + j);
+  const int32_t row = static_cast<int32_t>(blockIdx.x);
+  const int64_t lo = lower_bound(keys, NP, row);
+  const int64_t hi = lower_bound(keys, NP, row + 1);
+  const Box<A> gt = load_gt<T, A>(gts, row);
   Box<A> s{A(0), A(0), A(0), A(0)};
-  for (int64_t p = threadIdx.x; p < P; p += kBlock) {
-    if (arg[n * P + p] != j) continue;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kBlock) {
+    const int64_t v = vals[i];
+    const int64_t n = v / P, p = v - n * P;
     A d[4], r[4];
     const Box<A> b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, cp, d, r);
     Box<A> gb, gg;
     box_iou_backward(b, gt, eps, to_acc(grad[n * gs0 + p * gs1]), gb, gg);
     s = Box4Sum<A>()(s, gg);
   }
-  using Reduce = cub::BlockReduce<Box<A>, kBlock>;
-  __shared__ typename Reduce::TempStorage tmp;
-  s = Reduce(tmp).Reduce(s, Box4Sum<A>());
+  s = block_reduce<kBlock>(s, Box4Sum<A>());
   if (threadIdx.x == 0) {
-    T* o = grad_gts + (g0 + j) * 4;
+    T* o = grad_gts + int64_t(row) * 4;
     o[0] = from_acc<T>(s.x1);
     o[1] = from_acc<T>(s.y1);
     o[2] = from_acc<T>(s.x2);
@@ -162,14 +203,47 @@ template <typename F> void for_each_chunk(const DecodeIouArgs& a, F&& f) {
     ImageChunk c;
     c.n0 = n0;
     c.count = static_cast<int>(std::min<int64_t>(kChunk, a.N - n0));
-    int64_t max_g = 0;
-    for (int i = 0; i <= c.count; ++i) {
-      c.off[i] = a.gt_offsets[n0 + i];
-      if (i > 0) max_g = std::max(max_g, c.off[i] - c.off[i - 1]);
-    }
-    f(c, max_g);
+    for (int i = 0; i <= c.count; ++i) c.off[i] = a.gt_offsets[n0 + i];
+    f(c);
   }
 }
+
+int bits_for(int64_t v) {
+  int b = 1;
+  while (b < 31 && (int64_t(1) << b) <= v) ++b;
+  return b;
+}
+
+size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
+
+// Workspace layout of the backward: prior accumulators, then the sort's
+// keys/values (in and out) and its temporary storage.
+struct BackwardWorkspace {
+  size_t prior_acc = 0, keys_in = 0, keys_out = 0, vals_in = 0, vals_out = 0, temp = 0;
+  size_t temp_bytes = 0, total = 0;
+  BackwardWorkspace(DType dt, int64_t N, int64_t P, int prior_dim, int64_t total_g,
+                    bool want_priors, bool want_gts) {
+    const size_t acc = dt == DType::kDouble ? sizeof(double) : sizeof(float);
+    size_t o = 0;
+    prior_acc = o;
+    if (want_priors && N > kChunk) o += align_up(acc * P * prior_dim);
+    if (want_gts && total_g > 0 && N * P > 0) {
+      const int64_t np = N * P;
+      keys_in = o;
+      o += align_up(sizeof(int32_t) * np);
+      keys_out = o;
+      o += align_up(sizeof(int32_t) * np);
+      vals_in = o;
+      o += align_up(sizeof(int64_t) * np);
+      vals_out = o;
+      o += align_up(sizeof(int64_t) * np);
+      temp = o;
+      temp_bytes = sort_pairs_temp_bytes(np, bits_for(total_g));
+      o += align_up(temp_bytes);
+    }
+    total = o;
+  }
+};
 
 }  // namespace
 
@@ -181,49 +255,73 @@ void decode_max_iou_forward(DType dt, const DecodeIouArgs& a, void* iou, int64_t
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     const CoderParams<A> cp = cast_params<A>(a.params);
-    for_each_chunk(a, [&](const ImageChunk& c, int64_t) {
+    for_each_chunk(a, [&](const ImageChunk& c) {
       const dim3 grid(static_cast<unsigned>(ceil_div(a.P, kBlock)), static_cast<unsigned>(c.count));
-      decode_max_iou_fwd_kernel<T, A><<<grid, kBlock, 0, s>>>(
-          static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors), a.prior_s0,
-          a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P, cp,
-          static_cast<A>(a.eps), static_cast<T*>(iou), arg);
-      check_launch("decode_max_iou_fwd_kernel");
+      launch_kernel((decode_max_iou_fwd_kernel<T, A>), grid, kBlock, kTile * sizeof(Box<A>), s,
+                    static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors),
+                    a.prior_s0, a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P, cp,
+                    static_cast<A>(a.eps), static_cast<T*>(iou), arg);
     });
   });
+}
+
+size_t decode_max_iou_backward_workspace(DType dt, const DecodeIouArgs& a, bool want_priors,
+                                         bool want_gts) {
+  return BackwardWorkspace(dt, a.N, a.P, a.prior_dim, a.gt_offsets[a.N], want_priors, want_gts)
+      .total;
 }
 
 void decode_max_iou_backward(DType dt, const DecodeIouArgs& a, const void* grad_iou, int64_t gs0,
                              int64_t gs1, const int64_t* arg, void* grad_pred,
                              const PredLayout& gpl, void* grad_priors, void* grad_gts,
-                             void* stream) {
+                             void* workspace, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t total_g = a.gt_offsets[a.N];
+  const BackwardWorkspace ws(dt, a.N, a.P, a.prior_dim, total_g, grad_priors != nullptr,
+                             grad_gts != nullptr);
+  char* wsp = static_cast<char*>(workspace);
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     const CoderParams<A> cp = cast_params<A>(a.params);
     if (a.P > 0 && a.N == 0 && grad_priors) {
-      cudaMemsetAsync(grad_priors, 0, sizeof(T) * a.P * a.prior_dim, s);
+      memset_async(grad_priors, 0, sizeof(T) * a.P * a.prior_dim, s);
     }
-    if (a.P == 0) return;
-    for_each_chunk(a, [&](const ImageChunk& c, int64_t max_g) {
-      if (grad_pred || grad_priors) {
-        decode_max_iou_bwd_kernel<T, A><<<static_cast<unsigned>(ceil_div(a.P, kBlock)), kBlock, 0, s>>>(
-            static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors), a.prior_s0,
-            a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P, cp,
-            static_cast<A>(a.eps), static_cast<const T*>(grad_iou), gs0, gs1, arg,
-            static_cast<T*>(grad_pred), gpl, static_cast<T*>(grad_priors));
-        check_launch("decode_max_iou_bwd_kernel");
-      }
-      if (grad_gts && max_g > 0) {
-        const dim3 grid(static_cast<unsigned>(max_g), static_cast<unsigned>(c.count));
-        decode_max_iou_bwd_gt_kernel<T, A><<<grid, kBlock, 0, s>>>(
-            static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors), a.prior_s0,
-            a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P, cp,
-            static_cast<A>(a.eps), static_cast<const T*>(grad_iou), gs0, gs1, arg,
-            static_cast<T*>(grad_gts));
-        check_launch("decode_max_iou_bwd_gt_kernel");
-      }
-    });
+    if (grad_gts && total_g > 0 && a.N * a.P == 0) {
+      memset_async(grad_gts, 0, sizeof(T) * total_g * 4, s);
+    }
+    if (a.P == 0 || a.N == 0) return;
+    const unsigned pblocks = static_cast<unsigned>(ceil_div(a.P, kBlock));
+    if (grad_pred || grad_priors) {
+      A* prior_acc = reinterpret_cast<A*>(wsp + ws.prior_acc);
+      for_each_chunk(a, [&](const ImageChunk& c) {
+        launch_kernel((decode_max_iou_bwd_kernel<T, A>), dim3(pblocks), kBlock, 0, s,
+                      static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors),
+                      a.prior_s0, a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P,
+                      cp, static_cast<A>(a.eps), static_cast<const T*>(grad_iou), gs0, gs1, arg,
+                      static_cast<T*>(grad_pred), gpl, prior_acc, static_cast<T*>(grad_priors),
+                      c.n0 + c.count == a.N);
+      });
+    }
+    if (grad_gts && total_g > 0) {
+      const int64_t np = a.N * a.P;
+      int32_t* keys_in = reinterpret_cast<int32_t*>(wsp + ws.keys_in);
+      int32_t* keys_out = reinterpret_cast<int32_t*>(wsp + ws.keys_out);
+      int64_t* vals_in = reinterpret_cast<int64_t*>(wsp + ws.vals_in);
+      int64_t* vals_out = reinterpret_cast<int64_t*>(wsp + ws.vals_out);
+      for_each_chunk(a, [&](const ImageChunk& c) {
+        launch_kernel(decode_max_iou_gt_keys_kernel, dim3(pblocks, static_cast<unsigned>(c.count)),
+                      kBlock, 0, s, c, a.P, arg, static_cast<int32_t>(total_g), keys_in, vals_in);
+      });
+      sort_pairs(keys_in, keys_out, vals_in, vals_out, np, bits_for(total_g), wsp + ws.temp,
+                 ws.temp_bytes, s);
+      launch_kernel((decode_max_iou_bwd_gt_kernel<T, A>), dim3(static_cast<unsigned>(total_g)),
+                    kBlock, 0, s, static_cast<const T*>(a.pred), a.pl,
+                    static_cast<const T*>(a.priors), a.prior_s0, a.prior_s1, a.prior_dim,
+                    static_cast<const T*>(a.gts), np, a.P, cp, static_cast<A>(a.eps),
+                    static_cast<const T*>(grad_iou), gs0, gs1, keys_out, vals_out,
+                    static_cast<T*>(grad_gts));
+    }
   });
 }
 

@@ -3,6 +3,7 @@
 // these launch on the given stream and never synchronize.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "tbd_ops/box.h"
@@ -52,13 +53,19 @@ struct DecodeIouArgs {
 void decode_max_iou_forward(DType dt, const DecodeIouArgs& a, void* iou, int64_t* arg,
                             void* stream);
 
+// Bytes of scratch memory the backward needs (device memory, any alignment
+// of at least 256 bytes).
+size_t decode_max_iou_backward_workspace(DType dt, const DecodeIouArgs& a, bool want_priors,
+                                         bool want_gts);
+
 // grad_iou: [N, P] with strides (gs0, gs1). Outputs may be null when not
 // requested: grad_pred (layout gpl), grad_priors ([P, prior_dim] contiguous),
 // grad_gts ([sum G_n, 4] contiguous). Every requested output is fully written.
+// The ground-truth rows must number less than 2^31 - 1.
 void decode_max_iou_backward(DType dt, const DecodeIouArgs& a, const void* grad_iou,
                              int64_t gs0, int64_t gs1, const int64_t* arg, void* grad_pred,
                              const PredLayout& gpl, void* grad_priors, void* grad_gts,
-                             void* stream);
+                             void* workspace, void* stream);
 
 }  // namespace cuda
 }  // namespace tbd_ops

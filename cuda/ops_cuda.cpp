@@ -1,12 +1,16 @@
 // CUDA registration: validation, allocation, device guard and current stream.
 // The kernels themselves (cuda/*.cu) see only raw pointers, sizes and strides.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+//
+// Also compiled, with -DTBD_OPS_CUDA_EMU, into the test-only emulated build,
+// where it runs on CPU tensors against the SIMT emulator (cuda/torch_backend.h).
 #include <torch/library.h>
 
-#include "../csrc/ops.h"
+#include <limits>
+
+#include "../csrc/channel_max_spatial_softmax.h"
+#include "../csrc/decode_max_iou.h"
 #include "launchers.h"
+#include "torch_backend.h"
 
 namespace tbd_ops {
 namespace {
@@ -21,7 +25,8 @@ cuda::DType dtype_of(const at::Tensor& t) {
   }
 }
 
-void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+using cuda_glue::current_stream;
+using cuda_glue::DeviceGuard;
 
 // Kernel-side errors (std::exception from the launchers) become Python errors.
 template <typename F> void launch(F&& f) {
@@ -35,16 +40,14 @@ template <typename F> void launch(F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cuda(const at::Tensor& x, double temperature,
                                                          bool scale_by_hw) {
   cmss_check(x, temperature);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const int64_t N = x.size(0), K = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK_VALUE(N <= 65535, "channel_max_spatial_softmax: at most 65535 images per call, got ",
-                    N);
-  auto out = at::empty({N, H, W}, x.options());
-  auto log_p = at::empty({N, H, W}, x.options().dtype(acc_dtype(x.scalar_type())));
-  auto argmax = at::empty({N, H, W}, x.options().dtype(at::kLong));
+  auto out = cuda_glue::empty({N, H, W}, x.options());
+  auto log_p = cuda_glue::empty({N, H, W}, x.options().dtype(acc_dtype(x.scalar_type())));
+  auto argmax = cuda_glue::empty({N, H, W}, x.options().dtype(at::kLong));
   if (N == 0 || H * W == 0) return {out, log_p, argmax};
   const int64_t bpi = cuda::cmss_blocks_per_image(H * W);
-  auto partials = at::empty({2 * N * bpi}, log_p.options());
+  auto partials = cuda_glue::empty({2 * N * bpi}, log_p.options());
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   launch([&] {
     cuda::cmss_forward(dtype_of(x), x.const_data_ptr(), xs, N, K, H, W, temperature, scale_by_hw,
@@ -59,17 +62,14 @@ at::Tensor cmss_backward_cuda(const at::Tensor& grad, const at::Tensor& log_p,
                               const at::Tensor& argmax, int64_t channels, double temperature,
                               bool scale_by_hw, bool channels_last) {
   cmss_backward_check(grad, log_p, argmax, channels, temperature);
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const DeviceGuard guard(grad.device());
   const int64_t N = grad.size(0), H = grad.size(1), W = grad.size(2);
-  TORCH_CHECK_VALUE(N <= 65535,
-                    "_channel_max_spatial_softmax_backward: at most 65535 images per call, got ",
-                    N);
-  auto dx = at::empty({N, channels, H, W}, grad.options(),
+  auto dx = cuda_glue::empty({N, channels, H, W}, grad.options(),
                       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (N == 0 || H * W == 0) return dx;
   const auto lpc = log_p.contiguous();
   const auto amc = argmax.contiguous();
-  auto partials = at::empty({N * cuda::cmss_blocks_per_image(H * W)}, lpc.options());
+  auto partials = cuda_glue::empty({N * cuda::cmss_blocks_per_image(H * W)}, lpc.options());
   const int64_t gs[3] = {grad.stride(0), grad.stride(1), grad.stride(2)};
   const int64_t ds[4] = {dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3)};
   launch([&] {
@@ -108,9 +108,9 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cuda(
   const DecodeProblem pb = decode_prepare("decode_max_iou", bbox_pred, priors, gt_bboxes,
                                           gt_counts, coder, means, stds, scale, max_shape,
                                           wh_ratio_clip);
-  const c10::cuda::CUDAGuard guard(bbox_pred.device());
-  auto iou = at::empty({pb.N, pb.P}, bbox_pred.options());
-  auto arg = at::empty({pb.N, pb.P}, bbox_pred.options().dtype(at::kLong));
+  const DeviceGuard guard(bbox_pred.device());
+  auto iou = cuda_glue::empty({pb.N, pb.P}, bbox_pred.options());
+  auto arg = cuda_glue::empty({pb.N, pb.P}, bbox_pred.options().dtype(at::kLong));
   const auto a = make_args(pb, bbox_pred, priors);
   launch([&] {
     cuda::decode_max_iou_forward(dtype_of(bbox_pred), a, iou.mutable_data_ptr(),
@@ -129,25 +129,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cuda(
                                           gt_bboxes, gt_counts, coder, means, stds, scale,
                                           max_shape, wh_ratio_clip);
   decode_backward_check(pb, bbox_pred, grad_iou, arg);
-  const c10::cuda::CUDAGuard guard(bbox_pred.device());
+  const DeviceGuard guard(bbox_pred.device());
   const bool want_priors = output_mask[1] && pb.prior_dim > 0;
-  at::Tensor grad_pred =
-      output_mask[0] ? at::empty_like(bbox_pred) : at::empty({0}, bbox_pred.options());
+  at::Tensor grad_pred = output_mask[0] ? cuda_glue::empty_like(bbox_pred)
+                                        : at::empty({0}, bbox_pred.options());
   // The kernels write [P, prior_dim]; points given as [P, 4] get zero stride columns.
-  at::Tensor grad_priors_k = want_priors ? at::empty({pb.P, pb.prior_dim}, bbox_pred.options())
-                                         : at::empty({0}, bbox_pred.options());
-  at::Tensor grad_gts =
-      output_mask[2] ? at::zeros({pb.gts.size(0), 4}, bbox_pred.options())
-                     : at::empty({0}, bbox_pred.options());
+  at::Tensor grad_priors_k = want_priors
+                                 ? cuda_glue::empty({pb.P, pb.prior_dim}, bbox_pred.options())
+                                 : at::empty({0}, bbox_pred.options());
+  at::Tensor grad_gts = output_mask[2] ? cuda_glue::empty({pb.gts.size(0), 4}, bbox_pred.options())
+                                       : at::empty({0}, bbox_pred.options());
+  TORCH_CHECK_VALUE(pb.gts.size(0) < std::numeric_limits<int32_t>::max(),
+                    "_decode_max_iou_backward: at most 2^31 - 2 ground-truth boxes per call, got ",
+                    pb.gts.size(0));
   const auto argc = arg.contiguous();
   const auto a = make_args(pb, bbox_pred, priors);
+  const auto dt = dtype_of(bbox_pred);
+  const size_t ws_bytes =
+      cuda::decode_max_iou_backward_workspace(dt, a, want_priors, output_mask[2]);
+  at::Tensor workspace = cuda_glue::empty({static_cast<int64_t>(ws_bytes)},
+                                          bbox_pred.options().dtype(at::kByte));
   launch([&] {
     cuda::decode_max_iou_backward(
-        dtype_of(bbox_pred), a, grad_iou.const_data_ptr(), grad_iou.stride(0), grad_iou.stride(1),
+        dt, a, grad_iou.const_data_ptr(), grad_iou.stride(0), grad_iou.stride(1),
         argc.const_data_ptr<int64_t>(), output_mask[0] ? grad_pred.mutable_data_ptr() : nullptr,
         output_mask[0] ? pred_layout_of(grad_pred) : pb.pl,
         want_priors ? grad_priors_k.mutable_data_ptr() : nullptr,
-        output_mask[2] ? grad_gts.mutable_data_ptr() : nullptr, current_stream());
+        output_mask[2] ? grad_gts.mutable_data_ptr() : nullptr,
+        ws_bytes ? workspace.mutable_data_ptr() : nullptr, current_stream());
   });
   at::Tensor grad_priors = grad_priors_k;
   if (want_priors && priors->size(1) != pb.prior_dim) {
@@ -159,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tbd_ops, CUDA, m) {
+TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
   m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_cuda));
   m.impl("_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cuda));
   m.impl("decode_max_iou", TORCH_FN(decode_max_iou_cuda));

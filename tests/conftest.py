@@ -1,12 +1,26 @@
+import os
+import sys
+
 import pytest
 import torch
 
 import tbd_ops  # noqa: F401  (registers the operators)
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "emu"))
+import dispatch as emu_dispatch  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available() and tbd_ops.cuda_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of tbd_ops")
+requires_emu = pytest.mark.skipif(emu_dispatch.emu is None, reason=str(emu_dispatch.UNAVAILABLE))
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
+# Devices of the op suites:
+#   cpu       the CPU kernels;
+#   cuda_emu  CPU tensors, but every tbd_ops op runs the CUDA path (glue, launchers,
+#             kernels) on the SIMT emulator, under three thread schedules that must
+#             agree bit for bit (tests/emu/dispatch.py); the test sees device "cpu";
+#   cuda      a real GPU.
+CUDA_EMU = pytest.param("cpu", id="cuda_emu", marks=[requires_emu, pytest.mark.cuda_emu])
+DEVICES = ["cpu", CUDA_EMU, pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
 
 # Tolerances of the kernels against the float64 reference, per input dtype
 # (outputs are rounded to the input dtype; math runs in float32 inside).
@@ -49,3 +63,28 @@ def _fresh_seed():
     torch.manual_seed(seed)
     print(f"replay with torch.manual_seed({seed})")
     yield
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda(request):
+    """Routes tbd_ops calls to the emulated CUDA build for tests of the cuda_emu device."""
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    with emu_dispatch.EmulatedCuda():
+        yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    config.addinivalue_line("markers", "cuda_emu: runs the CUDA path on the SIMT emulator")
+
+
+def pytest_terminal_summary(terminalreporter):
+    passed = [r for r in terminalreporter.stats.get("passed", []) if "cuda_emu" in r.keywords]
+    failed = [r for r in terminalreporter.stats.get("failed", []) if "cuda_emu" in r.keywords]
+    if passed or failed:
+        launches = emu_dispatch.emu.launch_count() if emu_dispatch.emu else 0
+        terminalreporter.write_line(
+            f"emulated CUDA: {len(passed)} tests passed, {len(failed)} failed; "
+            f"{emu_dispatch.stats['calls']} op calls x 3 schedules, {launches} kernel launches")

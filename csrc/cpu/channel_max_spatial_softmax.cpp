@@ -9,7 +9,7 @@
 
 #include <vector>
 
-#include "../ops.h"
+#include "../channel_max_spatial_softmax.h"
 #include "tbd_ops/softmax.h"
 
 namespace tbd_ops {

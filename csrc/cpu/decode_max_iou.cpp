@@ -6,7 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../ops.h"
+#include "../decode_max_iou.h"
 #include "tbd_ops/argmax.h"
 #include "tbd_ops/box.h"
 #include "tbd_ops/layout.h"

@@ -1,9 +1,6 @@
-// Schemas of every tbd_ops operator, argument validation, the autocast policy
-// and the Python module entry. Kernels are registered per backend in
-// csrc/cpu/*.cpp and cuda/ops_cuda.cpp; fake (meta) kernels and autograd
-// formulas are registered from Python (tbd_ops/_meta.py, tbd_ops/_autograd.py).
-#include <Python.h>
-
+// decode_max_iou / box_max_iou (p_r): schemas, argument checks, autocast.
+// Kernels: csrc/cpu/decode_max_iou.cpp, cuda/decode_max_iou.cu; fake kernels
+// and autograd: python/tbd_ops/ops/decode_max_iou.py.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -11,55 +8,9 @@
 
 #include <cmath>
 
-#include "ops.h"
+#include "decode_max_iou.h"
 
 namespace tbd_ops {
-
-namespace {
-
-bool supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_float(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(supported_float(t.scalar_type()), op, ": ", name,
-                   " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-}
-
-}  // namespace
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void cmss_check(const at::Tensor& x, double temperature) {
-  constexpr const char* op = "channel_max_spatial_softmax";
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be a 4-D tensor [N, K, H, W], got a ", x.dim(),
-                    "-D tensor of shape ", x.sizes());
-  check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(1) <= INT32_MAX, op,
-                    ": x must have between 1 and 2^31 - 1 channels, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
-                    ": temperature must be a finite number > 0, got ", temperature);
-}
-
-void cmss_backward_check(const at::Tensor& grad, const at::Tensor& log_p,
-                         const at::Tensor& argmax, int64_t channels, double temperature) {
-  constexpr const char* op = "_channel_max_spatial_softmax_backward";
-  TORCH_CHECK_VALUE(grad.dim() == 3, op, ": grad must be [N, H, W], got shape ", grad.sizes());
-  check_float(op, "grad", grad);
-  TORCH_CHECK_VALUE(log_p.sizes() == grad.sizes() && argmax.sizes() == grad.sizes(), op,
-                    ": grad, log_p and argmax must have the same shape, got ", grad.sizes(), ", ",
-                    log_p.sizes(), " and ", argmax.sizes());
-  TORCH_CHECK_TYPE(log_p.scalar_type() == acc_dtype(grad.scalar_type()), op, ": log_p must be ",
-                   acc_dtype(grad.scalar_type()), ", got ", log_p.scalar_type());
-  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kLong, op, ": argmax must be int64, got ",
-                   argmax.scalar_type());
-  TORCH_CHECK_VALUE(grad.device() == log_p.device() && grad.device() == argmax.device(), op,
-                    ": grad, log_p and argmax must be on one device, got ", grad.device(), ", ",
-                    log_p.device(), " and ", argmax.device());
-  TORCH_CHECK_VALUE(channels >= 1, op, ": channels must be >= 1, got ", channels);
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
-                    ": temperature must be a finite number > 0, got ", temperature);
-}
 
 PredLayout pred_layout_of(const at::Tensor& t) {
   PredLayout l{};
@@ -222,19 +173,6 @@ void decode_backward_check(const DecodeProblem& pb, const at::Tensor& bbox_pred,
 
 namespace {
 
-// ---- autocast: compute in fp32 inside the kernels, return the input dtype ----
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_autocast(const at::Tensor& x,
-                                                             double temperature,
-                                                             bool scale_by_hw) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tbd_ops::channel_max_spatial_softmax", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, double, bool)>();
-  // The kernels read 16-bit logits directly and accumulate in fp32.
-  return op.call(x, temperature, scale_by_hw);
-}
-
 using DecodeSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, at::IntArrayRef,
     c10::string_view, at::ArrayRef<double>, at::ArrayRef<double>, double,
@@ -242,7 +180,7 @@ using DecodeSig = std::tuple<at::Tensor, at::Tensor>(
 
 c10::TypedOperatorHandle<DecodeSig>& decode_op() {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tbd_ops::decode_max_iou", "")
+                       .findSchemaOrThrow(TBD_OPS_LIB_NAME "::decode_max_iou", "")
                        .typed<DecodeSig>();
   return op;
 }
@@ -285,13 +223,7 @@ std::tuple<at::Tensor, at::Tensor> box_max_iou(const at::Tensor& boxes,
 
 }  // namespace
 
-TORCH_LIBRARY(tbd_ops, m) {
-  m.def(
-      "channel_max_spatial_softmax(Tensor x, float temperature=1.0, bool scale_by_hw=False)"
-      " -> (Tensor out, Tensor log_p, Tensor argmax)");
-  m.def(
-      "_channel_max_spatial_softmax_backward(Tensor grad, Tensor log_p, Tensor argmax,"
-      " int channels, float temperature, bool scale_by_hw, bool channels_last) -> Tensor");
+TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
       "decode_max_iou(Tensor bbox_pred, Tensor? priors, Tensor gt_bboxes, int[] gt_counts,"
       " str coder=\"delta_xywh\", float[] means=[0., 0., 0., 0.], float[] stds=[1., 1., 1., 1.],"
@@ -306,29 +238,12 @@ TORCH_LIBRARY(tbd_ops, m) {
         TORCH_FN(box_max_iou));
 }
 
-TORCH_LIBRARY_IMPL(tbd_ops, AutocastCPU, m) {
-  m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_autocast));
+TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
   m.impl("decode_max_iou", TORCH_FN(decode_autocast));
 }
 
-TORCH_LIBRARY_IMPL(tbd_ops, AutocastCUDA, m) {
-  m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_autocast));
+TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
   m.impl("decode_max_iou", TORCH_FN(decode_autocast));
 }
 
 }  // namespace tbd_ops
-
-// Importing tbd_ops._C loads the shared library, which runs the static
-// registrations above; the module itself only records how it was built.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  PyObject* m = PyModule_Create(&module_def);
-  if (m == nullptr) return nullptr;
-#ifdef TBD_OPS_WITH_CUDA
-  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
-#else
-  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
-#endif
-  return m;
-}
-

@@ -1,29 +1,18 @@
-// Argument validation and problem descriptions shared by the CPU and CUDA
-// registrations. Every check raises a Python ValueError/TypeError naming the
-// argument, the expected and the actual value.
+// decode_max_iou (p_r, SPEC 1.2): the validated problem description shared by
+// the CPU and CUDA registrations.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
-#include <string>
 #include <vector>
 
+#include "common.h"
 #include "tbd_ops/box.h"
 #include "tbd_ops/layout.h"
 
 namespace tbd_ops {
 
-constexpr double kIouEps = 1e-6;
-
-// ---- channel_max_spatial_softmax --------------------------------------------
-void cmss_check(const at::Tensor& x, double temperature);
-void cmss_backward_check(const at::Tensor& grad, const at::Tensor& log_p,
-                         const at::Tensor& argmax, int64_t channels, double temperature);
-// Output dtype of log_p: float32, or float64 for float64 input.
-at::ScalarType acc_dtype(at::ScalarType t);
-
-// ---- decode_max_iou ----------------------------------------------------------
 struct DecodeProblem {
   int64_t N = 0, P = 0;
   PredLayout pl{};

@@ -1,0 +1,40 @@
+// tbd_ops_emu: the test-only build of the CUDA path on the SIMT emulator.
+// Loading it registers the emulated CUDA kernels (cuda/*.cu compiled by the
+// host compiler, with the registration glue cuda/ops_cuda.cpp) for CPU tensors
+// under the operator namespace tbd_ops_emu; tests/emu/dispatch.py routes
+// torch.ops.tbd_ops calls there. Never installed.
+#include <Python.h>
+
+#include "../../cuda/emu/simt.h"
+
+namespace {
+
+PyObject* set_schedule(PyObject*, PyObject* args) {
+  int s = 0;
+  unsigned long long seed = 0;
+  if (!PyArg_ParseTuple(args, "iK", &s, &seed)) return nullptr;
+  if (s < 0 || s > 2) {
+    PyErr_Format(PyExc_ValueError, "schedule must be 0 (forward), 1 (reverse) or 2 (shuffle), got %d", s);
+    return nullptr;
+  }
+  tbd_emu::set_schedule(static_cast<tbd_emu::Schedule>(s), seed);
+  Py_RETURN_NONE;
+}
+
+PyObject* launch_count(PyObject*, PyObject*) {
+  return PyLong_FromUnsignedLongLong(tbd_emu::launch_count());
+}
+
+PyMethodDef methods[] = {
+    {"set_schedule", set_schedule, METH_VARARGS,
+     "set_schedule(schedule, seed): thread resume order of later launches from this thread "
+     "(0 forward, 1 reverse, 2 seeded shuffle)."},
+    {"launch_count", launch_count, METH_NOARGS, "Kernel launches emulated so far."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit_tbd_ops_emu(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "tbd_ops_emu", nullptr, -1, methods};
+  return PyModule_Create(&def);
+}
