@@ -9,7 +9,7 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.11.0
-DEV_DEPS    ?= numpy pytest expecttest matplotlib ninja setuptools wheel
+DEV_DEPS    ?= numpy pytest hypothesis expecttest matplotlib ninja setuptools wheel
 BUILD_DIR   ?= build/cpp
 MAX_JOBS    ?= 2
 export MAX_JOBS

@@ -142,6 +142,7 @@ struct WarpState {
   Collective kind = Collective::kShfl;
   unsigned mask = 0;
   unsigned arrived = 0;
+  unsigned exited = 0;  // lanes that have finished the kernel
   int width = 32;
   const char* file = nullptr;
   int line = 0;
@@ -189,6 +190,7 @@ struct BlockRun {
   const char* bar_file = nullptr;
   int bar_line = 0;
   std::vector<int> ready;  // fiber indices, in resume order
+  std::vector<int> scratch;
   std::string error;
 #ifdef TBD_EMU_ASAN
   const void* sched_stack_bottom = nullptr;
@@ -201,10 +203,11 @@ struct BlockRun {
   }
 
   // Appends the given fibers to the ready list in schedule order.
+  // `ids` come in increasing order.
   void release(std::vector<int>& ids) {
     switch (tls.schedule) {
-      case Schedule::kForward: std::sort(ids.begin(), ids.end()); break;
-      case Schedule::kReverse: std::sort(ids.begin(), ids.end(), std::greater<int>()); break;
+      case Schedule::kForward: break;
+      case Schedule::kReverse: std::reverse(ids.begin(), ids.end()); break;
       case Schedule::kShuffle: std::shuffle(ids.begin(), ids.end(), tls.rng); break;
     }
     for (int i : ids) {
@@ -309,7 +312,8 @@ void fiber_main() {
     b.error = s.str();
   }
   const int w = f.linear / kWarpSize;
-  const WarpState& ws = b.warps[w];
+  WarpState& ws = b.warps[w];
+  ws.exited |= 1u << (f.linear % kWarpSize);
   if (ws.pending && (ws.mask >> (f.linear % kWarpSize) & 1u) && b.error.empty()) {
     std::ostringstream s;
     s << ws.file << ":" << ws.line << ": warp collective with mask 0x" << std::hex << ws.mask
@@ -384,8 +388,8 @@ void syncthreads(const char* file, int line) {
   b.bar_line = line;
   f.state = State::kBarrier;
   if (++b.at_barrier == b.live) {
-    std::vector<int> ids;
-    ids.reserve(b.fibers.size());
+    std::vector<int>& ids = b.scratch;
+    ids.clear();
     for (auto& g : b.fibers)
       if (g.state == State::kBarrier) ids.push_back(g.linear);
     b.at_barrier = 0;
@@ -402,32 +406,34 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int arg
   const int lane = f.linear % kWarpSize;
   const int nl = b.lanes_in_warp(w);
   const unsigned present = nl == 32 ? 0xffffffffu : ((1u << nl) - 1u);
-  std::ostringstream s;
   if (!(mask >> lane & 1u)) {
+    std::ostringstream s;
     s << "warp collective called by lane " << lane << " with a mask 0x" << std::hex << mask
       << " that does not name it";
     fail(file, line, s.str());
   }
   if (mask & ~present) {
+    std::ostringstream s;
     s << "warp collective mask 0x" << std::hex << mask << " names lanes absent from warp "
       << std::dec << w << " (it has " << nl << " threads)";
     fail(file, line, s.str());
   }
   if (width <= 0 || width > 32 || (width & (width - 1))) {
+    std::ostringstream s;
     s << "shuffle width must be a power of two in [1, 32], got " << width;
     fail(file, line, s.str());
   }
-  for (int l = 0; l < nl; ++l) {
-    if ((mask >> l & 1u) && b.fibers[w * kWarpSize + l].state == State::kDone) {
-      s << "warp collective mask 0x" << std::hex << mask << std::dec << " names lane " << l
-        << ", which has exited";
-      fail(file, line, s.str());
-    }
-  }
   WarpState& ws = b.warps[w];
+  if (mask & ws.exited) {
+    std::ostringstream s;
+    s << "warp collective mask 0x" << std::hex << mask << " names lane(s) 0x"
+      << (mask & ws.exited) << ", which have exited";
+    fail(file, line, s.str());
+  }
   if (ws.pending) {
     if (ws.mask != mask || ws.kind != kind || ws.width != width || ws.line != line ||
         std::strcmp(ws.file, file) != 0) {
+      std::ostringstream s;
       s << "lanes of warp " << w << " disagree: lane " << lane << " calls a collective with mask 0x"
         << std::hex << mask << " while others wait at " << ws.file << ":" << std::dec << ws.line
         << " with mask 0x" << std::hex << ws.mask;
@@ -448,7 +454,8 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int arg
   f.state = State::kWarp;
   if (ws.arrived == mask) {
     // Everybody is here: compute every lane's result now.
-    std::vector<int> ids;
+    std::vector<int>& ids = b.scratch;
+    ids.clear();
     unsigned ballot = 0;
     for (int l = 0; l < 32; ++l)
       if ((mask >> l & 1u) && ws.value[l]) ballot |= 1u << l;
@@ -563,7 +570,10 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)
         b.exited = 0;
         b.at_barrier = 0;
         b.ready.clear();
-        for (auto& ws : b.warps) ws.pending = false;
+        for (auto& ws : b.warps) {
+          ws.pending = false;
+          ws.exited = 0;
+        }
         for (auto& f : b.fibers) init_fiber(f);
         std::iota(all.begin(), all.end(), 0);
         b.release(all);
