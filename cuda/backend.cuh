@@ -10,6 +10,7 @@
 //   - aligned vector loads: load_vec(p) (alignment-checked under emulation);
 //   - stream-ordered memset: memset_async(p, value, bytes, stream);
 //   - the > 48 KiB dynamic shared memory opt-in: set_max_dynamic_smem(kernel, bytes);
+//   - the grid.y / grid.z limit launchers chunk by: max_grid_yz();
 //   - device-side assertions: TBD_DEVICE_CHECK(cond, msg);
 //   - device-wide algorithms: sort_pairs (CUB's radix sort on the GPU, a
 //     stable host sort in the emulator).
@@ -58,6 +59,8 @@ template <typename T, int N> struct SharedArray {
 template <typename V> __device__ __forceinline__ V load_vec(const V* p) { return *p; }
 
 #define TBD_DEVICE_CHECK(cond, msg) ((void)0)
+
+inline int64_t max_grid_yz() { return 65535; }
 
 inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
@@ -158,6 +161,9 @@ template <typename V> inline V load_vec_at(const V* p, const char* file, int lin
 
 #define TBD_DEVICE_CHECK(cond, msg) \
   ((cond) ? (void)0 : ::tbd_emu::fail(__FILE__, __LINE__, std::string("check failed: ") + (msg)))
+
+// 65535 as on the GPU unless a test lowers it (tbd_emu::set_grid_yz_limit).
+inline int64_t max_grid_yz() { return ::tbd_emu::grid_yz_limit(); }
 
 inline void memset_async(void* p, int value, size_t bytes, cudaStream_t) {
   if (bytes > 0) std::memset(p, value, bytes);  // the emulator runs everything in order

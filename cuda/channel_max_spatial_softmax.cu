@@ -12,7 +12,7 @@
 // then dx = 0 everywhere except dx[argmax] = (1/T) * scale * p * (g - dot).
 //
 // Grid: (blocks per image, images of the chunk); grid.y is at most 65535, so
-// larger batches run as several launches of at most kMaxImagesPerLaunch.
+// larger batches run as several launches of at most max_grid_yz() images.
 #include "common.cuh"
 #include "tbd_ops/softmax.h"
 
@@ -21,7 +21,6 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kMaxBlocksPerImage = 256;
-constexpr int64_t kMaxImagesPerLaunch = 65535;
 
 template <typename A> struct SoftmaxCombineOp {
   __device__ __forceinline__ SoftmaxState<A> operator()(const SoftmaxState<A>& a,
@@ -131,8 +130,9 @@ int64_t cmss_blocks_per_image(int64_t hw) {
 }
 
 template <typename F> void for_each_image_chunk(int64_t N, int64_t bpi, F&& f) {
-  for (int64_t n0 = 0; n0 < N; n0 += kMaxImagesPerLaunch) {
-    const int64_t count = N - n0 < kMaxImagesPerLaunch ? N - n0 : kMaxImagesPerLaunch;
+  const int64_t per_launch = max_grid_yz();
+  for (int64_t n0 = 0; n0 < N; n0 += per_launch) {
+    const int64_t count = N - n0 < per_launch ? N - n0 : per_launch;
     f(n0, dim3(static_cast<unsigned>(bpi), static_cast<unsigned>(count)));
   }
 }

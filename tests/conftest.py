@@ -78,11 +78,15 @@ def _emulated_cuda(request):
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
     config.addinivalue_line("markers", "cuda_emu: runs the CUDA path on the SIMT emulator")
+    config.addinivalue_line("markers", "emulated: compares the emulated CUDA build with the CPU kernels")
 
 
 def pytest_terminal_summary(terminalreporter):
-    passed = [r for r in terminalreporter.stats.get("passed", []) if "cuda_emu" in r.keywords]
-    failed = [r for r in terminalreporter.stats.get("failed", []) if "cuda_emu" in r.keywords]
+    def emulated(r):
+        return "cuda_emu" in r.keywords or "emulated" in r.keywords
+
+    passed = [r for r in terminalreporter.stats.get("passed", []) if emulated(r)]
+    failed = [r for r in terminalreporter.stats.get("failed", []) if emulated(r)]
     if passed or failed:
         launches = emu_dispatch.emu.launch_count() if emu_dispatch.emu else 0
         terminalreporter.write_line(

@@ -165,6 +165,7 @@ struct ThreadState {
 thread_local ThreadState tls;
 
 std::atomic<uint64_t> g_launches{0};
+std::atomic<unsigned> g_grid_yz_limit{kMaxGridDim[1]};
 std::mutex g_attr_mu;
 std::unordered_map<const void*, size_t>& smem_optin() {
   static std::unordered_map<const void*, size_t> m;
@@ -336,6 +337,11 @@ std::string where() {
 }  // namespace
 
 // ---- public API -------------------------------------------------------------------
+void set_grid_yz_limit(unsigned limit) {
+  g_grid_yz_limit = limit == 0 ? kMaxGridDim[1] : std::min(limit, kMaxGridDim[1]);
+}
+unsigned grid_yz_limit() { return g_grid_yz_limit.load(); }
+
 void set_schedule(Schedule s, uint64_t seed) {
   tls.schedule = s;
   tls.rng.seed(seed);
@@ -514,9 +520,13 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)
   if (threads == 0 || uint64_t(grid.x) * grid.y * grid.z == 0)
     reject("every grid and block dimension must be >= 1");
   if (threads > kMaxThreadsPerBlock) reject("more than 1024 threads per block");
+  const unsigned gl[3] = {kMaxGridDim[0], grid_yz_limit(), grid_yz_limit()};
   for (int i = 0; i < 3; ++i) {
     if (bd[i] > kMaxBlockDim[i]) reject("block dimension over the limit (1024, 1024, 64)");
-    if (gd[i] > kMaxGridDim[i]) reject("grid dimension over the limit (2^31 - 1, 65535, 65535)");
+    if (gd[i] > gl[i]) {
+      reject("grid dimension over the limit (2^31 - 1, " + std::to_string(gl[1]) + ", " +
+             std::to_string(gl[2]) + ")");
+    }
   }
   size_t limit = kDefaultMaxDynamicSmem;
   {

@@ -64,6 +64,11 @@ constexpr int kWarpSize = 32;
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr unsigned kMaxBlockDim[3] = {1024, 1024, 64};
 constexpr unsigned kMaxGridDim[3] = {2147483647u, 65535u, 65535u};
+// The grid.y / grid.z limit the launches are checked against and launchers
+// chunk by (cuda/backend.cuh max_grid_yz()). Tests lower it to exercise the
+// chunking of large batches at small sizes; default 65535 as on the GPU.
+void set_grid_yz_limit(unsigned limit);
+unsigned grid_yz_limit();
 constexpr size_t kDefaultMaxDynamicSmem = 48 * 1024;
 constexpr size_t kMaxDynamicSmemOptIn = 227 * 1024;  // 232448 bytes on sm_90
 

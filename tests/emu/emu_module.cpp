@@ -25,7 +25,17 @@ PyObject* launch_count(PyObject*, PyObject*) {
   return PyLong_FromUnsignedLongLong(tbd_emu::launch_count());
 }
 
+PyObject* set_grid_yz_limit(PyObject*, PyObject* args) {
+  unsigned limit = 0;
+  if (!PyArg_ParseTuple(args, "I", &limit)) return nullptr;
+  tbd_emu::set_grid_yz_limit(limit);
+  return PyLong_FromUnsignedLong(tbd_emu::grid_yz_limit());
+}
+
 PyMethodDef methods[] = {
+    {"set_grid_yz_limit", set_grid_yz_limit, METH_VARARGS,
+     "set_grid_yz_limit(n): the grid.y/grid.z limit launches are checked against and launchers "
+     "chunk by (0 restores 65535); returns the limit in force."},
     {"set_schedule", set_schedule, METH_VARARGS,
      "set_schedule(schedule, seed): thread resume order of later launches from this thread "
      "(0 forward, 1 reverse, 2 seeded shuffle)."},
