@@ -23,11 +23,13 @@ step() {  # step NAME CMD... : runs CMD, keeps its log, records PASS/FAIL
 }
 
 step build "$PY" setup.py --quiet build_ext --inplace
+step build-emu "$PY" tests/emu/setup.py
 step pytest "$PY" -m pytest tests -q -ra
 SAN="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
-# Sanitizers only on the CUDA tests (-k cuda); torch.compile tests are skipped there for time.
-step memcheck "$SAN" --tool memcheck --error-exitcode 99 "$PY" -m pytest tests -q -x -k "cuda and not compile"
-step racecheck "$SAN" --tool racecheck --error-exitcode 99 "$PY" -m pytest tests -q -x -k "cuda and not compile and not memory"
+# Sanitizers only on the real-GPU tests (not the emulated ones); torch.compile tests are skipped there for time.
+GPU_TESTS="cuda and not emu and not compile"
+step memcheck "$SAN" --tool memcheck --error-exitcode 99 "$PY" -m pytest tests -q -x -k "$GPU_TESTS"
+step racecheck "$SAN" --tool racecheck --error-exitcode 99 "$PY" -m pytest tests -q -x -k "$GPU_TESTS and not memory"
 step bench "$PY" benchmarks/run_all.py --device cuda
 
 "$PY" - "$LOG" <<'PYEOF'
@@ -51,7 +53,7 @@ out = [f"# tbd_ops GPU suite — {name}", "",
        f"- date: {datetime.date.today()}", f"- device: {name}",
        f"- torch: {torch.__version__} (CUDA {torch.version.cuda})", f"- commit: {commit}", "",
        "| step | result | summary |", "|---|---|---|"]
-for step in ["build", "pytest", "memcheck", "racecheck", "bench"]:
+for step in ["build", "build-emu", "pytest", "memcheck", "racecheck", "bench"]:
     summary = tail(step, 1).replace("|", "/")
     out.append(f"| {step} | {status(step)} | {summary} |")
 out += ["", "## Benchmarks", "", "```", tail("bench", 100000), "```", ""]
