@@ -69,3 +69,7 @@ gpu-suite:
 
 clean:
 	rm -rf build python/tbd_ops/_C*.so tests/emu/tbd_ops_emu*.so
+
+# Registers, shared memory, spills and theoretical H100 occupancy of every kernel (sm_90; no GPU needed).
+cuda-report:
+	$(PYTHON) benchmarks/cuda_report.py
