@@ -36,10 +36,10 @@
 
 namespace tbd_emu {
 
-thread_local uint3 tls_thread_idx;
-thread_local uint3 tls_block_idx;
-thread_local dim3 tls_block_dim;
-thread_local dim3 tls_grid_dim;
+thread_local uint3 tls_thread_idx TBD_EMU_TLS;
+thread_local uint3 tls_block_idx TBD_EMU_TLS;
+thread_local dim3 tls_block_dim TBD_EMU_TLS;
+thread_local dim3 tls_grid_dim TBD_EMU_TLS;
 
 namespace {
 
@@ -556,7 +556,8 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)
     f.tid = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
     f.stack = tls.pool.get(i);
   }
-  tls.dyn.assign(smem, 0xFF);
+  // A buffer of exactly `smem` bytes, so that AddressSanitizer flags any access past it.
+  std::vector<unsigned char>(smem, 0xFF).swap(tls.dyn);
   tls.dyn_bytes = smem;
   tls_block_dim = block;
   tls_grid_dim = grid;
