@@ -151,8 +151,10 @@ def cmss_compare(x, temperature=1.0, scale_by_hw=False, schedules=True):
     run = lambda: EMU.channel_max_spatial_softmax(x, temperature, scale_by_hw)  # noqa: E731
     out_e, lp_e, am_e = all_schedules(run) if schedules else run()
     assert torch.equal(am_e, am_c)
-    torch.testing.assert_close(out_e, out_c, **RED_TOL[x.dtype])
-    torch.testing.assert_close(lp_e, lp_c, **RED_TOL[lp_c.dtype])
+    # The normalizer is a sum in another order: a few ulps of log-sum-exp.
+    for a, b, dt in ((out_e, out_c, x.dtype), (lp_e, lp_c, lp_c.dtype)):
+        rtol = RED_TOL[dt]["rtol"]
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
     g = torch.randn(out_c.shape, dtype=torch.float64).to(x.dtype)
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     bw = (g, lp_c, am_c, x.shape[1], temperature, scale_by_hw, cl)
@@ -160,7 +162,9 @@ def cmss_compare(x, temperature=1.0, scale_by_hw=False, schedules=True):
     run_b = lambda: (EMU._channel_max_spatial_softmax_backward(*bw),)  # noqa: E731
     (dx_e,) = all_schedules(run_b) if schedules else run_b()
     assert dx_e.stride() == dx_c.stride()
-    assert torch.equal(dx_e != 0, dx_c != 0), "gradient in a different channel"
+    # Only the argmax channel (equal on both sides, checked above) receives gradient.
+    idx = am_c.unsqueeze(1)
+    assert not dx_e.scatter(1, idx, 0).any(), "gradient outside the argmax channel"
     # g - sum(p * g) cancels: compare relative to the largest gradient.
     rtol = RED_TOL[x.dtype]["rtol"]
     torch.testing.assert_close(dx_e, dx_c, rtol=rtol, atol=rtol * float(dx_c.abs().max()))

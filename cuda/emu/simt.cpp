@@ -36,10 +36,10 @@
 
 namespace tbd_emu {
 
-thread_local uint3 tls_thread_idx TBD_EMU_TLS;
-thread_local uint3 tls_block_idx TBD_EMU_TLS;
-thread_local dim3 tls_block_dim TBD_EMU_TLS;
-thread_local dim3 tls_grid_dim TBD_EMU_TLS;
+thread_local uint3 tls_thread_idx;
+thread_local uint3 tls_block_idx;
+thread_local dim3 tls_block_dim;
+thread_local dim3 tls_grid_dim;
 
 namespace {
 

@@ -116,13 +116,12 @@ struct LaunchSite {
 void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)(void*),
             void* ctx, const LaunchSite& site);
 
-// Block-wide builtins of the running thread: trivially initialized, in the
-// static TLS block (initial-exec: a plain %fs-relative access, no call).
-#define TBD_EMU_TLS __attribute__((tls_model("initial-exec")))
-extern thread_local uint3 tls_thread_idx TBD_EMU_TLS;
-extern thread_local uint3 tls_block_idx TBD_EMU_TLS;
-extern thread_local dim3 tls_block_dim TBD_EMU_TLS;
-extern thread_local dim3 tls_grid_dim TBD_EMU_TLS;
+// Block-wide builtins of the running thread. (Not initial-exec TLS: the
+// emulator is also loaded into Python with dlopen.)
+extern thread_local uint3 tls_thread_idx;
+extern thread_local uint3 tls_block_idx;
+extern thread_local dim3 tls_block_dim;
+extern thread_local dim3 tls_grid_dim;
 
 template <typename T> uint64_t pack(T v) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value,

@@ -112,8 +112,27 @@ void check_forward(const Problem& pb) {
   tbd_emu::set_schedule(tbd_emu::Schedule::kForward, 0);
 }
 
+// Ground truth `row` becomes the decoded box of prediction (n, p): its best match (IoU 1).
+void plant_exact_match(Problem& pb, int64_t n, int64_t p, int64_t row) {
+  const auto a = args_of(pb);
+  const CoderParams<float> cp = cast_params<float>(pb.params);
+  const auto cvt = [](float v) { return v; };
+  float d[4], r[4];
+  load_pred(pb.pred.data(), a.pl, n, p, d, cvt);
+  load_prior(pb.priors.data(), 4, 1, 4, p, r, cvt);
+  const Box<float> b = decode_box(d, r, cp);
+  const float q[4] = {b.x1, b.y1, b.x2, b.y2};
+  for (int k = 0; k < 4; ++k) pb.gts[row * 4 + k] = q[k];
+}
+
 TEST(Launchers, DecodeMaxIouForwardMoreThanOneTile) {
-  check_forward(make_problem(2, 300, {1500, 3}, 1));  // 1500 ground truths: two shared tiles
+  Problem pb = make_problem(2, 300, {1500, 3}, 1);  // 1500 ground truths: two shared tiles
+  // The best matches sit at the tile boundaries: the last box of the first
+  // tile, the first of the second, the last of all.
+  plant_exact_match(pb, 0, 7, 1023);
+  plant_exact_match(pb, 0, 8, 1024);
+  plant_exact_match(pb, 0, 9, 1499);
+  check_forward(pb);
 }
 
 TEST(Launchers, DecodeMaxIouForwardMoreThanOneChunk) {
@@ -140,10 +159,12 @@ TEST(Launchers, DecodeMaxIouBackwardWritesEveryRequestedElement) {
   for (float v : gpred) ASSERT_FALSE(std::isnan(v));
   for (float v : gpri) ASSERT_FALSE(std::isnan(v));
   for (float v : ggt) ASSERT_FALSE(std::isnan(v));
-  // The ground-truth gradient of row g is the sum over the predictions that matched it.
+  // The ground-truth gradient of row g is the sum over the predictions that matched it;
+  // the prior gradient is the float sum over the images in order, rounded once.
   const CoderParams<float> cp = cast_params<float>(pb.params);
   const auto cvt = [](float v) { return v; };
   std::vector<double> expect(ggt.size(), 0.0);
+  std::vector<float> expect_pri(gpri.size(), 0.f);
   for (int64_t n = 0; n < pb.N; ++n) {
     for (int64_t p = 0; p < pb.P; ++p) {
       const int64_t g = arg[n * pb.P + p];
@@ -155,6 +176,9 @@ TEST(Launchers, DecodeMaxIouBackwardWritesEveryRequestedElement) {
       const float* q = &pb.gts[(pb.offsets[n] + g) * 4];
       Box<float> gb, gg;
       box_iou_backward(b, Box<float>{q[0], q[1], q[2], q[3]}, 1e-6f, 1.f, gb, gg);
+      float dp[4], dr[4] = {0.f, 0.f, 0.f, 0.f};
+      decode_box_backward(d, r, cp, gb, dp, dr);
+      for (int k = 0; k < 4; ++k) expect_pri[p * 4 + k] += dr[k];
       const int64_t row = pb.offsets[n] + g;
       expect[row * 4 + 0] += gg.x1;
       expect[row * 4 + 1] += gg.y1;
@@ -162,6 +186,7 @@ TEST(Launchers, DecodeMaxIouBackwardWritesEveryRequestedElement) {
       expect[row * 4 + 3] += gg.y2;
     }
   }
+  for (size_t i = 0; i < gpri.size(); ++i) ASSERT_EQ(gpri[i], expect_pri[i]) << i;  // bit for bit
   for (size_t i = 0; i < ggt.size(); ++i) EXPECT_NEAR(ggt[i], expect[i], 1e-4 + 1e-4 * std::fabs(expect[i])) << i;
 }
 
