@@ -19,13 +19,20 @@ def test_cpu_kernels_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tbd_ops::{op}", "CPU")
 
 
-@pytest.mark.skipif(CUDA_HOME is None,
-                    reason="no CUDA toolkit on this machine: a CPU-only build is expected")
+@pytest.mark.skipif(not tbd_ops.cuda_available(), reason="a CPU-only build of tbd_ops (TBD_OPS_CUDA=0 or no nvcc)")
 @pytest.mark.parametrize("op", OPS)
-def test_cuda_kernels_built_and_registered(op):
-    # With nvcc present the CUDA kernels are always compiled, GPU or not.
-    assert tbd_ops.cuda_available()
+def test_cuda_kernels_registered(op):
+    # A build with the CUDA kernels registers every op for the CUDA key, GPU or not.
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tbd_ops::{op}", "CUDA")
+
+
+@pytest.mark.skipif(CUDA_HOME is None, reason="no CUDA toolkit on this machine")
+def test_ci_builds_cuda_kernels_when_nvcc_exists():
+    # CI sets TBD_OPS_CUDA=1 where nvcc exists: a silent CPU-only build would fail here.
+    import os
+    if os.environ.get("TBD_OPS_CUDA", "") not in ("1", "on", "true", "yes"):
+        pytest.skip("TBD_OPS_CUDA is not 1 in this environment")
+    assert tbd_ops.cuda_available()
 
 
 def test_box_max_iou_is_composite():

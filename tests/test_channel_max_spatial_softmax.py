@@ -253,3 +253,56 @@ def test_cuda_device_guard_and_cpu_mismatch():
         torch.ops.tbd_ops._channel_max_spatial_softmax_backward(
             y.detach(), torch.zeros(2, 4, 5), torch.zeros(2, 4, 5, dtype=torch.long, device="cuda"),
             3, 1.0, False, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
+def test_ties_pick_lowest_channel_any_layout(device, layout):
+    base = logits((2, 1, 3, 4), device).repeat(1, 6, 1, 1)
+    base[:, 0] -= 1.0  # channel 0 smaller: the tie is between channels 1..5
+    if layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    else:
+        x = torch.stack([base, base + 5], 2).flatten(1, 2)[:, ::2]  # a strided channel view
+    assert not x.is_contiguous()
+    g = torch.randn(2, 3, 4, device=device, dtype=torch.float64)
+    (_, gx), (_, gx_ref) = both(x, g)
+    assert gx[:, 1].abs().min().item() > 0.0
+    assert gx[:, [0, 2, 3, 4, 5]].abs().max().item() == 0.0
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_rows_are_not_a_contiguous_plane(device):
+    x = logits((2, 5, 6, 10), device)[..., :9]  # unit column stride, padded rows
+    g = torch.randn(2, 6, 10, device=device, dtype=torch.float64)[..., :9]
+    (y, gx), (y_ref, gx_ref) = both(x, g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fake_kernels_match_real_strides(channels_last):
+    """opcheck compares fake strides only on CUDA tensors: check them on CPU too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x = logits((2, 5, 4, 6), "cpu", torch.float32)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    real = OP(x, 1.0, False)
+    grad = torch.randn_like(real[0])
+    real_dx = torch.ops.tbd_ops._channel_max_spatial_softmax_backward(
+        grad, real[1], real[2], 5, 1.0, False, channels_last)
+    with FakeTensorMode() as mode:
+        fx, fg = mode.from_tensor(x), mode.from_tensor(grad)
+        fake = OP(fx, 1.0, False)
+        fake_dx = torch.ops.tbd_ops._channel_max_spatial_softmax_backward(
+            fg, fake[1], fake[2], 5, 1.0, False, channels_last)
+    for r, f in zip([*real, real_dx], [*fake, fake_dx]):
+        assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_list_of_levels_keeps_scale_by_hw(device):
+    levels = [logits((2, 4, 5, 6), device), logits((2, 4, 3, 3), device)]
+    for y, x in zip(tbd_ops.channel_max_spatial_softmax(levels, 0.5, True), levels):
+        torch.testing.assert_close(y, ref.channel_max_spatial_softmax(x, 0.5, True), rtol=1e-10, atol=1e-12)

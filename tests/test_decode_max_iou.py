@@ -448,3 +448,72 @@ def test_cuda_device_mismatch():
         tbd_ops.decode_max_iou(pred, priors.cpu(), gts)
     with pytest.raises(ValueError, match="gt_bboxes must be on the device of bbox_pred"):
         tbd_ops.decode_max_iou(pred, priors, [g.cpu() for g in gts])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wh_ratio_clip", [0.016, 0.05, 0.2])
+def test_wh_ratio_clip_and_its_gradient_mask(device, wh_ratio_clip):
+    """Deltas beyond the clamp |log(wh_ratio_clip)|, some exactly at it (stds 1)."""
+    pred, priors, gts = make_problem(device, "delta_xywh", A=2, H=3, W=4, counts=(6, 2))
+    bound = abs(math.log(wh_ratio_clip))
+    pred = pred.clone()
+    pred[:, 2::4] = torch.randn_like(pred[:, 2::4]) * 2 * bound
+    pred[0, 2, 0, 0] = bound
+    pred[1, 3, 1, 1] = -bound
+    kw = dict(coder="delta_xywh", wh_ratio_clip=wh_ratio_clip, max_shape=(60.0, 70.0))
+    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(pred, priors, gts, kw)
+    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+    assert torch.equal(arg, arg_r)
+    for d, d_r in zip(grads, grads_r):
+        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_rows_and_strided_grad(device):
+    pred, priors, gts = make_problem(device, "delta_xywh", A=2, H=3, W=6, counts=(5, 3))
+    wide = torch.randn(2, 8, 3, 7, device=device, dtype=F64) * 0.3
+    wide[..., :6] = pred
+    grad = torch.randn(2, 36 * 2, device=device, dtype=F64)[:, ::2]
+    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(wide[..., :6], priors, gts, CODER_KW["delta_xywh"], grad=grad)
+    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+    for d, d_r in zip(grads, grads_r):
+        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reduced_precision_gradients_vs_reference(device, dtype):
+    """Gradients of bbox_pred, priors and gts in 16/32-bit against float64 on the same rounded inputs."""
+    pred, priors, gts = make_problem(device, "delta_xywh", A=1, H=4, W=5, counts=(3, 2), dtype=dtype)
+    kw = CODER_KW["delta_xywh"]
+    (iou, arg, grads), _ = run_both(pred, priors, gts, kw)
+    g = torch.randn_like(iou.double())
+    (iou_l, arg_l, grads_l), _ = run_both(pred, priors, gts, kw, grad=g.to(dtype))
+    (iou_d, arg_d, grads_d), _ = run_both(pred.double(), priors.double(), [t.double() for t in gts], kw,
+                                          grad=g.to(dtype).double())
+    same = arg_l == arg_d  # an exact IoU tie may round differently in 16-bit
+    assert same.float().mean() > 0.9
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    for d, d64 in zip(grads_l, grads_d):
+        scale = float(d64.abs().max()) + 1e-6
+        torch.testing.assert_close(d.double(), d64, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_list_of_levels_keeps_max_shape(device):
+    pred, priors, gts = make_problem(device, "delta_xywh", A=1, H=3, W=4, counts=(4, 1))
+    pred = pred * 20  # boxes reaching beyond the clip window
+    outs = tbd_ops.decode_max_iou([pred, pred], [priors, priors], gts, max_shape=(20.0, 25.0))
+    iou_r, _ = ref.decode_max_iou(pred, priors, gts, max_shape=(20.0, 25.0))
+    iou_u, _ = ref.decode_max_iou(pred, priors, gts)
+    assert not torch.allclose(iou_r, iou_u)
+    for iou, _ in outs:
+        torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+
+
+def test_mismatched_level_lists_raise():
+    pred, priors, gts = make_problem("cpu", "delta_xywh", A=1, H=3, W=4, counts=(4, 1))
+    with pytest.raises(ValueError, match="priors must be a list with one tensor per level"):
+        tbd_ops.decode_max_iou([pred, pred, pred], [priors, priors], gts)
+    with pytest.raises(ValueError, match="scale must be one number or one per level"):
+        tbd_ops.decode_max_iou([pred, pred], [priors, priors], gts, scale=[1.0, 2.0, 3.0])
