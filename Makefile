@@ -9,7 +9,8 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.11.0
-DEV_DEPS    ?= numpy pytest hypothesis expecttest matplotlib ninja setuptools wheel
+DEV_DEPS    ?= numpy pytest hypothesis expecttest matplotlib ninja setuptools wheel \
+               mmdet==3.3.0 mmengine==0.10.7 mmcv-lite==2.1.0
 BUILD_DIR   ?= build/cpp
 MAX_JOBS    ?= 2
 export MAX_JOBS

@@ -85,7 +85,7 @@ def build_extension():
     define_macros = []
     if with_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*.cu"))
-        sources.append("cuda/ops_cuda.cpp")
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*_glue.cpp"))
         extra["cxx"].append("-DTBD_OPS_WITH_CUDA")
         extra["nvcc"] = opt + ["-lineinfo", "-fmad=false", "-DTBD_OPS_WITH_CUDA"] + arch_flags()
         ext = cpp_extension.CUDAExtension

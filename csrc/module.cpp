@@ -1,6 +1,6 @@
 // The Python module tbd_ops._C. Importing it loads the shared library, which
 // runs the static operator registrations of csrc/<op>.cpp, csrc/cpu/*.cpp and
-// cuda/ops_cuda.cpp; the module itself only records how it was built.
+// cuda/<op>_glue.cpp; the module itself only records how it was built.
 #include <Python.h>
 
 PyMODINIT_FUNC PyInit__C(void) {

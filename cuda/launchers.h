@@ -1,5 +1,5 @@
 // Host entry points of the CUDA kernels. Plain C++ (no PyTorch, no CUDA
-// headers): the registration layer (ops_cuda.cpp) validates and allocates,
+// headers): the registration glue (cuda/<op>_glue.cpp) validates and allocates,
 // these launch on the given stream and never synchronize.
 #pragma once
 

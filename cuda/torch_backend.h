@@ -1,4 +1,4 @@
-// What the registration glue (cuda/ops_cuda.cpp) needs from PyTorch's CUDA
+// What the registration glue (cuda/<op>_glue.cpp) needs from PyTorch's CUDA
 // side: a device guard, the current stream, output allocation and the
 // dispatch key. The test-only emulated build (-DTBD_OPS_CUDA_EMU) runs the
 // same glue on CPU tensors: no guard, no stream, outputs filled with 0xFF

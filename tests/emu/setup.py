@@ -41,9 +41,10 @@ def kernel_units():
 
 def main():
     sources = [
-        *(str(ROOT / "csrc" / f) for f in ("common.cpp", "channel_max_spatial_softmax.cpp", "decode_max_iou.cpp")),
+        # Schemas and checks of every op (not module.cpp: no Python module init here).
+        *(str(p) for p in sorted((ROOT / "csrc").glob("*.cpp")) if p.name != "module.cpp"),
         *kernel_units(),
-        str(ROOT / "cuda" / "ops_cuda.cpp"),
+        *(str(p) for p in sorted((ROOT / "cuda").glob("*_glue.cpp"))),
         str(ROOT / "cuda" / "emu" / "simt.cpp"),
         str(HERE / "emu_module.cpp"),
     ]

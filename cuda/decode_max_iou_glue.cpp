@@ -1,85 +1,17 @@
-// CUDA registration: validation, allocation, device guard and current stream.
-// The kernels themselves (cuda/*.cu) see only raw pointers, sizes and strides.
-//
-// Also compiled, with -DTBD_OPS_CUDA_EMU, into the test-only emulated build,
-// where it runs on CPU tensors against the SIMT emulator (cuda/torch_backend.h).
-#include <torch/library.h>
-
+// CUDA registration of decode_max_iou: validation, allocation, device guard and
+// current stream (see cuda/glue.h).
 #include <limits>
 
-#include "../csrc/channel_max_spatial_softmax.h"
 #include "../csrc/decode_max_iou.h"
-#include "launchers.h"
-#include "torch_backend.h"
+#include "glue.h"
 
 namespace tbd_ops {
 namespace {
 
-cuda::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::kFloat;
-    case at::kDouble: return cuda::DType::kDouble;
-    case at::kHalf: return cuda::DType::kHalf;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "tbd_ops: unsupported dtype ", t.scalar_type());
-  }
-}
-
 using cuda_glue::current_stream;
 using cuda_glue::DeviceGuard;
-
-// Kernel-side errors (std::exception from the launchers) become Python errors.
-template <typename F> void launch(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, e.what());
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cuda(const at::Tensor& x, double temperature,
-                                                         bool scale_by_hw) {
-  cmss_check(x, temperature);
-  const DeviceGuard guard(x.device());
-  const int64_t N = x.size(0), K = x.size(1), H = x.size(2), W = x.size(3);
-  auto out = cuda_glue::empty({N, H, W}, x.options());
-  auto log_p = cuda_glue::empty({N, H, W}, x.options().dtype(acc_dtype(x.scalar_type())));
-  auto argmax = cuda_glue::empty({N, H, W}, x.options().dtype(at::kLong));
-  if (N == 0 || H * W == 0) return {out, log_p, argmax};
-  const int64_t bpi = cuda::cmss_blocks_per_image(H * W);
-  auto partials = cuda_glue::empty({2 * N * bpi}, log_p.options());
-  const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-  launch([&] {
-    cuda::cmss_forward(dtype_of(x), x.const_data_ptr(), xs, N, K, H, W, temperature, scale_by_hw,
-                       out.mutable_data_ptr(), log_p.mutable_data_ptr(),
-                       argmax.mutable_data_ptr<int64_t>(), partials.mutable_data_ptr(),
-                       current_stream());
-  });
-  return {out, log_p, argmax};
-}
-
-at::Tensor cmss_backward_cuda(const at::Tensor& grad, const at::Tensor& log_p,
-                              const at::Tensor& argmax, int64_t channels, double temperature,
-                              bool scale_by_hw, bool channels_last) {
-  cmss_backward_check(grad, log_p, argmax, channels, temperature);
-  const DeviceGuard guard(grad.device());
-  const int64_t N = grad.size(0), H = grad.size(1), W = grad.size(2);
-  auto dx = cuda_glue::empty({N, channels, H, W}, grad.options(),
-                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  if (N == 0 || H * W == 0) return dx;
-  const auto lpc = log_p.contiguous();
-  const auto amc = argmax.contiguous();
-  auto partials = cuda_glue::empty({N * cuda::cmss_blocks_per_image(H * W)}, lpc.options());
-  const int64_t gs[3] = {grad.stride(0), grad.stride(1), grad.stride(2)};
-  const int64_t ds[4] = {dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3)};
-  launch([&] {
-    cuda::cmss_backward(dtype_of(grad), grad.const_data_ptr(), gs, lpc.const_data_ptr(),
-                        amc.const_data_ptr<int64_t>(), N, channels, H, W, temperature,
-                        scale_by_hw, dx.mutable_data_ptr(), ds, partials.mutable_data_ptr(),
-                        current_stream());
-  });
-  return dx;
-}
+using cuda_glue::dtype_of;
+using cuda_glue::launch;
 
 cuda::DecodeIouArgs make_args(const DecodeProblem& pb, const at::Tensor& bbox_pred,
                               const c10::optional<at::Tensor>& priors) {
@@ -169,8 +101,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
-  m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_cuda));
-  m.impl("_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cuda));
   m.impl("decode_max_iou", TORCH_FN(decode_max_iou_cuda));
   m.impl("_decode_max_iou_backward", TORCH_FN(decode_max_iou_backward_cuda));
 }
