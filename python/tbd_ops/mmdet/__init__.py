@@ -1,0 +1,26 @@
+"""MMDetection integration (mmdet 3.x, mmengine).
+
+Importing ``tbd_ops.mmdet`` registers, in MMDetection's ``MODELS`` registry:
+
+* the loss modules ``TBDLoss``, ``HarmonyDistillationLoss``,
+  ``TaskDecoupledFeatureLoss`` and ``TaskWeightGenerator``;
+* ``TBDSingleStageDetector``, a one-stage student trained with Task-Balanced
+  Distillation from a frozen teacher built from its config.
+
+Use it from a config with ``custom_imports = dict(imports=["tbd_ops.mmdet"])``.
+When mmdet or mmengine is not installed this module still imports; ``AVAILABLE``
+is then False and ``IMPORT_ERROR`` says why.
+"""
+try:
+    import mmdet  # noqa: F401
+    import mmengine  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the environment
+    AVAILABLE = False
+    IMPORT_ERROR = e
+    __all__ = ["AVAILABLE", "IMPORT_ERROR"]
+else:
+    AVAILABLE = True
+    IMPORT_ERROR = None
+    from .detector import TBDSingleStageDetector, coder_from_head  # noqa: F401  (registers the modules)
+
+    __all__ = ["AVAILABLE", "IMPORT_ERROR", "TBDSingleStageDetector", "coder_from_head"]

@@ -1,0 +1,322 @@
+"""Task-Balanced Distillation losses as ``nn.Module``s (SPEC 1.4, 1.6, 1.7, 3).
+
+``TBDLoss`` takes the raw outputs of a one-stage MMDetection head (lists per
+FPN level) for a student and a frozen teacher and returns
+``{"loss_hd": ..., "loss_tfd": ...}``, already weighted. The pieces are usable
+on their own: ``HarmonyDistillationLoss`` (HD), ``TaskWeightGenerator`` (TWG)
+and ``TaskDecoupledFeatureLoss`` (TFD).
+"""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import tbd_ops
+
+__all__ = ["HarmonyDistillationLoss", "TaskWeightGenerator", "TaskDecoupledFeatureLoss", "TBDLoss"]
+
+_HD_MODES = ("iou_guided", "plain")
+_CODERS = ("delta_xywh", "distance", "none")
+
+
+def _check_list(name: str, value, length: Optional[int] = None) -> List[Tensor]:
+    if isinstance(value, Tensor) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of tensors (one per FPN level), got {type(value).__name__}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} must hold {length} levels, got {len(value)}")
+    for i, t in enumerate(value):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    return list(value)
+
+
+def _positive_finite(owner: str, name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value}")
+    return value
+
+
+class HarmonyDistillationLoss(nn.Module):
+    """IoU-guided harmony distillation (SPEC 1.4): ``loss_weight * L_HD``.
+
+    ``forward(pc_s, pr_s, pc_t, pr_t)`` takes lists of ``[N, H_l, W_l]`` maps
+    (p_c and per-location p_r of the student and of the teacher) and returns a
+    0-d tensor. The teacher maps are treated as constants.
+    """
+
+    def __init__(self, mode: str = "iou_guided", eps: float = 1e-6, loss_weight: float = 1.0):
+        super().__init__()
+        if mode not in _HD_MODES:
+            raise ValueError(f"HarmonyDistillationLoss: mode must be one of {_HD_MODES}, got {mode!r}")
+        self.mode = mode
+        self.eps = _positive_finite("HarmonyDistillationLoss", "eps", eps)
+        self.loss_weight = _positive_finite("HarmonyDistillationLoss", "loss_weight", loss_weight)
+
+    def forward(self, pc_s, pr_s, pc_t, pr_t) -> Tensor:
+        pc_t = [t.detach() for t in pc_t] if isinstance(pc_t, (list, tuple)) else pc_t.detach()
+        pr_t = [t.detach() for t in pr_t] if isinstance(pr_t, (list, tuple)) else pr_t.detach()
+        loss = tbd_ops.harmony_distillation_loss(pc_s, pr_s, pc_t, pr_t, mode=self.mode, eps=self.eps)
+        return loss * self.loss_weight
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, eps={self.eps}, loss_weight={self.loss_weight}"
+
+
+class TaskWeightGenerator(nn.Module):
+    """TWG (SPEC 1.6): ``(T0, T1)`` per image from ``(p_c^t, p_r^t, p_c^s, p_r^s)``.
+
+    Global average pool of the four (detached) maps -> FC(4 -> hidden) -> ReLU
+    -> FC(hidden -> 2) -> softmax. One module is shared by all levels.
+    ``forward(pc_t, pr_t, pc_s, pr_s)`` takes ``[N, H, W]`` maps of one level and
+    returns ``[N, 2]``.
+    """
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        if int(hidden) < 1:
+            raise ValueError(f"TaskWeightGenerator: hidden must be >= 1, got {hidden}")
+        self.hidden = int(hidden)
+        self.fc1 = nn.Linear(4, self.hidden)
+        self.fc2 = nn.Linear(self.hidden, 2)
+
+    def forward(self, pc_t: Tensor, pr_t: Tensor, pc_s: Tensor, pr_s: Tensor) -> Tensor:
+        maps = (pc_t, pr_t, pc_s, pr_s)
+        shape = pc_t.shape
+        for name, m in zip(("pc_t", "pr_t", "pc_s", "pr_s"), maps):
+            if not isinstance(m, Tensor) or m.dim() != 3 or m.shape != shape:
+                got = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(f"TaskWeightGenerator: {name} must be [N, H, W] like pc_t {tuple(shape)}, got {got}")
+        dtype = self.fc1.weight.dtype
+        if shape[1] * shape[2] == 0:
+            pooled = torch.zeros(shape[0], 4, dtype=dtype, device=pc_t.device)
+        else:
+            pooled = torch.stack([m.detach().to(dtype).mean(dim=(1, 2)) for m in maps], dim=1)
+        return torch.softmax(self.fc2(torch.relu(self.fc1(pooled))), dim=1)
+
+
+def _normalize_maps(p: Tensor) -> Tensor:
+    """``p / sum_hw p`` per image; 0 for an image whose map sums to 0."""
+    s = p.sum(dim=(1, 2), keepdim=True)
+    return torch.where(s > 0, p / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(p))
+
+
+class TaskDecoupledFeatureLoss(nn.Module):
+    """Task-decoupled feature distillation (SPEC 1.6): ``loss_weight * L_TFD``.
+
+    Per level l: ``L_c = sum_hw M_c * sum_c (F^t - phi_l(F^s))^2`` and ``L_r``
+    likewise, with ``M_c = p_c^t / sum p_c^t`` and ``M_r = p_r^t / sum p_r^t``
+    (0 for an image without ground truth), both from one ``masked_sq_dist``
+    call; ``L_TFD = sum_l mean_n (T0 * L_c + T1 * L_r)`` with ``(T0, T1)`` from
+    the TWG, or fixed weights ``(w_c, w_r)``.
+
+    Args:
+        num_levels: FPN levels (one adapter each).
+        in_channels: channels of the student features.
+        teacher_channels: channels of the teacher features (default: in_channels).
+        adapter_kernel: 1 (1x1 conv, default) or 3 (3x3 conv), no activation.
+        twg_hidden: hidden width of the task weight generator.
+        fixed_task_weights: ``(w_c, w_r)`` to use instead of the TWG.
+        loss_weight: multiplier of the loss.
+    """
+
+    def __init__(self, num_levels: int = 5, in_channels: int = 256, teacher_channels: Optional[int] = None,
+                 adapter_kernel: int = 1, twg_hidden: int = 16,
+                 fixed_task_weights: Optional[Sequence[float]] = None, loss_weight: float = 1.0):
+        super().__init__()
+        if int(num_levels) < 1:
+            raise ValueError(f"TaskDecoupledFeatureLoss: num_levels must be >= 1, got {num_levels}")
+        if int(in_channels) < 1:
+            raise ValueError(f"TaskDecoupledFeatureLoss: in_channels must be >= 1, got {in_channels}")
+        if adapter_kernel not in (1, 3):
+            raise ValueError(f"TaskDecoupledFeatureLoss: adapter_kernel must be 1 or 3, got {adapter_kernel!r}")
+        self.num_levels = int(num_levels)
+        self.in_channels = int(in_channels)
+        self.teacher_channels = int(teacher_channels) if teacher_channels is not None else self.in_channels
+        self.adapters = nn.ModuleList(
+            nn.Conv2d(self.in_channels, self.teacher_channels, adapter_kernel, padding=adapter_kernel // 2)
+            for _ in range(self.num_levels))
+        if fixed_task_weights is None:
+            self.twg = TaskWeightGenerator(twg_hidden)
+            self.fixed_task_weights = None
+        else:
+            w = [float(v) for v in fixed_task_weights]
+            if len(w) != 2 or not all(math.isfinite(v) and v >= 0 for v in w):
+                raise ValueError("TaskDecoupledFeatureLoss: fixed_task_weights must be two finite numbers >= 0 "
+                                 f"(w_c, w_r), got {fixed_task_weights!r}")
+            self.twg = None
+            self.fixed_task_weights = tuple(w)
+        self.loss_weight = _positive_finite("TaskDecoupledFeatureLoss", "loss_weight", loss_weight)
+
+    def task_weights(self, pc_t: Tensor, pr_t: Tensor, pc_s: Tensor, pr_s: Tensor,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+        """``[N, 2]`` weights ``(T0, T1)`` of one level."""
+        if self.twg is not None:
+            return self.twg(pc_t, pr_t, pc_s, pr_s).to(dtype)
+        return torch.tensor(self.fixed_task_weights, dtype=dtype, device=pc_t.device).expand(pc_t.shape[0], 2)
+
+    def forward(self, student_feats, teacher_feats, pc_t, pr_t, pc_s, pr_s) -> Tensor:
+        L = self.num_levels
+        student_feats = _check_list("TaskDecoupledFeatureLoss: student_feats", student_feats, L)
+        teacher_feats = _check_list("TaskDecoupledFeatureLoss: teacher_feats", teacher_feats, L)
+        maps = [_check_list(f"TaskDecoupledFeatureLoss: {name}", m, L)
+                for name, m in (("pc_t", pc_t), ("pr_t", pr_t), ("pc_s", pc_s), ("pr_s", pr_s))]
+        total = None
+        for l in range(L):
+            fs, ft = student_feats[l], teacher_feats[l].detach()
+            if fs.dim() != 4 or fs.shape[1] != self.in_channels:
+                raise ValueError(f"TaskDecoupledFeatureLoss: student_feats[{l}] must be [N, {self.in_channels}, H, W], "
+                                 f"got {tuple(fs.shape)}")
+            if ft.dim() != 4 or ft.shape[1] != self.teacher_channels or ft.shape[0] != fs.shape[0] \
+                    or ft.shape[2:] != fs.shape[2:]:
+                raise ValueError(f"TaskDecoupledFeatureLoss: teacher_feats[{l}] must be "
+                                 f"[{fs.shape[0]}, {self.teacher_channels}, {fs.shape[2]}, {fs.shape[3]}], "
+                                 f"got {tuple(ft.shape)}")
+            n, _, h, w = fs.shape
+            lv = [m[l] for m in maps]
+            for name, m in zip(("pc_t", "pr_t", "pc_s", "pr_s"), lv):
+                if m.shape != (n, h, w):
+                    raise ValueError(f"TaskDecoupledFeatureLoss: {name}[{l}] must be [{n}, {h}, {w}] (the feature "
+                                     f"map of level {l}), got {tuple(m.shape)}")
+            adapted = self.adapters[l](fs)
+            acc = torch.float64 if adapted.dtype == torch.float64 else torch.float32
+            masks = torch.stack([_normalize_maps(lv[0].detach().to(acc)),
+                                 _normalize_maps(lv[1].detach().to(acc))], dim=1).to(adapted.dtype)
+            dist = tbd_ops.masked_sq_dist(ft.to(adapted.dtype), adapted, masks)  # [N, 2]
+            weights = self.task_weights(*lv, dtype=dist.dtype)
+            term = (weights * dist).sum(dim=1).sum() / max(n, 1)
+            total = term if total is None else total + term
+        return total * self.loss_weight
+
+
+class TBDLoss(nn.Module):
+    """The whole TBD loss from raw one-stage head outputs (SPEC 1.2-1.7, 3).
+
+    ``forward(student_cls_scores, student_bbox_preds, student_feats,
+    teacher_cls_scores, teacher_bbox_preds, teacher_feats, priors, gt_bboxes,
+    img_shapes=None)`` with MMDetection's layouts: ``cls_scores[l]``
+    ``[N, A*C, H, W]`` raw logits, ``bbox_preds[l]`` ``[N, A*4, H, W]``,
+    ``feats[l]`` ``[N, in_channels, H, W]``, ``priors[l]`` ``[H*W*A, 4]``
+    anchors or ``[H*W, 2]`` points, ``gt_bboxes`` a list of N ``[G_n, 4]``,
+    ``img_shapes`` a list of N ``(h, w)`` used to clip each image's decoded
+    boxes. Returns ``{"loss_hd": alpha * L_HD, "loss_tfd": beta * L_TFD}``.
+    Teacher inputs are never differentiated.
+
+    p_c per level is the spatial softmax of the max over all A*C channels;
+    p_r per location is the max over the A anchors of the max IoU of the
+    decoded box with the image's ground truths.
+
+    Args:
+        num_levels, in_channels: FPN levels and student feature channels.
+        coder: ``"delta_xywh"`` (RetinaNet, ATSS), ``"distance"`` (FCOS) or ``"none"``.
+        coder_cfg: ``means``, ``stds``, ``wh_ratio_clip`` (``delta_xywh``);
+            ``scales``, one per level (``distance``; e.g. the strides for FCOS
+            with ``norm_on_bbox``).
+        hd_mode: ``"iou_guided"`` (default) or ``"plain"``.
+        hd_weight, tfd_weight: alpha and beta.
+        adapter_kernel, twg_hidden, fixed_task_weights: see ``TaskDecoupledFeatureLoss``.
+        temperature, scale_by_hw: options of p_c (see ``channel_max_spatial_softmax``).
+        teacher_channels: channels of the teacher features (default: in_channels).
+    """
+
+    def __init__(self, num_levels: int = 5, in_channels: int = 256, coder: str = "delta_xywh",
+                 coder_cfg: Optional[dict] = None, hd_mode: str = "iou_guided", hd_weight: float = 1.0,
+                 tfd_weight: float = 1.0, adapter_kernel: int = 1, twg_hidden: int = 16,
+                 fixed_task_weights: Optional[Sequence[float]] = None, temperature: float = 1.0,
+                 scale_by_hw: bool = False, teacher_channels: Optional[int] = None):
+        super().__init__()
+        if coder not in _CODERS:
+            raise ValueError(f"TBDLoss: coder must be one of {_CODERS}, got {coder!r}")
+        self.num_levels = int(num_levels)
+        if self.num_levels < 1:
+            raise ValueError(f"TBDLoss: num_levels must be >= 1, got {num_levels}")
+        self.coder = coder
+        self.coder_kwargs, self.scales = self._parse_coder_cfg(coder, dict(coder_cfg or {}), self.num_levels)
+        temperature = float(temperature)
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"TBDLoss: temperature must be a finite number > 0, got {temperature}")
+        self.temperature = temperature
+        self.scale_by_hw = bool(scale_by_hw)
+        self.hd = HarmonyDistillationLoss(mode=hd_mode, loss_weight=hd_weight)
+        self.tfd = TaskDecoupledFeatureLoss(num_levels, in_channels, teacher_channels, adapter_kernel, twg_hidden,
+                                            fixed_task_weights, loss_weight=tfd_weight)
+
+    @staticmethod
+    def _parse_coder_cfg(coder: str, cfg: dict, num_levels: int) -> Tuple[dict, List[float]]:
+        allowed = {"delta_xywh": {"means", "stds", "wh_ratio_clip"}, "distance": {"scales"}, "none": set()}[coder]
+        unknown = sorted(set(cfg) - allowed)
+        if unknown:
+            raise ValueError(f"TBDLoss: coder_cfg keys {unknown} do not apply to coder {coder!r} "
+                             f"(allowed: {sorted(allowed)})")
+        kwargs = {}
+        if coder == "delta_xywh":
+            for key in ("means", "stds"):
+                if key in cfg:
+                    vals = [float(v) for v in cfg[key]]
+                    if len(vals) != 4:
+                        raise ValueError(f"TBDLoss: coder_cfg[{key!r}] must have 4 values, got {cfg[key]!r}")
+                    kwargs[key] = tuple(vals)
+            if "wh_ratio_clip" in cfg:
+                kwargs["wh_ratio_clip"] = float(cfg["wh_ratio_clip"])
+        scales = [1.0] * num_levels
+        if "scales" in cfg:
+            scales = [float(s) for s in cfg["scales"]]
+            if len(scales) != num_levels:
+                raise ValueError(f"TBDLoss: coder_cfg['scales'] must hold one value per level ({num_levels}), "
+                                 f"got {cfg['scales']!r}")
+        return kwargs, scales
+
+    def probabilities(self, cls_scores: List[Tensor], bbox_preds: List[Tensor], priors, gt_bboxes,
+                      img_shapes=None) -> Tuple[List[Tensor], List[Tensor]]:
+        """``(p_c, p_r)`` per level, each ``[N, H_l, W_l]``."""
+        p_c = tbd_ops.channel_max_spatial_softmax(cls_scores, self.temperature, self.scale_by_hw)
+        results = tbd_ops.decode_max_iou(
+            bbox_preds, None if self.coder == "none" else priors, gt_bboxes, coder=self.coder,
+            scale=self.scales, max_shape=img_shapes, **self.coder_kwargs)
+        p_r = []
+        for (iou, _), b in zip(results, bbox_preds):
+            n, a4, h, w = b.shape
+            p_r.append(iou.view(n, h, w, a4 // 4).amax(dim=-1))
+        return p_c, p_r
+
+    def forward(self, student_cls_scores, student_bbox_preds, student_feats, teacher_cls_scores,
+                teacher_bbox_preds, teacher_feats, priors, gt_bboxes, img_shapes=None) -> Dict[str, Tensor]:
+        L = self.num_levels
+        s_cls = _check_list("TBDLoss: student_cls_scores", student_cls_scores, L)
+        s_box = _check_list("TBDLoss: student_bbox_preds", student_bbox_preds, L)
+        t_cls = _check_list("TBDLoss: teacher_cls_scores", teacher_cls_scores, L)
+        t_box = _check_list("TBDLoss: teacher_bbox_preds", teacher_bbox_preds, L)
+        s_feat = _check_list("TBDLoss: student_feats", student_feats, L)
+        t_feat = _check_list("TBDLoss: teacher_feats", teacher_feats, L)
+        if self.coder != "none":
+            priors = _check_list("TBDLoss: priors", priors, L)
+        for l in range(L):
+            ref = s_cls[l]
+            if ref.dim() != 4:
+                raise ValueError(f"TBDLoss: student_cls_scores[{l}] must be [N, A*C, H, W], got {tuple(ref.shape)}")
+            n, _, h, w = ref.shape
+            for name, t in (("student_bbox_preds", s_box[l]), ("teacher_bbox_preds", t_box[l])):
+                if t.dim() != 4 or t.shape[0] != n or t.shape[2:] != ref.shape[2:] or t.shape[1] % 4 or t.shape[1] == 0:
+                    raise ValueError(f"TBDLoss: {name}[{l}] must be [{n}, A*4, {h}, {w}], got {tuple(t.shape)}")
+            if t_cls[l].dim() != 4 or t_cls[l].shape[0] != n or t_cls[l].shape[2:] != ref.shape[2:]:
+                raise ValueError(f"TBDLoss: teacher_cls_scores[{l}] must be [{n}, K, {h}, {w}], "
+                                 f"got {tuple(t_cls[l].shape)}")
+        n = s_cls[0].shape[0]
+        if not isinstance(gt_bboxes, (list, tuple)) or len(gt_bboxes) != n:
+            got = len(gt_bboxes) if isinstance(gt_bboxes, (list, tuple)) else type(gt_bboxes).__name__
+            raise ValueError(f"TBDLoss: gt_bboxes must be a list of one [G_n, 4] tensor per image (N = {n}), got {got}")
+        if img_shapes is not None:
+            if isinstance(img_shapes, Tensor):
+                if img_shapes.shape != (n, 2):
+                    raise ValueError(f"TBDLoss: img_shapes must be [N, 2] = [{n}, 2], got {tuple(img_shapes.shape)}")
+            elif len(img_shapes) != n:
+                raise ValueError(f"TBDLoss: img_shapes must hold one (h, w) per image (N = {n}), got {len(img_shapes)}")
+
+        pc_s, pr_s = self.probabilities(s_cls, s_box, priors, gt_bboxes, img_shapes)
+        with torch.no_grad():
+            pc_t, pr_t = self.probabilities([t.detach() for t in t_cls], [t.detach() for t in t_box],
+                                            priors, [g.detach() for g in gt_bboxes], img_shapes)
+        loss_hd = self.hd(pc_s, pr_s, pc_t, pr_t)
+        loss_tfd = self.tfd(s_feat, [f.detach() for f in t_feat], pc_t, pr_t, pc_s, pr_s)
+        return {"loss_hd": loss_hd, "loss_tfd": loss_tfd}
