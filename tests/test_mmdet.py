@@ -293,6 +293,36 @@ def test_config_file_with_custom_imports(tmp_path):
     assert "TBDSingleStageDetector RetinaNet delta_xywh" in out.stdout
 
 
+def test_readme_config_with_package_configs(tmp_path):
+    """The README's config: an mmdet student config as _base_, the teacher named by an mmdet:: path."""
+    path = tmp_path / "tbd_retinanet_r18_from_r50.py"
+    path.write_text(textwrap.dedent("""
+        _base_ = "mmdet::retinanet/retinanet_r18_fpn_1x_coco.py"
+        custom_imports = dict(imports=["tbd_ops.mmdet"], allow_failed_imports=False)
+        model = dict(
+            type="TBDSingleStageDetector",
+            teacher_config="mmdet::retinanet/retinanet_r50_fpn_1x_coco.py",
+            tbd_loss=dict(hd_weight=1.0, tfd_weight=0.01, hd_mode="iou_guided", adapter_kernel=1))
+    """))
+    code = textwrap.dedent(f"""
+        import mmcv_ext_standin; mmcv_ext_standin.install()
+        from mmengine.config import Config
+        from mmengine.utils import import_modules_from_strings
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+        register_all_modules()
+        cfg = Config.fromfile({str(path)!r})
+        import_modules_from_strings(**cfg["custom_imports"])
+        model = MODELS.build(cfg.model)
+        t = model.teacher_model
+        print(type(model).__name__, type(t.backbone).__name__, t.backbone.depth, model.backbone.depth,
+              model.tbd_loss.tfd.in_channels, model.tbd_loss.tfd.teacher_channels, len(model.tbd_loss.tfd.adapters))
+    """)
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "TBDSingleStageDetector ResNet 50 18 256 256 5" in out.stdout, out.stdout
+
+
 def test_imports_without_mmdet():
     code = textwrap.dedent("""
         import sys

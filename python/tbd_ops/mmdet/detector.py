@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mmengine.config import Config
+from mmengine.hub import get_config
 from mmengine.runner import load_checkpoint
 from mmdet.models.detectors.single_stage import SingleStageDetector
 from mmdet.models.utils import unpack_gt_instances
@@ -62,7 +63,8 @@ class TBDSingleStageDetector(SingleStageDetector):
     Args:
         backbone, neck, bbox_head, train_cfg, test_cfg, data_preprocessor,
             init_cfg: the student, as for ``SingleStageDetector``.
-        teacher_config: the teacher: a config file path, a ``Config``/dict with
+        teacher_config: the teacher: a config file path (``"mmdet::..."`` for
+            a config shipped with mmdet), a ``Config``/dict with
             a ``model`` key, or the model dict itself. Teacher and student must
             have the same FPN levels and head layout (A anchors per location).
         teacher_ckpt: optional checkpoint of the teacher.
@@ -81,7 +83,9 @@ class TBDSingleStageDetector(SingleStageDetector):
         super().__init__(backbone=backbone, neck=neck, bbox_head=bbox_head, train_cfg=train_cfg,
                          test_cfg=test_cfg, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         if isinstance(teacher_config, (str, Path)):
-            teacher_config = Config.fromfile(str(teacher_config))
+            path = str(teacher_config)
+            # "mmdet::retinanet/..." names a config shipped with a package.
+            teacher_config = get_config(path) if "::" in path else Config.fromfile(path)
         teacher_config = copy.deepcopy(dict(teacher_config))
         model_cfg = teacher_config["model"] if "model" in teacher_config else teacher_config
         teacher = MODELS.build(model_cfg)
