@@ -116,3 +116,24 @@ def box_max_iou(boxes, gt_bboxes):
     if isinstance(boxes, (list, tuple)):
         return [box_max_iou(b, gt_bboxes) for b in boxes]
     return decode_max_iou(boxes, None, gt_bboxes, coder="none")
+
+
+# ---- masked reductions (SPEC 1.5) ----
+__all__ += ["masked_sq_dist", "masked_l1"]
+
+
+def _masked_reduce(term, a, b, masks):
+    if isinstance(a, (list, tuple)):
+        return [_masked_reduce(term, x, y, m) for x, y, m in zip(a, b, masks, strict=True)]
+    s = term(_acc(a) - _acc(b)).sum(dim=1, keepdim=True)  # [N, 1, H, W]
+    return (_acc(masks) * s).sum(dim=(2, 3))
+
+
+def masked_sq_dist(a, b, masks):
+    """``sum_hw masks[n, k] * sum_c (a - b)^2`` -> ``[N, K]`` (float32, or float64 for float64)."""
+    return _masked_reduce(lambda d: d * d, a, b, masks)
+
+
+def masked_l1(a, b, masks):
+    """``sum_hw masks[n, k] * sum_c |a - b|`` -> ``[N, K]`` (float32, or float64 for float64)."""
+    return _masked_reduce(torch.abs, a, b, masks)
