@@ -59,11 +59,22 @@ def decode_boxes(bbox_pred, priors, *, coder="delta_xywh", means=(0.0,) * 4, std
         boxes = pred
     else:
         raise ValueError(f"decode_boxes: unknown coder {coder!r}")
-    if max_shape is not None:
-        mh, mw = float(max_shape[0]), float(max_shape[1])
-        boxes = torch.stack([boxes[..., 0].clamp(0, mw), boxes[..., 1].clamp(0, mh),
-                             boxes[..., 2].clamp(0, mw), boxes[..., 3].clamp(0, mh)], dim=-1)
-    return boxes
+    if max_shape is None:
+        return boxes
+    per_image = (isinstance(max_shape, torch.Tensor) and max_shape.dim() == 2) or (
+        isinstance(max_shape, (list, tuple)) and len(max_shape) > 0
+        and isinstance(max_shape[0], (list, tuple, torch.Tensor)))
+    if per_image:  # one (h, w) per image: [N, 2] tensor or list of N pairs
+        hw = torch.as_tensor([[float(v) for v in s[:2]] for s in max_shape]
+                             if not isinstance(max_shape, torch.Tensor) else max_shape)
+        hw = hw.to(device=boxes.device, dtype=boxes.dtype).reshape(-1, 1, 2)
+        zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
+        mh, mw = hw[..., 0], hw[..., 1]  # [N, 1]
+        return torch.stack([boxes[..., 0].clamp(zero, mw), boxes[..., 1].clamp(zero, mh),
+                            boxes[..., 2].clamp(zero, mw), boxes[..., 3].clamp(zero, mh)], dim=-1)
+    mh, mw = float(max_shape[0]), float(max_shape[1])
+    return torch.stack([boxes[..., 0].clamp(0, mw), boxes[..., 1].clamp(0, mh),
+                        boxes[..., 2].clamp(0, mw), boxes[..., 3].clamp(0, mh)], dim=-1)
 
 
 def pairwise_iou(boxes: torch.Tensor, gts: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
