@@ -40,7 +40,8 @@ DecodeProblem decode_prepare(const char* op, const at::Tensor& bbox_pred,
                              const c10::optional<at::Tensor>& priors, const at::Tensor& gt_bboxes,
                              at::IntArrayRef gt_counts, c10::string_view coder,
                              at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
-                             c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip) {
+                             c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
+                             const c10::optional<at::Tensor>& max_shapes) {
   DecodeProblem pb;
   // bbox_pred
   TORCH_CHECK_VALUE(bbox_pred.dim() == 4 || bbox_pred.dim() == 3, op,
@@ -92,6 +93,35 @@ DecodeProblem decode_prepare(const char* op, const at::Tensor& bbox_pred,
                       op, ": max_shape must hold finite sizes >= 0, got ", ms);
     pb.params.max_h = ms[0];
     pb.params.max_w = ms[1];
+  }
+  if (max_shapes.has_value() && max_shapes->defined()) {
+    // One (h, w) per image, read by the kernels from memory on the device of
+    // bbox_pred: no value reaches the host, so nothing synchronizes.
+    const at::Tensor& ms = *max_shapes;
+    TORCH_CHECK_VALUE(!max_shape.has_value(), op,
+                      ": max_shape must be one (h, w) or one per image, got both");
+    TORCH_CHECK_TYPE(ms.is_floating_point() ||
+                         (at::isIntegralType(ms.scalar_type(), /*includeBool=*/false)),
+                     op, ": max_shape per image must be a float or integer tensor, got ",
+                     ms.scalar_type());
+    TORCH_CHECK_VALUE(ms.dim() == 2 && ms.size(0) == pb.N && ms.size(1) == 2, op,
+                      ": max_shape per image must be [N, 2] = [", pb.N,
+                      ", 2] (h, w of every image), got shape ", ms.sizes());
+    TORCH_CHECK_VALUE(ms.device() == bbox_pred.device(), op,
+                      ": max_shape per image must be on the device of bbox_pred (",
+                      bbox_pred.device(), "), got ", ms.device());
+    if (ms.device().is_cpu() && ms.numel() > 0) {
+      // Host memory: the values are checked here (on a GPU that would need a
+      // synchronization; there NaN propagates and a negative size clips to it).
+      const at::Tensor d = ms.to(at::kDouble);
+      TORCH_CHECK_VALUE(d.isfinite().all().item<bool>() && (d >= 0).all().item<bool>(), op,
+                        ": max_shape must hold finite sizes >= 0, got ", ms.min().item<double>(),
+                        " .. ", ms.max().item<double>(), " in the per-image shapes");
+    }
+    pb.params.clip = true;
+    pb.params.max_h = 0;
+    pb.params.max_w = 0;
+    pb.max_shapes = ms.to(acc_dtype(bbox_pred.scalar_type())).contiguous();
   }
 
   // priors
@@ -176,7 +206,7 @@ namespace {
 using DecodeSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, at::IntArrayRef,
     c10::string_view, at::ArrayRef<double>, at::ArrayRef<double>, double,
-    c10::optional<at::ArrayRef<double>>, double);
+    c10::optional<at::ArrayRef<double>>, double, const c10::optional<at::Tensor>&);
 
 c10::TypedOperatorHandle<DecodeSig>& decode_op() {
   static auto op = c10::Dispatcher::singleton()
@@ -189,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor> decode_autocast(
     const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
     const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
     at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
-    c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip) {
+    c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
+    const c10::optional<at::Tensor>& max_shapes) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   // Mixed precision (e.g. fp16 predictions, fp32 anchors and boxes): run in
   // the widest floating dtype, return IoU in the dtype of bbox_pred.
@@ -201,12 +232,12 @@ std::tuple<at::Tensor, at::Tensor> decode_autocast(
                        (!has_priors || priors->scalar_type() == t) && gt_bboxes.scalar_type() == t;
   if (!bbox_pred.is_floating_point() || uniform) {
     return decode_op().call(bbox_pred, priors, gt_bboxes, gt_counts, coder, means, stds, scale,
-                            max_shape, wh_ratio_clip);
+                            max_shape, wh_ratio_clip, max_shapes);
   }
   c10::optional<at::Tensor> pr;
   if (has_priors) pr = priors->to(t);
   auto [iou, arg] = decode_op().call(bbox_pred.to(t), pr, gt_bboxes.to(t), gt_counts, coder,
-                                     means, stds, scale, max_shape, wh_ratio_clip);
+                                     means, stds, scale, max_shape, wh_ratio_clip, max_shapes);
   return {iou.to(bbox_pred.scalar_type()), arg};
 }
 
@@ -218,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> box_max_iou(const at::Tensor& boxes,
                     "box_max_iou: boxes must be [N, P, 4], got shape ", boxes.sizes());
   static const std::vector<double> zeros{0., 0., 0., 0.}, ones{1., 1., 1., 1.};
   return decode_op().call(boxes, c10::nullopt, gt_bboxes, gt_counts, "none", zeros, ones, 1.0,
-                          c10::nullopt, 0.016);
+                          c10::nullopt, 0.016, c10::nullopt);
 }
 
 }  // namespace
@@ -227,12 +258,12 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
       "decode_max_iou(Tensor bbox_pred, Tensor? priors, Tensor gt_bboxes, int[] gt_counts,"
       " str coder=\"delta_xywh\", float[] means=[0., 0., 0., 0.], float[] stds=[1., 1., 1., 1.],"
-      " float scale=1.0, float[]? max_shape=None, float wh_ratio_clip=0.016)"
-      " -> (Tensor iou, Tensor arg)");
+      " float scale=1.0, float[]? max_shape=None, float wh_ratio_clip=0.016,"
+      " Tensor? max_shapes=None) -> (Tensor iou, Tensor arg)");
   m.def(
       "_decode_max_iou_backward(Tensor grad_iou, Tensor arg, Tensor bbox_pred, Tensor? priors,"
       " Tensor gt_bboxes, int[] gt_counts, str coder, float[] means, float[] stds, float scale,"
-      " float[]? max_shape, float wh_ratio_clip, bool[3] output_mask)"
+      " float[]? max_shape, float wh_ratio_clip, bool[3] output_mask, Tensor? max_shapes=None)"
       " -> (Tensor grad_bbox_pred, Tensor grad_priors, Tensor grad_gt_bboxes)");
   m.def("box_max_iou(Tensor boxes, Tensor gt_bboxes, int[] gt_counts) -> (Tensor iou, Tensor arg)",
         TORCH_FN(box_max_iou));

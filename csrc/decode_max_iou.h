@@ -20,13 +20,18 @@ struct DecodeProblem {
   CoderParams<double> params{};
   std::vector<int64_t> gt_offsets;  // N + 1
   at::Tensor gts;            // contiguous [sum G, 4]
+  // Per-image clip shapes: contiguous [N, 2] (h, w) in the accumulation dtype
+  // (float, double for double inputs) on the device of bbox_pred; undefined
+  // when every image has the same clip (params.max_h/max_w) or none.
+  at::Tensor max_shapes;
 };
 
 DecodeProblem decode_prepare(const char* op, const at::Tensor& bbox_pred,
                              const c10::optional<at::Tensor>& priors, const at::Tensor& gt_bboxes,
                              at::IntArrayRef gt_counts, c10::string_view coder,
                              at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
-                             c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip);
+                             c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
+                             const c10::optional<at::Tensor>& max_shapes);
 
 PredLayout pred_layout_of(const at::Tensor& t);
 

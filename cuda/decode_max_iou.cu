@@ -4,7 +4,8 @@
 //
 // Ground-truth offsets travel as kernel parameters (chunks of up to
 // kChunk images), so nothing is copied or synchronized with the host and the
-// launches can be captured in a CUDA graph.
+// launches can be captured in a CUDA graph. Per-image clip shapes ([N, 2]) are
+// read by the kernels from device memory, for the same reason.
 //
 // Backward:
 //   - predictions and priors: one thread per prior loops over the chunk's
@@ -53,8 +54,9 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
 decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __restrict__ priors,
                           int64_t ps0, int64_t ps1, int pdim, const T* __restrict__ gts,
-                          ImageChunk chunk, int64_t P, CoderParams<A> cp, A eps,
-                          T* __restrict__ iou, int64_t* __restrict__ arg) {
+                          ImageChunk chunk, int64_t P, CoderParams<A> cp,
+                          const A* __restrict__ shapes, A eps, T* __restrict__ iou,
+                          int64_t* __restrict__ arg) {
   Box<A>* tile = dynamic_smem<Box<A>>();  // kTile boxes
   const int64_t n = chunk.n0 + blockIdx.y;
   const int64_t p = blockIdx.x * int64_t(kBlock) + threadIdx.x;
@@ -64,7 +66,7 @@ decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
   Box<A> b{};
   if (active) {
     A d[4], r[4];
-    b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, cp, d, r);
+    b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r);
   }
   ArgMax<A> best = argmax_empty<A>();
   for (int64_t t0 = 0; t0 < G; t0 += kTile) {
@@ -89,9 +91,10 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
 decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __restrict__ priors,
                           int64_t ps0, int64_t ps1, int pdim, const T* __restrict__ gts,
-                          ImageChunk chunk, int64_t P, CoderParams<A> cp, A eps,
-                          const T* __restrict__ grad, int64_t gs0, int64_t gs1,
-                          const int64_t* __restrict__ arg, T* __restrict__ grad_pred,
+                          ImageChunk chunk, int64_t P, CoderParams<A> cp,
+                          const A* __restrict__ shapes, A eps, const T* __restrict__ grad,
+                          int64_t gs0, int64_t gs1, const int64_t* __restrict__ arg,
+                          T* __restrict__ grad_pred,
                           PredLayout gpl, A* __restrict__ prior_acc, T* __restrict__ grad_priors,
                           bool last_chunk) {
   const int64_t p = blockIdx.x * int64_t(kBlock) + threadIdx.x;
@@ -106,11 +109,12 @@ decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
     A dp[4] = {A(0), A(0), A(0), A(0)};
     if (a >= 0 && a < chunk.off[i + 1] - chunk.off[i]) {
       A d[4], r[4], dr[4] = {A(0), A(0), A(0), A(0)};
-      const Box<A> b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, cp, d, r);
+      const CoderParams<A> cpn = image_params(cp, shapes, n);
+      const Box<A> b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, cpn, d, r);
       Box<A> gb, gg;
       box_iou_backward(b, load_gt<T, A>(gts, chunk.off[i] + a), eps,
                        to_acc(grad[n * gs0 + p * gs1]), gb, gg);
-      decode_box_backward(d, r, cp, gb, dp, grad_priors ? dr : nullptr);
+      decode_box_backward(d, r, cpn, gb, dp, grad_priors ? dr : nullptr);
       for (int k = 0; k < 4; ++k) acc[k] += dr[k];
     }
     if (grad_pred) {
@@ -171,7 +175,8 @@ __global__ void __launch_bounds__(kBlock)
 decode_max_iou_bwd_gt_kernel(const T* __restrict__ pred, PredLayout pl,
                              const T* __restrict__ priors, int64_t ps0, int64_t ps1, int pdim,
                              const T* __restrict__ gts, int64_t NP, int64_t P, CoderParams<A> cp,
-                             A eps, const T* __restrict__ grad, int64_t gs0, int64_t gs1,
+                             const A* __restrict__ shapes, A eps, const T* __restrict__ grad,
+                             int64_t gs0, int64_t gs1,
                              const int32_t* __restrict__ keys, const int64_t* __restrict__ vals,
                              T* __restrict__ grad_gts) {
   const int32_t row = static_cast<int32_t>(blockIdx.x);
@@ -183,7 +188,8 @@ decode_max_iou_bwd_gt_kernel(const T* __restrict__ pred, PredLayout pl,
     const int64_t v = vals[i];
     const int64_t n = v / P, p = v - n * P;
     A d[4], r[4];
-    const Box<A> b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, cp, d, r);
+    const Box<A> b =
+        decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r);
     Box<A> gb, gg;
     box_iou_backward(b, gt, eps, to_acc(grad[n * gs0 + p * gs1]), gb, gg);
     s = Box4Sum<A>()(s, gg);
@@ -255,12 +261,13 @@ void decode_max_iou_forward(DType dt, const DecodeIouArgs& a, void* iou, int64_t
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     const CoderParams<A> cp = cast_params<A>(a.params);
+    const A* shapes = static_cast<const A*>(a.max_shapes);
     for_each_chunk(a, [&](const ImageChunk& c) {
       const dim3 grid(static_cast<unsigned>(ceil_div(a.P, kBlock)), static_cast<unsigned>(c.count));
       launch_kernel((decode_max_iou_fwd_kernel<T, A>), grid, kBlock, kTile * sizeof(Box<A>), s,
                     static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors),
                     a.prior_s0, a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P, cp,
-                    static_cast<A>(a.eps), static_cast<T*>(iou), arg);
+                    shapes, static_cast<A>(a.eps), static_cast<T*>(iou), arg);
     });
   });
 }
@@ -284,6 +291,7 @@ void decode_max_iou_backward(DType dt, const DecodeIouArgs& a, const void* grad_
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     const CoderParams<A> cp = cast_params<A>(a.params);
+    const A* shapes = static_cast<const A*>(a.max_shapes);
     if (a.P > 0 && a.N == 0 && grad_priors) {
       memset_async(grad_priors, 0, sizeof(T) * a.P * a.prior_dim, s);
     }
@@ -298,7 +306,8 @@ void decode_max_iou_backward(DType dt, const DecodeIouArgs& a, const void* grad_
         launch_kernel((decode_max_iou_bwd_kernel<T, A>), dim3(pblocks), kBlock, 0, s,
                       static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors),
                       a.prior_s0, a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P,
-                      cp, static_cast<A>(a.eps), static_cast<const T*>(grad_iou), gs0, gs1, arg,
+                      cp, shapes, static_cast<A>(a.eps), static_cast<const T*>(grad_iou), gs0, gs1,
+                      arg,
                       static_cast<T*>(grad_pred), gpl, prior_acc, static_cast<T*>(grad_priors),
                       c.n0 + c.count == a.N);
       });
@@ -318,7 +327,7 @@ void decode_max_iou_backward(DType dt, const DecodeIouArgs& a, const void* grad_
       launch_kernel((decode_max_iou_bwd_gt_kernel<T, A>), dim3(static_cast<unsigned>(total_g)),
                     kBlock, 0, s, static_cast<const T*>(a.pred), a.pl,
                     static_cast<const T*>(a.priors), a.prior_s0, a.prior_s1, a.prior_dim,
-                    static_cast<const T*>(a.gts), np, a.P, cp, static_cast<A>(a.eps),
+                    static_cast<const T*>(a.gts), np, a.P, cp, shapes, static_cast<A>(a.eps),
                     static_cast<const T*>(grad_iou), gs0, gs1, keys_out, vals_out,
                     static_cast<T*>(grad_gts));
     }

@@ -28,6 +28,7 @@ cuda::DecodeIouArgs make_args(const DecodeProblem& pb, const at::Tensor& bbox_pr
   a.N = pb.N;
   a.P = pb.P;
   a.params = pb.params;
+  a.max_shapes = pb.max_shapes.defined() ? pb.max_shapes.const_data_ptr() : nullptr;
   a.eps = kIouEps;
   return a;
 }
@@ -36,10 +37,11 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cuda(
     const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
     const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
     at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
-    c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip) {
+    c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
+    const c10::optional<at::Tensor>& max_shapes) {
   const DecodeProblem pb = decode_prepare("decode_max_iou", bbox_pred, priors, gt_bboxes,
                                           gt_counts, coder, means, stds, scale, max_shape,
-                                          wh_ratio_clip);
+                                          wh_ratio_clip, max_shapes);
   const DeviceGuard guard(bbox_pred.device());
   auto iou = cuda_glue::empty({pb.N, pb.P}, bbox_pred.options());
   auto arg = cuda_glue::empty({pb.N, pb.P}, bbox_pred.options().dtype(at::kLong));
@@ -56,10 +58,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cuda(
     const c10::optional<at::Tensor>& priors, const at::Tensor& gt_bboxes,
     at::IntArrayRef gt_counts, c10::string_view coder, at::ArrayRef<double> means,
     at::ArrayRef<double> stds, double scale, c10::optional<at::ArrayRef<double>> max_shape,
-    double wh_ratio_clip, std::array<bool, 3> output_mask) {
+    double wh_ratio_clip, std::array<bool, 3> output_mask,
+    const c10::optional<at::Tensor>& max_shapes) {
   const DecodeProblem pb = decode_prepare("_decode_max_iou_backward", bbox_pred, priors,
                                           gt_bboxes, gt_counts, coder, means, stds, scale,
-                                          max_shape, wh_ratio_clip);
+                                          max_shape, wh_ratio_clip, max_shapes);
   decode_backward_check(pb, bbox_pred, grad_iou, arg);
   const DeviceGuard guard(bbox_pred.device());
   const bool want_priors = output_mask[1] && pb.prior_dim > 0;

@@ -46,6 +46,10 @@ struct DecodeIouArgs {
   const int64_t* gt_offsets;  // HOST array of N + 1 offsets into gts
   int64_t N, P;
   CoderParams<double> params;
+  // Per-image clip shapes: DEVICE array [N, 2] of (h, w) in the accumulation
+  // type (float, double for kDouble), contiguous; overrides params.max_h/max_w.
+  // nullptr: params alone.
+  const void* max_shapes;
   double eps;
 };
 

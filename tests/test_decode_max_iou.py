@@ -7,7 +7,7 @@ from torch.library import opcheck
 
 import tbd_ops
 from tbd_ops import reference as ref
-from conftest import DEVICES, TOL, assert_compiles_like_eager, requires_cuda, run_single_threaded
+from conftest import DEVICES, TOL, assert_compiles_like_eager, requires_cuda, requires_emu, run_single_threaded
 
 F64 = torch.float64
 
@@ -517,3 +517,215 @@ def test_mismatched_level_lists_raise():
         tbd_ops.decode_max_iou([pred, pred, pred], [priors, priors], gts)
     with pytest.raises(ValueError, match="scale must be one number or one per level"):
         tbd_ops.decode_max_iou([pred, pred], [priors, priors], gts, scale=[1.0, 2.0, 3.0])
+
+
+# ---- per-image clip shapes (max_shape as [N, 2] tensor or list of N (h, w)) ----
+
+SHAPES = [(20.0, 25.0), (33.5, 12.0), (0.0, 40.0)]  # (h, w) of images 0..2; image 2: zero height
+
+
+def per_image(kind, device, shapes=SHAPES):
+    if kind == "list":
+        return [tuple(s) for s in shapes]
+    if kind == "tuple_of_lists":
+        return tuple(list(s) for s in shapes)
+    dtype = {"tensor": F64, "tensor_f32": torch.float32, "tensor_int": torch.int32}[kind]
+    t = torch.tensor(shapes, dtype=F64, device=device)
+    return t.round().to(dtype) if dtype == torch.int32 else t.to(dtype)
+
+
+def clipped_problem(device, coder, N=3, A=2, H=3, W=4):
+    pred, priors, gts = make_problem(device, coder, N=N, A=A, H=H, W=W, counts=(6, 3, 2))
+    if coder == "delta_xywh":
+        pred = pred * 4  # wider boxes, beyond the clip windows
+    elif coder == "distance":
+        pred = pred * 1.5
+    else:
+        pred = pred.clone()
+        # Coordinates exactly on the clip bounds (clamp gradient at the bound: passes, as torch.clamp).
+        pred[0, 2, 0, 0] = SHAPES[0][1]
+        pred[1, 3, 1, 1] = SHAPES[1][0]
+        pred[0, 0, 1, 2] = 0.0
+    return pred, priors, gts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("coder", ["delta_xywh", "distance", "none"])
+@pytest.mark.parametrize("kind", ["tensor", "list", "tensor_f32", "tensor_int"])
+def test_per_image_max_shape_matches_reference(device, coder, kind):
+    pred, priors, gts = clipped_problem(device, coder)
+    ms = per_image(kind, device)
+    kw = dict(CODER_KW[coder], max_shape=ms)
+    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(pred, priors, gts, kw)
+    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+    assert torch.equal(arg, arg_r)
+    for d, d_r in zip(grads, grads_r):
+        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+    # The clip is per image: image 0 differs from the same image clipped with image 1's shape.
+    iou_1, _ = tbd_ops.decode_max_iou(pred, priors, gts, **dict(CODER_KW[coder], max_shape=SHAPES[1]))
+    iou_0, _ = tbd_ops.decode_max_iou(pred, priors, gts, **dict(CODER_KW[coder], max_shape=SHAPES[0]))
+    if kind != "tensor_int":
+        assert torch.equal(iou[0], iou_0[0]) and torch.equal(iou[1], iou_1[1])
+        assert not torch.equal(iou[0], iou_1[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_per_image_max_shape_equals_the_single_shape_bitwise(device, dtype):
+    """The same (h, w) for every image, per image or once: identical values and gradients."""
+    pred, priors, gts = make_problem(device, "delta_xywh", N=3, A=2, H=3, W=4, counts=(4, 2, 3), dtype=dtype)
+    pred = (pred.double() * 4).to(dtype)
+    outs = []
+    for ms in [(30.0, 26.0), [(30.0, 26.0)] * 3, torch.tensor([30.0, 26.0], device=device),
+               torch.tensor([[30, 26]] * 3, device=device)]:
+        p = pred.detach().clone().requires_grad_()
+        q = priors.detach().clone().requires_grad_()
+        iou, arg = tbd_ops.decode_max_iou(p, q, gts, stds=(0.1, 0.1, 0.2, 0.2), max_shape=ms)
+        outs.append((iou, arg, *torch.autograd.grad(iou, [p, q], torch.ones_like(iou))))
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_image_max_shape_gradcheck(device):
+    pred, priors, gts = clipped_problem(device, "delta_xywh", N=3, A=1, H=2, W=3)
+    ms = torch.tensor([(30.0, 40.0), (25.0, 28.0), (45.0, 30.0)], device=device)
+    inputs = [pred.requires_grad_(), priors.requires_grad_(), *(t.requires_grad_() for t in gts)]
+
+    def fn(p, q, *g):
+        return tbd_ops.decode_max_iou(p, q, list(g), **dict(CODER_KW["delta_xywh"], max_shape=ms))[0]
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_image_max_shape_opcheck(device):
+    for dtype, rg in ((torch.float32, False), (F64, True)):
+        pred, priors, gts = clipped_problem(device, "delta_xywh")
+        pred, priors = pred.to(dtype), priors.to(dtype)
+        flat = torch.cat(gts).to(dtype)
+        ms = per_image("tensor_f32", device)
+        args = (pred.requires_grad_(rg), priors.requires_grad_(rg), flat.requires_grad_(rg), [6, 3, 2],
+                "delta_xywh", [0.0] * 4, [0.1, 0.1, 0.2, 0.2], 1.0, None, 0.016, ms)
+        opcheck(torch.ops.tbd_ops.decode_max_iou, args)
+        iou, arg = torch.ops.tbd_ops.decode_max_iou(*args)
+        plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        opcheck(torch.ops.tbd_ops._decode_max_iou_backward,
+                (torch.randn_like(iou), arg, *plain[:10], [True, True, True], ms))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_image_max_shape_list_of_levels(device):
+    pred, priors, gts = clipped_problem(device, "delta_xywh", H=3, W=4)
+    pred2, priors2, _ = clipped_problem(device, "delta_xywh", H=2, W=2)
+    for kind in ("tensor", "list"):
+        ms = per_image(kind, device)
+        outs = tbd_ops.decode_max_iou([pred, pred2], [priors, priors2], gts, stds=(0.1, 0.1, 0.2, 0.2),
+                                      max_shape=ms)
+        refs = ref.decode_max_iou([pred, pred2], [priors, priors2], gts, stds=(0.1, 0.1, 0.2, 0.2),
+                                  max_shape=ms)
+        for (iou, arg), (iou_r, arg_r) in zip(outs, refs):
+            torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+            assert torch.equal(arg, arg_r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_image_max_shape_compiles(device):
+    pred, priors, gts = clipped_problem(device, "delta_xywh")
+    ms = per_image("tensor", device)
+
+    def loss(p):
+        iou, _ = tbd_ops.decode_max_iou(p, priors, gts, stds=(0.1, 0.1, 0.2, 0.2), max_shape=ms)
+        return (1 - iou).sum()
+
+    assert_compiles_like_eager(loss, pred.requires_grad_())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_image_max_shape_empty_and_nan(device):
+    pred, priors, _ = make_problem(device, "delta_xywh", N=2, counts=(3, 1))
+    iou, arg = tbd_ops.decode_max_iou(pred[:0], priors, [], max_shape=torch.zeros(0, 2, device=device))
+    assert iou.shape == (0, pred.shape[1] // 4 * pred.shape[2] * pred.shape[3])
+    iou, arg = tbd_ops.decode_max_iou(pred[:0], priors, [], max_shape=[])
+    assert iou.shape[0] == 0
+    # NaN in the data propagates (the shapes themselves are checked on the host).
+    pred, priors, gts = make_problem(device, "delta_xywh", N=2, counts=(3, 1))
+    pred = pred.clone()
+    pred[0, 0, 0, 0] = float("nan")
+    iou, arg = tbd_ops.decode_max_iou(pred, priors, gts, max_shape=[(30.0, 30.0), (20.0, 10.0)])
+    assert torch.isnan(iou[0, 0]) and not torch.isnan(iou[1]).any()
+
+
+class TestPerImageMaxShapeBadInput:
+    def setup_method(self):
+        self.pred, self.priors, self.gts = make_problem("cpu", "delta_xywh", N=2, A=3, H=4, W=5, counts=(3, 1))
+
+    def call(self, ms):
+        return tbd_ops.decode_max_iou(self.pred, self.priors, self.gts, max_shape=ms)
+
+    @pytest.mark.parametrize("ms,msg", [
+        ([(10.0, 20.0)] * 3, r"max_shape must hold one \(h, w\) per image \(N = 2\), got 3"),
+        (torch.ones(3, 2), r"max_shape per image must be \[N, 2\] = \[2, 2\] .* got shape \[3, 2\]"),
+        (torch.ones(2, 3), r"max_shape per image must be \[N, 2\] = \[2, 2\] .* got shape \[2, 3\]"),
+        (torch.ones(2, 2, 1), r"max_shape per image must be \[N, 2\]"),
+        (torch.ones(1), r"max_shape must be \(h, w\)"),
+        ([(10.0,), (10.0, 20.0)], r"max_shape\[0\] must be \(h, w\)"),
+        ([(10.0, float("nan")), (10.0, 20.0)], r"max_shape must hold finite sizes >= 0, got max_shape\[0\]"),
+        ([(10.0, 20.0), (-1.0, 20.0)], r"max_shape must hold finite sizes >= 0, got max_shape\[1\]"),
+        (torch.tensor([[10.0, 20.0], [float("inf"), 3.0]]), "max_shape must hold finite sizes >= 0"),
+        (torch.tensor([[10, 20], [-3, 3]]), "max_shape must hold finite sizes >= 0"),
+    ])
+    def test_values_and_shapes(self, ms, msg):
+        with pytest.raises(ValueError, match=msg):
+            self.call(ms)
+
+    def test_dtype(self):
+        with pytest.raises(TypeError, match="max_shape per image must be a float or integer tensor, got Bool"):
+            self.call(torch.ones(2, 2, dtype=torch.bool))
+        with pytest.raises(TypeError, match=r"max_shape\[1\] must be a sequence of numbers"):
+            self.call([(1.0, 2.0), None])
+
+    def test_both_forms_at_once(self):
+        with pytest.raises(ValueError, match=r"max_shape must be one \(h, w\) or one per image, got both"):
+            torch.ops.tbd_ops.decode_max_iou(self.pred, self.priors, torch.cat(self.gts), [3, 1], "delta_xywh",
+                                            [0.0] * 4, [1.0] * 4, 1.0, [10.0, 20.0], 0.016, torch.ones(2, 2))
+
+
+@requires_cuda
+def test_cuda_per_image_max_shape_device_and_graph_capture():
+    pred, priors, gts = make_problem("cuda", "delta_xywh", N=3, counts=(3, 1, 2), dtype=torch.float32)
+    with pytest.raises(ValueError, match="max_shape per image must be on the device of bbox_pred"):
+        tbd_ops.decode_max_iou(pred, priors, gts, max_shape=torch.ones(3, 2))
+    ms = torch.tensor(SHAPES, device="cuda")
+    iou_l, _ = tbd_ops.decode_max_iou(pred, priors, gts, max_shape=SHAPES)
+    iou_t, _ = tbd_ops.decode_max_iou(pred, priors, gts, max_shape=ms)
+    assert torch.equal(iou_l, iou_t)
+    iou_c, _ = tbd_ops.decode_max_iou(pred.cpu(), priors.cpu(), [g.cpu() for g in gts], max_shape=SHAPES)
+    torch.testing.assert_close(iou_t.cpu(), iou_c, rtol=1e-5, atol=1e-6)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a tensor of shapes needs no synchronization
+        static_iou, _ = tbd_ops.decode_max_iou(pred, priors, gts, max_shape=ms)
+    ms.mul_(0.5)
+    graph.replay()
+    torch.testing.assert_close(static_iou, tbd_ops.decode_max_iou(pred, priors, gts, max_shape=ms)[0])
+
+
+@requires_emu
+@pytest.mark.emulated
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, F64])
+def test_per_image_max_shape_emulated_matches_cpu_bitwise(dtype):
+    """The emulated CUDA kernels and the CPU kernels: per-element outputs bit for bit."""
+    pred, priors, gts = clipped_problem("cpu", "delta_xywh", N=3, A=3, H=5, W=7)
+    pred, priors, flat = pred.to(dtype), priors.to(dtype), torch.cat(gts).to(dtype)
+    args = (pred, priors, flat, [6, 3, 2], "delta_xywh", [0.01, -0.02, 0.0, 0.03], [0.1, 0.1, 0.2, 0.2],
+            1.0, None, 0.016, torch.tensor(SHAPES))
+    iou_c, arg_c = torch.ops.tbd_ops.decode_max_iou(*args)
+    iou_e, arg_e = torch.ops.tbd_ops_emu.decode_max_iou(*args)
+    assert torch.equal(iou_e.view(-1).view(torch.uint8), iou_c.view(-1).view(torch.uint8))
+    assert torch.equal(arg_e, arg_c)
+    grad = torch.randn(iou_c.shape, dtype=F64).to(dtype)
+    gp_c, _, _ = torch.ops.tbd_ops._decode_max_iou_backward(grad, arg_c, *args[:10], [True, False, False], args[10])
+    gp_e, _, _ = torch.ops.tbd_ops_emu._decode_max_iou_backward(grad, arg_c, *args[:10], [True, False, False],
+                                                               args[10])
+    assert torch.equal(gp_e.view(-1).view(torch.uint8), gp_c.view(-1).view(torch.uint8))

@@ -24,12 +24,15 @@ template <typename T> struct Decoder {
   int pdim;
   const T* gts;
   CoderParams<A> cp;
+  const A* shapes;  // per-image (h, w) [N, 2], or nullptr
 
   static A cvt(T v) { return static_cast<A>(v); }
+  // The coder parameters of image n (its own clip shape, if any).
+  CoderParams<A> params(int64_t n) const { return image_params(cp, shapes, n); }
   Box<A> decode(int64_t n, int64_t p, A d[4], A r[4]) const {
     load_pred(pred, pl, n, p, d, cvt);
     load_prior(priors, ps0, ps1, pdim, p, r, cvt);
-    return decode_box(d, r, cp);
+    return decode_box(d, r, params(n));
   }
   Box<A> gt(int64_t row) const {
     const T* g = gts + row * 4;
@@ -57,6 +60,7 @@ Decoder<T> make_decoder(const DecodeProblem& pb, const at::Tensor& bbox_pred,
   d.pdim = pb.prior_dim;
   d.gts = pb.gts.const_data_ptr<T>();
   d.cp = cast_params<acc_t<T>>(pb.params);
+  d.shapes = pb.max_shapes.defined() ? pb.max_shapes.const_data_ptr<acc_t<T>>() : nullptr;
   return d;
 }
 
@@ -64,10 +68,11 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(
     const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
     const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
     at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
-    c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip) {
+    c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
+    const c10::optional<at::Tensor>& max_shapes) {
   const DecodeProblem pb = decode_prepare("decode_max_iou", bbox_pred, priors, gt_bboxes,
                                           gt_counts, coder, means, stds, scale, max_shape,
-                                          wh_ratio_clip);
+                                          wh_ratio_clip, max_shapes);
   auto iou = at::empty({pb.N, pb.P}, bbox_pred.options());
   auto arg = at::empty({pb.N, pb.P}, bbox_pred.options().dtype(at::kLong));
   if (pb.N == 0 || pb.P == 0) return {iou, arg};
@@ -106,10 +111,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
     const c10::optional<at::Tensor>& priors, const at::Tensor& gt_bboxes,
     at::IntArrayRef gt_counts, c10::string_view coder, at::ArrayRef<double> means,
     at::ArrayRef<double> stds, double scale, c10::optional<at::ArrayRef<double>> max_shape,
-    double wh_ratio_clip, std::array<bool, 3> output_mask) {
+    double wh_ratio_clip, std::array<bool, 3> output_mask,
+    const c10::optional<at::Tensor>& max_shapes) {
   const DecodeProblem pb = decode_prepare("_decode_max_iou_backward", bbox_pred, priors,
                                           gt_bboxes, gt_counts, coder, means, stds, scale,
-                                          max_shape, wh_ratio_clip);
+                                          max_shape, wh_ratio_clip, max_shapes);
   decode_backward_check(pb, bbox_pred, grad_iou, arg);
   const bool want_priors = output_mask[1] && pb.prior_dim > 0;
   at::Tensor grad_pred = output_mask[0] ? at::zeros_like(bbox_pred) : at::empty({0}, bbox_pred.options());
@@ -144,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
             Box<A> gb, gg;
             box_iou_backward(b, dec.gt(pb.gt_offsets[n] + a), eps,
                              static_cast<A>(pg[n * gs0 + p * gs1]), gb, gg);
-            decode_box_backward(d, r, dec.cp, gb, dp, gr ? dr : nullptr);
+            decode_box_backward(d, r, dec.params(n), gb, dp, gr ? dr : nullptr);
             if (gp) {
               const int64_t o = pred_offset(gpl, n, p, 0);
               for (int k = 0; k < 4; ++k) gp[o + k * gpl.sC] = static_cast<scalar_t>(dp[k]);

@@ -10,6 +10,7 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 from ._version import __version__
 from . import _C  # noqa: F401  (loads the kernels and registers the operators)
 from .ops import box_max_iou, channel_max_spatial_softmax, decode_max_iou
+from .ops import masked_l1, masked_sq_dist
 from . import reference  # noqa: E402
 
 
@@ -30,3 +31,4 @@ __all__ = [
     "box_max_iou",
     "reference",
 ]
+__all__ += ["masked_sq_dist", "masked_l1"]

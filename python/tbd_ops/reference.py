@@ -59,11 +59,22 @@ def decode_boxes(bbox_pred, priors, *, coder="delta_xywh", means=(0.0,) * 4, std
         boxes = pred
     else:
         raise ValueError(f"decode_boxes: unknown coder {coder!r}")
-    if max_shape is not None:
-        mh, mw = float(max_shape[0]), float(max_shape[1])
-        boxes = torch.stack([boxes[..., 0].clamp(0, mw), boxes[..., 1].clamp(0, mh),
-                             boxes[..., 2].clamp(0, mw), boxes[..., 3].clamp(0, mh)], dim=-1)
-    return boxes
+    if max_shape is None:
+        return boxes
+    per_image = (isinstance(max_shape, torch.Tensor) and max_shape.dim() == 2) or (
+        isinstance(max_shape, (list, tuple)) and len(max_shape) > 0
+        and isinstance(max_shape[0], (list, tuple, torch.Tensor)))
+    if per_image:  # one (h, w) per image: [N, 2] tensor or list of N pairs
+        hw = torch.as_tensor([[float(v) for v in s[:2]] for s in max_shape]
+                             if not isinstance(max_shape, torch.Tensor) else max_shape)
+        hw = hw.to(device=boxes.device, dtype=boxes.dtype).reshape(-1, 1, 2)
+        zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
+        mh, mw = hw[..., 0], hw[..., 1]  # [N, 1]
+        return torch.stack([boxes[..., 0].clamp(zero, mw), boxes[..., 1].clamp(zero, mh),
+                            boxes[..., 2].clamp(zero, mw), boxes[..., 3].clamp(zero, mh)], dim=-1)
+    mh, mw = float(max_shape[0]), float(max_shape[1])
+    return torch.stack([boxes[..., 0].clamp(0, mw), boxes[..., 1].clamp(0, mh),
+                        boxes[..., 2].clamp(0, mw), boxes[..., 3].clamp(0, mh)], dim=-1)
 
 
 def pairwise_iou(boxes: torch.Tensor, gts: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -116,3 +127,24 @@ def box_max_iou(boxes, gt_bboxes):
     if isinstance(boxes, (list, tuple)):
         return [box_max_iou(b, gt_bboxes) for b in boxes]
     return decode_max_iou(boxes, None, gt_bboxes, coder="none")
+
+
+# ---- masked reductions (SPEC 1.5) ----
+__all__ += ["masked_sq_dist", "masked_l1"]
+
+
+def _masked_reduce(term, a, b, masks):
+    if isinstance(a, (list, tuple)):
+        return [_masked_reduce(term, x, y, m) for x, y, m in zip(a, b, masks, strict=True)]
+    s = term(_acc(a) - _acc(b)).sum(dim=1, keepdim=True)  # [N, 1, H, W]
+    return (_acc(masks) * s).sum(dim=(2, 3))
+
+
+def masked_sq_dist(a, b, masks):
+    """``sum_hw masks[n, k] * sum_c (a - b)^2`` -> ``[N, K]`` (float32, or float64 for float64)."""
+    return _masked_reduce(lambda d: d * d, a, b, masks)
+
+
+def masked_l1(a, b, masks):
+    """``sum_hw masks[n, k] * sum_c |a - b|`` -> ``[N, K]`` (float32, or float64 for float64)."""
+    return _masked_reduce(torch.abs, a, b, masks)

@@ -25,6 +25,17 @@ template <typename A> struct CoderParams {
   A max_h, max_w;
 };
 
+// Parameters of image n: with per-image clip shapes (`shapes`: [N, 2] rows
+// (h, w), contiguous, in A), image n's row replaces max_h and max_w.
+template <typename A>
+TBD_HD CoderParams<A> image_params(CoderParams<A> cp, const A* shapes, int64_t n) {
+  if (shapes) {
+    cp.max_h = shapes[2 * n];
+    cp.max_w = shapes[2 * n + 1];
+  }
+  return cp;
+}
+
 // Parameters in the accumulation type A (they are validated and stored in double).
 template <typename A> TBD_HD CoderParams<A> cast_params(const CoderParams<double>& p) {
   CoderParams<A> c;

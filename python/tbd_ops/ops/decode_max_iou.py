@@ -1,4 +1,5 @@
 """p_r: fused box decode + max IoU against every ground truth (SPEC 1.2)."""
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -45,6 +46,56 @@ def _as_floats(op: str, name: str, value, length: Optional[int]) -> List[float]:
     return out
 
 
+def _is_pair_list(value) -> bool:
+    """A list/tuple of (h, w) pairs (one per image) rather than one (h, w)."""
+    return isinstance(value, (list, tuple)) and (
+        len(value) == 0
+        or isinstance(value[0], (list, tuple))
+        or (isinstance(value[0], torch.Tensor) and value[0].dim() > 0)
+    )
+
+
+def _max_shape_args(op: str, max_shape, n: int, ref: torch.Tensor):
+    """max_shape -> (one (h, w) as floats or None, per-image [N, 2] tensor or None).
+
+    Per-image shapes stay on (or go to) the device of ``ref`` without a device
+    synchronization: a tensor is passed as is (the kernels read it), a list is
+    checked on the host and copied asynchronously from pinned memory.
+    """
+    if max_shape is None:
+        return None, None
+    if isinstance(max_shape, torch.Tensor):
+        if max_shape.dim() == 1 and max_shape.device.type == "cpu":
+            pass  # one (h, w) on the host: read below, as a sequence
+        elif max_shape.dim() == 1:
+            if max_shape.shape[0] != 2:
+                raise ValueError(f"{op}: max_shape must be (h, w), got a tensor of shape {tuple(max_shape.shape)}")
+            return None, max_shape.reshape(1, 2).expand(n, 2)  # the same (h, w) for every image
+        else:
+            return None, max_shape  # [N, 2]: checked by the op
+    elif _is_pair_list(max_shape):
+        if len(max_shape) != n:
+            raise ValueError(f"{op}: max_shape must hold one (h, w) per image (N = {n}), got {len(max_shape)}")
+        rows = []
+        for i, hw in enumerate(max_shape):
+            vals = _as_floats(op, f"max_shape[{i}]", hw, None)
+            if len(vals) < 2:
+                raise ValueError(f"{op}: max_shape[{i}] must be (h, w), got {hw!r}")
+            if not all(math.isfinite(v) and v >= 0 for v in vals[:2]):
+                raise ValueError(f"{op}: max_shape must hold finite sizes >= 0, got max_shape[{i}] = {hw!r}")
+            rows.append(vals[:2])
+        host = torch.tensor(rows, dtype=torch.float64).reshape(n, 2)
+        if ref.device.type == "cpu":
+            return None, host
+        if ref.device.type == "cuda" and not torch.compiler.is_compiling():
+            return None, host.pin_memory().to(ref.device, non_blocking=True)
+        return None, host.to(ref.device)
+    ms = _as_floats(op, "max_shape", max_shape, None)[:2]
+    if len(ms) != 2:
+        raise ValueError(f"{op}: max_shape must be (h, w), got {max_shape!r}")
+    return ms, None
+
+
 def decode_max_iou(
     bbox_pred: Tensors,
     priors: Optional[Tensors],
@@ -54,7 +105,7 @@ def decode_max_iou(
     means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
     stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     scale: Union[float, Sequence[float]] = 1.0,
-    max_shape: Optional[Sequence[float]] = None,
+    max_shape=None,
     wh_ratio_clip: float = 16 / 1000,
 ):
     """Decode every prediction and take its max IoU over the image's ground truths.
@@ -72,7 +123,12 @@ def decode_max_iou(
             (``distance2bbox(points, ltrb * scale)``) or ``"none"``.
         means, stds, wh_ratio_clip: ``delta_xywh`` parameters.
         scale: ``distance`` multiplier, one number or one per level.
-        max_shape: ``(h, w)`` to clip decoded boxes to, or None.
+        max_shape: clip decoded boxes to ``[0, w] x [0, h]``: None (no clip),
+            one ``(h, w)`` for every image, or one per image as an ``[N, 2]``
+            tensor (any float or integer dtype, on the device of ``bbox_pred``;
+            read by the kernels, no synchronization) or a list of N ``(h, w)``
+            (MMDetection's per-image ``img_shape``). Applies to every level of
+            list input.
 
     Returns:
         ``(iou [N, P], arg [N, P] int64)``: the max IoU in the dtype of
@@ -102,14 +158,12 @@ def decode_max_iou(
     if bbox_pred.dim() not in (3, 4) or (bbox_pred.dim() == 3 and bbox_pred.shape[2] != 4):
         raise ValueError(f"{_OP}: bbox_pred must be [N, A*4, H, W] or [N, P, 4], got shape {tuple(bbox_pred.shape)}")
     gts, counts = _flatten_gts(_OP, gt_bboxes, bbox_pred.shape[0], bbox_pred)
-    ms = None if max_shape is None else _as_floats(_OP, "max_shape", max_shape, None)[:2]
-    if ms is not None and len(ms) != 2:
-        raise ValueError(f"{_OP}: max_shape must be (h, w), got {max_shape!r}")
+    ms, shapes = _max_shape_args(_OP, max_shape, bbox_pred.shape[0], bbox_pred)
     return tuple(
         torch.ops.tbd_ops.decode_max_iou.default(
             bbox_pred, priors, gts, counts, coder,
             _as_floats(_OP, "means", means, 4), _as_floats(_OP, "stds", stds, 4),
-            float(scale), ms, float(wh_ratio_clip),
+            float(scale), ms, float(wh_ratio_clip), shapes,
         )
     )
 
@@ -136,16 +190,20 @@ def _num_priors(bbox_pred):
 
 @torch.library.register_fake("tbd_ops::decode_max_iou")
 def _fake(bbox_pred, priors, gt_bboxes, gt_counts, coder="delta_xywh", means=(0.0,) * 4,
-          stds=(1.0,) * 4, scale=1.0, max_shape=None, wh_ratio_clip=0.016):
+          stds=(1.0,) * 4, scale=1.0, max_shape=None, wh_ratio_clip=0.016, max_shapes=None):
     torch._check(bbox_pred.dim() in (3, 4), lambda: f"{_OP}: bbox_pred must be [N, A*4, H, W] or [N, P, 4]")
     torch._check(len(gt_counts) == bbox_pred.shape[0], lambda: f"{_OP}: gt_counts must have one count per image")
+    if max_shapes is not None:
+        torch._check(max_shapes.dim() == 2 and max_shapes.shape[1] == 2
+                     and max_shapes.shape[0] == bbox_pred.shape[0],
+                     lambda: f"{_OP}: max_shape per image must be [N, 2]")
     n, p = bbox_pred.shape[0], _num_priors(bbox_pred)
     return bbox_pred.new_empty((n, p)), bbox_pred.new_empty((n, p), dtype=torch.long)
 
 
 @torch.library.register_fake("tbd_ops::_decode_max_iou_backward")
 def _fake_backward(grad_iou, arg, bbox_pred, priors, gt_bboxes, gt_counts, coder, means, stds,
-                   scale, max_shape, wh_ratio_clip, output_mask):
+                   scale, max_shape, wh_ratio_clip, output_mask, max_shapes=None):
     empty = bbox_pred.new_empty((0,))
     g_pred = torch.empty_like(bbox_pred) if output_mask[0] else empty
     want_priors = output_mask[1] and priors is not None and coder != "none"
@@ -155,28 +213,28 @@ def _fake_backward(grad_iou, arg, bbox_pred, priors, gt_bboxes, gt_counts, coder
 
 
 def _setup_context(ctx, inputs, output):
-    bbox_pred, priors, gt_bboxes, *params = inputs
+    bbox_pred, priors, gt_bboxes, *params, max_shapes = inputs
     _, arg = output
     ctx.mark_non_differentiable(arg)
-    ctx.save_for_backward(bbox_pred, priors, gt_bboxes, arg)
+    ctx.save_for_backward(bbox_pred, priors, gt_bboxes, arg, max_shapes)
     ctx.params = params  # gt_counts, coder, means, stds, scale, max_shape, wh_ratio_clip
 
 
 def _backward(ctx, grad_iou, _grad_arg):
-    bbox_pred, priors, gt_bboxes, arg = ctx.saved_tensors
+    bbox_pred, priors, gt_bboxes, arg, max_shapes = ctx.saved_tensors
     need = ctx.needs_input_grad
     coder = ctx.params[1]
     mask = [bool(need[0]), bool(need[1]) and priors is not None and coder != "none", bool(need[2])]
     if grad_iou is None or not any(mask):
-        return (None,) * 10
+        return (None,) * 11
     g_pred, g_priors, g_gts = torch.ops.tbd_ops._decode_max_iou_backward.default(
-        grad_iou, arg, bbox_pred, priors, gt_bboxes, *ctx.params, mask
+        grad_iou, arg, bbox_pred, priors, gt_bboxes, *ctx.params, mask, max_shapes
     )
     return (
         g_pred if mask[0] else None,
         g_priors if mask[1] else None,
         g_gts if mask[2] else None,
-    ) + (None,) * 7
+    ) + (None,) * 8
 
 
 torch.library.register_autograd("tbd_ops::decode_max_iou", _backward, setup_context=_setup_context)

@@ -1,0 +1,18 @@
+// masked_reduce (SPEC 1.5): the op family holding masked_sq_dist and masked_l1.
+// Argument checks shared by the CPU and CUDA registrations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common.h"
+
+namespace tbd_ops {
+
+// a, b: [N, C, H, W]; masks: [N, K, H, W]; one dtype, one device.
+void masked_reduce_check(const char* op, const at::Tensor& a, const at::Tensor& b,
+                         const at::Tensor& masks);
+// grad: [N, K] in the accumulator dtype of a (float32, or float64 for float64).
+void masked_reduce_backward_check(const char* op, const at::Tensor& grad, const at::Tensor& a,
+                                  const at::Tensor& b, const at::Tensor& masks);
+
+}  // namespace tbd_ops

@@ -1,0 +1,447 @@
+"""masked_sq_dist / masked_l1 (the masked_reduce family): kernels vs tbd_ops.reference."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from torch.library import opcheck
+
+import tbd_ops
+from tbd_ops import reference as ref
+from conftest import DEVICES, TOL, requires_cuda, requires_emu, run_single_threaded
+import dispatch as emu_dispatch
+
+OPS = ["masked_sq_dist", "masked_l1"]
+# N, C, H, W: odd sizes, C = 1, H*W across the 256-thread block and the
+# 4/2/8-element vector groups, several partial blocks per image.
+SHAPES = [(2, 3, 17, 19), (1, 1, 5, 7), (3, 4, 1, 1), (2, 5, 16, 16), (1, 2, 1, 257)]
+
+
+def rand(shape, device, dtype=torch.float64, scale=1.0):
+    return (torch.randn(shape, device=device, dtype=torch.float64) * scale).to(dtype)
+
+
+def masks_for(n, k, h, w, device, dtype=torch.float64):
+    return torch.rand(n, k, h, w, device=device, dtype=torch.float64).to(dtype)
+
+
+def fn(op, impl):
+    return getattr(impl, op)
+
+
+def value_and_grads(f, a, b, m, g):
+    ins = [t.detach().clone().requires_grad_() for t in (a, b, m)]
+    y = f(*ins)
+    grads = torch.autograd.grad(y, ins, g)
+    return y, grads
+
+
+def compare(op, a, b, m, value_tol, grad_tol, g=None):
+    """Ours vs the reference on the same inputs (the reference runs in float64)."""
+    y, grads = value_and_grads(fn(op, tbd_ops), a, b, m, None if g is None else g)
+    assert y.shape == (a.shape[0], m.shape[1])
+    assert y.dtype == (torch.float64 if a.dtype == torch.float64 else torch.float32)
+    if g is None:
+        g = torch.ones_like(y)
+    y_ref, grads_ref = value_and_grads(fn(op, ref), a.double(), b.double(), m.double(), g.double())
+    torch.testing.assert_close(y.double(), y_ref, **value_tol)
+    for got, want, inp in zip(grads, grads_ref, (a, b, m)):
+        assert got.dtype == inp.dtype and got.shape == inp.shape
+        torch.testing.assert_close(got.double(), want, **grad_tol)
+    return y, grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_float64_matches_reference(device, op, shape, K):
+    n, c, h, w = shape
+    a, b = rand(shape, device), rand(shape, device)
+    m = masks_for(n, K, h, w, device)
+    g = rand((n, K), device)
+    compare(op, a, b, m, dict(rtol=1e-10, atol=1e-12), dict(rtol=1e-10, atol=1e-12), g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck(device, op):
+    a, b = rand((2, 3, 4, 5), device), rand((2, 3, 4, 5), device)
+    m = masks_for(2, 2, 4, 5, device)
+    ins = [t.requires_grad_() for t in (a, b, m)]
+    assert torch.autograd.gradcheck(fn(op, tbd_ops), ins)
+    # Gradients of a subset only (the backward op's output mask).
+    assert torch.autograd.gradcheck(lambda x: fn(op, tbd_ops)(x, b.detach(), m.detach()), (a,))
+    assert torch.autograd.gradcheck(lambda x: fn(op, tbd_ops)(a.detach(), b.detach(), x), (m,))
+
+
+def sample_inputs(device):
+    def ab(shape, dtype=torch.float32, grad=False):
+        return [rand(shape, device, dtype).requires_grad_(grad) for _ in range(2)]
+
+    cl = torch.channels_last
+    out = [
+        (*ab((2, 3, 5, 7)), masks_for(2, 2, 5, 7, device, torch.float32)),
+        (*ab((2, 3, 5, 7), torch.float64, True), masks_for(2, 3, 5, 7, device).requires_grad_()),
+        (*[t.contiguous(memory_format=cl).requires_grad_() for t in ab((1, 6, 4, 3))],
+         masks_for(1, 2, 4, 3, device, torch.float32).requires_grad_()),
+        (*ab((3, 1, 4, 5), torch.float16, True), masks_for(3, 1, 4, 5, device, torch.float16)),
+        (*ab((2, 4, 3, 3), torch.float64, True),
+         masks_for(2, 1, 3, 3, device).expand(2, 3, 3, 3)),
+        (*ab((0, 4, 3, 3), torch.float32, True), masks_for(0, 2, 3, 3, device, torch.float32)),
+        (*ab((2, 4, 0, 3), torch.float32, True), masks_for(2, 2, 0, 3, device, torch.float32)),
+    ]
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(device, op):
+    fwd = getattr(torch.ops.tbd_ops, op)
+    bwd = getattr(torch.ops.tbd_ops, f"_{op}_backward")
+    for a, b, m in sample_inputs(device):
+        opcheck(fwd, (a, b, m))
+        grad = torch.randn(a.shape[0], m.shape[1], device=device, dtype=torch.float64).to(
+            torch.float64 if a.dtype == torch.float64 else torch.float32)
+        for mask in ([True, True, True], [True, False, False], [False, False, True]):
+            opcheck(bwd, (grad, a.detach(), b.detach(), m.detach(), mask))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(device, op, dtype):
+    shape = (2, 16, 9, 13)
+    a, b = rand(shape, device, dtype), rand(shape, device, dtype)
+    m = masks_for(2, 2, 9, 13, device, dtype)
+    g = rand((2, 2), device, torch.float32)
+    # The reference runs in float64 on the same (rounded) values; the output is
+    # float32 for every 16/32-bit input, the gradients come back in the input dtype.
+    compare(op, a, b, m, TOL[torch.float32], TOL[dtype], g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["channels_last", "channel_slice", "transposed_hw", "padded_rows",
+                                    "masks_expanded_k", "masks_expanded_n", "mixed", "misaligned"])
+def test_non_contiguous(device, op, layout):
+    n, c, h, w, k = 2, 5, 7, 9, 3
+    a, b = rand((n, c, h, w), device), rand((n, c, h, w), device)
+    m = masks_for(n, k, h, w, device)
+    if layout == "channels_last":
+        a, b, m = (t.contiguous(memory_format=torch.channels_last) for t in (a, b, m))
+    elif layout == "channel_slice":
+        a, b = rand((n, 2 * c, h, w), device)[:, ::2], rand((n, 2 * c, h, w), device)[:, 1::2]
+        m = masks_for(n, 2 * k, h, w, device)[:, k:]
+    elif layout == "transposed_hw":
+        a, b = (rand((n, c, w, h), device).transpose(2, 3) for _ in range(2))
+        m = masks_for(n, k, w, h, device).transpose(2, 3)
+    elif layout == "padded_rows":
+        a, b = (rand((n, c, h, w + 3), device)[..., :w] for _ in range(2))
+        m = masks_for(n, k, h, w + 1, device)[..., 1:]
+    elif layout == "masks_expanded_k":
+        m = masks_for(n, 1, h, w, device).expand(n, k, h, w)  # one mask, K views (stride 0)
+    elif layout == "masks_expanded_n":
+        m = masks_for(1, k, h, w, device).expand(n, k, h, w)
+    elif layout == "mixed":
+        a = a.contiguous(memory_format=torch.channels_last)
+        m = masks_for(n, k, 1, w, device).expand(n, k, h, w)
+    else:  # plane starts off the 16-byte boundary of the vector loads
+        a = rand((n * c * h * w + 1,), device)[1:].view(n, c, h, w)
+    g = rand((n, k), device)
+    compare(op, a, b, m, dict(rtol=1e-10, atol=1e-12), dict(rtol=1e-10, atol=1e-12), g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape,k", [((0, 3, 4, 5), 2), ((2, 3, 0, 5), 2), ((2, 3, 4, 0), 1),
+                                     ((2, 0, 4, 5), 2), ((2, 3, 4, 5), 0)])
+def test_empty(device, op, shape, k):
+    n, c, h, w = shape
+    a, b = rand(shape, device).requires_grad_(), rand(shape, device).requires_grad_()
+    m = masks_for(n, k, h, w, device).requires_grad_()
+    y = fn(op, tbd_ops)(a, b, m)
+    assert y.shape == (n, k)
+    torch.testing.assert_close(y, fn(op, ref)(a, b, m), rtol=0, atol=0)  # zeros where H*W or C = 0
+    (y * 2).sum().backward()
+    for t in (a, b, m):
+        assert t.grad.shape == t.shape
+    # Nothing to sum over: every gradient element is 0.
+    assert not a.grad.any() and not b.grad.any() and not m.grad.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_l1_gradient_at_equal_inputs_is_zero(device):
+    a = rand((2, 3, 4, 5), device)
+    b = a.clone()
+    b[:, 1] += 0.5  # channel 1 differs, the others are equal
+    m = masks_for(2, 2, 4, 5, device)
+    _, (ga, gb, _) = value_and_grads(tbd_ops.masked_l1, a, b, m, torch.ones(2, 2, dtype=torch.float64, device=device))
+    assert ga[:, [0, 2]].abs().max().item() == 0.0 and gb[:, [0, 2]].abs().max().item() == 0.0
+    torch.testing.assert_close(ga[:, 1], -m.sum(1))
+    torch.testing.assert_close(gb, -ga, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_nan_propagates(device, op):
+    a, b = rand((3, 2, 4, 5), device), rand((3, 2, 4, 5), device)
+    m = masks_for(3, 2, 4, 5, device)
+    a[0, 1, 2, 3] = float("nan")
+    m[1, 1, 0, 0] = float("nan")
+    a, m = a.requires_grad_(), m.requires_grad_()
+    y = fn(op, tbd_ops)(a, b, m)
+    y_ref = fn(op, ref)(a, b, m)
+    assert torch.isnan(y[0]).all() and torch.isnan(y[1, 1]) and not torch.isnan(y[1, 0])
+    assert torch.isfinite(y[2]).all()
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+    ga, gm = torch.autograd.grad(y.sum(), (a, m))
+    ga_ref, gm_ref = torch.autograd.grad(y_ref.sum(), (a, m))
+    torch.testing.assert_close(ga, ga_ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(gm, gm_ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_deterministic(device, op):
+    shape = (2, 16, 37, 41) if device == "cpu" else (2, 3, 23, 29)
+    a, b = rand(shape, device, torch.float32), rand(shape, device, torch.float32)
+    m = masks_for(shape[0], 2, shape[2], shape[3], device, torch.float32)
+    g = rand((shape[0], 2), device, torch.float32)
+
+    def run():
+        return value_and_grads(fn(op, tbd_ops), a, b, m, g)
+
+    y1, g1 = run()
+    y2, g2 = run_single_threaded(run)
+    assert torch.equal(y1, y2) and all(torch.equal(x, z) for x, z in zip(g1, g2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_list_of_levels(device, op):
+    shapes = [(2, 4, 8, 10), (2, 4, 4, 5), (2, 4, 2, 3)]
+    a = [rand(s, device) for s in shapes]
+    b = [rand(s, device) for s in shapes]
+    m = [masks_for(2, 2, s[2], s[3], device) for s in shapes]
+    out = fn(op, tbd_ops)(a, b, m)
+    assert isinstance(out, list) and len(out) == 3
+    for y, y_ref in zip(out, fn(op, ref)(a, b, m)):
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    assert len(fn(op, tbd_ops)(tuple(a), tuple(b), tuple(m))) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_torch_compile_fullgraph(device, op):
+    f = fn(op, tbd_ops)
+
+    def loss(a, b, m):
+        return (f(a, b, m) * torch.tensor([1.0, -2.0], device=a.device)).sum()
+
+    a, b = rand((2, 3, 5, 7), device, torch.float32), rand((2, 3, 5, 7), device, torch.float32)
+    m = masks_for(2, 2, 5, 7, device, torch.float32)
+    ins = [t.requires_grad_() for t in (a, b, m)]
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    value = compiled(*ins)
+    grads = torch.autograd.grad(value, ins)
+    expected = loss(*ins)
+    grads_eager = torch.autograd.grad(expected, ins)
+    torch.testing.assert_close(value, expected)
+    for x, z in zip(grads, grads_eager):
+        torch.testing.assert_close(x, z)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_autocast_promotes_mixed_dtypes(device, op):
+    a = rand((2, 3, 4, 5), device, torch.float32)
+    b = rand((2, 3, 4, 5), device, torch.bfloat16)
+    m = masks_for(2, 2, 4, 5, device, torch.float16)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = fn(op, tbd_ops)(a, b, m)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, fn(op, ref)(a, b.float(), m.float()), **TOL[torch.float32])
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("op", OPS)
+    def test_rank(self, op):
+        f = fn(op, tbd_ops)
+        x = torch.randn(2, 3, 4, 5)
+        m = torch.rand(2, 1, 4, 5)
+        with pytest.raises(ValueError, match=r"a must be a 4-D tensor \[N, C, H, W\], got a 3-D"):
+            f(x[0], x, m)
+        with pytest.raises(ValueError, match=r"b must be a 4-D tensor \[N, C, H, W\], got a 5-D"):
+            f(x, x[None], m)
+        with pytest.raises(ValueError, match=r"masks must be a 4-D tensor \[N, K, H, W\], got a 3-D"):
+            f(x, x, m[:, 0])
+
+    @pytest.mark.parametrize("op", OPS)
+    def test_shapes(self, op):
+        f = fn(op, tbd_ops)
+        x = torch.randn(2, 3, 4, 5)
+        with pytest.raises(ValueError, match=r"b must have the shape of a \[2, 3, 4, 5\], got \[2, 2, 4, 5\]"):
+            f(x, x[:, :2], torch.rand(2, 1, 4, 5))
+        for bad in [(1, 1, 4, 5), (2, 1, 4, 6), (2, 1, 3, 5)]:
+            with pytest.raises(ValueError, match=r"masks must be \[N, K, H, W\] = \[2, K, 4, 5\]"):
+                f(x, x, torch.rand(bad))
+
+    @pytest.mark.parametrize("op", OPS)
+    def test_dtypes(self, op):
+        f = fn(op, tbd_ops)
+        x = torch.randn(2, 3, 4, 5)
+        with pytest.raises(TypeError, match="a must be float32, float64, float16 or bfloat16, got Long"):
+            f(x.long(), x, torch.rand(2, 1, 4, 5))
+        with pytest.raises(TypeError, match=r"b must have the dtype of a \(Float\), got Double"):
+            f(x, x.double(), torch.rand(2, 1, 4, 5))
+        with pytest.raises(TypeError, match=r"masks must have the dtype of a \(Float\), got Half"):
+            f(x, x, torch.rand(2, 1, 4, 5).half())
+        with pytest.raises(TypeError, match="masks must be float32, float64, float16 or bfloat16, got Bool"):
+            f(x, x, torch.ones(2, 1, 4, 5, dtype=torch.bool))
+
+    @pytest.mark.parametrize("op", OPS)
+    def test_lists(self, op):
+        f = fn(op, tbd_ops)
+        x = torch.randn(2, 3, 4, 5)
+        m = torch.rand(2, 1, 4, 5)
+        with pytest.raises(ValueError, match="a, b and masks must have one entry per level, got 2, 2 and 1"):
+            f([x, x], [x, x], [m])
+        with pytest.raises(TypeError, match="masks is a Tensor"):
+            f([x], [x], m)
+        with pytest.raises(TypeError, match="b must be a torch.Tensor, got float"):
+            f(x, 1.0, m)
+
+    @pytest.mark.parametrize("op", OPS)
+    def test_backward_op(self, op):
+        bwd = getattr(torch.ops.tbd_ops, f"_{op}_backward")
+        x = torch.randn(2, 3, 4, 5)
+        m = torch.rand(2, 2, 4, 5)
+        with pytest.raises(ValueError, match=r"grad must be \[N, K\] = \[2, 2\], got \[2, 3\]"):
+            bwd(torch.randn(2, 3), x, x, m, [True, True, True])
+        with pytest.raises(TypeError, match="grad must be Float, got Half"):
+            bwd(torch.randn(2, 2).half(), x, x, m, [True, True, True])
+
+    @requires_cuda
+    @pytest.mark.parametrize("op", OPS)
+    def test_device_mismatch(self, op):
+        x = torch.randn(2, 3, 4, 5, device="cuda")
+        m = torch.rand(2, 1, 4, 5, device="cuda")
+        with pytest.raises((ValueError, RuntimeError), match="device"):
+            fn(op, tbd_ops)(x, x.cpu(), m)
+        with pytest.raises((ValueError, RuntimeError), match="device"):
+            fn(op, tbd_ops)(x, x, m.cpu())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("op", OPS)
+def test_fake_kernels_match_real_strides(op, channels_last):
+    """opcheck compares fake strides only on CUDA tensors: check them on CPU too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fwd = getattr(torch.ops.tbd_ops, op)
+    bwd = getattr(torch.ops.tbd_ops, f"_{op}_backward")
+    a, b = rand((2, 5, 4, 6), "cpu", torch.float32), rand((2, 5, 4, 6), "cpu", torch.float32)
+    m = masks_for(1, 1, 4, 6, "cpu", torch.float32).expand(2, 3, 4, 6)
+    if channels_last:
+        a = a.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 3)
+    real = [fwd(a, b, m), *bwd(grad, a, b, m, [True, True, True]), *bwd(grad, a, b, m, [False, True, False])]
+    with FakeTensorMode() as mode:
+        fa, fb, fm, fg = (mode.from_tensor(t) for t in (a, b, m, grad))
+        fake = [fwd(fa, fb, fm), *bwd(fg, fa, fb, fm, [True, True, True]), *bwd(fg, fa, fb, fm, [False, True, False])]
+    for r, f in zip(real, fake):
+        assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+
+
+@requires_cuda
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_matches_cpu_and_graph_capture(op):
+    a, b = rand((2, 256, 50, 76), "cpu", torch.float32), rand((2, 256, 50, 76), "cpu", torch.float32)
+    m = masks_for(2, 2, 50, 76, "cpu", torch.float32)
+    f = fn(op, tbd_ops)
+    y_cpu = f(a, b, m)
+    ac, bc, mc = a.cuda(), b.cuda(), m.cuda()
+    torch.testing.assert_close(f(ac, bc, mc).cpu(), y_cpu, rtol=1e-5, atol=1e-6)
+    f(ac, bc, mc)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = f(ac, bc, mc)
+    ac.mul_(2)
+    graph.replay()
+    torch.testing.assert_close(static_y, f(ac, bc, mc))
+
+
+# ---- the emulated CUDA build against the CPU kernels --------------------------
+
+EMU_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+RED_TOL = {  # the forward is a sum in another order on each side
+    torch.float64: dict(rtol=1e-12, atol=1e-14),
+    torch.float32: dict(rtol=1e-5, atol=1e-7),
+    torch.float16: dict(rtol=1e-5, atol=1e-7),
+    torch.bfloat16: dict(rtol=1e-5, atol=1e-7),
+}
+
+
+def bitwise_equal(x, y):
+    return x.shape == y.shape and x.dtype == y.dtype and x.stride() == y.stride() and torch.equal(
+        x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8))
+
+
+def emu_compare(op, a, b, m):
+    emu, cpu = torch.ops.tbd_ops_emu, torch.ops.tbd_ops
+    y_c = getattr(cpu, op)(a, b, m)
+    y_e = getattr(emu, op)(a, b, m)
+    tol = RED_TOL[a.dtype]
+    torch.testing.assert_close(y_e, y_c, rtol=tol["rtol"],
+                               atol=tol["rtol"] * float(y_c.abs().max()) if y_c.numel() else 0)
+    g = torch.randn(y_c.shape, dtype=y_c.dtype)
+    for mask in ([True, True, True], [False, False, True], [True, True, False]):
+        got = getattr(emu, f"_{op}_backward")(g, a, b, m, mask)
+        want = getattr(cpu, f"_{op}_backward")(g, a, b, m, mask)
+        for i, (x, z) in enumerate(zip(got, want)):
+            # Per-element gradients: the same shared math in the same order, bit for bit.
+            assert bitwise_equal(x, z), f"{op} backward output {i} (mask {mask}) differs"
+
+
+@requires_emu
+@pytest.mark.emulated
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    op=st.sampled_from(OPS),
+    N=st.integers(1, 3),
+    C=st.sampled_from([1, 2, 5]),
+    K=st.integers(1, 3),
+    H=st.integers(1, 19),
+    W=st.sampled_from([1, 3, 8, 31, 257]),  # H*W around the vector groups and the block size
+    dtype=st.sampled_from(EMU_DTYPES),
+    layout=st.sampled_from(["contiguous", "channels_last", "padded_rows", "masks_expanded", "misaligned"]),
+)
+def test_emulated_matches_cpu_property(op, N, C, K, H, W, dtype, layout):
+    a = rand((N, C, H, W + 2), "cpu", dtype)[..., :W]
+    b = rand((N, C, H, W + 2), "cpu", dtype)[..., :W]
+    m = masks_for(N, K, H, W, "cpu", dtype)
+    if layout != "padded_rows":
+        a, b = a.contiguous(), b.contiguous()
+    if layout == "channels_last":
+        a, b, m = (t.contiguous(memory_format=torch.channels_last) for t in (a, b, m))
+    elif layout == "masks_expanded":
+        m = m[:, :1].expand(N, K, H, W)
+    elif layout == "misaligned":
+        a = rand((N * C * H * W + 1,), "cpu", dtype)[1:].view(N, C, H, W)
+    emu_compare(op, a, b, m)
+
+
+@requires_emu
+@pytest.mark.emulated
+@pytest.mark.parametrize("op", OPS)
+def test_emulated_more_images_than_grid_y(op):
+    """More images than grid.y allows (65535 on the GPU; 3 here): several launches per kernel."""
+    try:
+        assert emu_dispatch.emu.set_grid_yz_limit(3) == 3
+        a, b = rand((8, 2, 5, 7), "cpu"), rand((8, 2, 5, 7), "cpu")
+        a[-1], b[-1] = a[0], b[0]
+        m = masks_for(8, 2, 5, 7, "cpu")
+        m[-1] = m[0]
+        emu_compare(op, a, b, m)
+        y = getattr(torch.ops.tbd_ops_emu, op)(a, b, m)
+        assert torch.equal(y[-1], y[0])
+    finally:
+        emu_dispatch.emu.set_grid_yz_limit(0)
