@@ -11,6 +11,7 @@ from ._version import __version__
 from . import _C  # noqa: F401  (loads the kernels and registers the operators)
 from .ops import box_max_iou, channel_max_spatial_softmax, decode_max_iou
 from .ops import masked_l1, masked_sq_dist
+from .ops import scale_consistency_loss
 from . import reference  # noqa: E402
 
 
@@ -32,3 +33,6 @@ __all__ = [
     "reference",
 ]
 __all__ += ["masked_sq_dist", "masked_l1"]
+__all__ += ["scale_consistency_loss", "nn"]
+
+from . import nn  # noqa: E402  (loss modules; import after the ops they use)

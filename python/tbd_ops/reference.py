@@ -148,3 +148,21 @@ def masked_sq_dist(a, b, masks):
 def masked_l1(a, b, masks):
     """``sum_hw masks[n, k] * sum_c |a - b|`` -> ``[N, K]`` (float32, or float64 for float64)."""
     return _masked_reduce(torch.abs, a, b, masks)
+
+
+# ---- scale_consistency_loss (SPEC 2.3) ----------------------------------------------------------
+def scale_consistency_loss(feats_v1, feats_v2, mask=None):
+    """``sum over level pairs of mean_n sum_hw mask * sum_c (F1 - F2)^2 / (H W)``."""
+    v1 = [feats_v1] if isinstance(feats_v1, torch.Tensor) else list(feats_v1)
+    v2 = [feats_v2] if isinstance(feats_v2, torch.Tensor) else list(feats_v2)
+    masks = [None] * len(v1) if mask is None else ([mask] if isinstance(mask, torch.Tensor) else list(mask))
+    total = 0
+    for f1, f2, m in zip(v1, v2, masks):
+        n, _, h, w = f1.shape
+        d = ((_acc(f1) - _acc(f2)) ** 2).sum(1, keepdim=True)
+        if m is not None:
+            d = d * _acc(m)
+        per_image = d.sum((1, 2, 3)) / (h * w) if h * w else d.new_zeros(n)
+        total = total + (per_image.mean() if n else d.new_zeros(()))
+    return total
+__all__ += ["scale_consistency_loss"]
