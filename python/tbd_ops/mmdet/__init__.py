@@ -5,7 +5,10 @@ Importing ``tbd_ops.mmdet`` registers, in MMDetection's ``MODELS`` registry:
 * the loss modules ``TBDLoss``, ``HarmonyDistillationLoss``,
   ``TaskDecoupledFeatureLoss`` and ``TaskWeightGenerator``;
 * ``TBDSingleStageDetector``, a one-stage student trained with Task-Balanced
-  Distillation from a frozen teacher built from its config.
+  Distillation from a frozen teacher built from its config;
+* PseCo: ``PredictionGuidedAssigner`` in ``TASK_UTILS``, ``FusedFocalLoss``
+  (the fused sigmoid focal loss, mmdet's loss interface), ``ScaleConsistencyLoss``
+  and ``ConsistencyVotingWeights`` in ``MODELS``.
 
 Use it from a config with ``custom_imports = dict(imports=["tbd_ops.mmdet"])``.
 When mmdet or mmengine is not installed this module still imports; ``AVAILABLE``
@@ -22,5 +25,7 @@ else:
     AVAILABLE = True
     IMPORT_ERROR = None
     from .detector import TBDSingleStageDetector, coder_from_head  # noqa: F401  (registers the modules)
+    from .pseco import PredictionGuidedAssigner  # noqa: F401
 
-    __all__ = ["AVAILABLE", "IMPORT_ERROR", "TBDSingleStageDetector", "coder_from_head"]
+    __all__ = ["AVAILABLE", "IMPORT_ERROR", "TBDSingleStageDetector", "coder_from_head",
+               "PredictionGuidedAssigner"]
