@@ -10,6 +10,7 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 from ._version import __version__
 from . import _C  # noqa: F401  (loads the kernels and registers the operators)
 from .ops import box_max_iou, channel_max_spatial_softmax, decode_max_iou
+from .ops import prediction_guided_assign
 from . import reference  # noqa: E402
 
 
@@ -28,5 +29,6 @@ __all__ = [
     "channel_max_spatial_softmax",
     "decode_max_iou",
     "box_max_iou",
+    "prediction_guided_assign",
     "reference",
 ]
