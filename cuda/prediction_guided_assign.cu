@@ -134,8 +134,14 @@ assign_select_kernel(const int32_t* __restrict__ keys, const int64_t* __restrict
   for (int64_t c0 = 0; c0 < bag; c0 += kBlock) {
     const int64_t i = c0 + threadIdx.x;
     const bool mine = i < bag;
-    Member<A> me{};
-    if (mine) me = resident ? sm[i] : load_member(vals, u_buf, q_buf, start + i);
+    A mu = A(0), mq = A(0);
+    int64_t mp = 0;
+    if (mine) {
+      const Member<A> m = resident ? sm[i] : load_member(vals, u_buf, q_buf, start + i);
+      mu = m.u;
+      mq = m.q;
+      mp = m.p;
+    }
     int64_t urank = 0, qrank = 0;
     for (int64_t t0 = 0; t0 < bag; t0 += tile) {
       const int tn = static_cast<int>(bag - t0 < tile ? bag - t0 : tile);
@@ -147,15 +153,17 @@ assign_select_kernel(const int32_t* __restrict__ keys, const int64_t* __restrict
         __syncthreads();
       }
       if (mine) {
+        // Unrolled by 2: the compiler's default unrolling spills in the double kernel.
+#pragma unroll 2
         for (int k = 0; k < tn; ++k) {
           const Member<A> o = sm[k];
-          urank += ranks_before(o.u, o.p, me.u, me.p);
-          qrank += ranks_before(o.q, o.p, me.q, me.p);
+          urank += ranks_before(o.u, o.p, mu, mp);
+          qrank += ranks_before(o.q, o.p, mq, mp);
         }
       }
     }
     if (mine) {
-      if (urank < topk) sorted_u[start + urank] = me.u;
+      if (urank < topk) sorted_u[start + urank] = mu;
       qrank_buf[start + i] = static_cast<int32_t>(qrank);
     }
   }
