@@ -18,6 +18,8 @@
 //      reference do) and k = max(1, floor(sum)); members of q-rank < k become
 //      positives when valid.
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 
 #include "common.cuh"
 #include "prediction_guided_assign.h"
@@ -232,6 +234,11 @@ void prediction_guided_assign(DType dt, const AssignArgs& a, int64_t* gt_inds, v
   const int64_t P = a.p_offsets[a.N], M = a.m_offsets[a.N];
   if (P == 0) return;
   if (tile <= 0) tile = kAssignDefaultTile;
+  if (tile > kAssignMaxTile) {
+    throw std::invalid_argument("prediction_guided_assign: tile must be at most " +
+                                std::to_string(kAssignMaxTile) + " members, got " +
+                                std::to_string(tile));
+  }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const AssignWorkspace ws(dt, P, M);
   char* w = static_cast<char*>(workspace);

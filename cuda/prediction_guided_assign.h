@@ -26,8 +26,10 @@ struct AssignArgs {
   int64_t topk;
 };
 
-// Bag members staged in shared memory per tile when `tile` is 0.
+// Bag members staged in shared memory per tile when `tile` is 0, and the
+// most a tile may hold (48 KiB of float64 members, no opt-in needed).
 constexpr int kAssignDefaultTile = 1024;
+constexpr int kAssignMaxTile = 2048;
 
 // Bytes of device scratch memory the launcher needs (any alignment of at
 // least 256 bytes).
@@ -35,7 +37,8 @@ size_t prediction_guided_assign_workspace(DType dt, const AssignArgs& a);
 
 // Writes gt_inds ([P] int64) and q ([P], dtype dt), both contiguous. `tile`
 // bounds the bag members held in shared memory at once (0: the default);
-// larger bags are processed tile by tile.
+// larger bags are processed tile by tile. Throws std::invalid_argument for a
+// tile above kAssignMaxTile.
 void prediction_guided_assign(DType dt, const AssignArgs& a, int64_t* gt_inds, void* q,
                               void* workspace, void* stream, int tile = 0);
 

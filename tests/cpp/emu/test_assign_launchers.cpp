@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <random>
+#include <stdexcept>
 #include <vector>
 
 #include "emu/simt.h"
@@ -142,10 +143,37 @@ void check(const Problem& pb, double thr, int64_t topk, double alpha, int tile) 
 
 TEST(AssignLauncher, TileLoopAgreesWithHost) {
   const Problem pb = make_problem({{300, 3}, {0, 2}, {45, 0}, {611, 5}, {1, 1}}, 7);
-  for (int tile : {1, 7, 256, 0}) {
+  for (int tile : {1, 7, 256, 0, cuda::kAssignMaxTile}) {
     check(pb, 0.4, 12, 0.5, tile);
     check(pb, 0.3, 400, 0.3, tile);  // large k: many positives ranked across tiles
   }
+}
+
+TEST(AssignLauncher, TileAboveTheMaximumThrows) {
+  const Problem pb = make_problem({{20, 2}}, 3);
+  cuda::AssignArgs a{};
+  a.boxes = pb.boxes.data();
+  a.bs0 = 4;
+  a.bs1 = 1;
+  a.scores = pb.scores.data();
+  a.ss0 = pb.C;
+  a.ss1 = 1;
+  a.C = pb.C;
+  a.pseudo_boxes = pb.pseudo.data();
+  a.pseudo_labels = pb.labels.data();
+  a.p_offsets = pb.p_off.data();
+  a.m_offsets = pb.m_off.data();
+  a.N = 1;
+  a.iou_thr = 0.4;
+  a.alpha = 0.5;
+  a.eps = 1e-6;
+  a.topk = 12;
+  std::vector<int64_t> gt(20);
+  std::vector<float> q(20);
+  std::vector<double> work(cuda::prediction_guided_assign_workspace(cuda::DType::kFloat, a) / 8 + 1);
+  EXPECT_THROW(cuda::prediction_guided_assign(cuda::DType::kFloat, a, gt.data(), q.data(), work.data(),
+                                              nullptr, cuda::kAssignMaxTile + 1),
+               std::invalid_argument);
 }
 
 TEST(AssignLauncher, ManyImages) {
