@@ -9,9 +9,8 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from ._version import __version__
 from . import _C  # noqa: F401  (loads the kernels and registers the operators)
-from .ops import box_max_iou, channel_max_spatial_softmax, decode_max_iou
-from .ops import masked_l1, masked_sq_dist
-from .ops import scale_consistency_loss
+from .ops import *  # noqa: F401,F403  (every public op)
+from .ops import __all__ as _ops_all
 from . import reference  # noqa: E402
 
 
@@ -24,15 +23,6 @@ def cuda_available() -> bool:
     return bool(_C.WITH_CUDA)
 
 
-__all__ = [
-    "__version__",
-    "cuda_available",
-    "channel_max_spatial_softmax",
-    "decode_max_iou",
-    "box_max_iou",
-    "reference",
-]
-__all__ += ["masked_sq_dist", "masked_l1"]
-__all__ += ["scale_consistency_loss", "nn"]
+__all__ = ["__version__", "cuda_available", "reference", "nn", *_ops_all]
 
 from . import nn  # noqa: E402  (loss modules; import after the ops they use)

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 __all__ = ["channel_max_spatial_softmax", "decode_max_iou", "box_max_iou", "decode_boxes", "pairwise_iou"]
+__all__ += ["prediction_guided_assign"]
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -166,3 +167,47 @@ def scale_consistency_loss(feats_v1, feats_v2, mask=None):
         total = total + (per_image.mean() if n else d.new_zeros(()))
     return total
 __all__ += ["scale_consistency_loss"]
+
+def prediction_guided_assign(boxes, scores, pseudo_boxes, pseudo_labels, valid=None, iou_thr: float = 0.4,
+                             topk: int = 12, alpha: float = 0.5):
+    """PseCo's prediction-guided label assignment, image by image and pseudo box by pseudo box.
+
+    Per image: the full ``[P, M]`` IoU matrix, its max over pseudo boxes (lowest
+    index on ties); per pseudo box j the bag ``{p : j*(p) = j, u[p] >= iou_thr}``;
+    ``k = max(1, floor(sum))`` where the sum adds the ``min(|bag|, topk)``
+    largest u one at a time in descending order (a stable sort: equal u by
+    increasing proposal index), in float32 (float64 for float64 inputs); the
+    ``k`` members first in a stable descending sort of q (NaN first) become
+    positives ``j + 1`` unless ``valid`` is False. ``q = s^alpha * u^(1-alpha)``
+    of every proposal against ``j*(p)`` (0 without pseudo boxes), in the dtype of
+    ``scores``. Returns ``(gt_inds list, q list)``.
+    """
+    gt_out, q_out = [], []
+    for i in range(len(boxes)):
+        b, g = _acc(boxes[i]), _acc(pseudo_boxes[i])
+        p, m = b.shape[0], g.shape[0]
+        gt = torch.zeros(p, dtype=torch.long, device=b.device)
+        if m == 0 or p == 0:
+            gt_out.append(gt)
+            q_out.append(torch.zeros(p, dtype=scores[i].dtype, device=b.device))
+            continue
+        u, jstar = pairwise_iou(b, g).max(dim=1)
+        s = _acc(scores[i]).gather(1, pseudo_labels[i][jstar][:, None]).squeeze(1)
+        q = s.pow(alpha) * u.pow(1.0 - alpha)
+        in_bag = u >= torch.tensor(iou_thr, dtype=u.dtype)
+        for j in range(m):
+            members = torch.nonzero((jstar == j) & in_bag).squeeze(1)
+            if members.numel() == 0:
+                continue
+            top_u = torch.sort(u[members], descending=True, stable=True).values[:topk]
+            total = torch.zeros((), dtype=u.dtype, device=u.device)
+            for v in top_u:
+                total = total + v
+            k = max(1, int(math.floor(float(total))))
+            keep = members[torch.sort(q[members], descending=True, stable=True).indices[:k]]
+            if valid is not None:
+                keep = keep[valid[i][keep]]
+            gt[keep] = j + 1
+        gt_out.append(gt)
+        q_out.append(q.to(scores[i].dtype))
+    return gt_out, q_out

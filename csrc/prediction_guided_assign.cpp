@@ -1,0 +1,149 @@
+// prediction_guided_assign (PseCo's prediction-guided label assignment):
+// schema, argument checks, autocast. Kernels: csrc/cpu/prediction_guided_assign.cpp,
+// cuda/prediction_guided_assign.cu; fake kernel and autograd:
+// python/tbd_ops/ops/prediction_guided_assign.py.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "prediction_guided_assign.h"
+
+namespace tbd_ops {
+namespace {
+
+std::vector<int64_t> offsets_of(const char* op, const char* name, at::IntArrayRef counts,
+                                int64_t rows, const char* rows_of) {
+  std::vector<int64_t> off(counts.size() + 1, 0);
+  for (size_t n = 0; n < counts.size(); ++n) {
+    TORCH_CHECK_VALUE(counts[n] >= 0, op, ": ", name, " must be >= 0, got ", counts[n],
+                      " for image ", n);
+    off[n + 1] = off[n] + counts[n];
+  }
+  TORCH_CHECK_VALUE(off.back() == rows, op, ": ", name, " must sum to the rows of ", rows_of,
+                    " (", rows, "), got ", off.back());
+  return off;
+}
+
+}  // namespace
+
+AssignProblem assign_prepare(const char* op, const at::Tensor& boxes, const at::Tensor& scores,
+                             const at::Tensor& pseudo_boxes, const at::Tensor& pseudo_labels,
+                             at::IntArrayRef proposal_counts, at::IntArrayRef pseudo_counts,
+                             const c10::optional<at::Tensor>& valid, double iou_thr, int64_t topk,
+                             double alpha) {
+  AssignProblem pb;
+  TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, op,
+                    ": boxes must be [P, 4], got shape ", boxes.sizes());
+  check_float(op, "boxes", boxes);
+  pb.P = boxes.size(0);
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(0) == pb.P && scores.size(1) >= 1, op,
+                    ": scores must be [P, C] with P = ", pb.P, " (the rows of boxes) and C >= 1,"
+                    " got shape ", scores.sizes());
+  TORCH_CHECK_TYPE(scores.scalar_type() == boxes.scalar_type(), op,
+                   ": scores must have the dtype of boxes (", boxes.scalar_type(), "), got ",
+                   scores.scalar_type());
+  pb.C = scores.size(1);
+  TORCH_CHECK_VALUE(pseudo_boxes.dim() == 2 && pseudo_boxes.size(1) == 4, op,
+                    ": pseudo_boxes must be [M, 4], got shape ", pseudo_boxes.sizes());
+  TORCH_CHECK_TYPE(pseudo_boxes.scalar_type() == boxes.scalar_type(), op,
+                   ": pseudo_boxes must have the dtype of boxes (", boxes.scalar_type(),
+                   "), got ", pseudo_boxes.scalar_type());
+  pb.M = pseudo_boxes.size(0);
+  TORCH_CHECK_VALUE(pseudo_labels.dim() == 1 && pseudo_labels.size(0) == pb.M, op,
+                    ": pseudo_labels must be [M] with M = ", pb.M,
+                    " (the rows of pseudo_boxes), got shape ", pseudo_labels.sizes());
+  TORCH_CHECK_TYPE(pseudo_labels.scalar_type() == at::kLong, op,
+                   ": pseudo_labels must be int64, got ", pseudo_labels.scalar_type());
+  const auto dev = boxes.device();
+  TORCH_CHECK_VALUE(scores.device() == dev, op, ": scores must be on the device of boxes (", dev,
+                    "), got ", scores.device());
+  TORCH_CHECK_VALUE(pseudo_boxes.device() == dev, op,
+                    ": pseudo_boxes must be on the device of boxes (", dev, "), got ",
+                    pseudo_boxes.device());
+  TORCH_CHECK_VALUE(pseudo_labels.device() == dev, op,
+                    ": pseudo_labels must be on the device of boxes (", dev, "), got ",
+                    pseudo_labels.device());
+  if (valid.has_value() && valid->defined()) {
+    const at::Tensor& v = *valid;
+    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == pb.P, op, ": valid must be [P] with P = ",
+                      pb.P, " (the rows of boxes), got shape ", v.sizes());
+    TORCH_CHECK_TYPE(v.scalar_type() == at::kBool, op, ": valid must be bool, got ",
+                     v.scalar_type());
+    TORCH_CHECK_VALUE(v.device() == dev, op, ": valid must be on the device of boxes (", dev,
+                      "), got ", v.device());
+    pb.valid = v.contiguous();
+  }
+  TORCH_CHECK_VALUE(proposal_counts.size() == pseudo_counts.size(), op,
+                    ": proposal_counts and pseudo_counts must have one count per image each, got ",
+                    proposal_counts.size(), " and ", pseudo_counts.size());
+  pb.N = static_cast<int64_t>(proposal_counts.size());
+  pb.p_offsets = offsets_of(op, "proposal_counts", proposal_counts, pb.P, "boxes");
+  pb.m_offsets = offsets_of(op, "pseudo_counts", pseudo_counts, pb.M, "pseudo_boxes");
+  TORCH_CHECK_VALUE(pb.P < std::numeric_limits<int32_t>::max() &&
+                        pb.M < std::numeric_limits<int32_t>::max(),
+                    op, ": at most 2^31 - 2 proposals and pseudo boxes per call, got ", pb.P,
+                    " and ", pb.M);
+  TORCH_CHECK_VALUE(std::isfinite(iou_thr) && iou_thr > 0 && iou_thr <= 1, op,
+                    ": iou_thr must be a finite number in (0, 1], got ", iou_thr);
+  TORCH_CHECK_VALUE(topk >= 1, op, ": topk must be >= 1, got ", topk);
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, op, ": alpha must be a number in [0, 1], got ",
+                    alpha);
+  pb.iou_thr = iou_thr;
+  pb.topk = topk;
+  pb.alpha = alpha;
+  pb.pseudo_boxes = pseudo_boxes.contiguous();
+  pb.pseudo_labels = pseudo_labels.contiguous();
+  return pb;
+}
+
+namespace {
+
+using AssignSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+    at::IntArrayRef, const c10::optional<at::Tensor>&, double, int64_t, double);
+
+// Autocast: mixed floating dtypes (e.g. fp16 teacher scores, fp32 boxes) run
+// in the widest of them; q comes back in that dtype.
+std::tuple<at::Tensor, at::Tensor> assign_autocast(
+    const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& pseudo_boxes,
+    const at::Tensor& pseudo_labels, at::IntArrayRef proposal_counts,
+    at::IntArrayRef pseudo_counts, const c10::optional<at::Tensor>& valid, double iou_thr,
+    int64_t topk, double alpha) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow(TBD_OPS_LIB_NAME "::prediction_guided_assign", "")
+                       .typed<AssignSig>();
+  at::ScalarType t = boxes.scalar_type();
+  if (scores.is_floating_point()) t = at::promote_types(t, scores.scalar_type());
+  if (pseudo_boxes.is_floating_point()) t = at::promote_types(t, pseudo_boxes.scalar_type());
+  const bool uniform = scores.scalar_type() == t && pseudo_boxes.scalar_type() == t;
+  if (!boxes.is_floating_point() || (boxes.scalar_type() == t && uniform)) {
+    return op.call(boxes, scores, pseudo_boxes, pseudo_labels, proposal_counts, pseudo_counts,
+                   valid, iou_thr, topk, alpha);
+  }
+  return op.call(boxes.to(t), scores.to(t), pseudo_boxes.to(t), pseudo_labels, proposal_counts,
+                 pseudo_counts, valid, iou_thr, topk, alpha);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
+  m.def(
+      "prediction_guided_assign(Tensor boxes, Tensor scores, Tensor pseudo_boxes,"
+      " Tensor pseudo_labels, int[] proposal_counts, int[] pseudo_counts, Tensor? valid=None,"
+      " float iou_thr=0.4, int topk=12, float alpha=0.5) -> (Tensor gt_inds, Tensor q)");
+}
+
+TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
+  m.impl("prediction_guided_assign", TORCH_FN(assign_autocast));
+}
+
+TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
+  m.impl("prediction_guided_assign", TORCH_FN(assign_autocast));
+}
+
+}  // namespace tbd_ops

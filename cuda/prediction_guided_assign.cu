@@ -1,0 +1,284 @@
+// prediction_guided_assign (SPEC 2.1): the whole batch in a fixed number of
+// launches, no host synchronization (CUDA-graph safe). The images travel
+// concatenated; their offsets are host metadata, passed as kernel parameters.
+//
+//   1. assign_match_kernel, one thread per proposal: u = max IoU against the
+//      image's pseudo boxes (lowest index on ties), j*, the quality q, and the
+//      sort key of the proposal: the batch-wide index of its bag's pseudo box,
+//      or M (no bag) when u < iou_thr or the image has no pseudo box.
+//   2. a stable radix sort of (key, proposal) pairs: every bag becomes one
+//      contiguous segment.
+//   3. assign_select_kernel, one block per pseudo box: finds its segment by
+//      binary search, stages the members (u, q, p) in shared memory (tile by
+//      tile when the bag is larger than the tile) and gives every member two
+//      ranks, the number of members before it by (u desc, p asc) and by
+//      (q desc, p asc): exact, and independent of the thread schedule. The
+//      u-ranks place the u values in descending order, thread 0 adds the
+//      first min(|bag|, topk) of them in that order (as the CPU kernel and the
+//      reference do) and k = max(1, floor(sum)); members of q-rank < k become
+//      positives when valid.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "common.cuh"
+#include "prediction_guided_assign.h"
+#include "tbd_ops/argmax.h"
+#include "tbd_ops/assign.h"
+#include "tbd_ops/box.h"
+
+namespace tbd_ops {
+namespace cuda {
+namespace {
+
+constexpr int kChunk = 64;  // images per launch of the match kernel
+
+struct AssignChunk {
+  int count;                   // images in the chunk
+  int64_t p_off[kChunk + 1];   // proposal offsets (absolute)
+  int64_t m_off[kChunk + 1];   // pseudo-box offsets (absolute)
+};
+
+template <typename A> struct Member {
+  A u, q;
+  int64_t p;
+};
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kBlock)
+assign_match_kernel(const T* __restrict__ boxes, int64_t bs0, int64_t bs1,
+                    const T* __restrict__ scores, int64_t ss0, int64_t ss1, int64_t C,
+                    const T* __restrict__ gts, const int64_t* __restrict__ labels,
+                    AssignChunk chunk, A eps, A thr, double alpha, double beta, int32_t none,
+                    int64_t* __restrict__ gt_inds, T* __restrict__ q_out, A* __restrict__ u_buf,
+                    A* __restrict__ q_buf, int32_t* __restrict__ jloc, int32_t* __restrict__ keys,
+                    int64_t* __restrict__ vals) {
+  const int64_t p = chunk.p_off[0] + blockIdx.x * int64_t(kBlock) + threadIdx.x;
+  if (p >= chunk.p_off[chunk.count]) return;
+  // The image of p: p_off[lo] <= p < p_off[lo + 1] (empty images are skipped).
+  int lo = 0, hi = chunk.count;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (chunk.p_off[mid] <= p) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int64_t g0 = chunk.m_off[lo], M = chunk.m_off[lo + 1] - g0;
+  const T* b = boxes + p * bs0;
+  const Box<A> box{to_acc(b[0]), to_acc(b[bs1]), to_acc(b[2 * bs1]), to_acc(b[3 * bs1])};
+  ArgMax<A> best = argmax_empty<A>();
+  for (int64_t j = 0; j < M; ++j) {
+    const T* g = gts + (g0 + j) * 4;
+    const Box<A> gb{to_acc(g[0]), to_acc(g[1]), to_acc(g[2]), to_acc(g[3])};
+    argmax_update(best, box_iou(box, gb, eps), j);
+  }
+  A u = A(0), qv = A(0);
+  int32_t key = none, j = -1;
+  if (best.index >= 0) {
+    u = best.value;
+    j = static_cast<int32_t>(best.index);
+    const int64_t lab = labels[g0 + j];
+    // A label outside [0, C) is never read: its score counts as 0.
+    const A s = (lab >= 0 && lab < C) ? to_acc(scores[p * ss0 + lab * ss1]) : A(0);
+    qv = assign_quality(s, u, alpha, beta);
+    if (u >= thr) key = static_cast<int32_t>(g0 + j);
+  }
+  gt_inds[p] = 0;
+  q_out[p] = from_acc<T>(qv);
+  u_buf[p] = u;
+  q_buf[p] = qv;
+  jloc[p] = j;
+  keys[p] = key;
+  vals[p] = p;
+}
+
+// First position of `key` in the sorted keys[0, n).
+__device__ __forceinline__ int64_t lower_bound_key(const int32_t* keys, int64_t n, int32_t key) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (keys[mid] < key) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+template <typename A>
+__device__ __forceinline__ Member<A> load_member(const int64_t* vals, const A* u_buf,
+                                                 const A* q_buf, int64_t pos) {
+  const int64_t v = vals[pos];
+  return {u_buf[v], q_buf[v], v};
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kBlock)
+assign_select_kernel(const int32_t* __restrict__ keys, const int64_t* __restrict__ vals, int64_t P,
+                     const A* __restrict__ u_buf, const A* __restrict__ q_buf,
+                     const int32_t* __restrict__ jloc, const bool* __restrict__ valid,
+                     int64_t topk, int tile, A* __restrict__ sorted_u,
+                     int32_t* __restrict__ qrank_buf, int64_t* __restrict__ gt_inds) {
+  Member<A>* sm = dynamic_smem<Member<A>>();  // `tile` members
+  __shared__ SharedArray<int64_t, 1> k_shared;
+  const int32_t g = static_cast<int32_t>(blockIdx.x);
+  const int64_t start = lower_bound_key(keys, P, g);
+  const int64_t bag = lower_bound_key(keys, P, g + 1) - start;
+  if (bag == 0) return;  // the same for every thread of the block
+  const bool resident = bag <= tile;
+  if (resident) {
+    for (int64_t i = threadIdx.x; i < bag; i += kBlock) sm[i] = load_member(vals, u_buf, q_buf, start + i);
+    __syncthreads();
+  }
+  for (int64_t c0 = 0; c0 < bag; c0 += kBlock) {
+    const int64_t i = c0 + threadIdx.x;
+    const bool mine = i < bag;
+    A mu = A(0), mq = A(0);
+    int64_t mp = 0;
+    if (mine) {
+      const Member<A> m = resident ? sm[i] : load_member(vals, u_buf, q_buf, start + i);
+      mu = m.u;
+      mq = m.q;
+      mp = m.p;
+    }
+    int64_t urank = 0, qrank = 0;
+    for (int64_t t0 = 0; t0 < bag; t0 += tile) {
+      const int tn = static_cast<int>(bag - t0 < tile ? bag - t0 : tile);
+      if (!resident) {
+        __syncthreads();  // the previous tile is no longer read
+        for (int k = threadIdx.x; k < tn; k += kBlock) {
+          sm[k] = load_member(vals, u_buf, q_buf, start + t0 + k);
+        }
+        __syncthreads();
+      }
+      if (mine) {
+        // Unrolled by 2: the compiler's default unrolling spills in the double kernel.
+#pragma unroll 2
+        for (int k = 0; k < tn; ++k) {
+          const Member<A> o = sm[k];
+          urank += ranks_before(o.u, o.p, mu, mp);
+          qrank += ranks_before(o.q, o.p, mq, mp);
+        }
+      }
+    }
+    if (mine) {
+      if (urank < topk) sorted_u[start + urank] = mu;
+      qrank_buf[start + i] = static_cast<int32_t>(qrank);
+    }
+  }
+  __syncthreads();  // sorted_u and qrank_buf (global memory) are written
+  if (threadIdx.x == 0) {
+    const int64_t kk = bag < topk ? bag : topk;
+    A sum = A(0);
+    for (int64_t r = 0; r < kk; ++r) sum += sorted_u[start + r];  // descending u
+    k_shared[0] = dynamic_k(sum);
+  }
+  __syncthreads();
+  const int64_t k = k_shared[0];
+  for (int64_t i = threadIdx.x; i < bag; i += kBlock) {
+    if (qrank_buf[start + i] < k) {
+      const int64_t v = vals[start + i];
+      if (valid == nullptr || valid[v]) gt_inds[v] = jloc[v] + 1;
+    }
+  }
+}
+
+int bits_for(int64_t v) {
+  int b = 1;
+  while (b < 31 && (int64_t(1) << b) <= v) ++b;
+  return b;
+}
+
+size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
+
+struct AssignWorkspace {
+  size_t u = 0, q = 0, sorted_u = 0, jloc = 0, keys_in = 0, keys_out = 0, vals_in = 0,
+         vals_out = 0, qrank = 0, temp = 0, temp_bytes = 0, total = 0;
+  AssignWorkspace(DType dt, int64_t P, int64_t M) {
+    if (P == 0) return;
+    const size_t acc = dt == DType::kDouble ? sizeof(double) : sizeof(float);
+    size_t o = 0;
+    auto take = [&](size_t bytes) {
+      const size_t at = o;
+      o += align_up(bytes);
+      return at;
+    };
+    u = take(acc * P);
+    q = take(acc * P);
+    sorted_u = take(acc * P);
+    jloc = take(sizeof(int32_t) * P);
+    keys_in = take(sizeof(int32_t) * P);
+    keys_out = take(sizeof(int32_t) * P);
+    vals_in = take(sizeof(int64_t) * P);
+    vals_out = take(sizeof(int64_t) * P);
+    qrank = take(sizeof(int32_t) * P);
+    if (M > 0) {
+      temp_bytes = sort_pairs_temp_bytes(P, bits_for(M));
+      temp = take(temp_bytes);
+    }
+    total = o;
+  }
+};
+
+}  // namespace
+
+size_t prediction_guided_assign_workspace(DType dt, const AssignArgs& a) {
+  return AssignWorkspace(dt, a.p_offsets[a.N], a.m_offsets[a.N]).total;
+}
+
+void prediction_guided_assign(DType dt, const AssignArgs& a, int64_t* gt_inds, void* q,
+                              void* workspace, void* stream, int tile) {
+  const int64_t P = a.p_offsets[a.N], M = a.m_offsets[a.N];
+  if (P == 0) return;
+  if (tile <= 0) tile = kAssignDefaultTile;
+  if (tile > kAssignMaxTile) {
+    throw std::invalid_argument("prediction_guided_assign: tile must be at most " +
+                                std::to_string(kAssignMaxTile) + " members, got " +
+                                std::to_string(tile));
+  }
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const AssignWorkspace ws(dt, P, M);
+  char* w = static_cast<char*>(workspace);
+  int32_t* jloc = reinterpret_cast<int32_t*>(w + ws.jloc);
+  int32_t* keys_in = reinterpret_cast<int32_t*>(w + ws.keys_in);
+  int32_t* keys_out = reinterpret_cast<int32_t*>(w + ws.keys_out);
+  int64_t* vals_in = reinterpret_cast<int64_t*>(w + ws.vals_in);
+  int64_t* vals_out = reinterpret_cast<int64_t*>(w + ws.vals_out);
+  int32_t* qrank = reinterpret_cast<int32_t*>(w + ws.qrank);
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    A* u_buf = reinterpret_cast<A*>(w + ws.u);
+    A* q_buf = reinterpret_cast<A*>(w + ws.q);
+    A* sorted_u = reinterpret_cast<A*>(w + ws.sorted_u);
+    for (int64_t n0 = 0; n0 < a.N; n0 += kChunk) {
+      AssignChunk c;
+      c.count = static_cast<int>(std::min<int64_t>(kChunk, a.N - n0));
+      for (int i = 0; i <= c.count; ++i) {
+        c.p_off[i] = a.p_offsets[n0 + i];
+        c.m_off[i] = a.m_offsets[n0 + i];
+      }
+      const int64_t chunk_p = c.p_off[c.count] - c.p_off[0];
+      if (chunk_p == 0) continue;
+      launch_kernel((assign_match_kernel<T, A>), dim3(static_cast<unsigned>(ceil_div(chunk_p, kBlock))),
+                    kBlock, 0, s, static_cast<const T*>(a.boxes), a.bs0, a.bs1,
+                    static_cast<const T*>(a.scores), a.ss0, a.ss1, a.C,
+                    static_cast<const T*>(a.pseudo_boxes), a.pseudo_labels, c,
+                    static_cast<A>(a.eps), static_cast<A>(a.iou_thr), a.alpha, 1.0 - a.alpha,
+                    static_cast<int32_t>(M), gt_inds, static_cast<T*>(q), u_buf, q_buf, jloc,
+                    keys_in, vals_in);
+    }
+    if (M == 0) return;
+    sort_pairs(keys_in, keys_out, vals_in, vals_out, P, bits_for(M), w + ws.temp, ws.temp_bytes,
+               s);
+    launch_kernel((assign_select_kernel<A>), dim3(static_cast<unsigned>(M)), kBlock,
+                  static_cast<size_t>(tile) * sizeof(Member<A>), s, keys_out, vals_out, P, u_buf,
+                  q_buf, jloc, a.valid, a.topk, tile, sorted_u, qrank, gt_inds);
+  });
+}
+
+}  // namespace cuda
+}  // namespace tbd_ops

@@ -1,0 +1,120 @@
+"""PseCo's prediction-guided label assignment (SPEC 2.1), the whole batch per launch."""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ._utils import check_tensor
+
+_OP = "prediction_guided_assign"
+
+
+def _tensor_list(name: str, value, n: Optional[int]) -> List[torch.Tensor]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{_OP}: {name} must be a list with one tensor per image, got {type(value).__name__}")
+    if n is not None and len(value) != n:
+        raise ValueError(f"{_OP}: {name} must hold one tensor per image (N = {n}), got {len(value)}")
+    for i, t in enumerate(value):
+        check_tensor(_OP, f"{name}[{i}]", t)
+    return list(value)
+
+
+def _flat(parts: List[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def prediction_guided_assign(
+    boxes: Sequence[torch.Tensor],
+    scores: Sequence[torch.Tensor],
+    pseudo_boxes: Sequence[torch.Tensor],
+    pseudo_labels: Sequence[torch.Tensor],
+    valid: Optional[Sequence[torch.Tensor]] = None,
+    iou_thr: float = 0.4,
+    topk: int = 12,
+    alpha: float = 0.5,
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Prediction-guided label assignment of PseCo, for a batch of images.
+
+    For every proposal p of an image: ``u[p]`` is its largest IoU with the
+    image's pseudo boxes and ``j*(p)`` that pseudo box (the lowest index on
+    ties). The bag of pseudo box j holds the proposals with ``j*(p) = j`` and
+    ``u[p] >= iou_thr``. Its size ``k_j = max(1, floor(sum of the
+    min(|bag|, topk) largest u))`` (added in descending order of u, equal values
+    by increasing proposal index). The ``k_j`` members of largest quality
+    ``q = s^alpha * u^(1 - alpha)``, ``s = scores[p, pseudo_labels[j]]``, become
+    positives (equal q: the lower proposal index first), except those with
+    ``valid[p] = False``.
+
+    All images run in one launch; nothing synchronizes with the host.
+
+    Args:
+        boxes: N tensors ``[P_n, 4]`` (teacher boxes of the proposals).
+        scores: N tensors ``[P_n, C]`` (teacher class probabilities), C >= 1.
+        pseudo_boxes: N tensors ``[M_n, 4]`` (``M_n`` may be 0).
+        pseudo_labels: N int64 tensors ``[M_n]`` with values in ``[0, C)``. The
+            CPU kernel raises on a label outside; the CUDA kernel takes the
+            score of such a pseudo box as 0 (it never reads out of bounds).
+        valid: None, or N bool tensors ``[P_n]``.
+        iou_thr: in (0, 1]. topk: >= 1. alpha: in [0, 1].
+
+    Returns:
+        ``(gt_inds, q)``, lists of N tensors ``[P_n]``: ``gt_inds`` int64, 0 for
+        background and ``j + 1`` for a positive of pseudo box j; ``q`` the
+        quality of every proposal against its best pseudo box ``j*(p)``
+        (positive or not; 0 in an image without pseudo boxes), computed in
+        float32 (float64 for float64 input) and returned in the dtype of
+        ``scores``. Neither output has a gradient.
+    """
+    boxes = _tensor_list("boxes", boxes, None)
+    n = len(boxes)
+    scores = _tensor_list("scores", scores, n)
+    pseudo_boxes = _tensor_list("pseudo_boxes", pseudo_boxes, n)
+    pseudo_labels = _tensor_list("pseudo_labels", pseudo_labels, n)
+    if valid is not None:
+        valid = _tensor_list("valid", valid, n)
+    if n == 0:
+        return [], []
+    for i in range(n):
+        if boxes[i].dim() != 2 or boxes[i].shape[1] != 4:
+            raise ValueError(f"{_OP}: boxes[{i}] must be [P, 4], got shape {tuple(boxes[i].shape)}")
+        if scores[i].dim() != 2 or scores[i].shape[0] != boxes[i].shape[0]:
+            raise ValueError(f"{_OP}: scores[{i}] must be [P, C] with P = {boxes[i].shape[0]} (the rows of "
+                             f"boxes[{i}]), got shape {tuple(scores[i].shape)}")
+        if scores[i].shape[1] != scores[0].shape[1]:
+            raise ValueError(f"{_OP}: scores[{i}] must have the C = {scores[0].shape[1]} columns of scores[0], "
+                             f"got shape {tuple(scores[i].shape)}")
+        if pseudo_boxes[i].dim() != 2 or pseudo_boxes[i].shape[1] != 4:
+            raise ValueError(f"{_OP}: pseudo_boxes[{i}] must be [M, 4], got shape {tuple(pseudo_boxes[i].shape)}")
+        if pseudo_labels[i].dim() != 1 or pseudo_labels[i].shape[0] != pseudo_boxes[i].shape[0]:
+            raise ValueError(f"{_OP}: pseudo_labels[{i}] must be [M] with M = {pseudo_boxes[i].shape[0]} (the "
+                             f"rows of pseudo_boxes[{i}]), got shape {tuple(pseudo_labels[i].shape)}")
+        if valid is not None and (valid[i].dim() != 1 or valid[i].shape[0] != boxes[i].shape[0]):
+            raise ValueError(f"{_OP}: valid[{i}] must be [P] with P = {boxes[i].shape[0]}, got shape "
+                             f"{tuple(valid[i].shape)}")
+    p_counts = [int(b.shape[0]) for b in boxes]
+    m_counts = [int(g.shape[0]) for g in pseudo_boxes]
+    gt_inds, q = torch.ops.tbd_ops.prediction_guided_assign.default(
+        _flat(boxes), _flat(scores), _flat(pseudo_boxes), _flat(pseudo_labels), p_counts, m_counts,
+        None if valid is None else _flat(valid), float(iou_thr), int(topk), float(alpha),
+    )
+    return list(gt_inds.split(p_counts)), list(q.split(p_counts))
+
+
+@torch.library.register_fake("tbd_ops::prediction_guided_assign")
+def _fake(boxes, scores, pseudo_boxes, pseudo_labels, proposal_counts, pseudo_counts, valid=None,
+          iou_thr=0.4, topk=12, alpha=0.5):
+    torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: f"{_OP}: boxes must be [P, 4]")
+    torch._check(len(proposal_counts) == len(pseudo_counts),
+                 lambda: f"{_OP}: proposal_counts and pseudo_counts must have one count per image each")
+    p = boxes.shape[0]
+    return boxes.new_empty((p,), dtype=torch.long), scores.new_empty((p,))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _backward(ctx, _grad_gt_inds, _grad_q):
+    return (None,) * 10
+
+
+torch.library.register_autograd("tbd_ops::prediction_guided_assign", _backward, setup_context=_setup_context)
