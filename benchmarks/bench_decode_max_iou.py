@@ -1,10 +1,11 @@
-"""Benchmark of tbd_ops.decode_max_iou (p_r) against eager PyTorch and torch.compile.
+"""Benchmark of tbd_ops.decode_max_iou (p_r) vs eager PyTorch vs torch.compile.
 
 Problem: every box prediction of a 1333x800 image (all five FPN levels, strides 8..128,
 P = 22,300 * A priors per image) is decoded with MMDetection's DeltaXYWHBBoxCoder and its
-best IoU over the image's G ground truths is taken. The eager reference builds the P x G
-IoU matrix of each image (about 10 P x G float32 temporaries at its peak; with autograd the
-temporaries of all N images are kept for backward); tbd_ops never forms it.
+best IoU over the image's G ground truths is taken. The eager baseline is what a user would
+write: MMDetection's decode on the whole batch, then the batched [N, P, G] IoU matrix (the
+images have the same G, a padded batch) and its max; it holds about 8 N x P x G float32
+temporaries at its peak (kept for backward with autograd); tbd_ops never forms the matrix.
 
   anchors: MMDetection's AnchorGenerator, (h, w, a) order per level, levels concatenated;
            A = 9: RetinaNet (octave base scale 4, 3 scales per octave, ratios 0.5/1/2);
@@ -12,7 +13,7 @@ temporaries of all N images are kept for backward); tbd_ops never forms it.
   ground truths: G per image, centres uniform in the image, sqrt(area) log-uniform in
            [12, 600] px, aspect ratio in [1/2, 2], clipped to the image
   predictions: [N, P, 4] deltas ~ N(0, 0.1), stds 1, clipped to max_shape = (800, 1333)
-  G in {7, 50, 100, 500}, A in {1, 9}, batch 2 and 16 (CUDA), float32.
+  G in {7, 50, 100, 500}, A in {1, 9}, batch 2 and 16 (CUDA; a selection on CPU), float32.
 
 Plus a [N, A*4, H, W] head-layout case (P3 only, read in place) and the memory case:
 1 image, 151,200 anchors x 800 ground truths, forward (eager's IoU matrix alone is 461 MiB).
@@ -34,7 +35,6 @@ import torch
 import harness
 import tbd_ops
 from harness import Case, Config, Inputs
-from tbd_ops import reference
 
 OP = "decode_max_iou"
 LABEL = "p_r"
@@ -44,9 +44,33 @@ STRIDES = (8, 16, 32, 64, 128)
 LEVEL_HW = ((100, 167), (50, 84), (25, 42), (13, 21), (7, 11))  # ceil(800/s), ceil(1333/s)
 CODER = dict(coder="delta_xywh", means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0),
              max_shape=(IMG_H, IMG_W))
-# Peak of the eager reference in P x G float32 matrices (measured: ~10 per image).
-REF_MATRICES = 10
-SUBSET_PRIORS = 20000  # priors of image 0 used for the correctness guard when eager is skipped
+EAGER_MATRICES = 8  # peak of the eager baseline in N x P x G float32 matrices
+
+
+def eager(bbox_pred, priors, gt_bboxes, *, coder="delta_xywh", means=(0.0,) * 4, stds=(1.0,) * 4,
+          max_shape=None, wh_ratio_clip=16 / 1000):
+    """Batched plain PyTorch: delta2bbox on [N, P, 4], then max over the [N, P, G] IoU matrix."""
+    assert coder == "delta_xywh"
+    if bbox_pred.dim() == 4:  # [N, A*4, H, W] -> [N, H*W*A, 4]
+        n, c, h, w = bbox_pred.shape
+        bbox_pred = bbox_pred.view(n, c // 4, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+    d = bbox_pred * bbox_pred.new_tensor(stds) + bbox_pred.new_tensor(means)
+    r = abs(math.log(wh_ratio_clip))
+    pxy, pwh = (priors[:, :2] + priors[:, 2:]) * 0.5, priors[:, 2:] - priors[:, :2]
+    gxy, gwh = pxy + pwh * d[..., :2], pwh * d[..., 2:].clamp(-r, r).exp()
+    boxes = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
+    if max_shape is not None:
+        h, w = max_shape
+        boxes = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([w, h, w, h]))
+    gts = torch.stack(list(gt_bboxes))  # [N, G, 4]
+    lt = torch.maximum(boxes[:, :, None, :2], gts[:, None, :, :2])
+    rb = torch.minimum(boxes[:, :, None, 2:], gts[:, None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area_b = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
+    area_g = (gts[..., 2:] - gts[..., :2]).clamp(min=0).prod(-1)
+    iou = inter / (area_b[:, :, None] + area_g[:, None, :] - inter).clamp(min=1e-6)
+    return iou.max(dim=-1)
 
 
 def base_anchors(stride: int, a: int, device) -> torch.Tensor:
@@ -96,24 +120,14 @@ def random_gts(g: int, device) -> torch.Tensor:
     return torch.stack([x1, y1, x2, y2], dim=-1)
 
 
-def _subset(inp: Inputs):
-    """Image 0, its first SUBSET_PRIORS priors: the guard's problem when eager is too big."""
-    pred, priors, gts = inp.args
-    ps = min(SUBSET_PRIORS, priors.shape[0])
-    sub = Inputs((pred[:1, :ps], priors[:ps], list(gts[:1])), dict(inp.kwargs))
-    return sub, lambda out: (out[0][:1, :ps], out[1][:1, :ps])
-
-
 def make_case(a: int, g: int, n: int, *, name: str = None, head_layout: bool = False,
-              anchors: int = None, modes: Sequence[str] = harness.MODES, no_compile: str = None,
-              dtype: torch.dtype = torch.float32) -> Case:
+              anchors: int = None, modes: Sequence[str] = harness.MODES,
+              dtype: torch.dtype = torch.float32, no_compile: str = None) -> Case:
     if head_layout:  # P3 only, [N, A*4, H, W]
         h, w = LEVEL_HW[0]
         p = h * w * a
-    elif anchors is not None:
-        p = anchors
     else:
-        p = sum(h * w for h, w in LEVEL_HW) * a
+        p = anchors if anchors is not None else sum(h * w for h, w in LEVEL_HW) * a
     es = torch.empty(0, dtype=dtype).element_size()
 
     def make_inputs(device: torch.device) -> Inputs:
@@ -131,60 +145,36 @@ def make_case(a: int, g: int, n: int, *, name: str = None, head_layout: bool = F
         bwd = n * p * es + n * p * 8 + (n * p * 4 + p * 4 + n * g * 4) * es + n * p * 4 * es
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
-    def ref_bytes(mode: str) -> int:
-        per_image = p * g * 4 * REF_MATRICES
-        return per_image if mode == "fwd" else (n + 1) * per_image
+    def skip(provider: str, mode: str, cfg: Config):
+        if provider == "compile" and no_compile:
+            return no_compile
+        need = n * p * g * 4 * EAGER_MATRICES
+        if need > cfg.mem_budget:
+            return f"eager needs ~{need / 2**30:.1f} GiB"
+        return None
 
-    if name is None:
-        name = f"A{a} G{g} b{n}" + (" P3 NCHW" if head_layout else "")
-    return Case(
-        op=OP, label=LABEL, name=name,
-        params={"A": a, "G": g, "N": n, "P": p, "layout": "NCHW" if head_layout else "NP4"},
-        make_inputs=make_inputs,
-        ours=tbd_ops.decode_max_iou, reference=reference.decode_max_iou,
-        bytes_moved=bytes_moved, dtype=dtype, modes=tuple(modes), ref_bytes=ref_bytes,
-        check_subset=None if head_layout else _subset, no_compile=no_compile,
-    )
-
-
-def memory_case(no_compile: str = None) -> Case:
-    return make_case(1, 800, 1, name="mem P151200 G800 b1", anchors=151200,
-                     modes=("fwd",), no_compile=no_compile)
+    return Case(op=OP, label=LABEL, name=name or f"A{a} G{g} b{n}" + (" P3 NCHW" if head_layout else ""),
+                params={"A": a, "G": g, "N": n, "P": p, "layout": "NCHW" if head_layout else "NP4"},
+                make_inputs=make_inputs, ours=tbd_ops.decode_max_iou, eager=eager,
+                bytes_moved=bytes_moved, dtype=dtype, modes=tuple(modes), skip=skip)
 
 
 def cases(cfg: Config) -> Tuple[List[Case], List[str]]:
-    notes: List[str] = []
     if cfg.quick:
         return [make_case(1, 7, 2, name="quick A1 G7 b2 P2000", anchors=2000),
-                make_case(9, 20, 1, name="quick A9 G20 b1 P6000", anchors=6000, modes=("fwd",))], notes
-    out: List[Case] = []
+                make_case(9, 20, 1, name="quick A9 G20 b1 P6000", anchors=6000, modes=("fwd",))], []
+    mem = make_case(1, 800, 1, name="mem P151200 G800 b1", anchors=151200, modes=("fwd",))
     if cfg.device.type == "cuda" or cfg.full:
-        # torch.compile unrolls the reference's per-image loop: at batch 16 each graph takes
-        # tens of seconds to compile, which would double the run; --full includes them.
-        slow = None if cfg.full else "compile of the 16-image graph is slow; run with --full"
-        for n in (2, 16):
-            for a in (1, 9):
-                for g in (7, 50, 100, 500):
-                    out.append(make_case(a, g, n, no_compile=slow if n == 16 else None))
-        out.append(make_case(9, 50, 2, head_layout=True))
-        out.append(memory_case())
-        if slow:
-            notes.append("p_r: torch.compile not run at batch 16 (its per-image loop unrolls into a "
-                         "16-image graph, tens of seconds to compile per case); --full runs it")
-        return out, notes
+        out = [make_case(a, g, n) for n in (2, 16) for a in (1, 9) for g in (7, 50, 100, 500)]
+        return out + [make_case(9, 50, 2, head_layout=True), mem], []
     # CPU: a selection that finishes in a few minutes on 2 cores.
-    big = "CPU: compiling + running the largest cases takes too long"
-    for a, g in ((1, 7), (1, 50), (1, 100), (1, 500), (9, 7), (9, 50)):
-        out.append(make_case(a, g, 2, no_compile=big if a * g >= 500 else None))
-    out.append(make_case(9, 50, 2, head_layout=True, no_compile=big))
-    out.append(memory_case(no_compile=big))
-    notes.append("p_r on CPU: batch 2 only; A=1 with G in {7, 50, 100, 500}, A=9 with G in {7, 50} "
-                 "(A=9 with G=100/500 and batch 16 run on CUDA or with --full); torch.compile not run "
-                 "for A*G >= 500 and the memory case: a CPU forward there takes seconds per call")
-    return out, notes
+    slow = "CPU: compiling and running this case takes minutes"
+    out = [make_case(1, 7, 2), make_case(1, 100, 2), make_case(9, 50, 2, no_compile=slow),
+           make_case(9, 50, 2, head_layout=True, no_compile=slow), mem]
+    return out, ["p_r on CPU: batch 2, A=1 with G in {7, 100}, A=9 with G=50 (no torch.compile there), "
+                 "the memory case forward; the whole matrix runs on CUDA or with --full"]
 
 
 if __name__ == "__main__":
     import sys
-    sys.exit(harness.exit_code(harness.main([sys.modules[__name__]], tag=LABEL,
-                                            description=__doc__.split("\n")[0])))
+    sys.exit(harness.exit_code(harness.main([sys.modules[__name__]], tag=LABEL)))

@@ -1,20 +1,25 @@
-"""Runs every tbd_ops benchmark into one table, CSV and PNG.
+"""Runs every benchmark script benchmarks/bench_*.py into one table, CSV and PNG.
 
     python benchmarks/run_all.py [--device cpu|cuda] [--quick] [--full] [--providers ...]
-        [--modes ...] [--filter REGEX] [--out-dir DIR] [--no-plot]
+        [--modes ...] [--filter REGEX] [--threads N] [--out-dir DIR] [--no-plot]
 
-Default device: CUDA when available, else CPU. Results go to
-benchmarks/results/bench_<device>.csv and .png (bench_<device>_quick.* with --quick).
-On CPU a trimmed selection of cases runs by default (printed as notes); --full runs the
-whole matrix that CUDA runs.
+A new benchmark is one file benchmarks/bench_<name>.py defining
+``cases(cfg: harness.Config) -> (list[harness.Case], list[str] notes)``; it is picked up here
+(in file-name order) with no other change. See README.md.
 """
+import importlib
 import sys
+from pathlib import Path
 
 import harness
-import bench_channel_max_spatial_softmax
-import bench_decode_max_iou
 
-MODULES = [bench_channel_max_spatial_softmax, bench_decode_max_iou]
+HERE = Path(__file__).resolve().parent
+
+
+def modules():
+    sys.path.insert(0, str(HERE))
+    return [importlib.import_module(p.stem) for p in sorted(HERE.glob("bench_*.py"))]
+
 
 if __name__ == "__main__":
-    sys.exit(harness.exit_code(harness.main(MODULES, description=__doc__.split("\n")[0])))
+    sys.exit(harness.exit_code(harness.main(modules())))
