@@ -554,6 +554,23 @@ def clipped_problem(device, coder, N=3, A=2, H=3, W=4):
 @pytest.mark.parametrize("kind", ["tensor", "list", "tensor_f32", "tensor_int"])
 def test_per_image_max_shape_matches_reference(device, coder, kind):
     pred, priors, gts = clipped_problem(device, coder)
+    # Image 0 gets a ground truth covering both clip windows and a first prediction that decodes
+    # to about (1, 1, 31, 31): clipped to (20, 25) or to (33.5, 12), its area and so its IoU with
+    # the cover differ, whatever the random rest of the problem.
+    cover = torch.tensor([[0.0, 0.0, 40.0, 40.0]], dtype=gts[0].dtype, device=device)
+    gts = [torch.cat([gts[0], cover]), *gts[1:]]
+    pred = pred.detach().clone()
+    if coder == "delta_xywh":
+        priors = priors.detach().clone()
+        priors[0] = torch.tensor([1.0, 1.0, 31.0, 31.0])
+        pred[0, :4, 0, 0] = -torch.tensor(CODER_KW[coder]["means"], dtype=pred.dtype) / torch.tensor(
+            CODER_KW[coder]["stds"], dtype=pred.dtype)  # zero deltas after de-normalization
+    elif coder == "distance":
+        priors = priors.detach().clone()
+        priors[0] = torch.tensor([16.0, 16.0])
+        pred[0, :4, 0, 0] = 15.0 / CODER_KW[coder]["scale"]
+    else:
+        pred[0, :4, 0, 0] = torch.tensor([1.0, 1.0, 31.0, 31.0])
     ms = per_image(kind, device)
     kw = dict(CODER_KW[coder], max_shape=ms)
     (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(pred, priors, gts, kw)
