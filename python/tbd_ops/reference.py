@@ -211,3 +211,42 @@ def prediction_guided_assign(boxes, scores, pseudo_boxes, pseudo_labels, valid=N
         gt_out.append(gt)
         q_out.append(q.to(scores[i].dtype))
     return gt_out, q_out
+
+
+# ---- sigmoid_focal_loss (SPEC 2.4) --------------------------------------------------------------
+_FOCAL_LOG_MIN = math.log(torch.finfo(torch.float32).tiny)  # log(FLT_MIN)
+
+
+def _clamped_log(log_v: torch.Tensor) -> torch.Tensor:
+    """``log_v`` clamped below at log(FLT_MIN); its gradient is 1 everywhere (as mmcv's backward)."""
+    return log_v.detach().clamp(min=_FOCAL_LOG_MIN) + (log_v - log_v.detach())
+
+
+def sigmoid_focal_loss(logits, targets, weight=None, gamma: float = 2.0, alpha: float = 0.25,
+                       reduction: str = "sum"):
+    """RetinaNet's sigmoid focal loss on one-hot targets (``targets == C``: background).
+
+    ``-alpha (1-p)^gamma log p`` (target 1), ``-(1-alpha) p^gamma log(1-p)`` (target 0),
+    times ``weight[r]``; p and 1 - p as sigmoid(x) and sigmoid(-x), the logs as
+    log-sigmoids clamped below at log(FLT_MIN). ``"none"``: ``[R, C]`` in the dtype
+    of logits; ``"sum"``/``"mean"`` (over R * C elements): 0-d float32 (float64 for
+    float64).
+    """
+    x = _acc(logits)
+    r, c = x.shape
+    t = torch.nn.functional.one_hot(targets, c + 1)[:, :c].to(x.dtype) if r else x.new_zeros(r, c)
+    p, q = torch.sigmoid(x), torch.sigmoid(-x)
+    log_p = _clamped_log(torch.nn.functional.logsigmoid(x))
+    log_q = _clamped_log(torch.nn.functional.logsigmoid(-x))
+    loss = -alpha * q.pow(gamma) * log_p * t - (1.0 - alpha) * p.pow(gamma) * log_q * (1.0 - t)
+    if weight is not None:
+        loss = loss * _acc(weight).to(x.dtype)[:, None]
+    if reduction == "none":
+        return loss.to(logits.dtype)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    raise ValueError(f"sigmoid_focal_loss: reduction must be one of ('none', 'sum', 'mean'), got {reduction!r}")
+__all__ += ["sigmoid_focal_loss"]
+

@@ -4,6 +4,7 @@ from .decode_max_iou import box_max_iou, decode_max_iou
 from .masked_reduce import masked_l1, masked_sq_dist
 from .prediction_guided_assign import prediction_guided_assign
 from .scale_consistency_loss import scale_consistency_loss
+from .sigmoid_focal_loss import sigmoid_focal_loss
 
 __all__ = [
     "channel_max_spatial_softmax",
@@ -13,4 +14,5 @@ __all__ = [
     "masked_l1",
     "prediction_guided_assign",
     "scale_consistency_loss",
+    "sigmoid_focal_loss",
 ]

@@ -1,0 +1,386 @@
+"""sigmoid_focal_loss (SPEC 2.4): kernels vs tbd_ops.reference (float64), values and gradients."""
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import tbd_ops
+from tbd_ops import reference as ref
+from conftest import DEVICES, GRAD_TOL, TOL, requires_cuda, requires_emu, run_single_threaded
+import dispatch as emu_dispatch
+
+OP = tbd_ops.sigmoid_focal_loss
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+REDUCTIONS = ["none", "sum", "mean"]
+F64 = dict(rtol=1e-9, atol=1e-12)
+
+
+def inputs(R, C, device, dtype=torch.float64, scale=3.0, background=0.3):
+    logits = (torch.randn(R, C, dtype=torch.float64) * scale).to(dtype).to(device)
+    targets = torch.randint(0, max(C, 1), (R,))
+    targets[torch.rand(R) < background] = C
+    weight = (torch.rand(R, dtype=torch.float64) + 0.1).to(device)
+    return logits, targets.to(device), weight
+
+
+def value_and_grads(f, logits, targets, weight, reduction, g, **kw):
+    x = logits.detach().clone().requires_grad_()
+    w = None if weight is None else weight.detach().clone().requires_grad_()
+    y = f(x, targets, w, reduction=reduction, **kw)
+    ins = [x] if w is None else [x, w]
+    grads = torch.autograd.grad(y, ins, g)
+    return y, grads
+
+
+def compare(logits, targets, weight, reduction, value_tol=None, grad_tol=None, **kw):
+    """Ours vs the float64 reference on the same (rounded) inputs, with a random incoming gradient."""
+    dtype = logits.dtype
+    value_tol = value_tol or (F64 if dtype == torch.float64 else TOL[dtype])
+    grad_tol = grad_tol or (F64 if dtype == torch.float64 else GRAD_TOL[dtype])
+    R, C = logits.shape
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.randn((R, C) if reduction == "none" else (), dtype=torch.float64, device=logits.device)
+    y, grads = value_and_grads(OP, logits, targets, weight, reduction,
+                               g.to(dtype if reduction == "none" else acc), **kw)
+    assert y.dtype == (dtype if reduction == "none" else acc)
+    assert y.shape == ((R, C) if reduction == "none" else ())
+    y_ref, grads_ref = value_and_grads(ref.sigmoid_focal_loss, logits.double(), targets,
+                                       None if weight is None else weight.double(), reduction,
+                                       g.to(dtype).double() if reduction == "none" else g.to(acc).double(), **kw)
+    torch.testing.assert_close(y.double(), y_ref.double(), equal_nan=True, **value_tol)
+    for got, want, inp in zip(grads, grads_ref, (logits, weight)):
+        assert got.dtype == inp.dtype and got.shape == inp.shape
+        torch.testing.assert_close(got.double(), want, equal_nan=True, **grad_tol)
+    return y, grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("use_weight", [False, True])
+def test_matches_reference(device, dtype, reduction, use_weight):
+    logits, targets, weight = inputs(37, 6, device, dtype)
+    w = weight.to(dtype) if use_weight else None
+    if dtype != torch.float64 and reduction != "none":
+        # A sum of 222 rounded terms: relative to the sum of magnitudes.
+        y, _ = compare(logits, targets, w, reduction, value_tol=dict(rtol=TOL[dtype]["rtol"] * 4, atol=1e-5))
+    else:
+        compare(logits, targets, w, reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gamma,alpha", [(0.0, 0.25), (2.0, 0.25), (1.0, 0.5), (1.5, 0.75), (2.0, 0.0), (0.5, 1.0)])
+def test_gamma_alpha(device, gamma, alpha):
+    logits, targets, weight = inputs(29, 5, device)
+    for reduction in REDUCTIONS:
+        compare(logits, targets, weight, reduction, gamma=gamma, alpha=alpha)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_extreme_logits_are_finite(device, dtype):
+    """Logits of +-100 and +-1000 (past the log(FLT_MIN) clamp) against the reference; +-inf finite too."""
+    C = 4
+    vals = torch.tensor([100.0, -100.0, 1000.0, -1000.0, 87.0, -87.0, 88.0, -88.0, 30.0, -30.0, 0.0, 17.0],
+                        dtype=torch.float64)
+    logits = vals[:, None].repeat(1, C).to(dtype).to(device)
+    logits[:, 1] = -logits[:, 1]
+    R = logits.shape[0]
+    targets = torch.tensor([i % (C + 1) for i in range(R)], device=device)
+    weight = torch.rand(R, dtype=torch.float64, device=device) + 0.5
+    for gamma in (0.0, 2.0):
+        for reduction in REDUCTIONS:
+            y, grads = compare(logits, targets, weight.to(dtype), reduction, gamma=gamma)
+            assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    # The clamp: a confidently wrong positive costs alpha * 87.34 (mmcv), and keeps its gradient -alpha.
+    x = torch.tensor([[-1000.0]], dtype=dtype, device=device, requires_grad=True)
+    y = OP(x, torch.tensor([0], device=device), gamma=2.0, alpha=0.25, reduction="sum")
+    assert abs(float(y.detach()) - 0.25 * 87.336544750553102) < 1e-4
+    (gx,) = torch.autograd.grad(y, x)
+    assert float(gx) == pytest.approx(-0.25)
+    # Infinite logits: finite loss and gradient.
+    x = torch.tensor([[float("inf"), float("-inf")], [float("-inf"), float("inf")]], dtype=dtype,
+                     device=device, requires_grad=True)
+    t = torch.tensor([0, 0], device=device)
+    for reduction in REDUCTIONS:
+        y = OP(x, t, reduction=reduction)
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        assert torch.isfinite(y).all() and torch.isfinite(gx).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_background_and_single_class(device):
+    logits, _, weight = inputs(23, 5, device)
+    targets = torch.full((23,), 5, device=device)
+    for reduction in REDUCTIONS:
+        compare(logits, targets, weight, reduction)
+    logits, targets, weight = inputs(31, 1, device)  # C = 1: targets 0 (foreground) or 1 (background)
+    assert set(targets.tolist()) <= {0, 1}
+    for reduction in REDUCTIONS:
+        compare(logits, targets, weight, reduction)
+        compare(logits, targets, None, reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty(device):
+    for R, C in ((0, 5), (0, 1), (4, 0), (0, 0)):
+        x = torch.randn(R, C, dtype=torch.float64, device=device, requires_grad=True)
+        t = torch.full((R,), C, dtype=torch.long, device=device)
+        w = torch.rand(R, dtype=torch.float64, device=device, requires_grad=True)
+        y = OP(x, t, w, reduction="none")
+        assert y.shape == (R, C)
+        y = OP(x, t, w, reduction="sum")
+        assert y.shape == () and float(y) == 0.0
+        gx, gw = torch.autograd.grad(y, (x, w))
+        assert gx.shape == (R, C) and gw.shape == (R,) and (gw == 0).all()
+        # mean over zero elements is NaN, as torch.mean (and torchvision's focal loss)
+        assert math.isnan(float(OP(x, t, w, reduction="mean")))
+        assert math.isnan(float(ref.sigmoid_focal_loss(x, t, w, reduction="mean")))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_deterministic(device):
+    """More elements than one thread block and one CPU chunk; repeated runs are bitwise equal."""
+    logits, targets, weight = inputs(1500, 81, device, torch.float32)
+    compare(logits, targets, weight.float(), "sum", value_tol=dict(rtol=1e-4, atol=1e-4))
+    compare(logits, targets, None, "mean", value_tol=dict(rtol=1e-4, atol=1e-6))
+    a = OP(logits, targets, weight)
+    b = OP(logits, targets, weight)
+    assert torch.equal(a, b)
+    if device == "cpu":
+        c = run_single_threaded(lambda: OP(logits, targets, weight))
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_dtypes(device):
+    """weight in another floating dtype than logits: read in the accumulation dtype; its gradient in its own dtype."""
+    logits, targets, weight = inputs(19, 4, device, torch.float32)
+    for wd in (torch.float64, torch.float16, torch.bfloat16):
+        w = weight.to(wd).requires_grad_()
+        x = logits.detach().requires_grad_()
+        y = OP(x, targets, w, reduction="sum")
+        gx, gw = torch.autograd.grad(y, (x, w))
+        assert gw.dtype == wd and gx.dtype == torch.float32
+        y_ref = ref.sigmoid_focal_loss(logits.double(), targets, w.detach().float().double(), reduction="sum")
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous(device):
+    logits, targets, weight = inputs(26, 7, device)
+    wide = torch.randn(7, 26 * 2, dtype=torch.float64, device=device)
+    wide[:, ::2] = logits.t()
+    x_nc = wide[:, ::2].t()  # column-major and strided
+    t_wide = torch.full((52,), 7, device=device)
+    t_wide[::2] = targets
+    t_nc = t_wide[::2]
+    w_nc = torch.stack([weight, weight], 1)[:, 0]
+    assert not x_nc.is_contiguous() and not t_nc.is_contiguous() and not w_nc.is_contiguous()
+    for reduction in REDUCTIONS:
+        compare(x_nc, t_nc, w_nc, reduction)
+        assert torch.equal(OP(x_nc, t_nc, w_nc, reduction=reduction), OP(logits, targets, weight, reduction=reduction))
+    # A non-contiguous incoming gradient for "none".
+    x = logits.clone().requires_grad_()
+    y = OP(x, targets, weight, reduction="none")
+    g = torch.randn(7, 26, dtype=torch.float64, device=device).t()
+    (gx,) = torch.autograd.grad(y, x, g)
+    x2 = logits.clone().requires_grad_()
+    (gx2,) = torch.autograd.grad(ref.sigmoid_focal_loss(x2, targets, weight, reduction="none"), x2, g)
+    torch.testing.assert_close(gx, gx2, **F64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates(device):
+    logits, targets, weight = inputs(10, 3, device)
+    logits[2, 1] = float("nan")
+    y = OP(logits, targets, weight, reduction="none")
+    assert torch.isnan(y[2, 1]) and torch.isfinite(y[torch.arange(10) != 2]).all()
+    assert torch.isnan(OP(logits, targets, weight, reduction="sum"))
+    x = logits.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(OP(x, targets, weight, reduction="sum"), x)
+    assert torch.isnan(gx[2, 1]) and torch.isfinite(gx[torch.arange(10) != 2]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    logits, targets, weight = inputs(7, 4, device, scale=2.0)
+    x, w = logits.requires_grad_(), weight.requires_grad_()
+    for reduction in REDUCTIONS:
+        for gamma in (0.0, 2.0, 1.5):
+            assert torch.autograd.gradcheck(
+                lambda a, b: OP(a, targets, b, gamma=gamma, alpha=0.3, reduction=reduction), (x, w))
+        assert torch.autograd.gradcheck(lambda a: OP(a, targets, None, reduction=reduction), (x,))
+        assert torch.autograd.gradcheck(lambda b: OP(logits.detach(), targets, b, reduction=reduction), (w,))
+
+
+def sample_inputs(device):
+    logits, targets, weight = inputs(9, 4, device, torch.float32)
+    x64, t64, w64 = inputs(6, 3, device)
+    out = []
+    for reduction in REDUCTIONS:
+        out += [
+            (logits, targets, weight.float(), 2.0, 0.25, reduction),
+            (logits.clone().requires_grad_(), targets, None, 0.0, 0.5, reduction),
+            (x64.clone().requires_grad_(), t64, w64.clone().requires_grad_(), 1.5, 0.25, reduction),
+            (logits.half(), targets, weight.half().requires_grad_(), 2.0, 0.25, reduction),
+            (logits.t().contiguous().t().requires_grad_(), targets, weight, 2.0, 0.25, reduction),
+        ]
+        if reduction != "mean":  # (the mean of nothing is NaN, which opcheck's comparison rejects)
+            out.append((logits[:0], targets[:0], None, 2.0, 0.25, reduction))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in sample_inputs(device):
+        opcheck(torch.ops.tbd_ops.sigmoid_focal_loss, args)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_compile_fullgraph(reduction):
+    logits, targets, weight = inputs(21, 5, "cpu")
+
+    def fn(x, w):
+        y = OP(x, targets, w, gamma=1.5, alpha=0.3, reduction=reduction)
+        return y.sum() * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x1, w1 = logits.clone().requires_grad_(), weight.clone().requires_grad_()
+    x2, w2 = logits.clone().requires_grad_(), weight.clone().requires_grad_()
+    a, b = compiled(x1, w1), fn(x2, w2)
+    torch.testing.assert_close(a, b)
+    for u, v in zip(torch.autograd.grad(a, (x1, w1)), torch.autograd.grad(b, (x2, w2))):
+        torch.testing.assert_close(u, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_target_outside_the_classes(device, request):
+    logits, targets, weight = inputs(12, 4, device)
+    for bad in (5, -1):
+        t = targets.clone()
+        t[3] = bad
+        if request.node.get_closest_marker("cuda_emu") is None and device == "cpu":
+            with pytest.raises(ValueError, match="targets"):
+                OP(logits, t, weight)
+            x = logits.clone().requires_grad_()
+            y = OP(x, targets, weight)  # a valid forward, then a bad backward call
+            with pytest.raises(ValueError, match="targets"):
+                torch.ops.tbd_ops._sigmoid_focal_loss_backward(y.detach(), logits, t, weight, 2.0, 0.25, "sum",
+                                                               [True, False])
+            continue
+        # CUDA: no host check; the row of the bad target is NaN, the others are exact; nothing read out of bounds.
+        x = logits.clone().requires_grad_()
+        y = OP(x, t, weight, reduction="none")
+        assert torch.isnan(y[3]).all()
+        keep = torch.arange(12, device=device) != 3
+        torch.testing.assert_close(y[keep], ref.sigmoid_focal_loss(logits[keep], t[keep], weight[keep], reduction="none"),
+                                   **F64)
+        assert torch.isnan(OP(logits, t, weight, reduction="sum"))
+        (gx,) = torch.autograd.grad(OP(x, t, weight, reduction="sum"), x)
+        assert torch.isnan(gx[3]).all() and torch.isfinite(gx[keep]).all()
+
+
+class TestBadInput:
+    def call(self, **change):
+        logits, targets, weight = inputs(6, 3, "cpu")
+        kw = dict(logits=logits, targets=targets, weight=weight)
+        kw.update(change)
+        return OP(**kw)
+
+    @pytest.mark.parametrize("kw,match", [
+        (dict(reduction="avg"), "reduction"), (dict(reduction=None), "reduction"),
+        (dict(gamma=-1.0), "gamma"), (dict(gamma=float("nan")), "gamma"), (dict(gamma=float("inf")), "gamma"),
+        (dict(alpha=-0.1), "alpha"), (dict(alpha=1.5), "alpha"), (dict(alpha=float("nan")), "alpha"),
+    ])
+    def test_parameters(self, kw, match):
+        with pytest.raises(ValueError, match=match):
+            self.call(**kw)
+
+    def test_op_reduction(self):
+        logits, targets, weight = inputs(6, 3, "cpu")
+        with pytest.raises(ValueError, match="reduction"):
+            torch.ops.tbd_ops.sigmoid_focal_loss(logits, targets, weight, 2.0, 0.25, "avg")
+
+    def test_shapes(self):
+        with pytest.raises(ValueError, match="logits"):
+            self.call(logits=torch.randn(6, 3, 1, dtype=torch.float64))
+        with pytest.raises(ValueError, match="targets"):
+            self.call(targets=torch.zeros(5, dtype=torch.long))
+        with pytest.raises(ValueError, match="targets"):
+            self.call(targets=torch.zeros(6, 1, dtype=torch.long))
+        with pytest.raises(ValueError, match="weight"):
+            self.call(weight=torch.ones(6, 3, dtype=torch.float64))
+        with pytest.raises(ValueError, match="weight"):
+            self.call(weight=torch.ones(5, dtype=torch.float64))
+
+    def test_dtypes(self):
+        with pytest.raises(TypeError, match="logits"):
+            self.call(logits=torch.zeros(6, 3, dtype=torch.long))
+        with pytest.raises(TypeError, match="targets"):
+            self.call(targets=torch.zeros(6, dtype=torch.int32))
+        with pytest.raises(TypeError, match="weight"):
+            self.call(weight=torch.ones(6, dtype=torch.long))
+        with pytest.raises(TypeError, match="logits"):
+            self.call(logits=[[0.0] * 3] * 6)
+
+    @requires_cuda
+    def test_device(self):
+        with pytest.raises(ValueError, match="targets"):
+            self.call(logits=torch.randn(6, 3, device="cuda"))
+
+    def test_backward_op_grad(self):
+        logits, targets, weight = inputs(6, 3, "cpu")
+        bk = torch.ops.tbd_ops._sigmoid_focal_loss_backward
+        with pytest.raises(ValueError, match="grad"):
+            bk(torch.ones(6, 2, dtype=torch.float64), logits, targets, weight, 2.0, 0.25, "none", [True, True])
+        with pytest.raises(ValueError, match="grad"):
+            bk(torch.ones(6, 3, dtype=torch.float64), logits, targets, weight, 2.0, 0.25, "sum", [True, True])
+        with pytest.raises(TypeError, match="grad"):
+            bk(torch.ones((), dtype=torch.float32), logits, targets, weight, 2.0, 0.25, "sum", [True, True])
+
+
+# ---- the emulated CUDA build against the CPU kernels: per-element results bit for bit ----------
+
+@requires_emu
+@pytest.mark.emulated
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_emulated_matches_cpu_bitwise(dtype, reduction):
+    logits, targets, weight = inputs(300, 7, "cpu", dtype)
+    logits[0, :4] = torch.tensor([100.0, -100.0, 1000.0, -1000.0]).to(dtype)
+    w = weight.to(dtype)
+    R, C = logits.shape
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grad = torch.randn(R, C).to(dtype) if reduction == "none" else torch.randn(()).to(acc)
+    for gamma in (0.0, 2.0, 1.5):
+        args = (logits, targets, w, gamma, 0.25, reduction)
+        cpu_out = torch.ops.tbd_ops.sigmoid_focal_loss(*args)
+        cpu_bw = torch.ops.tbd_ops._sigmoid_focal_loss_backward(grad, *args, [True, True])
+        for sched, _ in emu_dispatch.SCHEDULES:
+            emu_dispatch.emu.set_schedule(sched, 7)
+            out = torch.ops.tbd_ops_emu.sigmoid_focal_loss(*args)
+            bw = torch.ops.tbd_ops_emu._sigmoid_focal_loss_backward(grad, *args, [True, True])
+            if reduction == "none":
+                assert torch.equal(out.view(torch.uint8), cpu_out.view(torch.uint8))
+            else:  # a different summation order
+                torch.testing.assert_close(out, cpu_out, rtol=1e-5 if acc == torch.float32 else 1e-12, atol=1e-6)
+            for a, b in zip(bw, cpu_bw):
+                assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+        emu_dispatch.emu.set_schedule(0, 0)
+
+
+@requires_cuda
+def test_no_host_synchronization():
+    logits, targets, weight = inputs(300, 9, "cuda", torch.float32)
+    x = logits.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = OP(x, targets, weight.float(), reduction="mean")
+        (gx,) = torch.autograd.grad(y, x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(y.double(), ref.sigmoid_focal_loss(logits.double(), targets, weight, reduction="mean"),
+                               rtol=1e-5, atol=1e-7)
