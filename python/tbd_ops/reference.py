@@ -250,3 +250,43 @@ def sigmoid_focal_loss(logits, targets, weight=None, gamma: float = 2.0, alpha: 
     raise ValueError(f"sigmoid_focal_loss: reduction must be one of ('none', 'sum', 'mean'), got {reduction!r}")
 __all__ += ["sigmoid_focal_loss"]
 
+
+# ---- consistency_voting (SPEC 2.2) --------------------------------------------------------------
+def consistency_voting(pred_boxes, gt_inds, pseudo_boxes, mode: str = "pseco"):
+    """Consistency voting image by image and pseudo box by pseudo box.
+
+    ``sigma_j`` = mean IoU of the positives of pseudo box j (0 without); ``w[r]`` =
+    ``sigma^2`` ("pseco") or ``sigma`` ("paper") of the RoI's pseudo box, 0 for
+    background; ``reg_scale = sum sigma(r) / max(sum sigma(r)^2, 1e-6)`` over the
+    batch's positives ("pseco"; 0 without positives) or 1 ("paper"). Float32
+    (float64 for float64 boxes). Returns ``(sigma list, w list, reg_scale)``.
+    """
+    if mode not in ("pseco", "paper"):
+        raise ValueError(f"consistency_voting: mode must be 'pseco' or 'paper', got {mode!r}")
+    dtype = _acc(pred_boxes[0]).dtype if len(pred_boxes) else torch.float32
+    device = pred_boxes[0].device if len(pred_boxes) else torch.device("cpu")
+    sig_out, w_out = [], []
+    num = torch.zeros((), dtype=dtype, device=device)
+    den = torch.zeros((), dtype=dtype, device=device)
+    for i in range(len(pred_boxes)):
+        b, g, gi = _acc(pred_boxes[i]), _acc(pseudo_boxes[i]), gt_inds[i]
+        m = g.shape[0]
+        if gi.numel() and (int(gi.min()) < 0 or int(gi.max()) > m):
+            raise ValueError(f"consistency_voting: gt_inds[{i}] must lie in [0, {m}]")
+        sigma = torch.zeros(m, dtype=dtype, device=device)
+        for j in range(m):
+            mask = gi == j + 1
+            if bool(mask.any()):
+                sigma[j] = pairwise_iou(b[mask], g[j:j + 1])[:, 0].mean()
+        pos = gi > 0
+        s_r = sigma[gi[pos] - 1]
+        w = torch.zeros(b.shape[0], dtype=dtype, device=device)
+        w[pos] = s_r * s_r if mode == "pseco" else s_r
+        num = num + s_r.sum()
+        den = den + (s_r * s_r).sum()
+        sig_out.append(sigma)
+        w_out.append(w)
+    if mode == "paper":
+        return sig_out, w_out, torch.ones((), dtype=dtype, device=device)
+    return sig_out, w_out, num / den.clamp(min=1e-6)
+__all__ += ["consistency_voting"]

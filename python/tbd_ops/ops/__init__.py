@@ -1,5 +1,6 @@
 """Python entry points of the operators: argument handling, fake kernels and autograd."""
 from .channel_max_spatial_softmax import channel_max_spatial_softmax
+from .consistency_voting import consistency_voting
 from .decode_max_iou import box_max_iou, decode_max_iou
 from .masked_reduce import masked_l1, masked_sq_dist
 from .prediction_guided_assign import prediction_guided_assign
@@ -13,6 +14,7 @@ __all__ = [
     "masked_sq_dist",
     "masked_l1",
     "prediction_guided_assign",
+    "consistency_voting",
     "scale_consistency_loss",
     "sigmoid_focal_loss",
 ]

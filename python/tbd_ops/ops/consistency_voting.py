@@ -1,0 +1,106 @@
+"""PseCo's positive-proposal consistency voting (SPEC 2.2), the whole batch per launch."""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ._utils import acc_dtype, check_tensor
+
+_OP = "consistency_voting"
+_MODES = ("pseco", "paper")
+
+
+def _tensor_list(name: str, value, n: Optional[int]) -> List[torch.Tensor]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{_OP}: {name} must be a list with one tensor per image, got {type(value).__name__}")
+    if n is not None and len(value) != n:
+        raise ValueError(f"{_OP}: {name} must hold one tensor per image (N = {n}), got {len(value)}")
+    for i, t in enumerate(value):
+        check_tensor(_OP, f"{name}[{i}]", t)
+    return list(value)
+
+
+def _flat(parts: List[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def consistency_voting(
+    pred_boxes: Sequence[torch.Tensor],
+    gt_inds: Sequence[torch.Tensor],
+    pseudo_boxes: Sequence[torch.Tensor],
+    mode: str = "pseco",
+) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
+    """Positive-proposal consistency voting of PseCo, for a batch of images.
+
+    ``sigma_j`` is the mean IoU between the predicted boxes of the positives of
+    pseudo box j (``gt_inds[r] = j + 1``) and the pseudo box (IoU with eps 1e-6
+    as everywhere in tbd_ops; 0 for a pseudo box without positives). Per RoI
+    ``w[r] = sigma_{gt_inds[r] - 1}^2`` for positives, 0 for background; the
+    batch factor ``reg_scale = sum_r sigma(r) / max(sum_r sigma(r)^2, 1e-6)``
+    over all positives of the batch (0 when there is none). ``mode="paper"``:
+    ``w = sigma`` and ``reg_scale = 1``.
+
+    All images run in one launch (a few small follow-up kernels); nothing
+    synchronizes with the host; the sums run in a fixed order (deterministic).
+
+    Args:
+        pred_boxes: N tensors ``[R_n, 4]`` (the student's decoded boxes of the RoIs).
+        gt_inds: N int64 tensors ``[R_n]``: 0 background, ``j + 1`` positive of
+            pseudo box j. The CPU kernel raises ``ValueError`` on a value outside
+            ``[0, M_n]``; the CUDA kernels count such a RoI as background (they
+            never index with it).
+        pseudo_boxes: N tensors ``[M_n, 4]`` in the dtype of ``pred_boxes``
+            (``M_n`` may be 0).
+        mode: ``"pseco"`` (PseCo's implementation) or ``"paper"``.
+
+    Returns:
+        ``(sigma, w, reg_scale)``: lists of N tensors ``[M_n]`` and ``[R_n]`` and
+        a 0-d tensor, in float32 (float64 for float64 boxes). Constants: no
+        gradient flows through them.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"{_OP}: mode must be one of {_MODES}, got {mode!r}")
+    pred_boxes = _tensor_list("pred_boxes", pred_boxes, None)
+    n = len(pred_boxes)
+    gt_inds = _tensor_list("gt_inds", gt_inds, n)
+    pseudo_boxes = _tensor_list("pseudo_boxes", pseudo_boxes, n)
+    if n == 0:
+        return [], [], torch.tensor(1.0 if mode == "paper" else 0.0)
+    for i in range(n):
+        if pred_boxes[i].dim() != 2 or pred_boxes[i].shape[1] != 4:
+            raise ValueError(f"{_OP}: pred_boxes[{i}] must be [R, 4], got shape {tuple(pred_boxes[i].shape)}")
+        if gt_inds[i].dim() != 1 or gt_inds[i].shape[0] != pred_boxes[i].shape[0]:
+            raise ValueError(f"{_OP}: gt_inds[{i}] must be [R] with R = {pred_boxes[i].shape[0]} (the rows of "
+                             f"pred_boxes[{i}]), got shape {tuple(gt_inds[i].shape)}")
+        if pseudo_boxes[i].dim() != 2 or pseudo_boxes[i].shape[1] != 4:
+            raise ValueError(f"{_OP}: pseudo_boxes[{i}] must be [M, 4], got shape {tuple(pseudo_boxes[i].shape)}")
+    r_counts = [int(b.shape[0]) for b in pred_boxes]
+    m_counts = [int(g.shape[0]) for g in pseudo_boxes]
+    sigma, w, reg_scale = torch.ops.tbd_ops.consistency_voting.default(
+        _flat(pred_boxes), _flat(gt_inds), _flat(pseudo_boxes), r_counts, m_counts, mode)
+    return list(sigma.split(m_counts)), list(w.split(r_counts)), reg_scale
+
+
+@torch.library.register_fake("tbd_ops::consistency_voting")
+def _fake(pred_boxes, gt_inds, pseudo_boxes, roi_counts, pseudo_counts, mode="pseco"):
+    torch._check(mode in _MODES, lambda: f"{_OP}: mode must be one of {_MODES}, got {mode!r}")
+    torch._check(pred_boxes.dim() == 2 and pred_boxes.shape[1] == 4, lambda: f"{_OP}: pred_boxes must be [R, 4]")
+    torch._check(pseudo_boxes.dim() == 2 and pseudo_boxes.shape[1] == 4, lambda: f"{_OP}: pseudo_boxes must be [M, 4]")
+    torch._check(gt_inds.dim() == 1 and gt_inds.shape[0] == pred_boxes.shape[0],
+                 lambda: f"{_OP}: gt_inds must be [R] with R the rows of pred_boxes")
+    torch._check(len(roi_counts) == len(pseudo_counts),
+                 lambda: f"{_OP}: roi_counts and pseudo_counts must have one count per image each")
+    acc = acc_dtype(pred_boxes.dtype)
+    return (pseudo_boxes.new_empty((pseudo_boxes.shape[0],), dtype=acc),
+            pred_boxes.new_empty((pred_boxes.shape[0],), dtype=acc),
+            pred_boxes.new_empty((), dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _backward(ctx, _grad_sigma, _grad_w, _grad_scale):
+    return (None,) * 6
+
+
+torch.library.register_autograd("tbd_ops::consistency_voting", _backward, setup_context=_setup_context)

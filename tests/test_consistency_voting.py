@@ -1,0 +1,319 @@
+"""consistency_voting (SPEC 2.2) against the per-image reference loop."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import tbd_ops
+from tbd_ops import reference
+from conftest import DEVICES, TOL, requires_cuda, requires_emu, run_single_threaded
+import dispatch as emu_dispatch
+
+OP = tbd_ops.consistency_voting
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+MODES = ["pseco", "paper"]
+
+
+def rand_boxes(n, extent=80.0):
+    xy = torch.rand(n, 2, dtype=torch.float64) * extent
+    wh = torch.rand(n, 2, dtype=torch.float64) * 30 + 3
+    return torch.cat([xy, xy + wh], 1)
+
+
+def image(R, M, pos_frac=0.6, skip=()):
+    """RoIs jittered around their pseudo boxes; about pos_frac positives; pseudo boxes in `skip` get none."""
+    pseudo = rand_boxes(M)
+    gt = torch.zeros(R, dtype=torch.long)
+    if M > 0:
+        j = torch.randint(0, M, (R,))
+        pos = torch.rand(R) < pos_frac
+        for s in skip:
+            pos &= j != s
+        gt[pos] = j[pos] + 1
+        src = pseudo[j]
+        size = (src[:, 2:] - src[:, :2]).repeat(1, 2)
+        pred = src + (torch.rand(R, 4, dtype=torch.float64) - 0.5) * size * 0.5
+    else:
+        pred = rand_boxes(R)
+    return pred, gt, pseudo
+
+
+def batch(sizes, dtype=torch.float64, device="cpu", **kw):
+    cols = list(zip(*[image(R, M, **kw) for R, M in sizes])) if sizes else [[]] * 3
+    pred, gt, pseudo = (list(c) for c in cols)
+    return ([p.to(dtype).to(device) for p in pred], [g.to(device) for g in gt],
+            [p.to(dtype).to(device) for p in pseudo])
+
+
+def check(args, mode="pseco"):
+    pred, gt, pseudo = args
+    sigma, w, scale = OP(pred, gt, pseudo, mode=mode)
+    s_r, w_r, scale_r = reference.consistency_voting(pred, gt, pseudo, mode=mode)
+    dtype = pred[0].dtype if pred else torch.float32
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else TOL[torch.float32]
+    assert len(sigma) == len(s_r) == len(w) == len(pred)
+    for a, b in zip(sigma + w, s_r + w_r):
+        assert a.dtype == acc and a.shape == b.shape
+        torch.testing.assert_close(a, b.to(acc), equal_nan=True, **tol)
+    assert scale.dtype == acc and scale.shape == ()
+    torch.testing.assert_close(scale, scale_r.to(acc), equal_nan=True, **tol)
+    for gi, wi in zip(gt, w):
+        assert (wi[gi == 0] == 0).all()
+    return sigma, w, scale
+
+
+SIZES = [(37, 4), (0, 3), (61, 7), (25, 0), (1, 1), (90, 12)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference(device, dtype, mode):
+    sigma, w, scale = check(batch(SIZES, dtype=dtype, device=device), mode)
+    assert sum(int((x > 0).sum()) for x in w) > 0
+    if mode == "paper":
+        assert float(scale) == 1.0
+    else:
+        assert float(scale) > 1.0  # sum s / sum s^2 with 0 < s < 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_pseudo_box_without_positive(device, mode):
+    pred, gt, pseudo = (list(c) for c in zip(image(50, 5, skip=(1, 3)), image(30, 3, skip=(0,))))
+    args = ([p.to(device) for p in pred], [g.to(device) for g in gt], [p.to(device) for p in pseudo])
+    sigma, _, _ = check(args, mode)
+    assert sigma[0][1] == 0 and sigma[0][3] == 0 and sigma[1][0] == 0
+    assert (sigma[0][[0, 2, 4]] > 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_no_positives_and_empty_images(device, mode):
+    sigma, w, scale = check(batch([(17, 0), (0, 0), (5, 2), (0, 4)], device=device, pos_frac=0.0), mode)
+    assert all((x == 0).all() for x in sigma + w)
+    assert float(scale) == (1.0 if mode == "paper" else 0.0)
+    sigma, w, scale = check(batch([(0, 0)], device=device), mode)
+    assert [x.shape for x in sigma + w] == [(0,), (0,)]
+    assert float(scale) == (1.0 if mode == "paper" else 0.0)
+    s, w, scale = OP([], [], [], mode=mode)
+    assert s == [] and w == [] and float(scale) == (1.0 if mode == "paper" else 0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_rois_and_images(device):
+    """Images of 2000 RoIs (well above a 256-thread block), and more images than one launch takes (64)."""
+    check(batch([(2000, 9), (1500, 1), (0, 2)], device=device, dtype=torch.float32))
+    sizes = [(int(torch.randint(0, 20, ())), int(torch.randint(0, 4, ()))) for _ in range(150)]
+    check(batch(sizes, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_rois_identical(device):
+    """Every positive has the same IoU: sigma equals it exactly-ish, reg_scale = 1 / sigma."""
+    pseudo = torch.tensor([[10.0, 10.0, 50.0, 50.0]], dtype=torch.float64, device=device)
+    pred = torch.tensor([[12.0, 10.0, 50.0, 52.0]], dtype=torch.float64, device=device).repeat(40, 1)
+    gt = torch.ones(40, dtype=torch.long, device=device)
+    sigma, w, scale = check(([pred], [gt], [pseudo]))
+    iou = float(reference.pairwise_iou(pred[:1], pseudo)[0, 0])
+    assert float(sigma[0][0]) == pytest.approx(iou, rel=1e-14)
+    assert float(scale) == pytest.approx(1.0 / iou, rel=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous(device):
+    pred, gt, pseudo = batch([(33, 4)], device=device)
+    wide = torch.zeros(33, 7, dtype=torch.float64, device=device)
+    wide[:, 1:5] = pred[0]
+    p_nc = wide[:, 1:5]
+    g_wide = torch.zeros(66, dtype=torch.long, device=device)
+    g_wide[::2] = gt[0]
+    g_nc = g_wide[::2]
+    q_nc = pseudo[0].t().contiguous().t()
+    assert not p_nc.is_contiguous() and not g_nc.is_contiguous() and not q_nc.is_contiguous()
+    a = check(([p_nc], [g_nc], [q_nc]))
+    b = OP(pred, gt, pseudo)
+    for x, y in zip(a[0] + a[1] + [a[2]], b[0] + b[1] + [b[2]]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_does_not_crash(device):
+    pred, gt, pseudo = batch([(30, 3), (25, 4)], device=device)
+    r = int((gt[0] > 0).nonzero()[0])
+    pred[0][r, 2] = float("nan")
+    sigma, w, scale = check((pred, gt, pseudo))
+    assert torch.isnan(sigma[0][gt[0][r] - 1]) and torch.isnan(scale)
+    assert torch.isfinite(sigma[1]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gt_inds_outside(device, request):
+    pred, gt, pseudo = batch([(30, 3), (20, 2)], device=device)
+    for bad in (4, -1):
+        g = [x.clone() for x in gt]
+        g[0][5] = bad
+        if request.node.get_closest_marker("cuda_emu") is None and device == "cpu":
+            with pytest.raises(ValueError, match="gt_inds"):
+                OP(pred, g, pseudo)
+            continue
+        # CUDA: no host check; the RoI counts as background, nothing is read out of bounds.
+        sigma, w, scale = OP(pred, g, pseudo)
+        g_bg = [x.clone() for x in g]
+        g_bg[0][5] = 0
+        s_r, w_r, scale_r = reference.consistency_voting(pred, g_bg, pseudo)
+        for a, b in zip(sigma + w, s_r + w_r):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(scale, scale_r, rtol=1e-9, atol=1e-12)
+        assert w[0][5] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_gradient(device):
+    pred, gt, pseudo = batch([(20, 3)], device=device)
+    pred = [p.requires_grad_() for p in pred]
+    pseudo = [p.requires_grad_() for p in pseudo]
+    sigma, w, scale = OP(pred, gt, pseudo)
+    assert not sigma[0].requires_grad and not w[0].requires_grad and not scale.requires_grad
+
+
+def test_deterministic():
+    args = batch([(300, 9), (250, 14), (0, 2), (400, 20)], dtype=torch.float32)
+    a = OP(*args)
+    b = run_single_threaded(lambda: OP(*args))
+    c = OP(*args)
+    for x, y, z in zip(a[0] + a[1] + [a[2]], b[0] + b[1] + [b[2]], c[0] + c[1] + [c[2]]):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_fullgraph(mode):
+    args = batch([(37, 4), (0, 2), (23, 3)])
+
+    def fn(pred, gt, pseudo):
+        sigma, w, scale = OP(pred, gt, pseudo, mode=mode)
+        return [x * 2 for x in sigma], [x + 1 for x in w], scale * 3
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = compiled(*args)
+    expected = fn(*args)
+    for x, y in zip(got[0] + got[1] + [got[2]], expected[0] + expected[1] + [expected[2]]):
+        assert torch.equal(x, y)
+
+
+def sample_inputs(device):
+    pred, gt, pseudo = batch([(13, 3), (0, 1), (9, 2), (4, 0)], device=device)
+    flat = (torch.cat(pred), torch.cat(gt), torch.cat(pseudo), [13, 0, 9, 4], [3, 1, 2, 0])
+    return [
+        flat + ("pseco",),
+        flat + ("paper",),
+        (flat[0].float().requires_grad_(), flat[1], flat[2].float()) + flat[3:] + ("pseco",),
+        (flat[0].half(), flat[1], flat[2].half()) + flat[3:] + ("paper",),
+        (flat[0][:0], flat[1][:0], flat[2][:0], [0], [0], "pseco"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in sample_inputs(device):
+        opcheck(torch.ops.tbd_ops.consistency_voting, args)
+
+
+@requires_cuda
+def test_no_host_synchronization():
+    args = batch(SIZES, dtype=torch.float32, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sigma, w, scale = OP(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    _, _, scale_r = reference.consistency_voting(*args)
+    torch.testing.assert_close(scale, scale_r, rtol=1e-5, atol=1e-6)
+
+
+class TestBadInput:
+    def args(self):
+        return batch([(6, 2), (4, 1)])
+
+    def call(self, **change):
+        kw = dict(zip(["pred_boxes", "gt_inds", "pseudo_boxes"], self.args()))
+        kw.update(change)
+        return OP(**kw)
+
+    def test_mode(self):
+        with pytest.raises(ValueError, match="mode"):
+            self.call(mode="vote")
+        p, g, q = (torch.cat(t) for t in self.args())
+        with pytest.raises(ValueError, match="mode"):
+            torch.ops.tbd_ops.consistency_voting(p, g, q, [6, 4], [2, 1], "vote")
+
+    @pytest.mark.parametrize("name", ["gt_inds", "pseudo_boxes"])
+    def test_list_length(self, name):
+        a = dict(zip(["pred_boxes", "gt_inds", "pseudo_boxes"], self.args()))
+        with pytest.raises(ValueError, match=name):
+            self.call(**{name: a[name][:1]})
+
+    def test_not_a_list(self):
+        with pytest.raises(TypeError, match="pred_boxes"):
+            self.call(pred_boxes=torch.zeros(2, 6, 4))
+        with pytest.raises(TypeError, match=r"gt_inds\[1\]"):
+            self.call(gt_inds=[torch.zeros(6, dtype=torch.long), 3])
+
+    @pytest.mark.parametrize("name,value,match", [
+        ("pred_boxes", [torch.zeros(6, 5), torch.zeros(4, 4)], r"pred_boxes\[0\]"),
+        ("gt_inds", [torch.zeros(5, dtype=torch.long), torch.zeros(4, dtype=torch.long)], r"gt_inds\[0\]"),
+        ("gt_inds", [torch.zeros(6, 1, dtype=torch.long), torch.zeros(4, dtype=torch.long)], r"gt_inds\[0\]"),
+        ("pseudo_boxes", [torch.zeros(2, 3), torch.zeros(1, 4)], r"pseudo_boxes\[0\]"),
+    ])
+    def test_shapes(self, name, value, match):
+        if name != "gt_inds":
+            value = [v.double() for v in value]
+        with pytest.raises(ValueError, match=match):
+            self.call(**{name: value})
+
+    def test_dtypes(self):
+        p, g, q = self.args()
+        with pytest.raises(TypeError, match="gt_inds"):
+            self.call(gt_inds=[x.int() for x in g])
+        with pytest.raises(TypeError, match="pred_boxes"):
+            self.call(pred_boxes=[x.long() for x in p])
+        with pytest.raises(TypeError, match="pseudo_boxes"):
+            self.call(pseudo_boxes=[x.float() for x in q])
+
+    @requires_cuda
+    def test_device(self):
+        p, g, q = self.args()
+        with pytest.raises(ValueError, match="gt_inds"):
+            self.call(gt_inds=[x.cuda() for x in g])
+
+    def test_flat_op_counts(self):
+        p, g, q = (torch.cat(t) for t in self.args())
+        with pytest.raises(ValueError, match="roi_counts"):
+            torch.ops.tbd_ops.consistency_voting(p, g, q, [6, 3], [2, 1])
+        with pytest.raises(ValueError, match="pseudo_counts"):
+            torch.ops.tbd_ops.consistency_voting(p, g, q, [6, 4], [2, -1])
+        with pytest.raises(ValueError, match="pseudo_counts"):
+            torch.ops.tbd_ops.consistency_voting(p, g, q, [6, 4], [3])
+
+
+# ---- the emulated CUDA build against the CPU kernel ----------------------------------------------
+
+@requires_emu
+@pytest.mark.emulated
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_matches_cpu(dtype, mode):
+    """Sums in another order: sigma (up to 700 terms) and reg_scale (a few thousand) agree to rounding."""
+    sizes = [(int(torch.randint(0, 700, ())), int(torch.randint(0, 9, ()))) for _ in range(5)] + [(300, 1)]
+    pred, gt, pseudo = batch(sizes, dtype=dtype)
+    args = (torch.cat(pred), torch.cat(gt), torch.cat(pseudo), [p.shape[0] for p in pred],
+            [q.shape[0] for q in pseudo], mode)
+    s_c, w_c, k_c = torch.ops.tbd_ops.consistency_voting(*args)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    for sched, _ in emu_dispatch.SCHEDULES:
+        emu_dispatch.emu.set_schedule(sched, 5)
+        s_e, w_e, k_e = torch.ops.tbd_ops_emu.consistency_voting(*args)
+        for a, b in ((s_e, s_c), (w_e, w_c), (k_e, k_c)):
+            torch.testing.assert_close(a, b, **tol)
+    emu_dispatch.emu.set_schedule(0, 0)
