@@ -120,9 +120,14 @@ focal_grad_weight_kernel(const T* __restrict__ x, int64_t xs0, int64_t xs1,
   const A s = grad.g == nullptr ? grad.scalar() : A(0);
   for (int64_t r = blockIdx.x * int64_t(kBlock) + threadIdx.x; r < R;
        r += int64_t(gridDim.x) * kBlock) {
+    const int64_t t = targets[r * ts0];
+    const bool ok = focal_target_ok(t, C);
+    const T* xr = x + r * xs0;
     A acc = A(0);
+#pragma unroll 1
     for (int64_t c = 0; c < C; ++c) {
-      acc += grad.at(r, c, s) * element_loss(x, xs0, xs1, targets, ts0, r, c, C, gamma, alpha);
+      const A l = ok ? focal_loss(to_acc(xr[c * xs1]), t == c, gamma, alpha) : focal_nan<A>();
+      acc += grad.at(r, c, s) * l;
     }
     gw[r] = acc;
   }

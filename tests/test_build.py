@@ -7,7 +7,8 @@ from torch.utils.cpp_extension import CUDA_HOME
 import tbd_ops
 
 OPS = ["channel_max_spatial_softmax", "_channel_max_spatial_softmax_backward",
-       "decode_max_iou", "_decode_max_iou_backward"]
+       "decode_max_iou", "_decode_max_iou_backward",
+       "sigmoid_focal_loss", "_sigmoid_focal_loss_backward", "consistency_voting"]
 
 
 def test_version():
