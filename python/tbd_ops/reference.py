@@ -151,6 +151,44 @@ def masked_l1(a, b, masks):
     return _masked_reduce(torch.abs, a, b, masks)
 
 
+# ---- harmony score and harmony distillation loss (SPEC 1.3, 1.4) ----
+__all__ += ["harmony_score", "harmony_distillation_loss"]
+
+
+def harmony_score(p_c, p_r):
+    """``1 - tanh(|p_r - p_c|)`` in the dtype of ``p_c`` (list for list input)."""
+    if isinstance(p_c, (list, tuple)):
+        return [harmony_score(c, r) for c, r in zip(p_c, p_r, strict=True)]
+    return (1 - torch.tanh((_acc(p_r) - _acc(p_c)).abs())).to(p_c.dtype)
+
+
+def harmony_distillation_loss(pc_s, pr_s, pc_t, pr_t, mode: str = "iou_guided", eps: float = 1e-6):
+    """``sum_l mean_n`` of the per-image HD term; the teacher maps and psi are constants."""
+    if mode not in ("iou_guided", "plain"):
+        raise ValueError(f"harmony_distillation_loss: mode must be 'iou_guided' or 'plain', got {mode!r}")
+
+    def levels(x):
+        return [x] if isinstance(x, torch.Tensor) else list(x)
+
+    total = None
+    for cs, rs, ct, rt in zip(levels(pc_s), levels(pr_s), levels(pc_t), levels(pr_t), strict=True):
+        cs, rs, ct, rt = _acc(cs), _acc(rs), _acc(ct).detach(), _acc(rt).detach()
+        n, h, w = cs.shape
+        hs_s = 1 - torch.tanh((rs - cs).abs())
+        hs_t = 1 - torch.tanh((rt - ct).abs())
+        diff = (hs_t - hs_s).abs()
+        if h * w == 0:
+            per_image = diff.sum((1, 2))  # zeros, still part of the graph
+        elif mode == "plain":
+            per_image = diff.sum((1, 2)) / (h * w)
+        else:
+            psi = rt * torch.sqrt(1 + (ct - cs.detach()).abs())
+            per_image = (psi * diff).sum((1, 2)) / psi.sum((1, 2)).clamp(min=eps)
+        term = per_image.mean() if n else per_image.sum()  # N = 0: 0, not the NaN of an empty mean
+        total = term if total is None else total + term
+    return total
+
+
 # ---- scale_consistency_loss (SPEC 2.3) ----------------------------------------------------------
 def scale_consistency_loss(feats_v1, feats_v2, mask=None):
     """``sum over level pairs of mean_n sum_hw mask * sum_c (F1 - F2)^2 / (H W)``."""

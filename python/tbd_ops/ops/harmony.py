@@ -1,0 +1,199 @@
+"""Harmony score and harmony distillation loss (SPEC 1.3, 1.4), one op family.
+
+``harmony_score`` is elementwise; ``harmony_distillation_loss`` takes every FPN
+level at once (one kernel launch for all levels on CUDA) and returns a 0-d
+loss. The teacher maps are constants: they never receive a gradient.
+"""
+import math
+from typing import List, Sequence, Union
+
+import torch
+
+from ._utils import acc_dtype, check_tensor
+
+Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+_SCORE = "harmony_score"
+_LOSS = "harmony_distillation_loss"
+_MODES = ("iou_guided", "plain")
+
+
+def harmony_score(p_c: Levels, p_r: Levels) -> Union[torch.Tensor, List[torch.Tensor]]:
+    """``HS = 1 - tanh(|p_r - p_c|)``, elementwise.
+
+    Args:
+        p_c, p_r: tensors of one shape, dtype and device (any shape and strides),
+            or lists/tuples of levels (then both are).
+
+    Returns:
+        The score in the input dtype (computed in float32 for 16-bit input);
+        a list for list input. Differentiable with respect to both inputs:
+        ``dHS/dp_r = -(1 - tanh^2(|d|)) * sign(d)``, ``d = p_r - p_c``
+        (``sign(0) = 0``), ``dHS/dp_c = -dHS/dp_r``.
+    """
+    if isinstance(p_c, (list, tuple)) or isinstance(p_r, (list, tuple)):
+        for arg, value in (("p_c", p_c), ("p_r", p_r)):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"{_SCORE}: p_c and p_r must both be tensors or both be lists of levels; "
+                                f"{arg} is a {type(value).__name__}")
+        if len(p_c) != len(p_r):
+            raise ValueError(f"{_SCORE}: p_c and p_r must have one entry per level, got {len(p_c)} and {len(p_r)}")
+        return [harmony_score(c, r) for c, r in zip(p_c, p_r)]
+    check_tensor(_SCORE, "p_c", p_c)
+    check_tensor(_SCORE, "p_r", p_r)
+    return torch.ops.tbd_ops.harmony_score.default(p_c, p_r)
+
+
+def _levels(name: str, value) -> List[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{_LOSS}: {name} must be a tensor or a list/tuple of tensors (one per level), "
+                        f"got {type(value).__name__}")
+    for i, t in enumerate(value):
+        check_tensor(_LOSS, f"{name}[{i}]", t)
+    return list(value)
+
+
+def harmony_distillation_loss(pc_s: Levels, pr_s: Levels, pc_t: Levels, pr_t: Levels,
+                              mode: str = "iou_guided", eps: float = 1e-6) -> torch.Tensor:
+    """Harmony distillation loss of TBD (SPEC 1.4), summed over the levels.
+
+    With ``HS = harmony_score`` of the teacher (t) and the student (s):
+
+    - ``"plain"``: ``L = sum_l mean_n (1 / (H_l W_l)) sum_hw |HS^t - HS^s|``;
+    - ``"iou_guided"`` (default): ``psi = pr_t * sqrt(1 + |pc_t - pc_s|)`` (a
+      constant), ``L = sum_l mean_n sum_hw psi |HS^t - HS^s| / max(sum_hw psi, eps)``;
+      an image whose ``psi`` is 0 everywhere (no ground truth) contributes 0.
+
+    Args:
+        pc_s, pr_s, pc_t, pr_t: lists/tuples of levels, level l ``[N, H_l, W_l]``
+            in all four (any strides), one dtype and device; a single tensor is
+            one level.
+        mode: ``"iou_guided"`` or ``"plain"``.
+        eps: floor of the psi normalizer, finite and > 0.
+
+    Returns:
+        A 0-d tensor in float32 (float64 for float64 input). ``N = 0`` and levels
+        with ``H_l W_l = 0`` contribute 0. Gradients reach ``pc_s`` and ``pr_s``
+        (through ``HS^s`` only: psi is detached); the teacher maps never get a
+        gradient, even when they require one. Deterministic: fixed-order
+        reductions on CPU and CUDA.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"{_LOSS}: mode must be one of {_MODES}, got {mode!r}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{_LOSS}: eps must be finite and > 0, got {eps}")
+    cs, rs = _levels("pc_s", pc_s), _levels("pr_s", pr_s)
+    ct = [t.detach() for t in _levels("pc_t", pc_t)]
+    rt = [t.detach() for t in _levels("pr_t", pr_t)]
+    if not cs:
+        raise ValueError(f"{_LOSS}: pc_s must hold at least one level, got 0")
+    if not len(cs) == len(rs) == len(ct) == len(rt):
+        raise ValueError(f"{_LOSS}: pc_s, pr_s, pc_t and pr_t must hold one map per level, got "
+                         f"{len(cs)}, {len(rs)}, {len(ct)} and {len(rt)} levels")
+    return torch.ops.tbd_ops.harmony_distillation_loss.default(cs, rs, ct, rt, mode, eps)[0]
+
+
+# ---- fake kernels ---------------------------------------------------------------------------------
+
+def _check_score_fake(name, p_c, p_r):
+    torch._check(p_r.shape == p_c.shape,
+                 lambda: f"{name}: p_r must have the shape of p_c {tuple(p_c.shape)}, got {tuple(p_r.shape)}")
+    torch._check(p_r.dtype == p_c.dtype, lambda: f"{name}: p_r must have the dtype of p_c ({p_c.dtype}), got {p_r.dtype}")
+
+
+@torch.library.register_fake("tbd_ops::harmony_score")
+def _score_fake(p_c, p_r):
+    _check_score_fake(_SCORE, p_c, p_r)
+    return torch.empty_like(p_c)
+
+
+@torch.library.register_fake("tbd_ops::_harmony_score_backward")
+def _score_backward_fake(grad, p_c, p_r, output_mask):
+    _check_score_fake("_harmony_score_backward", p_c, p_r)
+    gc = torch.empty_like(p_c) if output_mask[0] else p_c.new_empty((0,))
+    gr = torch.empty_like(p_r) if output_mask[1] else p_r.new_empty((0,))
+    return gc, gr
+
+
+def _check_loss_fake(name, pc_s, pr_s, pc_t, pr_t, mode):
+    torch._check(mode in _MODES, lambda: f"{name}: mode must be one of {_MODES}, got {mode!r}")
+    torch._check(len(pc_s) >= 1, lambda: f"{name}: pc_s must hold at least one level, got 0")
+    torch._check(len(pr_s) == len(pc_s) and len(pc_t) == len(pc_s) and len(pr_t) == len(pc_s),
+                 lambda: f"{name}: pc_s, pr_s, pc_t and pr_t must hold one map per level")
+    first = pc_s[0]
+    for l, ref in enumerate(pc_s):
+        for t in (ref, pr_s[l], pc_t[l], pr_t[l]):
+            torch._check(t.dim() == 3, lambda: f"{name}: level {l} must be [N, H, W], got {t.dim()}-D")
+            torch._check(t.shape == ref.shape, lambda: f"{name}: the maps of level {l} must have one shape")
+            torch._check(t.dtype == first.dtype, lambda: f"{name}: every map must have the dtype of pc_s[0]")
+        torch._check(ref.shape[0] == first.shape[0], lambda: f"{name}: every level must hold N images")
+
+
+@torch.library.register_fake("tbd_ops::harmony_distillation_loss")
+def _loss_fake(pc_s, pr_s, pc_t, pr_t, mode="iou_guided", eps=1e-6):
+    _check_loss_fake(_LOSS, pc_s, pr_s, pc_t, pr_t, mode)
+    acc = acc_dtype(pc_s[0].dtype)
+    return pc_s[0].new_empty((), dtype=acc), pc_s[0].new_empty((len(pc_s), pc_s[0].shape[0]), dtype=acc)
+
+
+@torch.library.register_fake("tbd_ops::_harmony_distillation_loss_backward")
+def _loss_backward_fake(grad, norm, pc_s, pr_s, pc_t, pr_t, mode, output_mask):
+    _check_loss_fake("_harmony_distillation_loss_backward", pc_s, pr_s, pc_t, pr_t, mode)
+    gc = [torch.empty_like(t) for t in pc_s] if output_mask[0] else []
+    gr = [torch.empty_like(t) for t in pr_s] if output_mask[1] else []
+    return gc, gr
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+def _score_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _score_backward(ctx, grad):
+    need = ctx.needs_input_grad
+    mask = [bool(need[0]), bool(need[1])]
+    if grad is None or not any(mask):
+        return None, None
+    p_c, p_r = ctx.saved_tensors
+    gc, gr = torch.ops.tbd_ops._harmony_score_backward.default(grad, p_c, p_r, mask)
+    return (gc if mask[0] else None, gr if mask[1] else None)
+
+
+torch.library.register_autograd("tbd_ops::harmony_score", _score_backward, setup_context=_score_setup_context)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    pc_s, pr_s, pc_t, pr_t = inputs[:4]
+    _, norm = output
+    ctx.mark_non_differentiable(norm)
+    ctx.levels = len(pc_s)
+    ctx.mode = inputs[4]
+    ctx.save_for_backward(norm, *pc_s, *pr_s, *pc_t, *pr_t)
+
+
+def _loss_backward(ctx, grad, _grad_norm):
+    L = ctx.levels
+    # One entry per argument the dispatcher passed: it drops trailing arguments
+    # equal to their defaults (mode, eps), and autograd wants the same structure.
+    scalars = (None,) * (len(ctx.needs_input_grad) - 4)
+    need_c, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    mask = [any(bool(x) for x in need_c), any(bool(x) for x in need_r)]
+    none = [None] * L
+    if grad is None or not any(mask):
+        return (none, list(none), list(none), list(none)) + scalars
+    norm, *maps = ctx.saved_tensors
+    pc_s, pr_s, pc_t, pr_t = (maps[k * L:(k + 1) * L] for k in range(4))
+    gc, gr = torch.ops.tbd_ops._harmony_distillation_loss_backward.default(
+        grad, norm, pc_s, pr_s, pc_t, pr_t, ctx.mode, mask)
+    gc = [g if need_c[l] else None for l, g in enumerate(gc)] if mask[0] else list(none)
+    gr = [g if need_r[l] else None for l, g in enumerate(gr)] if mask[1] else list(none)
+    # The teacher maps are constants of the loss: no gradient, even if they require one.
+    return (gc, gr, list(none), list(none)) + scalars
+
+
+torch.library.register_autograd("tbd_ops::harmony_distillation_loss", _loss_backward,
+                                setup_context=_loss_setup_context)
