@@ -165,16 +165,24 @@ template <HarmonyMode M, typename T> void check(const Problem& pb, int64_t chunk
   }
 }
 
-const std::vector<std::pair<int64_t, int64_t>> kOdd = {{7, 5}, {1, 1}, {13, 3}, {0, 4}, {61, 67}};
+const std::vector<std::pair<int64_t, int64_t>> kOdd = {{7, 5}, {1, 1}, {13, 3}, {0, 4}, {19, 23}};
 
 TEST(HarmonyLaunchers, LevelsSpanningSeveralBlocks) {
+  // Chunks of 1 .. 300 locations: up to 437 blocks per image and level,
+  // partial last blocks, chunks beyond the block's 256 threads.
   const Problem pb = make_problem(3, kOdd, 1);
-  for (int64_t chunk : {int64_t(0), int64_t(1), int64_t(7), int64_t(256), int64_t(1000)}) {
+  for (int64_t chunk : {int64_t(1), int64_t(7), int64_t(256), int64_t(300)}) {
     SCOPED_TRACE(chunk);
     check<HarmonyMode::kIouGuided, float>(pb, chunk);
     check<HarmonyMode::kPlain, float>(pb, chunk);
     check<HarmonyMode::kIouGuided, double>(pb, chunk);
   }
+}
+
+TEST(HarmonyLaunchers, LevelOfSeveralDefaultChunks) {
+  const Problem pb = make_problem(2, {{61, 67}, {3, 5}}, 6);  // 4087 locations: two blocks of 2048
+  check<HarmonyMode::kIouGuided, float>(pb, 0);
+  check<HarmonyMode::kPlain, double>(pb, 0);
 }
 
 TEST(HarmonyLaunchers, MoreLevelsThanOneLaunchHolds) {
