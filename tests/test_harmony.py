@@ -34,7 +34,7 @@ def maps_for(n, levels, device, dtype=torch.float64, no_gt=()):
 # ---- harmony_score ----------------------------------------------------------------------------
 
 def score_value_and_grads(f, p_c, p_r, g):
-    ins = [t.detach().clone().requires_grad_() for t in (p_c, p_r)]
+    ins = [t.detach().requires_grad_() for t in (p_c, p_r)]  # views keep their strides
     y = f(*ins)
     grads = torch.autograd.grad(y, ins, g)
     return y, grads
@@ -224,8 +224,8 @@ class TestScoreBadInput:
 # ---- harmony_distillation_loss ------------------------------------------------------------------
 
 def loss_value_and_grads(f, maps, mode, g=2.5, **kw):
-    cs = [t.detach().clone().requires_grad_() for t in maps[0]]
-    rs = [t.detach().clone().requires_grad_() for t in maps[1]]
+    cs = [t.detach().requires_grad_() for t in maps[0]]  # views keep their strides
+    rs = [t.detach().requires_grad_() for t in maps[1]]
     y = f(cs, rs, maps[2], maps[3], mode=mode, **kw)
     gc = torch.autograd.grad(y * g, cs + rs, allow_unused=True)
     return y, list(gc[:len(cs)]), list(gc[len(cs):])
@@ -313,7 +313,7 @@ def test_loss_empty(device, mode, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded_teacher", "mixed"])
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded_teacher", "expanded_student", "mixed"])
 @pytest.mark.parametrize("mode", MODES)
 def test_loss_non_contiguous(device, layout, mode):
     n = 2
@@ -325,10 +325,14 @@ def test_loss_non_contiguous(device, layout, mode):
         maps = maps_for(n, LEVELS, device)
         maps[2] = [rand((1, h, w), device).expand(n, h, w) for h, w in LEVELS]
         maps[3] = [rand((n, h, 1), device).expand(n, h, w) for h, w in LEVELS]
+    elif layout == "expanded_student":
+        maps = maps_for(n, LEVELS, device)
+        maps[1] = [rand((n, 1, w), device).expand(n, h, w) for h, w in LEVELS]
     else:
         maps = maps_for(n, LEVELS, device)
         maps[0] = [rand((h, n, w), device).transpose(0, 1) for h, w in LEVELS]
         maps[3] = [rand((n, w, h), device).transpose(1, 2) for h, w in LEVELS]
+    assert any(not t.is_contiguous() for ts in maps for t in ts)
     compare_loss(maps, mode, F64_TOL, F64_TOL)
 
 
