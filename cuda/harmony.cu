@@ -35,13 +35,19 @@ int64_t elementwise_blocks(int64_t units) {
 
 // ---- harmony_score ----------------------------------------------------------------
 
+// Unrolled over the maximal rank so that the size/stride arrays are indexed
+// with constants (a dynamic index would put the kernel parameters on the stack).
 __device__ __forceinline__ int64_t nd_offset(const NdShape& shape, const NdStrides& st, int64_t i) {
   int64_t off = 0;
-  for (int d = shape.rank - 1; d >= 0; --d) {
-    const int64_t size = shape.sizes[d];
-    const int64_t q = i / size;
-    off += (i - q * size) * st.s[d];
-    i = q;
+#pragma unroll
+  for (int k = 0; k < kHarmonyMaxRank; ++k) {
+    const int d = kHarmonyMaxRank - 1 - k;
+    if (d < shape.rank) {
+      const int64_t size = shape.sizes[d];
+      const int64_t q = i / size;
+      off += (i - q * size) * st.s[d];
+      i = q;
+    }
   }
   return off;
 }
@@ -150,15 +156,33 @@ harmony_partial_kernel(LevelTable<T> t, A* __restrict__ partial) {
   const int l = p.l;
   const int64_t W = t.W[l];
   Pair<A> acc{A(0), A(0)};
+  // The image's base pointers and the (h, w) strides of the four maps, once.
+  const T* m[4];
+  int64_t sh[4], sw[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    m[k] = t.maps[l][k] + p.n * t.st[l][k][0];
+    sh[k] = t.st[l][k][1];
+    sw[k] = t.st[l][k][2];
+  }
+  // (h, w) of location i, advanced by kBlock locations per step without a division.
+  const int64_t dh = kBlock / W, dw = kBlock - dh * W;
+  int64_t h = (p.i0 + threadIdx.x) / W, w = p.i0 + threadIdx.x - h * W;
+#pragma unroll 1
   for (int64_t i = p.i0 + threadIdx.x; i < p.i1; i += kBlock) {
-    const int64_t h = i / W, w = i - h * W;
-    const A pc_s = to_acc(t.maps[l][0][map_offset(t, l, 0, p.n, h, w)]);
-    const A pr_s = to_acc(t.maps[l][1][map_offset(t, l, 1, p.n, h, w)]);
-    const A pc_t = to_acc(t.maps[l][2][map_offset(t, l, 2, p.n, h, w)]);
-    const A pr_t = to_acc(t.maps[l][3][map_offset(t, l, 3, p.n, h, w)]);
+    const A pc_s = to_acc(m[0][h * sh[0] + w * sw[0]]);
+    const A pr_s = to_acc(m[1][h * sh[1] + w * sw[1]]);
+    const A pc_t = to_acc(m[2][h * sh[2] + w * sw[2]]);
+    const A pr_t = to_acc(m[3][h * sh[3] + w * sw[3]]);
     const A wt = hd_weight<M>(pc_s, pc_t, pr_t);
     acc.s += hd_term(wt, harmony_score(pc_s, pr_s), harmony_score(pc_t, pr_t));
     acc.w += wt;
+    h += dh;
+    w += dw;
+    if (w >= W) {
+      w -= W;
+      ++h;
+    }
   }
   acc = block_reduce<kBlock>(acc, PairSum());
   if (threadIdx.x == 0) {
@@ -208,8 +232,11 @@ harmony_loss_grad_kernel(LevelTable<T> t, const A* __restrict__ grad, const A* _
   const A coef = grad[0] * norm[(t.level0 + l) * ns0 + p.n * ns1];
   T* gc = t.grads[l][0];
   T* gr = t.grads[l][1];
+  // (h, w) of location i, advanced by kBlock locations per step without a division.
+  const int64_t dh = kBlock / W, dw = kBlock - dh * W;
+  int64_t h = (p.i0 + threadIdx.x) / W, w = p.i0 + threadIdx.x - h * W;
+#pragma unroll 1
   for (int64_t i = p.i0 + threadIdx.x; i < p.i1; i += kBlock) {
-    const int64_t h = i / W, w = i - h * W;
     const A pc_s = to_acc(t.maps[l][0][map_offset(t, l, 0, p.n, h, w)]);
     const A pr_s = to_acc(t.maps[l][1][map_offset(t, l, 1, p.n, h, w)]);
     const A pc_t = to_acc(t.maps[l][2][map_offset(t, l, 2, p.n, h, w)]);
@@ -218,6 +245,12 @@ harmony_loss_grad_kernel(LevelTable<T> t, const A* __restrict__ grad, const A* _
     const A d = hd_grad_pr(coef, wt, pc_s, pr_s, harmony_score(pc_t, pr_t));
     if (gc != nullptr) gc[p.n * t.gst[l][0][0] + h * t.gst[l][0][1] + w * t.gst[l][0][2]] = from_acc<T>(-d);
     if (gr != nullptr) gr[p.n * t.gst[l][1][0] + h * t.gst[l][1][1] + w * t.gst[l][1][2]] = from_acc<T>(d);
+    h += dh;
+    w += dw;
+    if (w >= W) {
+      w -= W;
+      ++h;
+    }
   }
 }
 
