@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every op (or composite loss) that has a benchmark script; the quick run covers each of them.
+EXPECTED_OPS = {"channel_max_spatial_softmax", "decode_max_iou", "masked_sq_dist", "masked_l1", "tbd_loss",
+                "prediction_guided_assign", "consistency_voting", "sigmoid_focal_loss"}
 
 
 def test_run_all_quick(tmp_path):
@@ -20,6 +23,10 @@ def test_run_all_quick(tmp_path):
     assert len(files) == 1
     rows = list(csv.DictReader(files[0].open()))
     ops = {r["op"] for r in rows}
-    assert {"channel_max_spatial_softmax", "decode_max_iou"} <= ops
+    missing = EXPECTED_OPS - ops
+    assert not missing, f"no quick benchmark rows for {sorted(missing)}:\n" + proc.stdout[-3000:]
     assert all(r["check"].startswith("ok") for r in rows if r["provider"] == "tbd_ops" and r["status"] == "ok")
-    assert any(r["provider"] == "tbd_ops" for r in rows) and any(r["provider"] == "eager" for r in rows)
+    for op in EXPECTED_OPS:  # tbd_ops and eager both ran, and the guard compared them
+        mine = [r for r in rows if r["op"] == op]
+        assert any(r["provider"] == "tbd_ops" and r["status"] == "ok" for r in mine), op
+        assert any(r["provider"] == "eager" and r["status"] == "ok" for r in mine), op
