@@ -277,12 +277,12 @@ def environment(cfg: Config) -> Dict[str, str]:
 def main(modules: Sequence[Any], tag: str = "", argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p = argparse.ArgumentParser(description="tbd_ops vs eager vs torch.compile")
     for flag, kw in (("--device", dict(choices=["cpu", "cuda"], help="default: cuda when usable, else cpu")),
-                     ("--quick", dict(action="store_true", help="tiny sizes, short timing, no torch.compile")),
+                     ("--quick", dict(action="store_true", help="tiny sizes, short timing, one thread, no torch.compile")),
                      ("--full", dict(action="store_true", help="every case, also the slow ones on CPU")),
                      ("--providers", dict(help="comma list of " + ",".join(PROVIDERS))),
                      ("--modes", dict(help="comma list of " + ",".join(MODES))),
                      ("--filter", dict(help="regex on '<label> <case>'")),
-                     ("--threads", dict(type=int, help="CPU threads (default: all cores)")),
+                     ("--threads", dict(type=int, help="CPU threads (default: all cores; --quick: 1)")),
                      ("--min-run-time", dict(type=float, help="s per blocked_autorange (0.5; --quick 0.05)")),
                      ("--out-dir", dict(default=str(ROOT / "benchmarks" / "results"))),
                      ("--no-plot", dict(action="store_true"))):
@@ -290,7 +290,7 @@ def main(modules: Sequence[Any], tag: str = "", argv: Optional[Sequence[str]] = 
     a = p.parse_args(argv)
     cuda = a.device == "cuda" or (a.device is None and torch.cuda.is_available() and tbd_ops.cuda_available())
     cfg = Config(torch.device("cuda" if cuda else "cpu"), quick=a.quick, full=a.full, filter=a.filter,
-                 threads=a.threads or len(os.sched_getaffinity(0)),
+                 threads=a.threads or (1 if a.quick else len(os.sched_getaffinity(0))),
                  min_run_time=a.min_run_time or (0.05 if a.quick else 0.5),
                  providers=tuple(a.providers.split(",")) if a.providers else PROVIDERS[:2 if a.quick else 3],
                  modes=tuple(a.modes.split(",")) if a.modes else MODES)
