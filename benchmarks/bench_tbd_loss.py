@@ -12,7 +12,11 @@ strides 8..128 (100x168, 50x84, 25x42, 13x21, 7x11 = 22,308 locations), 256-chan
              distances [N, 4, H, W] in stride units (uniform in [0.5, 6.5]), coder distance
              with per-level scales = the strides (FCOS' norm_on_bbox).
 
-Classification logits ~ 2 N(0, 1) - 4, features ~ N(0, 1); 3 to 12 ground truths per image
+Classification logits ~ 2 N(0, 1) - 4, student features ~ N(0, 1), teacher features ~ N(0, 1) and
+3 times larger at the locations inside a ground truth (objects stand out in the features, so
+that TFD's two terms L_c and L_r differ: with features independent of the masks they are
+nearly equal, and TWG's gradient, proportional to L_c - L_r, is a float32 cancellation that
+no two implementations agree on to 1e-3); 3 to 12 ground truths per image
 (centres uniform, sqrt(area) log-uniform in [12, 600] px); each image has its own img_shape
 (800x1333 and 800x1066 alternating: img_shapes), so decoded boxes are clipped per image. Batch 2 on CPU,
 16 on CUDA (2 as well), float32. Default TBDLoss settings: IoU-guided HD, TWG (hidden 16),
@@ -74,10 +78,25 @@ def level_points(stride: int, h: int, w: int, device) -> torch.Tensor:
     return torch.stack([(xs.reshape(-1) + 0.5) * stride, (ys.reshape(-1) + 0.5) * stride], dim=-1)
 
 
+def inside_gts(gts: List[torch.Tensor], h: int, w: int, stride: int) -> torch.Tensor:
+    """[N, 1, H, W]: 1 where the location's centre lies in one of the image's ground truths."""
+    dev = gts[0].device
+    ys = ((torch.arange(h, device=dev) + 0.5) * stride).view(1, h, 1)
+    xs = ((torch.arange(w, device=dev) + 0.5) * stride).view(1, 1, w)
+    out = []
+    for g in gts:
+        x1, y1, x2, y2 = (g[:, i].view(-1, 1, 1) for i in range(4))
+        out.append(((xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2)).any(0))
+    return torch.stack(out)[:, None].float()
+
+
 def make_loss(model: str, channels: int, num_levels: int) -> tbd_ops.nn.TBDLoss:
     cfg = MODELS[model]
     coder_cfg = {"scales": [float(s) for s in STRIDES[:num_levels]]} if cfg["coder"] == "distance" else {}
-    return tbd_ops.nn.TBDLoss(num_levels=num_levels, in_channels=channels, coder=cfg["coder"], coder_cfg=coder_cfg)
+    with torch.random.fork_rng(devices=[]):  # the same parameters in every run
+        torch.manual_seed(0)
+        return tbd_ops.nn.TBDLoss(num_levels=num_levels, in_channels=channels, coder=cfg["coder"],
+                                  coder_cfg=coder_cfg)
 
 
 # ---- eager: the same loss in plain float32 PyTorch ------------------------------------------------
@@ -206,9 +225,11 @@ def make_case(model: str, n: int, *, name: str = None, level_hw: Sequence[Tuple[
         else:
             s_box, t_box = (level_list(4 * a, lambda x: torch.rand_like(x) * 6.0 + 0.5) for _ in range(2))
             priors = [level_points(s, h, w, device) for s, (h, w) in zip(STRIDES, level_hw)]
-        s_feat, t_feat = (level_list(channels, lambda x: x) for _ in range(2))
         scale = torch.tensor([img[1] / IMG_W, img[0] / IMG_H] * 2, device=device)
         gts = [random_gts(g, device) * scale for g in gts_per_image]
+        s_feat = level_list(channels, lambda x: x)
+        t_feat = [torch.randn(n, channels, h, w, device=device) * (1 + 2 * inside_gts(gts, h, w, s))
+                  for s, (h, w) in zip(STRIDES, level_hw)]
         return Inputs((params, s_cls, s_box, s_feat, t_cls, t_box, t_feat, priors, gts, img_shapes))
 
     n_params = sum(t.numel() for t in loss.parameters())

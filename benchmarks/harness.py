@@ -210,7 +210,7 @@ def format_row(r: Dict[str, Any]) -> str:
     head = f"{r['label']:<4} {(r['case'] + ' ' + r['dtype'])[:37]:<37} {r['provider']:<8} {r['mode']:<7}"
     if r["status"] != "ok":
         return f"{head}  {r['status']}: {r['note']}"
-    nums = [format(r[k], f) if k in r else "-".rjust(int(f[:-2]))
+    nums = [format(r[k], f) if k in r else "-".rjust(int(f.split(".")[0]))
             for k, f in (("median_ms", "10.4g"), ("iqr_ms", "9.3g"), ("gbps", "7.3g"), ("peak_mib", "9.4g"),
                          ("speedup_vs_eager", "7.3g"))]
     return f"{head} {' '.join(nums)}x  {r['check']} {r['note']}".rstrip()
