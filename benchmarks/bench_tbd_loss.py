@@ -106,7 +106,8 @@ def eager_pc(x: torch.Tensor) -> torch.Tensor:
 
 
 def eager_pr(bbox_pred, priors, gts, img_hw, coder: str, scale: float, means, stds, wh_ratio_clip):
-    """Per-location max IoU [N, H, W]: batched decode, [N, P, G_max] IoU matrix, max, max over A."""
+    """Per-location max IoU [N, H, W]: batched decode, [N, P, G_max] IoU matrix, max over the A x G_max
+    IoUs of a location (prior index (h * W + w) * A + a)."""
     n, a4, h, w = bbox_pred.shape
     d = bbox_pred.view(n, a4 // 4, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
     if coder == "delta_xywh":
@@ -127,7 +128,9 @@ def eager_pr(bbox_pred, priors, gts, img_hw, coder: str, scale: float, means, st
     area_b = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
     area_g = (gts[..., 2:] - gts[..., :2]).clamp(min=0).prod(-1)
     iou = inter / (area_b[:, :, None] + area_g[:, None, :] - inter).clamp(min=1e-6)
-    return iou.amax(-1).view(n, h, w, a4 // 4).amax(-1)
+    # One amax over the A x G_max IoUs of a location (max over G, then over A, trips an Inductor
+    # assertion in torch.compile of the backward, torch 2.11, on the 2x2 level).
+    return iou.view(n, h, w, -1).amax(-1)
 
 
 def eager_hd(pc_s, pr_s, pc_t, pr_t, mode: str, eps: float) -> torch.Tensor:
