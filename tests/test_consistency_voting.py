@@ -26,6 +26,10 @@ def image(R, M, pos_frac=0.6, skip=()):
     if M > 0:
         j = torch.randint(0, M, (R,))
         pos = torch.rand(R) < pos_frac
+        if pos_frac > 0:  # every pseudo box outside `skip` has a positive (RoI s for box s)
+            k = min(M, R)
+            j[:k] = torch.arange(k)
+            pos[:k] = True
         for s in skip:
             pos &= j != s
         gt[pos] = j[pos] + 1
