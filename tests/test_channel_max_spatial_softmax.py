@@ -306,3 +306,38 @@ def test_list_of_levels_keeps_scale_by_hw(device):
     levels = [logits((2, 4, 5, 6), device), logits((2, 4, 3, 3), device)]
     for y, x in zip(tbd_ops.channel_max_spatial_softmax(levels, 0.5, True), levels):
         torch.testing.assert_close(y, ref.channel_max_spatial_softmax(x, 0.5, True), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K", [1, 8, 9, 19, 80])
+def test_float32_ties_across_channel_blocks_and_tiles(device, K):
+    """Few distinct values (many ties) over channel blocks and several location tiles:
+    the lowest maximal channel wins, as torch.max."""
+    x = torch.randint(-3, 3, (2, K, 45, 50), device=device).float()  # H*W = 2250: two tiles and a tail
+    out, log_p, argmax = OP(x, 1.0, False)
+    k = torch.arange(K, device=device).view(1, K, 1, 1)
+    lowest = torch.where(x == x.amax(1, keepdim=True), k, K).amin(1)
+    assert torch.equal(argmax, lowest)
+    torch.testing.assert_close(out.double(), ref.channel_max_spatial_softmax(x.double()), **TOL[torch.float32])
+    torch.testing.assert_close(log_p.exp(), out, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_nan_in_a_later_tile_and_channel(device):
+    x = logits((2, 11, 45, 50), device, torch.float32)
+    x[0, 9, 44, 49] = float("nan")  # last tile, a channel of the remainder block
+    x[0, 10, 44, 49] = float("nan")
+    out, _, argmax = OP(x, 1.0, False)
+    assert torch.isnan(out[0]).all() and argmax[0, 44, 49].item() == 9
+    torch.testing.assert_close(out[1], ref.channel_max_spatial_softmax(x[1:])[0], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_whole_tile_at_minus_inf(device, dtype):
+    """The first 2048 locations at -inf: probability 0 there, the rest sums to 1."""
+    x = logits((2, 3, 45, 50), device, dtype)
+    x.view(2, 3, -1)[0, :, :2100] = float("-inf")
+    y = tbd_ops.channel_max_spatial_softmax(x, 0.5, True)
+    assert (y.view(2, -1)[0, :2100] == 0).all()
+    torch.testing.assert_close(y, ref.channel_max_spatial_softmax(x, 0.5, True), **TOL[dtype])

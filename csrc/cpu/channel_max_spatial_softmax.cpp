@@ -1,13 +1,25 @@
 // CPU kernel of channel_max_spatial_softmax (p_c). The per-element math is in
-// tbd_ops/softmax.h, shared with the CUDA kernel. The channel scan runs over
-// tiles of locations; each tile's locations form fixed chunks whose
-// online-softmax partials are combined in chunk order, so results do not
-// depend on the number of threads (nor on the tile size).
+// tbd_ops/softmax.h, shared with the CUDA kernel.
+//
+// Forward, two passes over contiguous per-image buffers:
+//   1. per tile of kTile locations (fixed boundaries from the start of each
+//      image): channel max and argmax, y = z / T into log_p, the argmax, and the
+//      tile's softmax statistics (max m_t, sum of exp(y - m_t));
+//   2. per image, the tiles' statistics combined in tile order (M, S), then per
+//      tile: log_p = (y - M) - log S and out = exp(y - M) * (scale / S)
+//      (float32 output: pass 1 leaves exp(y - m_t) in out, scaled here by
+//      exp(m_t - M) * scale / S, so one exp per location).
+// Tile boundaries and the summation order inside a tile are fixed, so results
+// do not depend on the number of threads. float32-accumulated inputs (float32,
+// float16, bfloat16) use explicit SIMD (GCC vector extensions, an AVX2 clone
+// and the baseline ISA picked at load time) with the deterministic exp below;
+// float64 stays scalar. The channel argmax is exact (torch.max semantics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -17,20 +29,71 @@
 namespace tbd_ops {
 namespace {
 
-constexpr int64_t kChunk = 256;  // locations per softmax partial (fixed: thread-independent results)
-// Locations per work item of the channel scan (a multiple of kChunk): every
-// channel row is read in contiguous runs of kTile values (long enough for the
-// hardware prefetcher) while the running max and argmax of the tile stay in L1.
+constexpr int64_t kChunk = 256;  // locations per partial sum of the backward's dot product
+// Locations per work item of the forward (fixed: thread-independent results):
+// every channel row is read in contiguous runs of kTile values (long enough
+// for the hardware prefetcher) while the running max and argmax of the tile
+// stay in L1.
 constexpr int64_t kTile = 2048;
-static_assert(kTile % kChunk == 0, "a tile holds whole softmax chunks");
 
-// Running channel argmax of `len` contiguous locations whose channel k starts
-// at base + k * s1 (the NCHW case), exact for any input (NaN included).
-// Branch-free so that it vectorizes; compiled for AVX2 and for the baseline
-// ISA, picked at load time.
+#define TBD_CLONES __attribute__((target_clones("avx2", "default")))
+
+// 8 float lanes (one AVX2 register). 16-lane vectors in an AVX-512 clone were
+// 7x slower with GCC's lowering of the vector selects. (Vector arguments of the
+// always-inline helpers never cross an ABI boundary.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+constexpr int kLanes = 8;
+typedef float f32v __attribute__((vector_size(4 * kLanes)));
+typedef int32_t i32v __attribute__((vector_size(4 * kLanes)));
+
+// Unaligned loads and stores and splats (inlined into every clone).
+template <typename V, typename P> __attribute__((always_inline)) inline V loadv(const P* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V, typename P> __attribute__((always_inline)) inline void storev(P* p, const V& v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+__attribute__((always_inline)) inline f32v splat(float a) { return f32v{} + a; }
+__attribute__((always_inline)) inline i32v splat(int32_t a) { return i32v{} + a; }
+
+// exp(x) for x in [-inf, 0] or NaN (all that the softmax needs: y - max y),
+// lane by lane, deterministic (plain IEEE operations, no FMA contraction), a
+// few ulps from the correctly rounded value, subnormal results included.
+// Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-7
+// polynomial, the 2^n scaling in two exact halves so that it may underflow.
+__attribute__((always_inline)) inline f32v exp_nonpositive(f32v x) {
+  const i32v under = x < splat(-103.98f);  // exp(x) < 2^-150 rounds to 0 (also -inf)
+  x = under ? splat(-103.98f) : x;           // NaN stays
+  f32v n = x * splat(1.44269504088896341f);
+  n = (n + splat(12582912.0f)) - splat(12582912.0f);  // round to nearest, |n| <= 151
+  n = n == n ? n : splat(0.0f);
+  f32v r = x - n * splat(0.693359375f);  // ln 2 in two parts; n * 0.693359375 is exact
+  r = r - n * splat(-2.12194440e-4f);
+  f32v p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * (r * r) + r + splat(1.0f);
+  const i32v ni = __builtin_convertvector(n, i32v);  // in [-151, 0]
+  const i32v n1 = ni >> 1, n2 = ni - n1;           // each >= -76: normal powers of two
+  f32v s1, s2;
+  const i32v e1 = (n1 + 127) << 23, e2 = (n2 + 127) << 23;
+  __builtin_memcpy(&s1, &e1, sizeof(s1));
+  __builtin_memcpy(&s2, &e2, sizeof(s2));
+  const f32v y = (p * s1) * s2;  // p * s1 exact, one rounding at the end
+  return under ? splat(0.0f) : y;
+}
+
+// ---- channel argmax of a tile (NCHW: channel k of the tile at base + k * s1) ----
+
+// Exact for any input (NaN included), torch.max semantics.
 template <typename T, typename A>
-__attribute__((target_clones("avx2", "default"))) void channel_argmax_rows(
-    const T* base, int64_t K, int64_t s1, int64_t len, A* bv, int32_t* bi) {
+TBD_CLONES void channel_argmax_rows(const T* base, int64_t K, int64_t s1, int64_t len, A* bv,
+                                    int32_t* bi) {
   for (int64_t i = 0; i < len; ++i) {
     bv[i] = static_cast<A>(base[i]);
     bi[i] = 0;
@@ -46,95 +109,230 @@ __attribute__((target_clones("avx2", "default"))) void channel_argmax_rows(
   }
 }
 
-// float32 fast path, same results: channels 1.. in blocks of kRows. A pass
-// over the tile takes the plain max of kRows rows (no index), and a location
-// moves to a block only when the block's max is strictly greater than its
-// running max; the lowest channel of the winning block holding that max is
-// then found by re-reading that block at this location alone. NaN breaks the
-// plain max: a tile holding one returns false and is redone exactly.
-constexpr int64_t kRows = 4;
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-// Unaligned 8-lane load and store (inlined into either clone).
-template <typename V, typename P> __attribute__((always_inline)) inline V load8(const P* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
+// float32: channels k .. k + R - 1 in one sweep over the tile, in registers:
+// their max m (two interleaved chains of plain maxima), the lowest of them equal to m, and
+// their sum (NaN when one of them is NaN; also for inf - inf, which only costs
+// a redo). The running max moves to m only when strictly greater, so ties keep
+// the lowest channel. A tile with a NaN sum is redone exactly by the caller.
+template <int R>
+__attribute__((always_inline)) inline void argmax_block_f32(const float* r, int64_t s1, int32_t k,
+                                                            int64_t len, float* bv, int32_t* bi,
+                                                            i32v& nanv, int32_t& nan1) {
+  const int64_t vlen = len / kLanes * kLanes;
+  i32v kv[R];
+  for (int j = 0; j < R; ++j) kv[j] = splat(k + j);
+  for (int64_t i = 0; i < vlen; i += kLanes) {
+    f32v v[R];
+    for (int j = 0; j < R; ++j) v[j] = loadv<f32v>(r + j * s1 + i);
+    f32v sum = v[0], m0 = v[0], m1 = v[R > 1 ? 1 : 0];
+    for (int j = 1; j < R; ++j) sum += v[j];
+    for (int j = 2; j < R; j += 2) m0 = v[j] > m0 ? v[j] : m0;
+    for (int j = 3; j < R; j += 2) m1 = v[j] > m1 ? v[j] : m1;
+    const f32v mx = m1 > m0 ? m1 : m0;
+    i32v idx = kv[R - 1];
+    for (int j = R - 2; j >= 0; --j) idx = v[j] == mx ? kv[j] : idx;
+    nanv |= sum != sum;
+    const f32v b = loadv<f32v>(bv + i);
+    const i32v t = mx > b;
+    storev(bv + i, f32v(t ? mx : b));
+    storev(bi + i, i32v(t ? idx : loadv<i32v>(bi + i)));
+  }
+  for (int64_t i = vlen; i < len; ++i) {
+    float m = r[i];
+    int32_t idx = k;
+    nan1 |= m != m;
+    for (int j = 1; j < R; ++j) {
+      const float v = r[j * s1 + i];
+      nan1 |= v != v;
+      if (v > m) {
+        m = v;
+        idx = k + j;
+      }
+    }
+    if (m > bv[i]) {
+      bv[i] = m;
+      bi[i] = idx;
+    }
+  }
 }
-template <typename V, typename P> __attribute__((always_inline)) inline void store8(P* p, const V& v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
 
-__attribute__((target_clones("avx2", "default"))) bool channel_argmax_rows_f32(
-    const float* __restrict__ base, int64_t K, int64_t s1, int64_t len, float* __restrict__ bv,
-    int32_t* __restrict__ bi) {
-  const int64_t vlen = len / 8 * 8;
-  const int64_t kfull = 1 + (K - 1) / kRows * kRows;  // rows [1, kfull) form whole blocks
-  i32x8 nan8 = {};
+constexpr int kRows = 8;  // channels per sweep
+
+// Returns false when the tile holds a NaN (bv, bi are then unspecified).
+TBD_CLONES bool channel_argmax_f32(const float* base, int64_t K, int64_t s1, int64_t len, float* bv,
+                                   int32_t* bi) {
+  i32v nanv = {};
   int32_t nan1 = 0;
   for (int64_t i = 0; i < len; ++i) {
     bv[i] = base[i];
     bi[i] = 0;
     nan1 |= base[i] != base[i];
   }
-  for (int64_t k = 1; k < K;) {
-    const int64_t rows = k < kfull ? kRows : 1;
-    const float* r = base + k * s1;
-    i32x8 kv;
-    for (int l = 0; l < 8; ++l) kv[l] = static_cast<int32_t>(k);
-    for (int64_t i = 0; i < vlen; i += 8) {
-      f32x8 m = load8<f32x8>(r + i);
-      i32x8 nan = m != m;
-      for (int64_t j = 1; j < rows; ++j) {
-        const f32x8 v = load8<f32x8>(r + j * s1 + i);
-        nan |= v != v;
-        m = v > m ? v : m;
-      }
-      nan8 |= nan;
-      const f32x8 b = load8<f32x8>(bv + i);
-      const i32x8 t = m > b;
-      store8(bv + i, f32x8(t ? m : b));
-      store8(bi + i, i32x8(t ? kv : load8<i32x8>(bi + i)));
-    }
-    for (int64_t i = vlen; i < len; ++i) {
-      float m = r[i];
-      for (int64_t j = 0; j < rows; ++j) {
-        const float v = r[j * s1 + i];
-        nan1 |= v != v;
-        m = v > m ? v : m;
-      }
-      if (m > bv[i]) {
-        bv[i] = m;
-        bi[i] = static_cast<int32_t>(k);
-      }
-    }
-    k += rows;
+  int64_t k = 1;
+  for (; k + kRows <= K; k += kRows)
+    argmax_block_f32<kRows>(base + k * s1, s1, static_cast<int32_t>(k), len, bv, bi, nanv, nan1);
+  const float* r = base + k * s1;
+  const int32_t k32 = static_cast<int32_t>(k);
+  switch (K - k) {
+    case 7: argmax_block_f32<7>(r, s1, k32, len, bv, bi, nanv, nan1); break;
+    case 6: argmax_block_f32<6>(r, s1, k32, len, bv, bi, nanv, nan1); break;
+    case 5: argmax_block_f32<5>(r, s1, k32, len, bv, bi, nanv, nan1); break;
+    case 4: argmax_block_f32<4>(r, s1, k32, len, bv, bi, nanv, nan1); break;
+    case 3: argmax_block_f32<3>(r, s1, k32, len, bv, bi, nanv, nan1); break;
+    case 2: argmax_block_f32<2>(r, s1, k32, len, bv, bi, nanv, nan1); break;
+    case 1: argmax_block_f32<1>(r, s1, k32, len, bv, bi, nanv, nan1); break;
+    default: break;
   }
-  for (int l = 0; l < 8; ++l) nan1 |= nan8[l];
-  if (nan1) return false;
-  // The lowest channel of the winning block whose value equals the max.
-  for (int64_t i = 0; i < len; ++i) {
-    const int64_t k0 = bi[i];
-    const int64_t k1 = k0 == 0 ? 1 : (k0 < kfull ? k0 + kRows : k0 + 1);
-    for (int64_t k = k0; k < k1; ++k) {
-      const float v = base[k * s1 + i];
-      if (v == bv[i]) {
-        bv[i] = v;  // the first equal value (-0.0 and 0.0 compare equal)
-        bi[i] = static_cast<int32_t>(k);
-        break;
-      }
-    }
-  }
-  return true;
+  static_assert(kRows == 8, "the switch covers 1 .. kRows - 1 remaining channels");
+  for (int l = 0; l < kLanes; ++l) nan1 |= nanv[l];
+  return nan1 == 0;
 }
 
 template <typename T, typename A>
 void channel_argmax_tile(const T* base, int64_t K, int64_t s1, int64_t len, A* bv, int32_t* bi) {
   if constexpr (std::is_same_v<T, float>) {
-    if (channel_argmax_rows_f32(base, K, s1, len, bv, bi)) return;
+    if (channel_argmax_f32(base, K, s1, len, bv, bi)) return;
   }
   channel_argmax_rows(base, K, s1, len, bv, bi);
+}
+
+// ---- softmax pieces on float32 buffers ----
+
+// y = bv * inv_t into y, the argmax into am, and the tile's softmax
+// statistics {m, s} = {max y, sum exp(y - m)} (summed in a fixed order: per
+// lane, then the lanes in a fixed tree). When e is not null and m is finite or
+// -inf, e = exp(y - m) (0 for m = -inf).
+TBD_CLONES SoftmaxState<float> tile_softmax(const float* bv, const int32_t* bi, int64_t len,
+                                            float inv_t, float* y, int64_t* am, float* e) {
+  const int64_t vlen = len / kLanes * kLanes;
+  f32v mv = splat(-INFINITY);
+  i32v nanv = {};
+  for (int64_t i = 0; i < vlen; i += kLanes) {
+    const f32v v = loadv<f32v>(bv + i) * splat(inv_t);
+    storev(y + i, v);
+    nanv |= v != v;
+    mv = v > mv ? v : mv;
+  }
+  float m = -INFINITY;
+  bool nan = false;
+  for (int64_t i = vlen; i < len; ++i) {
+    const float v = bv[i] * inv_t;
+    y[i] = v;
+    nan |= v != v;
+    m = v > m ? v : m;
+  }
+  for (int64_t i = 0; i < len; ++i) am[i] = bi[i];
+  for (int l = 0; l < kLanes; ++l) {
+    nan |= nanv[l] != 0;
+    m = mv[l] > m ? mv[l] : m;
+  }
+  if (nan) return {NAN, NAN};
+  if (m == -INFINITY) {  // every y is -inf: nothing to add
+    if (e) for (int64_t i = 0; i < len; ++i) e[i] = 0.0f;
+    return {m, 0.0f};
+  }
+  if (m == INFINITY) return {m, NAN};  // exp(inf - inf), as in the two-pass softmax
+  f32v sv = {};
+  const f32v mm = splat(m);
+  for (int64_t i = 0; i < vlen; i += kLanes) {
+    const f32v ev = exp_nonpositive(loadv<f32v>(y + i) - mm);
+    if (e) storev(e + i, ev);
+    sv += ev;
+  }
+  if (vlen < len) {  // the tail in one padded vector: the same exp as the full ones
+    f32v v = splat(-INFINITY);
+    for (int64_t i = vlen; i < len; ++i) v[i - vlen] = y[i];
+    const f32v ev = exp_nonpositive(v - mm);
+    if (e)
+      for (int64_t i = vlen; i < len; ++i) e[i] = ev[i - vlen];
+    sv += ev;
+  }
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) sv[l] += sv[l + w];
+  return {m, sv[0]};
+}
+
+// log_p = (y - M) - log S in place, out = exp(y - M) * (scale / S).
+TBD_CLONES void normalize_f32(float* y, int64_t len, float M, float log_s, float f, float* out) {
+  const int64_t vlen = len / kLanes * kLanes;
+  for (int64_t i = 0; i < vlen; i += kLanes) {
+    const f32v v = loadv<f32v>(y + i) - splat(M);
+    storev(y + i, f32v(v - splat(log_s)));
+    storev(out + i, f32v(exp_nonpositive(v) * splat(f)));
+  }
+  if (vlen < len) {
+    f32v v = splat(0.0f);
+    for (int64_t i = vlen; i < len; ++i) v[i - vlen] = y[i];
+    v = v - splat(M);
+    const f32v lp = v - splat(log_s), e = exp_nonpositive(v) * splat(f);
+    for (int64_t i = vlen; i < len; ++i) {
+      y[i] = lp[i - vlen];
+      out[i] = e[i - vlen];
+    }
+  }
+}
+
+// log_p = (y - M) - log S in place, out = e * c (e = exp(y - m) from
+// tile_softmax, c = exp(m - M) * scale / S).
+TBD_CLONES void normalize_from_exp_f32(float* y, const float* e, int64_t len, float M, float log_s,
+                                       float c, float* out) {
+  for (int64_t i = 0; i < len; ++i) {
+    y[i] = (y[i] - M) - log_s;
+    out[i] = e[i] * c;
+  }
+}
+
+// The same steps in float64, scalar.
+SoftmaxState<double> tile_softmax(const double* bv, const int32_t* bi, int64_t len, double inv_t,
+                                  double* y, int64_t* am, double*) {
+  double m = -INFINITY;
+  bool nan = false;
+  for (int64_t i = 0; i < len; ++i) {
+    const double v = bv[i] * inv_t;
+    y[i] = v;
+    am[i] = bi[i];
+    nan |= v != v;
+    m = v > m ? v : m;
+  }
+  if (nan) return {NAN, NAN};
+  if (m == -INFINITY) return {m, 0.0};
+  if (m == INFINITY) return {m, NAN};
+  double s = 0.0;
+  for (int64_t i = 0; i < len; ++i) s += math_exp(y[i] - m);
+  return {m, s};
+}
+
+template <typename T>
+void normalize_tile(float* y, int64_t len, float M, float log_s, float f, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    normalize_f32(y, len, M, log_s, f, out);
+  } else {  // float16 / bfloat16: through a float buffer
+    float buf[256];
+    for (int64_t i0 = 0; i0 < len; i0 += 256) {
+      const int64_t n = std::min<int64_t>(256, len - i0);
+      normalize_f32(y + i0, n, M, log_s, f, buf);
+      for (int64_t i = 0; i < n; ++i) out[i0 + i] = static_cast<T>(buf[i]);
+    }
+  }
+}
+
+void normalize_tile(double* y, int64_t len, double M, double log_s, double f, double* out) {
+  for (int64_t i = 0; i < len; ++i) {
+    const double v = y[i] - M;
+    y[i] = v - log_s;
+    out[i] = math_exp(v) * f;
+  }
+}
+
+template <typename A, typename T>
+void normalize_item(A* y, int64_t len, A M, A log_s, A f, A m_tile, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (std::isfinite(M) && std::isfinite(f)) {  // out holds e = exp(y - m_tile)
+      normalize_from_exp_f32(y, out, len, M, log_s, math_exp(m_tile - M) * f, out);
+      return;
+    }
+  }
+  normalize_tile(y, len, M, log_s, f, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cpu(const at::Tensor& x, double temperature,
@@ -145,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cpu(const at::Tensor& x, dou
   auto log_p = at::empty({N, H, W}, x.options().dtype(acc_dtype(x.scalar_type())));
   auto argmax = at::empty({N, H, W}, x.options().dtype(at::kLong));
   if (N == 0 || HW == 0) return {out, log_p, argmax};
-  const int64_t chunks = (HW + kChunk - 1) / kChunk;
+  const int64_t tiles = (HW + kTile - 1) / kTile;
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmss_cpu", [&] {
@@ -156,16 +354,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cpu(const at::Tensor& x, dou
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     const A inv_t = A(1) / static_cast<A>(temperature);
     const A scale = scale_by_hw ? static_cast<A>(HW) : A(1);
-    std::vector<SoftmaxState<A>> partial(N * chunks);
+    std::vector<SoftmaxState<A>> partial(N * tiles);
 
-    // Pass 1: channel max, y = z / T into log_p, one softmax partial per chunk
-    // of kChunk locations; work items are tiles of kTile locations.
-    const int64_t tiles = (HW + kTile - 1) / kTile;
+    // Pass 1: channel max and argmax, y = z / T into log_p, tile statistics.
     at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-      // Tile-local running max; when the H*W plane is contiguous the k loop
-      // reads rows contiguously and vectorizes.
       std::vector<A> bv(kTile);
       std::vector<int32_t> bi(kTile);
+      // When the H*W plane is contiguous the channel rows of a tile are contiguous.
       const bool plane_contiguous = s3 == 1 && s2 == W;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / tiles, t0 = (item % tiles) * kTile;
@@ -181,33 +376,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cpu(const at::Tensor& x, dou
             bi[i] = static_cast<int32_t>(best.index);
           }
         }
-        A* lpt = lp + n * HW + t0;
-        int64_t* amt = am + n * HW + t0;
-        for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
-          const int64_t c1 = std::min(len, c0 + kChunk);
-          SoftmaxState<A> st = softmax_empty<A>();
-          for (int64_t i = c0; i < c1; ++i) {
-            const A y = bv[i] * inv_t;
-            lpt[i] = y;
-            amt[i] = bi[i];
-            softmax_add(st, y);
-          }
-          partial[n * chunks + (t0 + c0) / kChunk] = st;
-        }
+        // float32 keeps e = exp(y - m_t) in the output (scaled in pass 2).
+        scalar_t* e = std::is_same_v<scalar_t, float> ? po + n * HW + t0 : nullptr;
+        partial[item] = tile_softmax(bv.data(), bi.data(), len, inv_t, lp + n * HW + t0,
+                                     am + n * HW + t0, reinterpret_cast<A*>(e));
       }
     });
-    // Pass 2: per image, combine the partials in chunk order and normalize.
-    std::vector<A> lse(N);
+    // Per image: the tiles' statistics combined in tile order.
+    std::vector<A> M(N), log_s(N), f(N);
     for (int64_t n = 0; n < N; ++n) {
       SoftmaxState<A> st = softmax_empty<A>();
-      for (int64_t c = 0; c < chunks; ++c) st = softmax_combine(st, partial[n * chunks + c]);
-      lse[n] = softmax_lse(st);
+      for (int64_t t = 0; t < tiles; ++t) st = softmax_combine(st, partial[n * tiles + t]);
+      M[n] = st.m;
+      log_s[n] = math_log(st.s);
+      f[n] = scale / st.s;
     }
-    at::parallel_for(0, N * HW, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        const A v = lp[j] - lse[j / HW];
-        lp[j] = v;
-        po[j] = static_cast<scalar_t>(math_exp(v) * scale);
+    // Pass 2: normalize. float32 with a finite max and sum scales the kept
+    // exponentials; otherwise (NaN, inf) out = exp(y - M) * scale / S again.
+    at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / tiles, i0 = n * HW + (item % tiles) * kTile;
+        const int64_t len = std::min(kTile, (n + 1) * HW - i0);
+        normalize_item(lp + i0, len, M[n], log_s[n], f[n], partial[item].m, po + i0);
       }
     });
   });
