@@ -45,6 +45,7 @@ constexpr int64_t kTile = 2048;
 constexpr int kLanes = 8;
 typedef float f32v __attribute__((vector_size(4 * kLanes)));
 typedef int32_t i32v __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t u32v __attribute__((vector_size(4 * kLanes)));
 
 // Unaligned loads and stores and splats (inlined into every clone).
 template <typename V, typename P> __attribute__((always_inline)) inline V loadv(const P* p) {
@@ -114,13 +115,14 @@ TBD_CLONES void channel_argmax_rows(const T* base, int64_t K, int64_t s1, int64_
 // their sum (NaN when one of them is NaN; also for inf - inf, which only costs
 // a redo). The running max moves to m only when strictly greater, so ties keep
 // the lowest channel. A tile with a NaN sum is redone exactly by the caller.
-template <int R>
+// First: channels 0 .. R - 1, which initialize the running max.
+template <int R, bool First>
 __attribute__((always_inline)) inline void argmax_block_f32(const float* r, int64_t s1, int32_t k,
                                                             int64_t len, float* bv, int32_t* bi,
                                                             i32v& nanv, int32_t& nan1) {
   const int64_t vlen = len / kLanes * kLanes;
-  i32v kv[R];
-  for (int j = 0; j < R; ++j) kv[j] = splat(k + j);
+  u32v kv[R];
+  for (int j = 0; j < R; ++j) kv[j] = u32v(splat(k + j));
   for (int64_t i = 0; i < vlen; i += kLanes) {
     f32v v[R];
     for (int j = 0; j < R; ++j) v[j] = loadv<f32v>(r + j * s1 + i);
@@ -129,13 +131,23 @@ __attribute__((always_inline)) inline void argmax_block_f32(const float* r, int6
     for (int j = 2; j < R; j += 2) m0 = v[j] > m0 ? v[j] : m0;
     for (int j = 3; j < R; j += 2) m1 = v[j] > m1 ? v[j] : m1;
     const f32v mx = m1 > m0 ? m1 : m0;
-    i32v idx = kv[R - 1];
-    for (int j = R - 2; j >= 0; --j) idx = v[j] == mx ? kv[j] : idx;
+    // The lowest channel equal to mx: an unsigned min over channel | (all ones
+    // where not equal); no selects, and no NaN here, so one channel is equal.
+    u32v idx = u32v(v[0] != mx) | kv[0];
+    for (int j = 1; j < R; ++j) {
+      const u32v c = u32v(v[j] != mx) | kv[j];
+      idx = c < idx ? c : idx;
+    }
     nanv |= sum != sum;
+    if (First) {
+      storev(bv + i, mx);
+      storev(bi + i, i32v(idx));
+      continue;
+    }
     const f32v b = loadv<f32v>(bv + i);
     const i32v t = mx > b;
     storev(bv + i, f32v(t ? mx : b));
-    storev(bi + i, i32v(t ? idx : loadv<i32v>(bi + i)));
+    storev(bi + i, i32v(t ? i32v(idx) : loadv<i32v>(bi + i)));
   }
   for (int64_t i = vlen; i < len; ++i) {
     float m = r[i];
@@ -149,7 +161,7 @@ __attribute__((always_inline)) inline void argmax_block_f32(const float* r, int6
         idx = k + j;
       }
     }
-    if (m > bv[i]) {
+    if (First || m > bv[i]) {
       bv[i] = m;
       bi[i] = idx;
     }
@@ -158,32 +170,37 @@ __attribute__((always_inline)) inline void argmax_block_f32(const float* r, int6
 
 constexpr int kRows = 8;  // channels per sweep
 
+// argmax_block_f32 for 1 <= rows <= kRows.
+template <bool First>
+__attribute__((always_inline)) inline void argmax_rows_f32(int64_t rows, const float* r, int64_t s1,
+                                                           int32_t k, int64_t len, float* bv,
+                                                           int32_t* bi, i32v& nanv, int32_t& nan1) {
+  static_assert(kRows == 8, "the cases cover 1 .. kRows channels");
+  switch (rows) {
+    case 8: argmax_block_f32<8, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
+    case 7: argmax_block_f32<7, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
+    case 6: argmax_block_f32<6, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
+    case 5: argmax_block_f32<5, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
+    case 4: argmax_block_f32<4, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
+    case 3: argmax_block_f32<3, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
+    case 2: argmax_block_f32<2, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
+    case 1: argmax_block_f32<1, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
+    default: break;
+  }
+}
+
 // Returns false when the tile holds a NaN (bv, bi are then unspecified).
 TBD_CLONES bool channel_argmax_f32(const float* base, int64_t K, int64_t s1, int64_t len, float* bv,
                                    int32_t* bi) {
   i32v nanv = {};
   int32_t nan1 = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    bv[i] = base[i];
-    bi[i] = 0;
-    nan1 |= base[i] != base[i];
-  }
-  int64_t k = 1;
+  int64_t k = std::min<int64_t>(K, kRows);
+  argmax_rows_f32<true>(k, base, s1, 0, len, bv, bi, nanv, nan1);
   for (; k + kRows <= K; k += kRows)
-    argmax_block_f32<kRows>(base + k * s1, s1, static_cast<int32_t>(k), len, bv, bi, nanv, nan1);
-  const float* r = base + k * s1;
-  const int32_t k32 = static_cast<int32_t>(k);
-  switch (K - k) {
-    case 7: argmax_block_f32<7>(r, s1, k32, len, bv, bi, nanv, nan1); break;
-    case 6: argmax_block_f32<6>(r, s1, k32, len, bv, bi, nanv, nan1); break;
-    case 5: argmax_block_f32<5>(r, s1, k32, len, bv, bi, nanv, nan1); break;
-    case 4: argmax_block_f32<4>(r, s1, k32, len, bv, bi, nanv, nan1); break;
-    case 3: argmax_block_f32<3>(r, s1, k32, len, bv, bi, nanv, nan1); break;
-    case 2: argmax_block_f32<2>(r, s1, k32, len, bv, bi, nanv, nan1); break;
-    case 1: argmax_block_f32<1>(r, s1, k32, len, bv, bi, nanv, nan1); break;
-    default: break;
-  }
-  static_assert(kRows == 8, "the switch covers 1 .. kRows - 1 remaining channels");
+    argmax_block_f32<kRows, false>(base + k * s1, s1, static_cast<int32_t>(k), len, bv, bi, nanv,
+                                   nan1);
+  argmax_rows_f32<false>(K - k, base + k * s1, s1, static_cast<int32_t>(k), len, bv, bi, nanv,
+                         nan1);
   for (int l = 0; l < kLanes; ++l) nan1 |= nanv[l];
   return nan1 == 0;
 }
