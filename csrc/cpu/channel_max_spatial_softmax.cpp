@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -215,6 +217,50 @@ void channel_argmax_tile(const T* base, int64_t K, int64_t s1, int64_t len, A* b
 
 // ---- softmax pieces on float32 buffers ----
 
+#define TBD_AVX512 __attribute__((target("avx512f")))
+// GCC 12's AVX-512 headers warn about their own _mm512_undefined_* (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
+
+// exp_nonpositive of 16 lanes at a time with AVX-512 (the same operations,
+// hence the same values), e = exp(y - m) for i < n (rounded down to 16), each
+// 16-lane result added to the 8-lane sum as its two halves in index order (the
+// order of the 8-lane loop). Returns how many locations it did.
+TBD_AVX512 int64_t exp_store_sum_avx512(const float* y, int64_t n, float m, float* e, float* acc8) {
+  const __m512 lo = _mm512_set1_ps(-103.98f), mm = _mm512_set1_ps(m);
+  __m256 sv = _mm256_loadu_ps(acc8);
+  const int64_t n16 = n / 16 * 16;
+  for (int64_t i = 0; i < n16; i += 16) {
+    __m512 x = _mm512_sub_ps(_mm512_loadu_ps(y + i), mm);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_mask_mov_ps(x, under, lo);
+    __m512 nf = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    nf = _mm512_sub_ps(_mm512_add_ps(nf, _mm512_set1_ps(12582912.0f)), _mm512_set1_ps(12582912.0f));
+    nf = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(nf, nf, _CMP_ORD_Q), nf);
+    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(nf, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(nf, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), _mm512_set1_ps(1.0f));
+    const __m512i ni = _mm512_cvttps_epi32(nf);
+    const __m512i n1 = _mm512_srai_epi32(ni, 1), n2 = _mm512_sub_epi32(ni, n1);
+    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, _mm512_set1_epi32(127)), 23));
+    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, _mm512_set1_epi32(127)), 23));
+    const __m512 ev = _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_mul_ps(_mm512_mul_ps(p, s1), s2));
+    _mm512_storeu_ps(e + i, ev);
+    sv = _mm256_add_ps(sv, _mm512_castps512_ps256(ev));
+    sv = _mm256_add_ps(sv, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ev), 1)));
+  }
+  _mm256_storeu_ps(acc8, sv);
+  return n16;
+}
+#pragma GCC diagnostic pop
+
 // y = bv * inv_t into y, the argmax into am, and the tile's softmax
 // statistics {m, s} = {max y, sum exp(y - m)} (summed in a fixed order: per
 // lane, then the lanes in a fixed tree). When e is not null and m is finite or
@@ -251,7 +297,13 @@ TBD_CLONES SoftmaxState<float> tile_softmax(const float* bv, const int32_t* bi, 
   if (m == INFINITY) return {m, NAN};  // exp(inf - inf), as in the two-pass softmax
   f32v sv = {};
   const f32v mm = splat(m);
-  for (int64_t i = 0; i < vlen; i += kLanes) {
+  int64_t i0 = 0;
+  if (kHasAvx512 && e) {
+    alignas(32) float acc[kLanes] = {};
+    i0 = exp_store_sum_avx512(y, vlen, m, e, acc);
+    __builtin_memcpy(&sv, acc, sizeof(sv));
+  }
+  for (int64_t i = i0; i < vlen; i += kLanes) {
     const f32v ev = exp_nonpositive(loadv<f32v>(y + i) - mm);
     if (e) storev(e + i, ev);
     sv += ev;
