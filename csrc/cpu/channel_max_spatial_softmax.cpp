@@ -12,7 +12,8 @@
 // Tile boundaries and the summation order inside a tile are fixed, so results
 // do not depend on the number of threads. float32-accumulated inputs (float32,
 // float16, bfloat16) use explicit SIMD (GCC vector extensions, an AVX2 clone
-// and the baseline ISA picked at load time) with the deterministic exp below;
+// and the baseline ISA picked at load time; the tile's exp also in AVX-512
+// where present, with the same results) with the deterministic exp below;
 // float64 stays scalar. The channel argmax is exact (torch.max semantics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
