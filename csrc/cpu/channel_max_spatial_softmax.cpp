@@ -20,7 +20,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TBD_OPS_HAVE_AVX512 1
 #include <immintrin.h>
+#else
+#define TBD_OPS_HAVE_AVX512 0
+#endif
 
 #include <cmath>
 #include <type_traits>
@@ -218,6 +223,7 @@ void channel_argmax_tile(const T* base, int64_t K, int64_t s1, int64_t len, A* b
 
 // ---- softmax pieces on float32 buffers ----
 
+#if TBD_OPS_HAVE_AVX512
 #define TBD_AVX512 __attribute__((target("avx512f")))
 // GCC 12's AVX-512 headers warn about their own _mm512_undefined_* (GCC bug 105593).
 #pragma GCC diagnostic push
@@ -261,6 +267,9 @@ TBD_AVX512 int64_t exp_store_sum_avx512(const float* y, int64_t n, float m, floa
   return n16;
 }
 #pragma GCC diagnostic pop
+#else
+const bool kHasAvx512 = false;
+#endif
 
 // y = bv * inv_t into y, the argmax into am, and the tile's softmax
 // statistics {m, s} = {max y, sum exp(y - m)} (summed in a fixed order: per
@@ -299,11 +308,13 @@ TBD_CLONES SoftmaxState<float> tile_softmax(const float* bv, const int32_t* bi, 
   f32v sv = {};
   const f32v mm = splat(m);
   int64_t i0 = 0;
+#if TBD_OPS_HAVE_AVX512
   if (kHasAvx512 && e) {
     alignas(32) float acc[kLanes] = {};
     i0 = exp_store_sum_avx512(y, vlen, m, e, acc);
     __builtin_memcpy(&sv, acc, sizeof(sv));
   }
+#endif
   for (int64_t i = i0; i < vlen; i += kLanes) {
     const f32v ev = exp_nonpositive(loadv<f32v>(y + i) - mm);
     if (e) storev(e + i, ev);
