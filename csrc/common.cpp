@@ -12,4 +12,17 @@ void check_float(const char* op, const char* name, const at::Tensor& t) {
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+std::vector<int64_t> image_offsets(const char* op, const char* name, at::IntArrayRef counts,
+                                   int64_t rows, const char* rows_of) {
+  std::vector<int64_t> off(counts.size() + 1, 0);
+  for (size_t n = 0; n < counts.size(); ++n) {
+    TORCH_CHECK_VALUE(counts[n] >= 0, op, ": ", name, " must be >= 0, got ", counts[n],
+                      " for image ", n);
+    off[n + 1] = off[n] + counts[n];
+  }
+  TORCH_CHECK_VALUE(off.back() == rows, op, ": ", name, " must sum to the rows of ", rows_of,
+                    " (", rows, "), got ", off.back());
+  return off;
+}
+
 }  // namespace tbd_ops

@@ -6,6 +6,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 // The operator namespace. The test-only emulated CUDA build compiles the same
 // sources into a namespace of its own (-DTBD_OPS_LIB=tbd_ops_emu).
 #ifndef TBD_OPS_LIB
@@ -24,5 +26,12 @@ void check_float(const char* op, const char* name, const at::Tensor& t);
 
 // Output dtype of reductions and accumulators: float32, or float64 for float64.
 at::ScalarType acc_dtype(at::ScalarType t);
+
+// Row offsets of a batch given per image (counts[n] rows of image n, the
+// images' rows concatenated): N + 1 offsets. Raises a ValueError naming `name`
+// for a negative count or when the counts do not sum to `rows` (the rows of
+// the tensor `rows_of`).
+std::vector<int64_t> image_offsets(const char* op, const char* name, at::IntArrayRef counts,
+                                   int64_t rows, const char* rows_of);
 
 }  // namespace tbd_ops

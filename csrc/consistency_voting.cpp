@@ -10,22 +10,6 @@
 #include "consistency_voting.h"
 
 namespace tbd_ops {
-namespace {
-
-std::vector<int64_t> voting_offsets(const char* op, const char* name, at::IntArrayRef counts,
-                                    int64_t rows, const char* rows_of) {
-  std::vector<int64_t> off(counts.size() + 1, 0);
-  for (size_t n = 0; n < counts.size(); ++n) {
-    TORCH_CHECK_VALUE(counts[n] >= 0, op, ": ", name, " must be >= 0, got ", counts[n],
-                      " for image ", n);
-    off[n + 1] = off[n] + counts[n];
-  }
-  TORCH_CHECK_VALUE(off.back() == rows, op, ": ", name, " must sum to the rows of ", rows_of,
-                    " (", rows, "), got ", off.back());
-  return off;
-}
-
-}  // namespace
 
 VotingProblem voting_prepare(const char* op, const at::Tensor& pred_boxes,
                              const at::Tensor& gt_inds, const at::Tensor& pseudo_boxes,
@@ -64,8 +48,8 @@ VotingProblem voting_prepare(const char* op, const at::Tensor& pred_boxes,
                     ": roi_counts and pseudo_counts must have one count per image each, got ",
                     roi_counts.size(), " and ", pseudo_counts.size());
   pb.N = static_cast<int64_t>(roi_counts.size());
-  pb.r_offsets = voting_offsets(op, "roi_counts", roi_counts, pb.R, "pred_boxes");
-  pb.m_offsets = voting_offsets(op, "pseudo_counts", pseudo_counts, pb.M, "pseudo_boxes");
+  pb.r_offsets = image_offsets(op, "roi_counts", roi_counts, pb.R, "pred_boxes");
+  pb.m_offsets = image_offsets(op, "pseudo_counts", pseudo_counts, pb.M, "pseudo_boxes");
   TORCH_CHECK_VALUE(pb.M < std::numeric_limits<int32_t>::max(), op,
                     ": at most 2^31 - 2 pseudo boxes per call, got ", pb.M);
   pb.pseudo_boxes = pseudo_boxes.contiguous();

@@ -13,22 +13,6 @@
 #include "prediction_guided_assign.h"
 
 namespace tbd_ops {
-namespace {
-
-std::vector<int64_t> offsets_of(const char* op, const char* name, at::IntArrayRef counts,
-                                int64_t rows, const char* rows_of) {
-  std::vector<int64_t> off(counts.size() + 1, 0);
-  for (size_t n = 0; n < counts.size(); ++n) {
-    TORCH_CHECK_VALUE(counts[n] >= 0, op, ": ", name, " must be >= 0, got ", counts[n],
-                      " for image ", n);
-    off[n + 1] = off[n] + counts[n];
-  }
-  TORCH_CHECK_VALUE(off.back() == rows, op, ": ", name, " must sum to the rows of ", rows_of,
-                    " (", rows, "), got ", off.back());
-  return off;
-}
-
-}  // namespace
 
 AssignProblem assign_prepare(const char* op, const at::Tensor& boxes, const at::Tensor& scores,
                              const at::Tensor& pseudo_boxes, const at::Tensor& pseudo_labels,
@@ -81,8 +65,8 @@ AssignProblem assign_prepare(const char* op, const at::Tensor& boxes, const at::
                     ": proposal_counts and pseudo_counts must have one count per image each, got ",
                     proposal_counts.size(), " and ", pseudo_counts.size());
   pb.N = static_cast<int64_t>(proposal_counts.size());
-  pb.p_offsets = offsets_of(op, "proposal_counts", proposal_counts, pb.P, "boxes");
-  pb.m_offsets = offsets_of(op, "pseudo_counts", pseudo_counts, pb.M, "pseudo_boxes");
+  pb.p_offsets = image_offsets(op, "proposal_counts", proposal_counts, pb.P, "boxes");
+  pb.m_offsets = image_offsets(op, "pseudo_counts", pseudo_counts, pb.M, "pseudo_boxes");
   TORCH_CHECK_VALUE(pb.P < std::numeric_limits<int32_t>::max() &&
                         pb.M < std::numeric_limits<int32_t>::max(),
                     op, ": at most 2^31 - 2 proposals and pseudo boxes per call, got ", pb.P,

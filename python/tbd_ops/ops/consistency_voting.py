@@ -3,24 +3,14 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import acc_dtype, check_tensor
+from ._utils import acc_dtype, cat_images, image_list
 
 _OP = "consistency_voting"
 _MODES = ("pseco", "paper")
 
 
-def _tensor_list(name: str, value, n: Optional[int]) -> List[torch.Tensor]:
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{_OP}: {name} must be a list with one tensor per image, got {type(value).__name__}")
-    if n is not None and len(value) != n:
-        raise ValueError(f"{_OP}: {name} must hold one tensor per image (N = {n}), got {len(value)}")
-    for i, t in enumerate(value):
-        check_tensor(_OP, f"{name}[{i}]", t)
-    return list(value)
-
-
-def _flat(parts: List[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+def _image_list(name: str, value, n: Optional[int]) -> List[torch.Tensor]:
+    return image_list(_OP, name, value, n)
 
 
 def consistency_voting(
@@ -59,10 +49,10 @@ def consistency_voting(
     """
     if mode not in _MODES:
         raise ValueError(f"{_OP}: mode must be one of {_MODES}, got {mode!r}")
-    pred_boxes = _tensor_list("pred_boxes", pred_boxes, None)
+    pred_boxes = _image_list("pred_boxes", pred_boxes, None)
     n = len(pred_boxes)
-    gt_inds = _tensor_list("gt_inds", gt_inds, n)
-    pseudo_boxes = _tensor_list("pseudo_boxes", pseudo_boxes, n)
+    gt_inds = _image_list("gt_inds", gt_inds, n)
+    pseudo_boxes = _image_list("pseudo_boxes", pseudo_boxes, n)
     if n == 0:
         return [], [], torch.tensor(1.0 if mode == "paper" else 0.0)
     for i in range(n):
@@ -76,7 +66,7 @@ def consistency_voting(
     r_counts = [int(b.shape[0]) for b in pred_boxes]
     m_counts = [int(g.shape[0]) for g in pseudo_boxes]
     sigma, w, reg_scale = torch.ops.tbd_ops.consistency_voting.default(
-        _flat(pred_boxes), _flat(gt_inds), _flat(pseudo_boxes), r_counts, m_counts, mode)
+        cat_images(pred_boxes), cat_images(gt_inds), cat_images(pseudo_boxes), r_counts, m_counts, mode)
     return list(sigma.split(m_counts)), list(w.split(r_counts)), reg_scale
 
 

@@ -3,23 +3,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import check_tensor
+from ._utils import cat_images, image_list
 
 _OP = "prediction_guided_assign"
 
 
-def _tensor_list(name: str, value, n: Optional[int]) -> List[torch.Tensor]:
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{_OP}: {name} must be a list with one tensor per image, got {type(value).__name__}")
-    if n is not None and len(value) != n:
-        raise ValueError(f"{_OP}: {name} must hold one tensor per image (N = {n}), got {len(value)}")
-    for i, t in enumerate(value):
-        check_tensor(_OP, f"{name}[{i}]", t)
-    return list(value)
-
-
-def _flat(parts: List[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+def _image_list(name: str, value, n: Optional[int]) -> List[torch.Tensor]:
+    return image_list(_OP, name, value, n)
 
 
 def prediction_guided_assign(
@@ -64,13 +54,13 @@ def prediction_guided_assign(
         float32 (float64 for float64 input) and returned in the dtype of
         ``scores``. Neither output has a gradient.
     """
-    boxes = _tensor_list("boxes", boxes, None)
+    boxes = _image_list("boxes", boxes, None)
     n = len(boxes)
-    scores = _tensor_list("scores", scores, n)
-    pseudo_boxes = _tensor_list("pseudo_boxes", pseudo_boxes, n)
-    pseudo_labels = _tensor_list("pseudo_labels", pseudo_labels, n)
+    scores = _image_list("scores", scores, n)
+    pseudo_boxes = _image_list("pseudo_boxes", pseudo_boxes, n)
+    pseudo_labels = _image_list("pseudo_labels", pseudo_labels, n)
     if valid is not None:
-        valid = _tensor_list("valid", valid, n)
+        valid = _image_list("valid", valid, n)
     if n == 0:
         return [], []
     for i in range(n):
@@ -93,8 +83,8 @@ def prediction_guided_assign(
     p_counts = [int(b.shape[0]) for b in boxes]
     m_counts = [int(g.shape[0]) for g in pseudo_boxes]
     gt_inds, q = torch.ops.tbd_ops.prediction_guided_assign.default(
-        _flat(boxes), _flat(scores), _flat(pseudo_boxes), _flat(pseudo_labels), p_counts, m_counts,
-        None if valid is None else _flat(valid), float(iou_thr), int(topk), float(alpha),
+        cat_images(boxes), cat_images(scores), cat_images(pseudo_boxes), cat_images(pseudo_labels), p_counts, m_counts,
+        None if valid is None else cat_images(valid), float(iou_thr), int(topk), float(alpha),
     )
     return list(gt_inds.split(p_counts)), list(q.split(p_counts))
 
