@@ -56,5 +56,34 @@ template <typename F> void dispatch_dtype(DType dt, F&& f) {
   }
 }
 
+// The image i of a batch chunk with off[i] <= v < off[i + 1], for
+// off[0] <= v < off[count] (binary search; empty images are skipped).
+__device__ __forceinline__ int image_of(const int64_t* off, int count, int64_t v) {
+  int lo = 0, hi = count;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (off[mid] <= v) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// First position of `key` in the sorted keys[0, n) (n if every key is smaller).
+__device__ __forceinline__ int64_t lower_bound_key(const int32_t* keys, int64_t n, int32_t key) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (keys[mid] < key) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
 }  // namespace cuda
 }  // namespace tbd_ops

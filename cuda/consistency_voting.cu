@@ -32,20 +32,6 @@ struct VotingChunk {
   int64_t m_off[kVotingChunk + 1];  // pseudo-box offsets (absolute)
 };
 
-// The image i of the chunk with off[i] <= v < off[i + 1] (empty images are skipped).
-__device__ __forceinline__ int image_of(const int64_t* off, int count, int64_t v) {
-  int lo = 0, hi = count;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (off[mid] <= v) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
 voting_sigma_kernel(const T* __restrict__ boxes, int64_t bs0, int64_t bs1,

@@ -149,19 +149,6 @@ decode_max_iou_gt_keys_kernel(ImageChunk chunk, int64_t P, const int64_t* __rest
   vals[n * P + p] = n * P + p;
 }
 
-__device__ __forceinline__ int64_t lower_bound(const int32_t* keys, int64_t n, int32_t key) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (keys[mid] < key) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
 template <typename A> struct Box4Sum {
   __device__ __forceinline__ Box<A> operator()(const Box<A>& a, const Box<A>& b) const {
     return {a.x1 + b.x1, a.y1 + b.y1, a.x2 + b.x2, a.y2 + b.y2};
@@ -180,8 +167,8 @@ decode_max_iou_bwd_gt_kernel(const T* __restrict__ pred, PredLayout pl,
                              const int32_t* __restrict__ keys, const int64_t* __restrict__ vals,
                              T* __restrict__ grad_gts) {
   const int32_t row = static_cast<int32_t>(blockIdx.x);
-  const int64_t lo = lower_bound(keys, NP, row);
-  const int64_t hi = lower_bound(keys, NP, row + 1);
+  const int64_t lo = lower_bound_key(keys, NP, row);
+  const int64_t hi = lower_bound_key(keys, NP, row + 1);
   const Box<A> gt = load_gt<T, A>(gts, row);
   Box<A> s{A(0), A(0), A(0), A(0)};
   for (int64_t i = lo + threadIdx.x; i < hi; i += kBlock) {

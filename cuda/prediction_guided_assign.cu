@@ -55,16 +55,7 @@ assign_match_kernel(const T* __restrict__ boxes, int64_t bs0, int64_t bs1,
                     int64_t* __restrict__ vals) {
   const int64_t p = chunk.p_off[0] + blockIdx.x * int64_t(kBlock) + threadIdx.x;
   if (p >= chunk.p_off[chunk.count]) return;
-  // The image of p: p_off[lo] <= p < p_off[lo + 1] (empty images are skipped).
-  int lo = 0, hi = chunk.count;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (chunk.p_off[mid] <= p) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
+  const int lo = image_of(chunk.p_off, chunk.count, p);
   const int64_t g0 = chunk.m_off[lo], M = chunk.m_off[lo + 1] - g0;
   const T* b = boxes + p * bs0;
   const Box<A> box{to_acc(b[0]), to_acc(b[bs1]), to_acc(b[2 * bs1]), to_acc(b[3 * bs1])};
@@ -92,20 +83,6 @@ assign_match_kernel(const T* __restrict__ boxes, int64_t bs0, int64_t bs1,
   jloc[p] = j;
   keys[p] = key;
   vals[p] = p;
-}
-
-// First position of `key` in the sorted keys[0, n).
-__device__ __forceinline__ int64_t lower_bound_key(const int32_t* keys, int64_t n, int32_t key) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (keys[mid] < key) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
 }
 
 template <typename A>

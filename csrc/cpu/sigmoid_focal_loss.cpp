@@ -139,8 +139,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_backward_cpu(
         for (int64_t c = 0; c < C; ++c) {
           const A x = static_cast<A>(px[r * xs0 + c * xs1]);
           const A ge = per_elem ? static_cast<A>(pg[r * gs0 + c * gs1]) : g0;
-          if (pgx) pgx[r * C + c] = static_cast<scalar_t>(ge * wr * focal_grad(x, t == c, g, a));
-          if (pgw) acc += ge * focal_loss(x, t == c, g, a);
+          const FocalParts<A> f = focal_parts(x);  // the exp and log1p once for both
+          if (pgx) pgx[r * C + c] = static_cast<scalar_t>(ge * wr * focal_grad_of(f, t == c, g, a));
+          if (pgw) acc += ge * focal_loss_of(f, t == c, g, a);
         }
         if (pgw) pgw[r] = acc;
       }

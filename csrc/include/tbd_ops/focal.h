@@ -63,18 +63,26 @@ template <typename A> TBD_HD FocalParts<A> focal_parts(A x) {
   return f;
 }
 
-// Loss of one element: target bit `pos` (the element's class is the RoI's target).
-template <typename A> TBD_HD A focal_loss(A x, bool pos, A gamma, A alpha) {
-  const FocalParts<A> f = focal_parts(x);
+// Loss and derivative of one element from its parts (target bit `pos`: the
+// element's class is the RoI's target), for callers that need both.
+template <typename A> TBD_HD A focal_loss_of(const FocalParts<A>& f, bool pos, A gamma, A alpha) {
   if (pos) return -alpha * focal_pow(f.q, gamma) * f.log_p;
   return -(A(1) - alpha) * focal_pow(f.p, gamma) * f.log_q;
 }
 
-// d focal_loss / dx.
-template <typename A> TBD_HD A focal_grad(A x, bool pos, A gamma, A alpha) {
-  const FocalParts<A> f = focal_parts(x);
+template <typename A> TBD_HD A focal_grad_of(const FocalParts<A>& f, bool pos, A gamma, A alpha) {
   if (pos) return alpha * focal_pow(f.q, gamma) * (gamma * f.p * f.log_p - f.q);
   return (A(1) - alpha) * focal_pow(f.p, gamma) * (f.p - gamma * f.q * f.log_q);
+}
+
+// Loss of one element.
+template <typename A> TBD_HD A focal_loss(A x, bool pos, A gamma, A alpha) {
+  return focal_loss_of(focal_parts(x), pos, gamma, alpha);
+}
+
+// d focal_loss / dx.
+template <typename A> TBD_HD A focal_grad(A x, bool pos, A gamma, A alpha) {
+  return focal_grad_of(focal_parts(x), pos, gamma, alpha);
 }
 
 // Whether a target lies in [0, C] (C = background).
