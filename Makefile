@@ -4,11 +4,12 @@
 # Set-up is automatic: a virtual environment in .venv with torch==2.11.0.
 # On a machine that already has torch and no network (e.g. a GPU box), use
 #   make gpu-suite            (uses the system python3, creates nothing, downloads nothing)
-# Knobs: TBD_OPS_CUDA=0|1, TBD_OPS_CUDA_ARCHS="80;90", MAX_JOBS, PYTHON, TORCH_SPEC.
+# Knobs: TBD_OPS_CUDA=0|1, TBD_OPS_CUDA_ARCHS="80;90", MAX_JOBS, PYTHON, TORCH_SPEC, TORCHVISION_SPEC.
 
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.11.0
+TORCHVISION_SPEC ?= torchvision==0.26.0
 DEV_DEPS    ?= numpy pytest hypothesis expecttest matplotlib ninja setuptools wheel \
                mmdet==3.3.0 mmengine==0.10.7 mmcv-lite==2.1.0
 BUILD_DIR   ?= build/cpp
@@ -30,7 +31,7 @@ all: build
 $(VENV)/.deps-stamp:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" $(DEV_DEPS)
+	$(VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)" $(DEV_DEPS)
 	touch $@
 
 # Compiles the extension in place (python/tbd_ops/_C*.so); incremental with ninja.

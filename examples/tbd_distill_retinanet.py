@@ -15,26 +15,9 @@ pass ``--mmcv-lite``: a stand-in for ``mmcv._ext`` lets mmdet import; the
 training path used here calls none of mmcv's compiled ops.
 """
 import argparse
-import sys
 import time
-import types
 
 import torch
-
-
-def install_mmcv_ext_standin():
-    module = types.ModuleType("mmcv._ext")
-
-    def __getattr__(name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def missing(*args, **kwargs):
-            raise RuntimeError(f"mmcv._ext.{name}: mmcv-lite has no compiled ops")
-        return missing
-
-    module.__getattr__ = __getattr__
-    sys.modules["mmcv._ext"] = module
 
 
 def retinanet(channels, depth, num_classes):
@@ -121,12 +104,14 @@ def main():
     parser.add_argument("--classes", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--teacher-ckpt", default=None, help="checkpoint of the teacher (default: random teacher)")
-    parser.add_argument("--mmcv-lite", action="store_true", help="stand in for mmcv's compiled ops")
+    parser.add_argument("--mmcv-lite", action="store_true", help="mmcv without compiled ops: nms from torchvision (tbd_ops.mmcv_lite)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     if args.mmcv_lite:
-        install_mmcv_ext_standin()
+        from tbd_ops import mmcv_lite
+
+        mmcv_lite.install()
     from mmengine.logging import MMLogger
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules

@@ -14,9 +14,9 @@ import textwrap
 import pytest
 import torch
 
-import mmcv_ext_standin
+from tbd_ops import mmcv_lite
 
-mmcv_ext_standin.install()
+mmcv_lite.install()
 mmdet = pytest.importorskip("mmdet", reason="mmdet is not installed (make test installs mmdet==3.3.0)")
 pytest.importorskip("mmengine", reason="mmengine is not installed (make test installs mmengine==0.10.7)")
 
@@ -277,7 +277,7 @@ def test_config_file_with_custom_imports(tmp_path):
     path.write_text(cfg_text)
     code = textwrap.dedent(f"""
         import sys
-        import mmcv_ext_standin; mmcv_ext_standin.install()
+        from tbd_ops import mmcv_lite; mmcv_lite.install()
         from mmengine.config import Config
         from mmengine.utils import import_modules_from_strings
         from mmdet.registry import MODELS
@@ -305,7 +305,7 @@ def test_readme_config_with_package_configs(tmp_path):
             tbd_loss=dict(hd_weight=1.0, tfd_weight=0.01, hd_mode="iou_guided", adapter_kernel=1))
     """))
     code = textwrap.dedent(f"""
-        import mmcv_ext_standin; mmcv_ext_standin.install()
+        from tbd_ops import mmcv_lite; mmcv_lite.install()
         from mmengine.config import Config
         from mmengine.utils import import_modules_from_strings
         from mmdet.registry import MODELS

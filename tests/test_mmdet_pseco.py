@@ -4,9 +4,9 @@ mmdet's own FocalLoss."""
 import pytest
 import torch
 
-import mmcv_ext_standin
+from tbd_ops import mmcv_lite
 
-mmcv_ext_standin.install()
+mmcv_lite.install()
 pytest.importorskip("mmdet", reason="mmdet is not installed (make test installs mmdet==3.3.0)")
 
 from mmengine.structures import InstanceData  # noqa: E402

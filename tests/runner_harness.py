@@ -1,0 +1,128 @@
+"""Tiny COCO-format data sets and mmengine Runner configs for end-to-end tests.
+
+Tests drive the detectors the way users do: a config file, ``Runner.from_cfg``,
+checkpoints written by the Runner. The data are generated: bright rectangles
+(the ground truths) on noise, written as PNG files plus an ``instances.json``.
+"""
+import json
+import os
+import textwrap
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+CLASSES = ("box", "bar", "blob")
+MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+
+
+def make_coco(root, name: str = "train", num_images: int = 4, seed: int = 0, labeled: bool = True,
+              sizes: Sequence = ((120, 160), (96, 128), (128, 112), (104, 144))) -> Dict[str, str]:
+    """Writes ``root/<name>/*.png`` and ``root/annotations/<name>.json``; returns their paths.
+
+    Every image has 1 to 3 rectangles of the three classes. ``labeled=False``
+    writes the images with no annotations (an unlabeled set).
+    """
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    img_dir = root / name
+    img_dir.mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        h, w = sizes[i % len(sizes)]
+        img = rng.integers(0, 90, size=(h, w, 3), dtype=np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            bw, bh = int(rng.integers(w // 6, w // 2)), int(rng.integers(h // 6, h // 2))
+            x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+            label = int(rng.integers(0, len(CLASSES)))
+            color = np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]][label], dtype=np.uint8)
+            img[y:y + bh, x:x + bw] = color
+            if labeled:
+                annotations.append(dict(id=len(annotations) + 1, image_id=i + 1, category_id=label + 1,
+                                        bbox=[x, y, bw, bh], area=bw * bh, iscrowd=0))
+        file_name = f"{i:04d}.png"
+        cv2.imwrite(str(img_dir / file_name), img)
+        images.append(dict(id=i + 1, file_name=file_name, height=h, width=w))
+    ann = dict(images=images, annotations=annotations,
+               categories=[dict(id=k + 1, name=c) for k, c in enumerate(CLASSES)])
+    ann_file = root / "annotations" / f"{name}.json"
+    ann_file.write_text(json.dumps(ann))
+    return dict(data_root=str(root), ann_file=f"annotations/{name}.json", img_prefix=f"{name}/")
+
+
+def train_pipeline(scale=(160, 128)) -> List[dict]:
+    return [
+        dict(type="LoadImageFromFile"),
+        dict(type="LoadAnnotations", with_bbox=True),
+        dict(type="Resize", scale=scale, keep_ratio=True),
+        dict(type="RandomFlip", prob=0.5),
+        dict(type="PackDetInputs"),
+    ]
+
+
+def runtime(data: Dict[str, str], work_dir, max_iters: int = 2, batch_size: int = 2,
+            checkpoint_interval: Optional[int] = None, lr: float = 0.01) -> dict:
+    """The non-model part of a training config: data, loop, optimizer, hooks."""
+    return dict(
+        default_scope="mmdet",
+        work_dir=str(work_dir),
+        train_dataloader=dict(
+            batch_size=batch_size, num_workers=0, persistent_workers=False,
+            sampler=dict(type="DefaultSampler", shuffle=True),
+            batch_sampler=dict(type="AspectRatioBatchSampler"),
+            dataset=dict(type="CocoDataset", data_root=data["data_root"], ann_file=data["ann_file"],
+                         data_prefix=dict(img=data["img_prefix"]), metainfo=dict(classes=CLASSES),
+                         filter_cfg=dict(filter_empty_gt=True), pipeline=train_pipeline())),
+        train_cfg=dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=10 ** 9),
+        val_cfg=None, val_dataloader=None, val_evaluator=None,
+        test_cfg=None, test_dataloader=None, test_evaluator=None,
+        optim_wrapper=dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=lr, momentum=0.9, weight_decay=1e-4),
+                           clip_grad=dict(max_norm=10, norm_type=2)),
+        param_scheduler=[],
+        default_hooks=dict(
+            timer=dict(type="IterTimerHook"),
+            logger=dict(type="LoggerHook", interval=1),
+            param_scheduler=dict(type="ParamSchedulerHook"),
+            checkpoint=dict(type="CheckpointHook", interval=checkpoint_interval or max_iters, by_epoch=False),
+            sampler_seed=dict(type="DistSamplerSeedHook"),
+            visualization=dict(type="DetVisualizationHook")),
+        env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+                     dist_cfg=dict(backend="gloo")),
+        vis_backends=[dict(type="LocalVisBackend")],
+        visualizer=dict(type="DetLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")], name="visualizer"),
+        log_processor=dict(type="LogProcessor", window_size=1, by_epoch=False),
+        log_level="WARNING",
+        load_from=None,
+        resume=False,
+        randomness=dict(seed=0),
+    )
+
+
+def write_config(path, cfg: dict, header: str = "") -> str:
+    """Writes ``cfg`` as a Python config file (what a user edits), with ``header`` lines first."""
+    lines = [textwrap.dedent(header).strip()] if header else []
+    lines += [f"{k} = {v!r}" for k, v in cfg.items()]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def train(config_path, **overrides):
+    """``Runner.from_cfg(Config.fromfile(path)).train()``, as ``tools/train.py`` does; returns the runner."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    cfg = Config.fromfile(str(config_path))
+    cfg.merge_from_dict(overrides)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    return runner
+
+
+def scalars(work_dir) -> List[dict]:
+    """The per-iteration scalars the LoggerHook wrote (``vis_data/scalars.json`` of the newest run)."""
+    files = sorted(Path(work_dir).glob("*/vis_data/scalars.json"))
+    assert files, f"no scalars.json under {work_dir}"
+    return [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
