@@ -24,6 +24,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 else:
     AVAILABLE = True
     IMPORT_ERROR = None
+    from .checkpoint import allow_mmengine_checkpoints
+
+    # Runner resume and teacher checkpoints under torch >= 2.6 (weights_only=True); see checkpoint.py.
+    allow_mmengine_checkpoints()
     from .detector import TBDSingleStageDetector, coder_from_head  # noqa: F401  (registers the modules)
     from .pseco import PredictionGuidedAssigner  # noqa: F401
 
