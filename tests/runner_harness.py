@@ -53,6 +53,38 @@ def make_coco(root, name: str = "train", num_images: int = 4, seed: int = 0, lab
     return dict(data_root=str(root), ann_file=f"annotations/{name}.json", img_prefix=f"{name}/")
 
 
+# Detectors as mmdet's own configs define them (ResNet-18, FPN), for the tests.
+MMDET_CONFIGS = {
+    "retinanet": "mmdet::retinanet/retinanet_r18_fpn_1x_coco.py",
+    "atss": "mmdet::atss/atss_r18_fpn_8xb8-amp-lsj-200e_coco.py",
+    "fcos": "mmdet::fcos/fcos_r18_fpn_gn-head-center-normbbox-centeronreg-giou_8xb8-amp-lsj-200e_coco.py",
+    "faster_rcnn": "mmdet::faster_rcnn/faster-rcnn_r18_fpn_8xb8-amp-lsj-200e_coco.py",
+}
+
+
+def mmdet_model(arch: str, num_classes: int = len(CLASSES), depth: Optional[int] = None) -> dict:
+    """The ``model`` of mmdet's config for ``arch``, made runnable in a CPU test.
+
+    Changes only what a CPU test must: no pretrained download (``init_cfg=None``),
+    no 1024x1024 batch resize (the LSJ recipes' ``batch_augments``), the number of
+    classes, and torchvision's RoIAlign (mmcv-lite has no compiled ops).
+    """
+    from mmengine.hub import get_config
+
+    model = get_config(MMDET_CONFIGS[arch]).model.to_dict()
+    model["backbone"]["init_cfg"] = None
+    if depth is not None:
+        model["backbone"]["depth"] = depth
+        model["neck"]["in_channels"] = [64, 128, 256, 512] if depth < 50 else [256, 512, 1024, 2048]
+    model["data_preprocessor"].pop("batch_augments", None)
+    if "roi_head" in model:
+        model["roi_head"]["bbox_head"]["num_classes"] = num_classes
+        model["roi_head"]["bbox_roi_extractor"]["roi_layer"]["use_torchvision"] = True
+    else:
+        model["bbox_head"]["num_classes"] = num_classes
+    return model
+
+
 def train_pipeline(scale=(160, 128)) -> List[dict]:
     return [
         dict(type="LoadImageFromFile"),
@@ -126,3 +158,32 @@ def scalars(work_dir) -> List[dict]:
     files = sorted(Path(work_dir).glob("*/vis_data/scalars.json"))
     assert files, f"no scalars.json under {work_dir}"
     return [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
+
+
+def detection_batch(model, num_classes: int = len(CLASSES), shapes=((100, 128), (72, 96)),
+                    raw: bool = False):
+    """A preprocessed batch of images of different ``img_shape`` (padded into one tensor); the last
+    image has no ground truth. ``raw=True`` also returns the uint8 images and unprocessed samples."""
+    import torch
+    from mmengine.structures import InstanceData
+    from mmdet.structures import DetDataSample
+
+    inputs, samples = [], []
+    for i, (h, w) in enumerate(shapes):
+        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8))
+        sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0)))
+        gt = InstanceData()
+        if i < len(shapes) - 1:
+            xy = torch.rand(3, 2) * torch.tensor([w * 0.6, h * 0.6])
+            wh = 16 + torch.rand(3, 2) * torch.tensor([w * 0.35, h * 0.35])
+            gt.bboxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([w, h]))], 1)
+            gt.labels = torch.randint(0, num_classes, (3,))
+        else:
+            gt.bboxes = torch.zeros(0, 4)
+            gt.labels = torch.zeros(0, dtype=torch.long)
+        sample.gt_instances = gt
+        samples.append(sample)
+    data = model.data_preprocessor(dict(inputs=[x.clone() for x in inputs], data_samples=samples), training=True)
+    if raw:
+        return data["inputs"], data["data_samples"], inputs
+    return data["inputs"], data["data_samples"]

@@ -21,12 +21,11 @@ mmdet = pytest.importorskip("mmdet", reason="mmdet is not installed (make test i
 pytest.importorskip("mmengine", reason="mmengine is not installed (make test installs mmengine==0.10.7)")
 
 from mmengine.logging import MMLogger  # noqa: E402
-from mmengine.structures import InstanceData  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
-from mmdet.structures import DetDataSample  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
 
 import tbd_ops  # noqa: E402
+from runner_harness import detection_batch  # noqa: E402
 import tbd_ops.mmdet  # noqa: E402,F401
 from tbd_ops import reference as ref  # noqa: E402
 from tbd_ops.nn import TBDLoss  # noqa: E402
@@ -119,31 +118,16 @@ def distiller(arch, tbd_loss=None, teacher_channels=96):
 
 def batch(model, num_classes=20):
     """Two images of different img_shape padded into one batch; the second has no ground truth."""
-    shapes = [(100, 128), (72, 96)]
-    inputs, samples = [], []
-    for i, (h, w) in enumerate(shapes):
-        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8))
-        sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0)))
-        gt = InstanceData()
-        if i == 0:
-            xy = torch.rand(3, 2) * torch.tensor([w * 0.6, h * 0.6])
-            wh = 16 + torch.rand(3, 2) * torch.tensor([w * 0.35, h * 0.35])
-            gt.bboxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([w, h]))], 1)
-            gt.labels = torch.randint(0, num_classes, (3,))
-        else:
-            gt.bboxes = torch.zeros(0, 4)
-            gt.labels = torch.zeros(0, dtype=torch.long)
-        sample.gt_instances = gt
-        samples.append(sample)
-    data = model.data_preprocessor(dict(inputs=inputs, data_samples=samples), training=True)
-    return data["inputs"], data["data_samples"]
+    return detection_batch(model, num_classes)
 
 
-# How each architecture's boxes decode, written from the configs above.
+# How each architecture's boxes decode, written from the configs above: (coder, cfg, student scales,
+# teacher scales). FCOSHead with norm_on_bbox outputs distances in units of the stride in training mode
+# (the student) and multiplies them by the stride itself in eval mode (the teacher).
 CODERS = {
-    "retinanet": ("delta_xywh", dict(means=(0.0,) * 4, stds=(0.1, 0.1, 0.2, 0.2)), [1.0] * 5),
-    "atss": ("delta_xywh", dict(means=(0.0,) * 4, stds=(0.1, 0.1, 0.2, 0.2)), [1.0] * 5),
-    "fcos": ("distance", {}, [float(s) for s in STRIDES]),  # norm_on_bbox: distances in units of the stride
+    "retinanet": ("delta_xywh", dict(means=(0.0,) * 4, stds=(0.1, 0.1, 0.2, 0.2)), [1.0] * 5, [1.0] * 5),
+    "atss": ("delta_xywh", dict(means=(0.0,) * 4, stds=(0.1, 0.1, 0.2, 0.2)), [1.0] * 5, [1.0] * 5),
+    "fcos": ("distance", {}, [float(s) for s in STRIDES], [1.0] * 5),
 }
 
 
@@ -155,10 +139,10 @@ def reference_hd(model, inputs, samples, arch):
         t_outs = model.teacher_model.bbox_head(model.teacher_model.extract_feat(inputs))
     sizes = [c.shape[-2:] for c in s_outs[0]]
     priors = [p.double() for p in head.prior_generator.grid_priors(sizes, device=inputs.device)]
-    coder, coder_cfg, scales = CODERS[arch]
+    coder, coder_cfg, s_scales, t_scales = CODERS[arch]
     gts = [s.gt_instances.bboxes.double() for s in samples]
 
-    def probs(cls_scores, bbox_preds):
+    def probs(cls_scores, bbox_preds, scales):
         pcs, prs = [], []
         for l, (c, b) in enumerate(zip(cls_scores, bbox_preds)):
             pcs.append(ref.channel_max_spatial_softmax(c.double()))
@@ -169,8 +153,8 @@ def reference_hd(model, inputs, samples, arch):
             prs.append(torch.cat(ious).view(n, h, w, a4 // 4).amax(-1))
         return pcs, prs
 
-    pc_s, pr_s = probs(s_outs[0], s_outs[1])
-    pc_t, pr_t = probs(t_outs[0], t_outs[1])
+    pc_s, pr_s = probs(s_outs[0], s_outs[1], s_scales)
+    pc_t, pr_t = probs(t_outs[0], t_outs[1], t_scales)
     return ref.harmony_distillation_loss(pc_s, pr_s, pc_t, pr_t, mode="iou_guided")
 
 
@@ -243,6 +227,7 @@ def test_fcos_uses_strides_as_distance_scales():
     model = distiller("fcos")
     assert model.tbd_loss.coder == "distance"
     assert model.tbd_loss.scales == [float(s) for s in STRIDES]
+    assert model.tbd_loss.teacher_scales == [1.0] * len(STRIDES)  # the eval-mode teacher's head scales itself
     retina = distiller("retinanet")
     assert retina.tbd_loss.coder == "delta_xywh"
     assert retina.tbd_loss.coder_kwargs["stds"] == (0.1, 0.1, 0.2, 0.2)

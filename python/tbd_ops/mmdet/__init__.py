@@ -4,8 +4,9 @@ Importing ``tbd_ops.mmdet`` registers, in MMDetection's ``MODELS`` registry:
 
 * the loss modules ``TBDLoss``, ``HarmonyDistillationLoss``,
   ``TaskDecoupledFeatureLoss`` and ``TaskWeightGenerator``;
-* ``TBDSingleStageDetector``, a one-stage student trained with Task-Balanced
-  Distillation from a frozen teacher built from its config;
+* ``TBDSingleStageDetector`` and ``TBDTwoStageDetector``: one-stage and
+  two-stage (RPN) students trained with Task-Balanced Distillation from a
+  frozen teacher built from its config and checkpoint;
 * PseCo: ``PredictionGuidedAssigner`` in ``TASK_UTILS``, ``FusedFocalLoss``
   (the fused sigmoid focal loss, mmdet's loss interface), ``ScaleConsistencyLoss``
   and ``ConsistencyVotingWeights`` in ``MODELS``.
@@ -28,8 +29,8 @@ else:
 
     # Runner resume and teacher checkpoints under torch >= 2.6 (weights_only=True); see checkpoint.py.
     allow_mmengine_checkpoints()
-    from .detector import TBDSingleStageDetector, coder_from_head  # noqa: F401  (registers the modules)
+    from .detector import TBDSingleStageDetector, TBDTwoStageDetector, coder_from_head  # noqa: F401  (registers)
     from .pseco import PredictionGuidedAssigner  # noqa: F401
 
-    __all__ = ["AVAILABLE", "IMPORT_ERROR", "TBDSingleStageDetector", "coder_from_head",
+    __all__ = ["AVAILABLE", "IMPORT_ERROR", "TBDSingleStageDetector", "TBDTwoStageDetector", "coder_from_head",
                "PredictionGuidedAssigner"]

@@ -1,122 +1,125 @@
-"""TBD distillation detector for MMDetection 3.x one-stage heads.
+"""TBD distillers for MMDetection 3.x: one-stage and two-stage students.
 
 In the spirit of mmdet's ``KnowledgeDistillationSingleStageDetector``: the
-student is an ordinary ``SingleStageDetector``; the teacher is built from its
-own config (plus an optional checkpoint), frozen and kept in eval mode, and is
-not a submodule (its weights are neither trained nor saved with the student).
-``loss()`` returns the student's own losses plus ``loss_hd`` and ``loss_tfd``
-from ``tbd_ops.nn.TBDLoss``, with the priors of the student head's prior
-generator, the box coder of its ``bbox_coder`` and the ground truths and
-``img_shape`` of the data samples.
+student is an ordinary detector; the teacher is built from its own config and
+checkpoint (see ``teacher.py``), frozen, kept in eval mode and kept out of the
+module tree (not trained, not saved with the student, not wrapped by DDP).
+``loss()`` returns exactly the student's own losses plus ``loss_hd`` and
+``loss_tfd`` of ``tbd_ops.nn.TBDLoss``, computed on the student's FPN features
+and dense-head outputs (captured from the student's own forward, not run twice)
+and the teacher's.
 
-Supported heads: anchor heads with ``DeltaXYWHBBoxCoder`` (RetinaNet, ATSS, ...)
-and point heads with ``DistancePointBBoxCoder`` (FCOS; predictions scaled by
-the stride when the head has ``norm_on_bbox``).
+* ``TBDSingleStageDetector``: any ``SingleStageDetector`` whose head decodes
+  with ``DeltaXYWHBBoxCoder`` (RetinaNet, ATSS, ...) or is an ``FCOSHead``.
+* ``TBDTwoStageDetector``: any ``TwoStageDetector`` with an ``RPNHead`` (Faster
+  R-CNN, ...): HD on the RPN outputs (objectness logits, C = 1, and the RPN's
+  anchors and coder), TFD on the FPN features with masks from the teacher's RPN.
 """
-import copy
+import contextlib
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from mmengine.config import Config
-from mmengine.hub import get_config
-from mmengine.runner import load_checkpoint
 from mmdet.models.detectors.single_stage import SingleStageDetector
+from mmdet.models.detectors.two_stage import TwoStageDetector
 from mmdet.models.utils import unpack_gt_instances
 from mmdet.registry import MODELS
 from mmdet.structures import SampleList
 
 from ..nn import HarmonyDistillationLoss, TaskDecoupledFeatureLoss, TaskWeightGenerator, TBDLoss
+from .teacher import InputConverter, build_teacher, coder_from_head, head_strides
 
 for _cls in (TBDLoss, HarmonyDistillationLoss, TaskDecoupledFeatureLoss, TaskWeightGenerator):
     MODELS.register_module(name=_cls.__name__, module=_cls, force=True)
 
+__all__ = ["TBDSingleStageDetector", "TBDTwoStageDetector", "coder_from_head"]
 
-def coder_from_head(head: nn.Module) -> Tuple[str, dict]:
-    """``(coder, coder_cfg)`` for ``TBDLoss`` from an mmdet dense head."""
-    bbox_coder = getattr(head, "bbox_coder", None)
-    name = type(bbox_coder).__name__ if bbox_coder is not None else None
-    strides = [s[0] if isinstance(s, (tuple, list)) else s for s in head.prior_generator.strides]
-    if name == "DeltaXYWHBBoxCoder":
-        if getattr(bbox_coder, "add_ctr_clamp", False):
-            raise NotImplementedError("TBDSingleStageDetector: DeltaXYWHBBoxCoder(add_ctr_clamp=True) is not supported")
-        return "delta_xywh", dict(means=tuple(float(m) for m in bbox_coder.means),
-                                  stds=tuple(float(s) for s in bbox_coder.stds))
-    if name == "DistancePointBBoxCoder":
-        scales = [float(s) for s in strides] if getattr(head, "norm_on_bbox", False) else [1.0] * len(strides)
-        return "distance", dict(scales=scales)
-    raise NotImplementedError(
-        f"TBDSingleStageDetector: the student head's bbox_coder {name!r} is not supported "
-        "(supported: DeltaXYWHBBoxCoder, DistancePointBBoxCoder)")
+ConfigType = Union[str, Path, dict, Config]
+
+
+@contextlib.contextmanager
+def _outputs_of(module: nn.Module):
+    """Collects what ``module`` returns while the block runs."""
+    outputs: list = []
+    handle = module.register_forward_hook(lambda mod, args, out: outputs.append(out))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
 
 
 def _clips(head: nn.Module) -> bool:
     return bool(getattr(getattr(head, "bbox_coder", None), "clip_border", True))
 
 
-@MODELS.register_module()
-class TBDSingleStageDetector(SingleStageDetector):
-    """One-stage student distilled from a frozen one-stage teacher with TBD.
+def _num_classes(head: nn.Module) -> int:
+    return int(getattr(head, "cls_out_channels", getattr(head, "num_classes", -1)))
 
-    Args:
-        backbone, neck, bbox_head, train_cfg, test_cfg, data_preprocessor,
-            init_cfg: the student, as for ``SingleStageDetector``.
-        teacher_config: the teacher: a config file path (``"mmdet::..."`` for
-            a config shipped with mmdet), a ``Config``/dict with
-            a ``model`` key, or the model dict itself. Teacher and student must
-            have the same FPN levels and head layout (A anchors per location).
-        teacher_ckpt: optional checkpoint of the teacher.
-        eval_teacher: keep the teacher in eval mode (default True).
-        tbd_loss: keyword arguments of ``tbd_ops.nn.TBDLoss`` (``hd_weight``,
-            ``tfd_weight``, ``hd_mode``, ``adapter_kernel``, ...). ``num_levels``,
-            ``in_channels``, ``teacher_channels``, ``coder`` and ``coder_cfg``
-            default to what the student and teacher say.
+
+class TBDDistillerMixin:
+    """Teacher handling and the TBD losses shared by the one- and two-stage distillers.
+
+    A subclass names its dense head (``_dense_head_name``: the module whose
+    outputs are distilled) and the detector type the teacher must be.
     """
 
-    def __init__(self, backbone: dict, neck: dict, bbox_head: dict,
-                 teacher_config: Union[str, Path, dict, Config], teacher_ckpt: Optional[str] = None,
-                 eval_teacher: bool = True, tbd_loss: Optional[dict] = None,
-                 train_cfg: Optional[dict] = None, test_cfg: Optional[dict] = None,
-                 data_preprocessor: Optional[dict] = None, init_cfg=None) -> None:
-        super().__init__(backbone=backbone, neck=neck, bbox_head=bbox_head, train_cfg=train_cfg,
-                         test_cfg=test_cfg, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        if isinstance(teacher_config, (str, Path)):
-            path = str(teacher_config)
-            # "mmdet::retinanet/..." names a config shipped with a package.
-            teacher_config = get_config(path) if "::" in path else Config.fromfile(path)
-        teacher_config = copy.deepcopy(dict(teacher_config))
-        model_cfg = teacher_config["model"] if "model" in teacher_config else teacher_config
-        teacher = MODELS.build(model_cfg)
-        if teacher_ckpt is not None:
-            load_checkpoint(teacher, teacher_ckpt, map_location="cpu")
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.eval_teacher = eval_teacher
-        self.teacher_model = teacher  # not a submodule (see __setattr__)
-        teacher.train(not eval_teacher)
+    _dense_head_name = "bbox_head"
+    _teacher_type = nn.Module
 
+    def _init_tbd(self, teacher_config: ConfigType, teacher_ckpt: Optional[str], eval_teacher: bool,
+                  tbd_loss: Optional[dict], allow_class_mismatch: bool) -> None:
+        owner = type(self).__name__
+        if not getattr(self, "with_neck", False):
+            raise ValueError(f"{owner}: TBD distills FPN features, the student has no neck")
+        teacher = build_teacher(owner, teacher_config, teacher_ckpt)
+        if not isinstance(teacher, self._teacher_type) or getattr(teacher, self._dense_head_name, None) is None:
+            raise TypeError(f"{owner}: the teacher must be a {self._teacher_type.__name__} with a "
+                            f"{self._dense_head_name}, got {type(teacher).__name__}")
+        self.eval_teacher = bool(eval_teacher)
+        self.teacher_model = teacher  # not a submodule (see __setattr__)
+        teacher.train(not self.eval_teacher)
+
+        s_head, t_head = self._dense_head(self), self._dense_head(teacher)
+        self._check_teacher(owner, s_head, t_head, allow_class_mismatch)
+        coder, coder_cfg = coder_from_head(s_head, training=True)
+        t_coder, t_coder_cfg = coder_from_head(t_head, training=not self.eval_teacher)
+        if t_coder != coder:
+            raise ValueError(f"{owner}: the teacher's boxes decode with {t_coder!r}, the student's with {coder!r}; "
+                             "TBD needs the same kind of box coder on both sides")
         cfg = dict(tbd_loss or {})
         cfg.pop("type", None)
-        s_levels = self.bbox_head.prior_generator.num_levels
-        t_levels = teacher.bbox_head.prior_generator.num_levels
-        if s_levels != t_levels:
-            raise ValueError(f"TBDSingleStageDetector: student and teacher must have the same FPN levels, "
-                             f"got {s_levels} and {t_levels}")
-        s_a = self.bbox_head.num_base_priors
-        t_a = teacher.bbox_head.num_base_priors
-        if s_a != t_a:
-            raise ValueError(f"TBDSingleStageDetector: student and teacher heads must have the same priors per "
-                             f"location, got {s_a} and {t_a}")
-        coder, coder_cfg = coder_from_head(self.bbox_head)
-        cfg.setdefault("num_levels", s_levels)
-        cfg.setdefault("in_channels", self.bbox_head.in_channels)
-        cfg.setdefault("teacher_channels", teacher.bbox_head.in_channels)
+        cfg.setdefault("num_levels", s_head.prior_generator.num_levels)
+        cfg.setdefault("in_channels", s_head.in_channels)
+        cfg.setdefault("teacher_channels", t_head.in_channels)
         cfg.setdefault("coder", coder)
         cfg.setdefault("coder_cfg", coder_cfg)
+        cfg.setdefault("teacher_coder_cfg", t_coder_cfg)
         self.tbd_loss = TBDLoss(**cfg)
-        self._clip_to_image = _clips(self.bbox_head)
+        self._clip_to_image = _clips(s_head)
+        self._t_clip_to_image = _clips(t_head)
+        self.teacher_input = InputConverter(self.data_preprocessor, teacher.data_preprocessor)
+
+    @classmethod
+    def _dense_head(cls, model: nn.Module) -> nn.Module:
+        return getattr(model, cls._dense_head_name)
+
+    def _check_teacher(self, owner: str, s_head: nn.Module, t_head: nn.Module, allow_class_mismatch: bool) -> None:
+        s_strides, t_strides = head_strides(s_head), head_strides(t_head)
+        if s_strides != t_strides:
+            raise ValueError(f"{owner}: student and teacher must have the same FPN levels (prior strides), got "
+                             f"{s_strides} and {t_strides}")
+        s_a, t_a = s_head.num_base_priors, t_head.num_base_priors
+        if s_a != t_a:
+            raise ValueError(f"{owner}: student and teacher heads must have the same priors per location, got "
+                             f"{s_a} and {t_a}")
+        s_c, t_c = _num_classes(s_head), _num_classes(t_head)
+        if s_c != t_c and not allow_class_mismatch:
+            raise ValueError(f"{owner}: student and teacher heads predict different numbers of classes ({s_c} and "
+                             f"{t_c}); distill from a teacher trained on the student's classes, or set "
+                             "allow_class_mismatch=True (p_c is then the max over each side's own classes)")
 
     # The teacher is kept out of the module tree: not trained, not saved with
     # the student, not wrapped by DDP. These keep its device and mode in step.
@@ -142,22 +145,115 @@ class TBDSingleStageDetector(SingleStageDetector):
         self.teacher_model.train(False if self.eval_teacher else mode)
         return super().train(mode)
 
-    def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> Union[dict, list]:
-        """The student's detection losses plus ``loss_hd`` and ``loss_tfd``."""
-        feats = self.extract_feat(batch_inputs)
-        outs = self.bbox_head(feats)
-        cls_scores, bbox_preds = list(outs[0]), list(outs[1])
-        batch_gt_instances, batch_gt_instances_ignore, batch_img_metas = unpack_gt_instances(batch_data_samples)
-        losses = self.bbox_head.loss_by_feat(*outs, batch_gt_instances, batch_img_metas, batch_gt_instances_ignore)
-
+    def teacher_outputs(self, batch_inputs: Tensor, batch_img_metas: List[dict]):
+        """``(features, dense-head outputs)`` of the teacher on the batch, in its normalization."""
+        img_shapes = [m["img_shape"] for m in batch_img_metas]
         with torch.no_grad():
-            t_feats = self.teacher_model.extract_feat(batch_inputs)
-            t_outs = self.teacher_model.bbox_head(t_feats)
+            inputs = self.teacher_input(batch_inputs, img_shapes)
+            feats = self.teacher_model.extract_feat(inputs)
+            outs = self._dense_head(self.teacher_model)(feats)
+        return feats, outs
+
+    def distillation_losses(self, batch_inputs: Tensor, batch_data_samples: SampleList, feats, outs) -> Dict[str, Tensor]:
+        """``loss_hd`` and ``loss_tfd`` from the student's FPN features and dense-head outputs."""
+        batch_gt_instances, _, batch_img_metas = unpack_gt_instances(batch_data_samples)
+        t_feats, t_outs = self.teacher_outputs(batch_inputs, batch_img_metas)
+        cls_scores, bbox_preds = list(outs[0]), list(outs[1])
+        head = self._dense_head(self)
+        for l, (b, c) in enumerate(zip(bbox_preds, cls_scores)):
+            if b.shape[1] != 4 * head.num_base_priors:
+                raise ValueError(f"{type(self).__name__}: bbox_pred of level {l} has {b.shape[1]} channels, "
+                                 f"TBD needs 4 per prior ({4 * head.num_base_priors}); {type(head).__name__} "
+                                 "does not predict one box per prior")
         sizes = [c.shape[-2:] for c in cls_scores]
-        priors = self.bbox_head.prior_generator.grid_priors(sizes, dtype=bbox_preds[0].dtype,
-                                                             device=bbox_preds[0].device)
+        priors = head.prior_generator.grid_priors(sizes, dtype=bbox_preds[0].dtype, device=bbox_preds[0].device)
         gt_bboxes = [g.bboxes for g in batch_gt_instances]
         img_shapes = [tuple(m["img_shape"][:2]) for m in batch_img_metas] if self._clip_to_image else None
-        losses.update(self.tbd_loss(cls_scores, bbox_preds, list(feats), list(t_outs[0]), list(t_outs[1]),
-                                    list(t_feats), priors, gt_bboxes, img_shapes))
+        return self.tbd_loss(cls_scores, bbox_preds, list(feats), list(t_outs[0]), list(t_outs[1]), list(t_feats),
+                             priors, gt_bboxes, img_shapes)
+
+    def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> Union[dict, list]:
+        """The student's own losses, unchanged, plus ``loss_hd`` and ``loss_tfd``."""
+        with _outputs_of(self.neck) as feats, _outputs_of(self._dense_head(self)) as outs:
+            losses = super().loss(batch_inputs, batch_data_samples)
+        if len(feats) != 1 or len(outs) != 1:
+            raise RuntimeError(f"{type(self).__name__}: expected one forward of the neck and of the "
+                               f"{self._dense_head_name} in the student's loss, got {len(feats)} and {len(outs)}")
+        losses.update(self.distillation_losses(batch_inputs, batch_data_samples, feats[0], outs[0]))
         return losses
+
+
+@MODELS.register_module()
+class TBDSingleStageDetector(TBDDistillerMixin, SingleStageDetector):
+    """One-stage student distilled from a frozen one-stage teacher with TBD.
+
+    Args:
+        backbone, neck, bbox_head, train_cfg, test_cfg, data_preprocessor,
+            init_cfg: the student, as for ``SingleStageDetector``.
+        teacher_config: the teacher: a config file path, an ``"mmdet::..."``
+            name, a ``Config``/dict with a ``model`` key, or the model dict.
+            Teacher and student must have the same FPN levels, priors per
+            location and classes.
+        teacher_ckpt: the teacher's checkpoint (a path or URL; e.g. the
+            ``iter_N.pth``/``epoch_N.pth`` that mmengine's ``CheckpointHook``
+            wrote). Every key must match the teacher's config. ``None``: the
+            teacher keeps random weights (a warning is logged).
+        eval_teacher: keep the teacher in eval mode (default True).
+        tbd_loss: keyword arguments of ``tbd_ops.nn.TBDLoss`` (``hd_weight``,
+            ``tfd_weight``, ``hd_mode``, ``adapter_kernel``, ...). The levels,
+            channels and box coders (student's and teacher's) default to what
+            the two heads say.
+        allow_class_mismatch: distill from a teacher with other classes.
+    """
+
+    _dense_head_name = "bbox_head"
+    _teacher_type = SingleStageDetector
+
+    def __init__(self, backbone: dict, neck: dict, bbox_head: dict, teacher_config: ConfigType,
+                 teacher_ckpt: Optional[str] = None, eval_teacher: bool = True, tbd_loss: Optional[dict] = None,
+                 allow_class_mismatch: bool = False, train_cfg: Optional[dict] = None,
+                 test_cfg: Optional[dict] = None, data_preprocessor: Optional[dict] = None, init_cfg=None) -> None:
+        super().__init__(backbone=backbone, neck=neck, bbox_head=bbox_head, train_cfg=train_cfg,
+                         test_cfg=test_cfg, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        self._init_tbd(teacher_config, teacher_ckpt, eval_teacher, tbd_loss, allow_class_mismatch)
+
+
+@MODELS.register_module()
+class TBDTwoStageDetector(TBDDistillerMixin, TwoStageDetector):
+    """Two-stage student (Faster R-CNN, ...) distilled from a frozen two-stage teacher with TBD.
+
+    As in the TBD paper, the RPN is the one-stage part: HD on the RPN outputs
+    (objectness logits as C = 1, the RPN's anchors and ``delta_xywh`` coder,
+    p_r against all ground truths), TFD on the FPN features with masks from the
+    teacher's RPN p_c and p_r. The student's RPN and RoI losses are its own.
+
+    Args:
+        backbone, neck, rpn_head, roi_head, train_cfg, test_cfg,
+            data_preprocessor, init_cfg: the student, as for ``TwoStageDetector``.
+        teacher_config, teacher_ckpt, eval_teacher, tbd_loss,
+            allow_class_mismatch: as for ``TBDSingleStageDetector``; the teacher
+            is a ``TwoStageDetector`` with an RPN of the same levels and anchors
+            per location, and an RoI head of the same classes.
+    """
+
+    _dense_head_name = "rpn_head"
+    _teacher_type = TwoStageDetector
+
+    def __init__(self, backbone: dict, rpn_head: dict, roi_head: dict, teacher_config: ConfigType,
+                 teacher_ckpt: Optional[str] = None, eval_teacher: bool = True, tbd_loss: Optional[dict] = None,
+                 allow_class_mismatch: bool = False, neck: Optional[dict] = None, train_cfg: Optional[dict] = None,
+                 test_cfg: Optional[dict] = None, data_preprocessor: Optional[dict] = None, init_cfg=None) -> None:
+        super().__init__(backbone=backbone, neck=neck, rpn_head=rpn_head, roi_head=roi_head, train_cfg=train_cfg,
+                         test_cfg=test_cfg, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        if not self.with_rpn:
+            raise ValueError("TBDTwoStageDetector: the student needs an rpn_head (HD distills the RPN outputs)")
+        self._init_tbd(teacher_config, teacher_ckpt, eval_teacher, tbd_loss, allow_class_mismatch)
+
+    def _check_teacher(self, owner: str, s_head: nn.Module, t_head: nn.Module, allow_class_mismatch: bool) -> None:
+        super()._check_teacher(owner, s_head, t_head, allow_class_mismatch)
+        s_c = getattr(getattr(self.roi_head, "bbox_head", None), "num_classes", None)
+        t_c = getattr(getattr(self.teacher_model.roi_head, "bbox_head", None), "num_classes", None)
+        if s_c != t_c and not allow_class_mismatch:
+            raise ValueError(f"{owner}: student and teacher RoI heads predict different numbers of classes ({s_c} "
+                             f"and {t_c}); distill from a teacher trained on the student's classes, or set "
+                             "allow_class_mismatch=True")

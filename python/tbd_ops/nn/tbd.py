@@ -147,6 +147,8 @@ class TaskDecoupledFeatureLoss(nn.Module):
                                  f"(w_c, w_r), got {fixed_task_weights!r}")
             self.twg = None
             self.fixed_task_weights = tuple(w)
+            # A buffer follows the module to its device: no host-to-device copy per forward.
+            self.register_buffer("_fixed_weights", torch.tensor(w, dtype=torch.float64), persistent=False)
         self.loss_weight = _positive_finite("TaskDecoupledFeatureLoss", "loss_weight", loss_weight)
 
     def task_weights(self, pc_t: Tensor, pr_t: Tensor, pc_s: Tensor, pr_s: Tensor,
@@ -154,7 +156,7 @@ class TaskDecoupledFeatureLoss(nn.Module):
         """``[N, 2]`` weights ``(T0, T1)`` of one level."""
         if self.twg is not None:
             return self.twg(pc_t, pr_t, pc_s, pr_s).to(dtype)
-        return torch.tensor(self.fixed_task_weights, dtype=dtype, device=pc_t.device).expand(pc_t.shape[0], 2)
+        return self._fixed_weights.to(device=pc_t.device, dtype=dtype).expand(pc_t.shape[0], 2)
 
     def forward(self, student_feats, teacher_feats, pc_t, pr_t, pc_s, pr_s) -> Tensor:
         L = self.num_levels
@@ -213,6 +215,12 @@ class TBDLoss(nn.Module):
         coder_cfg: ``means``, ``stds``, ``wh_ratio_clip`` (``delta_xywh``);
             ``scales``, one per level (``distance``; e.g. the strides for FCOS
             with ``norm_on_bbox``).
+        teacher_coder_cfg: the same for the teacher's ``bbox_preds`` when they
+            are in another convention (default: ``coder_cfg``). E.g. mmdet's
+            ``FCOSHead`` with ``norm_on_bbox`` outputs distances in units of the
+            stride in training mode but in pixels in eval mode: a student in
+            training mode needs ``scales`` = the strides, a teacher in eval
+            mode ``scales`` = 1.
         hd_mode: ``"iou_guided"`` (default) or ``"plain"``.
         hd_weight, tfd_weight: alpha and beta.
         adapter_kernel, twg_hidden, fixed_task_weights: see ``TaskDecoupledFeatureLoss``.
@@ -224,7 +232,8 @@ class TBDLoss(nn.Module):
                  coder_cfg: Optional[dict] = None, hd_mode: str = "iou_guided", hd_weight: float = 1.0,
                  tfd_weight: float = 1.0, adapter_kernel: int = 1, twg_hidden: int = 16,
                  fixed_task_weights: Optional[Sequence[float]] = None, temperature: float = 1.0,
-                 scale_by_hw: bool = False, teacher_channels: Optional[int] = None):
+                 scale_by_hw: bool = False, teacher_channels: Optional[int] = None,
+                 teacher_coder_cfg: Optional[dict] = None):
         super().__init__()
         if coder not in _CODERS:
             raise ValueError(f"TBDLoss: coder must be one of {_CODERS}, got {coder!r}")
@@ -233,6 +242,11 @@ class TBDLoss(nn.Module):
             raise ValueError(f"TBDLoss: num_levels must be >= 1, got {num_levels}")
         self.coder = coder
         self.coder_kwargs, self.scales = self._parse_coder_cfg(coder, dict(coder_cfg or {}), self.num_levels)
+        if teacher_coder_cfg is None:
+            self.teacher_coder_kwargs, self.teacher_scales = self.coder_kwargs, self.scales
+        else:
+            self.teacher_coder_kwargs, self.teacher_scales = self._parse_coder_cfg(
+                coder, dict(teacher_coder_cfg), self.num_levels, "teacher_coder_cfg")
         temperature = float(temperature)
         if not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"TBDLoss: temperature must be a finite number > 0, got {temperature}")
@@ -243,11 +257,12 @@ class TBDLoss(nn.Module):
                                             fixed_task_weights, loss_weight=tfd_weight)
 
     @staticmethod
-    def _parse_coder_cfg(coder: str, cfg: dict, num_levels: int) -> Tuple[dict, List[float]]:
+    def _parse_coder_cfg(coder: str, cfg: dict, num_levels: int,
+                         name: str = "coder_cfg") -> Tuple[dict, List[float]]:
         allowed = {"delta_xywh": {"means", "stds", "wh_ratio_clip"}, "distance": {"scales"}, "none": set()}[coder]
         unknown = sorted(set(cfg) - allowed)
         if unknown:
-            raise ValueError(f"TBDLoss: coder_cfg keys {unknown} do not apply to coder {coder!r} "
+            raise ValueError(f"TBDLoss: {name} keys {unknown} do not apply to coder {coder!r} "
                              f"(allowed: {sorted(allowed)})")
         kwargs = {}
         if coder == "delta_xywh":
@@ -255,7 +270,7 @@ class TBDLoss(nn.Module):
                 if key in cfg:
                     vals = [float(v) for v in cfg[key]]
                     if len(vals) != 4:
-                        raise ValueError(f"TBDLoss: coder_cfg[{key!r}] must have 4 values, got {cfg[key]!r}")
+                        raise ValueError(f"TBDLoss: {name}[{key!r}] must have 4 values, got {cfg[key]!r}")
                     kwargs[key] = tuple(vals)
             if "wh_ratio_clip" in cfg:
                 kwargs["wh_ratio_clip"] = float(cfg["wh_ratio_clip"])
@@ -263,17 +278,19 @@ class TBDLoss(nn.Module):
         if "scales" in cfg:
             scales = [float(s) for s in cfg["scales"]]
             if len(scales) != num_levels:
-                raise ValueError(f"TBDLoss: coder_cfg['scales'] must hold one value per level ({num_levels}), "
+                raise ValueError(f"TBDLoss: {name}['scales'] must hold one value per level ({num_levels}), "
                                  f"got {cfg['scales']!r}")
         return kwargs, scales
 
     def probabilities(self, cls_scores: List[Tensor], bbox_preds: List[Tensor], priors, gt_bboxes,
-                      img_shapes=None) -> Tuple[List[Tensor], List[Tensor]]:
-        """``(p_c, p_r)`` per level, each ``[N, H_l, W_l]``."""
+                      img_shapes=None, teacher: bool = False) -> Tuple[List[Tensor], List[Tensor]]:
+        """``(p_c, p_r)`` per level, each ``[N, H_l, W_l]`` (``teacher``: decode with ``teacher_coder_cfg``)."""
         p_c = tbd_ops.channel_max_spatial_softmax(cls_scores, self.temperature, self.scale_by_hw)
+        kwargs, scales = (self.teacher_coder_kwargs, self.teacher_scales) if teacher else (self.coder_kwargs,
+                                                                                           self.scales)
         results = tbd_ops.decode_max_iou(
             bbox_preds, None if self.coder == "none" else priors, gt_bboxes, coder=self.coder,
-            scale=self.scales, max_shape=img_shapes, **self.coder_kwargs)
+            scale=scales, max_shape=img_shapes, **kwargs)
         p_r = []
         for (iou, _), b in zip(results, bbox_preds):
             n, a4, h, w = b.shape
@@ -316,7 +333,7 @@ class TBDLoss(nn.Module):
         pc_s, pr_s = self.probabilities(s_cls, s_box, priors, gt_bboxes, img_shapes)
         with torch.no_grad():
             pc_t, pr_t = self.probabilities([t.detach() for t in t_cls], [t.detach() for t in t_box],
-                                            priors, [g.detach() for g in gt_bboxes], img_shapes)
+                                            priors, [g.detach() for g in gt_bboxes], img_shapes, teacher=True)
         loss_hd = self.hd(pc_s, pr_s, pc_t, pr_t)
         loss_tfd = self.tfd(s_feat, [f.detach() for f in t_feat], pc_t, pr_t, pc_s, pr_s)
         return {"loss_hd": loss_hd, "loss_tfd": loss_tfd}
