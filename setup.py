@@ -107,6 +107,8 @@ setup(
     version=read_version(),
     package_dir={"": "python"},
     packages=find_packages("python"),
+    # Configs users start from (tbd_ops::tbd/..., tbd_ops::pseco/...; see tbd_ops.mmdet.train).
+    package_data={"tbd_ops": ["configs/*/*.py"]},
     ext_modules=[build_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -7,6 +7,7 @@ checkpoints written by the Runner. The data are generated: bright rectangles
 import json
 import os
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -141,6 +142,21 @@ def write_config(path, cfg: dict, header: str = "") -> str:
     return str(path)
 
 
+# The settings of mmdet's base configs (dataset, schedule, runtime) that config_on_base replaces whole.
+_BASE_DICTS = {"train_dataloader", "train_cfg", "optim_wrapper", "default_hooks", "env_cfg", "visualizer",
+               "log_processor"}
+
+
+def config_on_base(path, base, model: dict, cfg: dict, header: str = "") -> str:
+    """Writes a config file that starts from ``_base_ = base`` (a path or ``mmdet::`` name), merges
+    ``model`` into the base's model and replaces the base's data, schedule and runtime by ``cfg``."""
+    replaced = {k: (dict(v, _delete_=True) if k in _BASE_DICTS else v) for k, v in cfg.items()}
+    text = [f"_base_ = {str(base)!r}", textwrap.dedent(header).strip(), f"model = {model!r}"]
+    text += [f"{k} = {v!r}" for k, v in replaced.items()]
+    Path(path).write_text("\n".join(t for t in text if t) + "\n")
+    return str(path)
+
+
 def train(config_path, **overrides):
     """``Runner.from_cfg(Config.fromfile(path)).train()``, as ``tools/train.py`` does; returns the runner."""
     from mmengine.config import Config
@@ -148,6 +164,10 @@ def train(config_path, **overrides):
 
     cfg = Config.fromfile(str(config_path))
     cfg.merge_from_dict(overrides)
+    if cfg.get("visualizer") is not None:
+        # The visualizer is a process-wide instance per name: a second Runner in this process would
+        # otherwise log into the first one's work_dir.
+        cfg.visualizer.name = f"visualizer_{uuid.uuid4().hex}"
     runner = Runner.from_cfg(cfg)
     runner.train()
     return runner

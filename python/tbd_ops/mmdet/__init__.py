@@ -29,6 +29,14 @@ else:
 
     # Runner resume and teacher checkpoints under torch >= 2.6 (weights_only=True); see checkpoint.py.
     allow_mmengine_checkpoints()
+    try:
+        import mmdet.models  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "mmcv._ext":
+            raise
+        raise ImportError("tbd_ops.mmdet: mmdet cannot import mmcv's compiled ops (mmcv._ext): install the full "
+                          "mmcv, or with mmcv-lite (no compiled ops, e.g. for CPU runs) call "
+                          "tbd_ops.mmcv_lite.install() before importing mmdet") from e
     from .detector import TBDSingleStageDetector, TBDTwoStageDetector, coder_from_head  # noqa: F401  (registers)
     from .pseco import PredictionGuidedAssigner  # noqa: F401
 

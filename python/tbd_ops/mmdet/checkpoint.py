@@ -93,8 +93,10 @@ def load_checkpoint_weights_only(filename: str, map_location="cpu") -> dict:
     """The checkpoint at ``filename`` (a path, URL or ``open-mmlab://``-style name), loaded weights-only."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    with torch.serialization.safe_globals(_allowed_globals()):
-        return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+    # Not torch.serialization.safe_globals(...): leaving that context removes the entries from the
+    # process-wide allow-list even when allow_mmengine_checkpoints() had added them before.
+    allow_mmengine_checkpoints()
+    return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
 
 
 def _state_dict_of(checkpoint, filename: str) -> Dict[str, Tensor]:

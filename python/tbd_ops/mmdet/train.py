@@ -1,0 +1,82 @@
+"""Train a detector from a config with mmengine's Runner (what mmdet's ``tools/train.py`` does).
+
+    python -m tbd_ops.mmdet.train CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+                                         [--cfg-options key=value ...] [--launcher pytorch]
+
+``CONFIG`` is a path, or ``tbd_ops::<dir>/<file>.py`` for a config shipped with
+tbd_ops (``tbd/`` TBD distillers, ``pseco/`` PseCo); ``tbd_ops.mmdet`` is
+imported before the config is read, so its modules are registered either way.
+Distributed: ``torchrun --nproc-per-node 8 -m tbd_ops.mmdet.train CONFIG --launcher pytorch``.
+"""
+import argparse
+import os
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ["config_path", "main"]
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_path(name: str) -> str:
+    """The file of a config: ``tbd_ops::tbd/x.py`` names one shipped with tbd_ops, anything else is a path."""
+    if name.startswith("tbd_ops::"):
+        path = CONFIG_ROOT / name[len("tbd_ops::"):]
+        if not path.is_file():
+            shipped = sorted(str(p.relative_to(CONFIG_ROOT)) for p in CONFIG_ROOT.glob("*/*.py"))
+            raise FileNotFoundError(f"config {name!r}: tbd_ops ships no {path.relative_to(CONFIG_ROOT)}; "
+                                    f"shipped configs: {', '.join(shipped)}")
+        return str(path)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"config {name!r}: no such file")
+    return name
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser(prog="python -m tbd_ops.mmdet.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="config file path, or tbd_ops::<dir>/<file>.py for a shipped config")
+    parser.add_argument("--work-dir", help="where logs and checkpoints go (default: ./work_dirs/<config name>)")
+    parser.add_argument("--resume", nargs="?", type=str, const="auto",
+                        help="resume from this checkpoint, or (no value) from the latest one in the work dir")
+    parser.add_argument("--amp", action="store_true", help="automatic mixed precision")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction,
+                        help="override settings of the config, key=value (e.g. model.teacher_ckpt=t.pth)")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
+
+
+def main(argv: Optional[List[str]] = None):
+    args = parse_args(argv)
+    import tbd_ops.mmdet  # noqa: F401  (registers the detectors, losses and assigners)
+    from mmengine.config import Config
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    path = config_path(args.config)
+    cfg = Config.fromfile(path)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir", None) is None:
+        cfg.work_dir = os.path.join("./work_dirs", Path(path).stem)
+    if args.amp:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.loss_scale = "dynamic"
+    if args.resume == "auto":
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        cfg.resume, cfg.load_from = True, args.resume
+    runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    runner.train()
+    return runner
+
+
+if __name__ == "__main__":
+    main()
