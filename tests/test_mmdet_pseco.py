@@ -69,6 +69,84 @@ def test_assigner_needs_scores():
         assigner.assign(InstanceData(bboxes=boxes), InstanceData(bboxes=pseudo, labels=labels))
 
 
+# ---- PredictionGuidedAssigner with mmdet's samplers --------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["RandomSampler", "PseudoSampler"])
+def test_quality_stays_in_step_when_the_sampler_adds_gts(sampler):
+    """add_gt_as_proposals=True prepends the pseudo boxes as proposals to gt_inds, max_overlaps and
+    labels; the quality must get the same rows (1 for a box against itself)."""
+    p, m = 100, 3
+    assigner = TASK_UTILS.build(dict(type="PredictionGuidedAssigner"))
+    boxes, scores, pseudo, labels = proposals(p, m)
+    gt = InstanceData(bboxes=pseudo, labels=labels)
+    result = assigner.assign(InstanceData(bboxes=boxes, priors=boxes, scores=scores), gt)
+    q = result.get_extra_property("quality").clone()
+    gt_inds = result.gt_inds.clone()
+    if sampler == "RandomSampler":
+        cfg = dict(type=sampler, num=64, pos_fraction=0.25, neg_pos_ub=-1, add_gt_as_proposals=True)
+        TASK_UTILS.build(cfg).sample(result, InstanceData(priors=boxes), gt)
+    else:  # mmdet's AssignResult.add_gt_ directly (what every sampler with the flag calls)
+        result.add_gt_(labels)
+    quality = result.get_extra_property("quality")
+    assert result.gt_inds.shape == result.max_overlaps.shape == result.labels.shape == quality.shape == (p + m,)
+    assert torch.equal(result.gt_inds[:m], torch.arange(1, m + 1))
+    assert torch.equal(quality[:m], torch.ones(m, dtype=q.dtype))
+    assert torch.equal(quality[m:], q) and torch.equal(result.gt_inds[m:], gt_inds)
+
+
+def test_quality_of_mmdet_samples_matches_the_assignment():
+    """The quality read at a sampling result's positive rows is the assignment's quality of those
+    proposals (or 1 for the added pseudo boxes)."""
+    p, m = 200, 4
+    assigner = TASK_UTILS.build(dict(type="PredictionGuidedAssigner"))
+    boxes, scores, pseudo, labels = proposals(p, m)
+    gt = InstanceData(bboxes=pseudo, labels=labels)
+    result = assigner.assign(InstanceData(bboxes=boxes, scores=scores), gt)
+    q = result.get_extra_property("quality").clone()
+    sampler = TASK_UTILS.build(dict(type="RandomSampler", num=512, pos_fraction=0.25, neg_pos_ub=-1,
+                                    add_gt_as_proposals=True))
+    res = sampler.sample(result, InstanceData(priors=boxes), gt)
+    quality = result.get_extra_property("quality")
+    expected = torch.cat([torch.ones(m, dtype=q.dtype), q])[res.pos_inds]
+    assert torch.equal(quality[res.pos_inds], expected)
+    assert (quality[res.pos_inds][res.pos_is_gt.bool()] == 1).all()
+
+
+def test_valid_defaults_to_the_official_positive_area_rule():
+    """Without pred_instances.valid, a proposal (priors) with (x2 - x1) * (y2 - y1) <= 0 never
+    becomes positive, whatever its regressed box, as in the official code; valid overrides it."""
+    c = 3
+    pseudo = torch.tensor([[10.0, 10.0, 50.0, 50.0]], dtype=torch.float64)
+    labels = torch.tensor([1])
+    # The teacher's regressed boxes: all on the pseudo box (one bag, IoU ~1 each).
+    bboxes = pseudo.repeat(6, 1) + torch.tensor([[0.0, 0.0, 0.0, 0.0], [1, 0, 0, 0], [0, 1, 0, 0],
+                                                 [0, 0, 1, 0], [0, 0, 0, 1], [1, 1, 0, 0]], dtype=torch.float64)
+    # The proposals they come from: zero width, zero height, inverted, both inverted, fine, fine.
+    priors = torch.tensor([[20.0, 20.0, 20.0, 40.0], [20.0, 20.0, 40.0, 20.0], [40.0, 20.0, 20.0, 40.0],
+                           [40.0, 40.0, 20.0, 20.0], [12.0, 12.0, 48.0, 48.0], [8.0, 8.0, 52.0, 52.0]],
+                          dtype=torch.float64)
+    scores = torch.full((6, c), 0.9, dtype=torch.float64)
+    area_positive = torch.tensor([False, False, False, True, True, True])  # the official rule, by hand
+    assigner = TASK_UTILS.build(dict(type="PredictionGuidedAssigner", iou_thr=0.4, topk=12, alpha=0.5))
+    gt = InstanceData(bboxes=pseudo, labels=labels)
+    default = assigner.assign(InstanceData(bboxes=bboxes, priors=priors, scores=scores), gt)
+    no_filter = assigner.assign(
+        InstanceData(bboxes=bboxes, priors=priors, scores=scores, valid=torch.ones(6, dtype=torch.bool)), gt)
+    # k = floor(sum of the six IoUs) = 5 positives before the filter.
+    assert int((no_filter.gt_inds > 0).sum()) == 5
+    gt_ref, _ = ref.prediction_guided_assign([bboxes], [scores], [pseudo], [labels], valid=[area_positive])
+    assert torch.equal(default.gt_inds, gt_ref[0])
+    assert torch.equal(default.gt_inds > 0, (no_filter.gt_inds > 0) & area_positive)
+    assert not torch.equal(default.gt_inds, no_filter.gt_inds)
+    # Without priors there is no proposal to apply the rule to: no filter.
+    only_boxes = assigner.assign(InstanceData(bboxes=bboxes, scores=scores), gt)
+    assert torch.equal(only_boxes.gt_inds, no_filter.gt_inds)
+    # priors alone: they are the boxes and the rule applies to them.
+    only_priors = assigner.assign(InstanceData(priors=priors, scores=scores), gt)
+    gt_ref, _ = ref.prediction_guided_assign([priors], [scores], [pseudo], [labels], valid=[area_positive])
+    assert torch.equal(only_priors.gt_inds, gt_ref[0])
+
+
 # ---- FusedFocalLoss against mmdet's FocalLoss ----------------------------------------------------
 
 def focal_pair(reduction="mean", loss_weight=1.5):

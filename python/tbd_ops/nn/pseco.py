@@ -29,6 +29,10 @@ class PseCoAssigner(nn.Module):
     probabilities, ``[M_n, 4]`` pseudo boxes, ``[M_n]`` labels, optional
     ``[P_n]`` bool) and returns ``(gt_inds, q)`` lists: ``gt_inds`` 0 for
     background, ``j + 1`` for pseudo box j; ``q`` the assignment quality.
+    ``valid=None`` lets every proposal become positive; the official PseCo
+    rule is ``valid = (x2 - x1) * (y2 - y1) > 0`` of the proposals in the
+    student's view (what ``tbd_ops.mmdet``'s ``PredictionGuidedAssigner``
+    applies by default).
     """
 
     def __init__(self, iou_thr: float = 0.4, topk: int = 12, alpha: float = 0.5):
