@@ -207,9 +207,11 @@ def downsample_view(images: Tensor, boxes: Optional[Sequence[Tensor]] = None
     """PseCo's view V2: the images downsampled by 2 (nearest) and the V1 boxes mapped to it.
 
     ``images`` ``[N, C, H, W]``; ``boxes`` a list of ``[G_n, 4]`` (x1, y1, x2, y2)
-    in V1 pixels. Returns ``(images_v2 [N, C, ceil(H/2), ceil(W/2)], boxes_v2)``;
-    with nearest sampling pixel ``(y, x)`` of V2 is pixel ``(2y, 2x)`` of V1, so a
-    V1 coordinate maps to half its value.
+    in V1 pixels. Returns ``(images_v2 [N, C, floor(H/2), floor(W/2)], boxes_v2)``,
+    the official PseCo code's ``F.interpolate(images, scale_factor=0.5,
+    mode="nearest")``: pixel ``(y, x)`` of V2 is pixel ``(2y, 2x)`` of V1 (an odd
+    H or W drops V1's last row or column), and every V1 coordinate maps to half
+    its value (odd coordinates to ``.5``), without rounding or clipping.
     """
     if not isinstance(images, Tensor) or images.dim() != 4:
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
