@@ -14,9 +14,9 @@
 //      ranks, the number of members before it by (u desc, p asc) and by
 //      (q desc, p asc): exact, and independent of the thread schedule. The
 //      u-ranks place the u values in descending order, thread 0 adds the
-//      first min(|bag|, topk) of them in that order (as the CPU kernel and the
-//      reference do) and k = max(1, floor(sum)); members of q-rank < k become
-//      positives when valid.
+//      first min(|bag|, topk) of them exactly (BagSum of tbd_ops/assign.h, as
+//      the CPU kernel) and k = max(1, floor(sum)); members of q-rank < k
+//      become positives when valid.
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -149,9 +149,9 @@ assign_select_kernel(const int32_t* __restrict__ keys, const int64_t* __restrict
   __syncthreads();  // sorted_u and qrank_buf (global memory) are written
   if (threadIdx.x == 0) {
     const int64_t kk = bag < topk ? bag : topk;
-    A sum = A(0);
-    for (int64_t r = 0; r < kk; ++r) sum += sorted_u[start + r];  // descending u
-    k_shared[0] = dynamic_k(sum);
+    BagSum sum = bag_sum_empty();
+    for (int64_t r = 0; r < kk; ++r) bag_sum_add(sum, static_cast<double>(sorted_u[start + r]));
+    k_shared[0] = dynamic_k(sum);  // floor of the exact sum, as the CPU kernel
   }
   __syncthreads();
   const int64_t k = k_shared[0];

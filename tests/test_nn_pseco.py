@@ -77,8 +77,40 @@ def test_bad_arguments():
         SigmoidFocalLoss(reduction="avg")
     with pytest.raises(ValueError, match="use_sigmoid"):
         SigmoidFocalLoss(use_sigmoid=False)
+    with pytest.raises(ValueError, match="activated"):
+        SigmoidFocalLoss(activated=True)
     mod = SigmoidFocalLoss()
     with pytest.raises(ValueError, match="weight"):
-        mod(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.ones(4, 3))
+        mod(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.ones(4, 2))
     with pytest.raises(ValueError, match="avg_factor"):
-        mod(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), avg_factor=2.0, reduction_override="none")
+        mod(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), avg_factor=2.0, reduction_override="sum")
+    with pytest.raises(ValueError, match="reduction_override"):
+        mod(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), reduction_override="avg")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_focal_loss_module_avg_factor_and_element_weights(device):
+    """mmdet's reduction rules against the reference composed by hand: "none" with avg_factor is
+    the per-element loss; per-element [R, C] weights multiply it before the reduction."""
+    logits = (torch.randn(23, 5, dtype=torch.float64, device=device) * 3).requires_grad_()
+    targets = torch.randint(0, 6, (23,), device=device)
+    w_el = torch.rand(23, 5, dtype=torch.float64, device=device)
+    el = ref.sigmoid_focal_loss(logits, targets, reduction="none")
+    eps = torch.finfo(torch.float32).eps
+    mod = SigmoidFocalLoss(reduction="none", loss_weight=3.0)
+    torch.testing.assert_close(mod(logits, targets, avg_factor=7.0), 3.0 * el, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(mod(logits, targets, w_el, avg_factor=7.0), 3.0 * el * w_el, rtol=1e-9, atol=1e-12)
+    for override, expected in (("sum", (el * w_el).sum()), ("mean", (el * w_el).mean())):
+        torch.testing.assert_close(mod(logits, targets, w_el, reduction_override=override), 3.0 * expected,
+                                   rtol=1e-9, atol=1e-12)
+    got = mod(logits, targets, w_el, avg_factor=7.0, reduction_override="mean")
+    expected = 3.0 * (el * w_el).sum() / (7.0 + eps)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    g = torch.autograd.grad(got, logits)[0]
+    torch.testing.assert_close(g, torch.autograd.grad(expected, logits)[0], rtol=1e-9, atol=1e-12)
+    # 16-bit logits with per-element weights: reduced in float32, like the fused reductions.
+    half = mod(logits.detach().half(), targets, w_el.float(), reduction_override="sum")
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), 3.0 * (ref.sigmoid_focal_loss(logits.detach().half().double(),
+                                                                           targets, reduction="none") * w_el).sum(),
+                               rtol=2e-3, atol=1e-3)

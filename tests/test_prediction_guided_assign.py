@@ -1,4 +1,6 @@
 """prediction_guided_assign (SPEC 2.1) against the per-image reference loop."""
+from fractions import Fraction
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -100,6 +102,46 @@ def test_all_ties(device):
     k = int(gt[0].gt(0).sum())
     assert k >= 1 and torch.equal(gt[0][:k], torch.ones(k, dtype=torch.long, device=device))
     assert (gt[0][k:] == 0).all()
+
+
+# PseCo's example 1 + .85 + .85 + .75 + .65 + .45 + .45 = 5 and a float64 one (0.96 + 0.87 + 0.8 +
+# 0.72 + 0.65 = 4 in doubles, 3.9999999999999996 as a double running sum).
+EXACT_SUM_BAGS = [
+    (torch.float32, [100, 85, 85, 75, 65, 45, 45]),
+    (torch.float16, [100, 85, 85, 75, 65, 45, 45]),
+    (torch.bfloat16, [100, 85, 85, 75, 65, 45, 45]),
+    (torch.float64, [96, 87, 80, 72, 65]),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,widths", EXACT_SUM_BAGS)
+def test_dynamic_k_floors_the_exact_sum(device, dtype, widths):
+    """Proposals [0, 0, w, 10] inside the pseudo box [0, 0, 100, 10]: IoU = 10w / 1000 exactly as a
+    rational, so the kernel's IoU is the correctly rounded w / 100 in the accumulation dtype. Their
+    exact sum is an integer k; k members become positive (the official code's float32
+    torch.topk(...).sum().int() agrees for PseCo's example; a float running sum would give k - 1)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    u = torch.tensor(widths, dtype=acc) / 100  # the IoUs, independently of the op
+    k = sum(Fraction(v) for v in u.tolist())
+    assert k.denominator == 1
+    k = int(k)
+    running = torch.zeros((), dtype=acc)
+    for v in u:
+        running = running + v
+    assert int(running.floor()) == k - 1  # the case is sharp: a running sum misses it
+    if acc == torch.float32:
+        assert int(torch.topk(u, len(widths)).values.sum(0).int().clamp(min=1)) == k  # the official formula
+    p = len(widths)
+    boxes = torch.tensor([[0.0, 0.0, float(w), 10.0] for w in widths]).to(dtype).to(device)
+    pseudo = torch.tensor([[0.0, 0.0, 100.0, 10.0]]).to(dtype).to(device)
+    scores = torch.full((p, 2), 0.5).to(dtype).to(device)
+    labels = torch.tensor([1], device=device)
+    args = ([boxes], [scores], [pseudo], [labels], [torch.ones(p, dtype=torch.bool, device=device)])
+    gt, _ = check(args, topk=12, iou_thr=0.4, alpha=0.5)
+    # Equal scores: q ranks as u (widths are in descending order, ties by index): the first k.
+    expected = torch.tensor([1] * k + [0] * (p - k), device=device)
+    assert torch.equal(gt[0], expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)

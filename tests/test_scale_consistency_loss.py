@@ -108,3 +108,17 @@ def test_downsample_view_aligns_levels_and_boxes():
         downsample_view(img[0])
     with pytest.raises(ValueError, match=r"boxes\[0\]"):
         downsample_view(img, [torch.zeros(3)])
+
+
+@pytest.mark.parametrize("h,w", [(7, 5), (9, 8), (8, 9), (3, 3), (33, 65)])
+def test_downsample_view_odd_sizes_and_coordinates(h, w):
+    """V2 is floor(H/2) x floor(W/2) and pixel (y, x) of V2 is pixel (2y, 2x) of V1 (the official
+    code's F.interpolate(scale_factor=0.5, mode="nearest")); odd box coordinates map to .5."""
+    img = torch.arange(2 * 3 * h * w, dtype=torch.float32).reshape(2, 3, h, w)
+    boxes = [torch.tensor([[1.0, 3.0, 5.0, 7.0], [0.0, 0.0, float(w), float(h)]]),
+             torch.tensor([[3.0, 1.0, 9.0, 11.0]])]
+    v2, b2 = downsample_view(img, boxes)
+    assert v2.shape == (2, 3, h // 2, w // 2)
+    assert torch.equal(v2, img[:, :, 0:2 * (h // 2):2, 0:2 * (w // 2):2])
+    assert torch.equal(b2[0], torch.tensor([[0.5, 1.5, 2.5, 3.5], [0.0, 0.0, w / 2, h / 2]]))
+    assert torch.equal(b2[1], torch.tensor([[1.5, 0.5, 4.5, 5.5]]))

@@ -2,8 +2,8 @@
 //   pass 1, over all proposals of the batch: u = max IoU against the image's
 //     pseudo boxes (lowest index on ties), j* its argmax, and the quality q;
 //   pass 2, over images: the members of each bag (proposals with j* = j and
-//     u >= iou_thr) in increasing proposal order; k from the min(|bag|, topk)
-//     largest u added in descending order (ties: lower proposal first); the k
+//     u >= iou_thr) in increasing proposal order; k from the exact sum of the
+//     min(|bag|, topk) largest u (tbd_ops/assign.h BagSum); the k
 //     members of largest q (same ranking) become positives if valid.
 // Both passes are independent of the thread count. The math is in
 // tbd_ops/assign.h and tbd_ops/box.h, shared with the CUDA kernels.
@@ -130,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor> prediction_guided_assign_cpu(
           const int64_t kk = std::min<int64_t>(size, pb.topk);
           std::partial_sort(order.begin(), order.begin() + kk, order.end(),
                             [&](int64_t a, int64_t b) { return ranks_before(u[a], a, u[b], b); });
-          A sum = A(0);
-          for (int64_t r = 0; r < kk; ++r) sum += u[order[r]];
+          BagSum sum = bag_sum_empty();
+          for (int64_t r = 0; r < kk; ++r) bag_sum_add(sum, static_cast<double>(u[order[r]]));
           const int64_t k = std::min<int64_t>(dynamic_k(sum), size);
           order.assign(mem, mem + size);
           if (k < size) {

@@ -6,6 +6,7 @@ kernels against them. Computation happens in float32 (float64 for float64
 inputs), as in the kernels.
 """
 import math
+from fractions import Fraction
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -212,9 +213,11 @@ def prediction_guided_assign(boxes, scores, pseudo_boxes, pseudo_labels, valid=N
 
     Per image: the full ``[P, M]`` IoU matrix, its max over pseudo boxes (lowest
     index on ties); per pseudo box j the bag ``{p : j*(p) = j, u[p] >= iou_thr}``;
-    ``k = max(1, floor(sum))`` where the sum adds the ``min(|bag|, topk)``
-    largest u one at a time in descending order (a stable sort: equal u by
-    increasing proposal index), in float32 (float64 for float64 inputs); the
+    ``k = max(1, floor(sum))`` of the exact sum (in rationals, no rounding) of
+    the ``min(|bag|, topk)`` largest u, so a sum that is exactly an integer
+    gives that integer (the official code's float32 ``topk(...).sum()`` does
+    for PseCo's example 1 + .85 + .85 + .75 + .65 + .45 + .45 = 5, where a
+    float32 running sum gives 4.9999995); the
     ``k`` members first in a stable descending sort of q (NaN first) become
     positives ``j + 1`` unless ``valid`` is False. ``q = s^alpha * u^(1-alpha)``
     of every proposal against ``j*(p)`` (0 without pseudo boxes), in the dtype of
@@ -238,10 +241,8 @@ def prediction_guided_assign(boxes, scores, pseudo_boxes, pseudo_labels, valid=N
             if members.numel() == 0:
                 continue
             top_u = torch.sort(u[members], descending=True, stable=True).values[:topk]
-            total = torch.zeros((), dtype=u.dtype, device=u.device)
-            for v in top_u:
-                total = total + v
-            k = max(1, int(math.floor(float(total))))
+            total = sum((Fraction(v) for v in top_u.tolist()), Fraction(0))  # exact
+            k = max(1, math.floor(total))
             keep = members[torch.sort(q[members], descending=True, stable=True).indices[:k]]
             if valid is not None:
                 keep = keep[valid[i][keep]]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tbd_ops
+from tbd_ops.ops._utils import acc_dtype
 
 __all__ = ["PseCoAssigner", "ConsistencyVotingWeights", "SigmoidFocalLoss", "ScaleConsistencyLoss",
            "downsample_view"]
@@ -28,6 +29,10 @@ class PseCoAssigner(nn.Module):
     probabilities, ``[M_n, 4]`` pseudo boxes, ``[M_n]`` labels, optional
     ``[P_n]`` bool) and returns ``(gt_inds, q)`` lists: ``gt_inds`` 0 for
     background, ``j + 1`` for pseudo box j; ``q`` the assignment quality.
+    ``valid=None`` lets every proposal become positive; the official PseCo
+    rule is ``valid = (x2 - x1) * (y2 - y1) > 0`` of the proposals in the
+    student's view (what ``tbd_ops.mmdet``'s ``PredictionGuidedAssigner``
+    applies by default).
     """
 
     def __init__(self, iou_thr: float = 0.4, topk: int = 12, alpha: float = 0.5):
@@ -66,41 +71,120 @@ class ConsistencyVotingWeights(nn.Module):
         return tbd_ops.consistency_voting(pred_boxes, gt_inds, pseudo_boxes, mode=self.mode)
 
 
-class SigmoidFocalLoss(nn.Module):
-    """Fused sigmoid focal loss (SPEC 2.4) with MMDetection's loss interface.
+class FocalLossArgumentError(ValueError, AssertionError):
+    """A bad argument to :class:`SigmoidFocalLoss`: a ``ValueError``, and also an
+    ``AssertionError`` where mmdet's ``FocalLoss`` asserts on the same input
+    (``reduction_override``, the shape of ``weight``), so code written for
+    either catches it."""
 
-    ``forward(logits [R, C], targets [R] in [0, C] (C = background), weight=None,
-    avg_factor=None, reduction_override=None)``. With ``avg_factor`` the sum is
-    divided by it (PseCo: the number of sampled RoIs), as mmdet's losses do.
+
+_OVERRIDES = (None, "none", "mean", "sum")
+
+
+class SigmoidFocalLoss(nn.Module):
+    """Fused sigmoid focal loss (SPEC 2.4) with MMDetection's ``FocalLoss`` interface.
+
+    Registered in MMDetection as ``FusedFocalLoss``. It computes what mmdet 3.x's
+    ``FocalLoss(use_sigmoid=True)`` computes for integer targets (including
+    mmdet's ``weight_reduce_loss`` rules) with the fused kernels:
+
+    ``forward(pred [R, C], target [R], weight=None, avg_factor=None, reduction_override=None)``
+
+    - ``pred``: raw logits of the C foreground classes; ``target``: int64 in
+      ``[0, C]``, ``C`` = background (an all-zero one-hot row).
+    - ``weight``: ``[R]`` (or ``[R, 1]``) one weight per row, or ``[R, C]`` (or
+      the flattened ``[R * C]``) one per element, as mmdet reshapes them.
+      Per-row weights go into the fused kernel; per-element weights multiply
+      the fused per-element loss.
+    - ``reduction`` (``reduction_override`` if given, else the module's):
+      ``"none"`` gives the ``[R, C]`` weighted loss, with or without
+      ``avg_factor``; ``"sum"`` its sum (``avg_factor`` is an error, as in mmdet);
+      ``"mean"`` its mean over the ``R * C`` elements, or with ``avg_factor`` its
+      sum divided by ``avg_factor + eps`` (``eps`` = float32's machine epsilon:
+      ``avg_factor = 0`` is no division by zero).
+    - The result is multiplied by ``loss_weight``.
+
+    ``use_sigmoid`` must be ``True``. Write it in every config: mmdet's dense
+    heads read ``use_sigmoid`` from the loss config (default ``False``), not from
+    this module, and without it give the head ``C + 1`` class channels, where
+    this loss would train background as a class. ``activated=True``
+    (probabilities as input) is not supported: ``pred`` are logits.
+    Reductions come back in float32 (float64 for float64 logits); 16-bit logits
+    are accumulated in float32 (SPEC 0).
     """
 
     def __init__(self, gamma: float = 2.0, alpha: float = 0.25, reduction: str = "mean",
-                 loss_weight: float = 1.0, use_sigmoid: bool = True):
+                 loss_weight: float = 1.0, use_sigmoid: bool = True, activated: bool = False):
         super().__init__()
-        if not use_sigmoid:
-            raise ValueError("SigmoidFocalLoss: only use_sigmoid=True is supported")
+        if use_sigmoid is not True:
+            raise ValueError(
+                f"SigmoidFocalLoss (FusedFocalLoss): use_sigmoid must be True, got {use_sigmoid!r}. It is a "
+                "sigmoid focal loss over the C foreground logits (target C = background); with "
+                "use_sigmoid=False mmdet gives the head C + 1 class channels and the loss would train "
+                "background as a class. Set use_sigmoid=True in the loss config.")
+        if activated:
+            raise ValueError(
+                f"SigmoidFocalLoss (FusedFocalLoss): activated must be False, got {activated!r}: the fused "
+                "loss takes logits, not probabilities (use mmdet's FocalLoss for activated inputs)")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"SigmoidFocalLoss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.use_sigmoid, self.activated = True, False
         self.gamma, self.alpha, self.reduction, self.loss_weight = float(gamma), float(alpha), reduction, float(loss_weight)
 
-    def forward(self, logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None,
-                avg_factor: Optional[float] = None, reduction_override: Optional[str] = None) -> Tensor:
-        reduction = reduction_override or self.reduction
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"SigmoidFocalLoss: reduction_override must be one of {_REDUCTIONS}, got {reduction!r}")
-        if weight is not None and weight.dim() != 1:
-            raise ValueError(f"SigmoidFocalLoss: weight must be [R] (one weight per row), got {tuple(weight.shape)}")
-        if avg_factor is not None:
-            if reduction == "none":
-                raise ValueError("SigmoidFocalLoss: avg_factor needs reduction 'mean' or 'sum'")
-            loss = tbd_ops.sigmoid_focal_loss(logits, targets, weight, gamma=self.gamma, alpha=self.alpha,
-                                              reduction="sum")
-            if reduction == "mean":
+    def forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                avg_factor: Optional[Union[float, Tensor]] = None,
+                reduction_override: Optional[str] = None) -> Tensor:
+        if not (reduction_override is None or
+                (isinstance(reduction_override, str) and reduction_override in _OVERRIDES)):
+            raise FocalLossArgumentError(
+                f"SigmoidFocalLoss: reduction_override must be one of {_OVERRIDES}, got {reduction_override!r}")
+        reduction = reduction_override if reduction_override else self.reduction
+        if isinstance(pred, Tensor) and isinstance(target, Tensor) and pred.dim() == target.dim():
+            raise ValueError(
+                f"SigmoidFocalLoss: target must be [R] int64 class indices in [0, C] (C = background), got a "
+                f"target of shape {tuple(target.shape)} with the rank of pred {tuple(pred.shape)} (one-hot or "
+                "soft targets); the fused loss takes class indices")
+        if avg_factor is not None and reduction == "sum":
+            raise ValueError('SigmoidFocalLoss: avg_factor can not be used with reduction="sum" (as in mmdet\'s '
+                             'weight_reduce_loss); use reduction "mean" to divide the sum by avg_factor')
+        row_w, elem_w = self._split_weight(pred, weight)
+        kw = dict(gamma=self.gamma, alpha=self.alpha)
+        if elem_w is None:
+            if reduction == "mean" and avg_factor is not None:
+                loss = tbd_ops.sigmoid_focal_loss(pred, target, row_w, reduction="sum", **kw)
                 loss = loss / (avg_factor + torch.finfo(torch.float32).eps)
+            else:
+                loss = tbd_ops.sigmoid_focal_loss(pred, target, row_w, reduction=reduction, **kw)
+        elif reduction == "none":
+            loss = tbd_ops.sigmoid_focal_loss(pred, target, None, reduction="none", **kw) * elem_w
         else:
-            loss = tbd_ops.sigmoid_focal_loss(logits, targets, weight, gamma=self.gamma, alpha=self.alpha,
-                                              reduction=reduction)
-        return loss * self.loss_weight
+            acc = acc_dtype(pred.dtype)
+            loss = tbd_ops.sigmoid_focal_loss(pred.to(acc), target, None, reduction="none", **kw) * elem_w.to(acc)
+            if avg_factor is not None:
+                loss = loss.sum() / (avg_factor + torch.finfo(torch.float32).eps)
+            else:
+                loss = loss.sum() if reduction == "sum" else loss.mean()
+        return self.loss_weight * loss
+
+    @staticmethod
+    def _split_weight(pred: Tensor, weight: Optional[Tensor]):
+        """mmdet's reshaping of ``weight``: ``(per-row [R] or None, per-element [R, C] or None)``."""
+        if weight is None:
+            return None, None
+        if not isinstance(weight, Tensor) or not isinstance(pred, Tensor) or pred.dim() != 2:
+            return weight, None  # the op names what is wrong
+        r, c = pred.shape
+        if not weight.is_floating_point():
+            weight = weight.to(acc_dtype(pred.dtype) if pred.is_floating_point() else torch.float32)
+        if weight.dim() == 2 and tuple(weight.shape) == (r, c) and c != 1:
+            return None, weight
+        if weight.dim() >= 1 and weight.shape[0] == r and weight.numel() == r:
+            return weight.reshape(r), None
+        if weight.dim() >= 1 and weight.shape[0] != r and weight.numel() == r * c:
+            return None, weight.reshape(r, c)
+        raise FocalLossArgumentError(
+            f"SigmoidFocalLoss: weight must be [R] (or [R, 1]) per row or [R, C] (or [R * C]) per element "
+            f"with R = {r}, C = {c}, got {tuple(weight.shape)}")
 
 
 class ScaleConsistencyLoss(nn.Module):
@@ -123,9 +207,11 @@ def downsample_view(images: Tensor, boxes: Optional[Sequence[Tensor]] = None
     """PseCo's view V2: the images downsampled by 2 (nearest) and the V1 boxes mapped to it.
 
     ``images`` ``[N, C, H, W]``; ``boxes`` a list of ``[G_n, 4]`` (x1, y1, x2, y2)
-    in V1 pixels. Returns ``(images_v2 [N, C, ceil(H/2), ceil(W/2)], boxes_v2)``;
-    with nearest sampling pixel ``(y, x)`` of V2 is pixel ``(2y, 2x)`` of V1, so a
-    V1 coordinate maps to half its value.
+    in V1 pixels. Returns ``(images_v2 [N, C, floor(H/2), floor(W/2)], boxes_v2)``,
+    the official PseCo code's ``F.interpolate(images, scale_factor=0.5,
+    mode="nearest")``: pixel ``(y, x)`` of V2 is pixel ``(2y, 2x)`` of V1 (an odd
+    H or W drops V1's last row or column), and every V1 coordinate maps to half
+    its value (odd coordinates to ``.5``), without rounding or clipping.
     """
     if not isinstance(images, Tensor) or images.dim() != 4:
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__

@@ -28,8 +28,9 @@ def prediction_guided_assign(
     image's pseudo boxes and ``j*(p)`` that pseudo box (the lowest index on
     ties). The bag of pseudo box j holds the proposals with ``j*(p) = j`` and
     ``u[p] >= iou_thr``. Its size ``k_j = max(1, floor(sum of the
-    min(|bag|, topk) largest u))`` (added in descending order of u, equal values
-    by increasing proposal index). The ``k_j`` members of largest quality
+    min(|bag|, topk) largest u))``, the floor of the exact sum of those IoUs
+    (no rounding: IoUs that add up to exactly 5, as PseCo's 1 + .85 + .85 +
+    .75 + .65 + .45 + .45 in float32, give k = 5). The ``k_j`` members of largest quality
     ``q = s^alpha * u^(1 - alpha)``, ``s = scores[p, pseudo_labels[j]]``, become
     positives (equal q: the lower proposal index first), except those with
     ``valid[p] = False``.

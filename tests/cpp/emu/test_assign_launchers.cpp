@@ -90,8 +90,8 @@ void expected(const Problem& pb, double thr, int64_t topk, double alpha, std::ve
       std::vector<int64_t> by_u = bag, by_q = bag;
       std::sort(by_u.begin(), by_u.end(), [&](int64_t a, int64_t c) { return ranks_before(u[a], a, u[c], c); });
       std::sort(by_q.begin(), by_q.end(), [&](int64_t a, int64_t c) { return ranks_before(q[a], a, q[c], c); });
-      float sum = 0.f;
-      for (int64_t r = 0; r < std::min<int64_t>(topk, bag.size()); ++r) sum += u[by_u[r]];
+      BagSum sum = bag_sum_empty();
+      for (int64_t r = 0; r < std::min<int64_t>(topk, bag.size()); ++r) bag_sum_add(sum, u[by_u[r]]);
       const int64_t k = std::min<int64_t>(dynamic_k(sum), bag.size());
       for (int64_t r = 0; r < k; ++r) {
         if (pb.valid[by_q[r]]) gt[by_q[r]] = j + 1;
