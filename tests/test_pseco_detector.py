@@ -576,3 +576,31 @@ def test_roi_focal_loss_matches_mmdet_interface():
         RoIFocalLoss(use_sigmoid=False)
     act = ours.get_activation(logits)
     assert act.shape == (40, 6) and (act[:, 5] == 0).all()
+
+
+# ---- the shipped configs --------------------------------------------------------------------------
+def test_shipped_configs_parse_and_build():
+    """The package's PseCo configs parse (mmdet:: bases) and build the model (the backbone's
+    pretrained init_cfg is left unused: no init_weights, nothing downloaded)."""
+    from tbd_ops.mmdet.pseco_detector import SEMI_TRAIN_DEFAULTS
+
+    files = sorted(CONFIG_DIR.glob("pseco_*.py"))
+    assert {f.name for f in files} == {f"pseco_faster-rcnn_r50-caffe_fpn_180k_semi-{p}-coco.py"
+                                       for p in ("0.01", "0.02", "0.05", "0.1")}
+    cfgs = {f.name: Config.fromfile(str(f)) for f in files}
+    for name, cfg in cfgs.items():
+        percent = name.split("semi-")[1].split("-coco")[0]
+        labeled, unlabeled = cfg.train_dataloader.dataset.datasets
+        tag = f"1@{round(float(percent) * 100)}"
+        assert labeled.ann_file == f"semi_anns/instances_train2017.{tag}.json", name
+        assert unlabeled.ann_file == f"semi_anns/instances_train2017.{tag}-unlabeled.json", name
+        assert cfg.model.type == "PseCoDetector" and cfg.custom_imports.imports == ["tbd_ops.mmdet"]
+        assert cfg.custom_hooks == [dict(type="MeanTeacherHook", momentum=0.001)]
+        assert dict(cfg.model.semi_train_cfg) == SEMI_TRAIN_DEFAULTS  # the official values
+    cfg = cfgs["pseco_faster-rcnn_r50-caffe_fpn_180k_semi-0.1-coco.py"]
+    model = MODELS.build(cfg.model)
+    head = model.student.roi_head.bbox_head
+    assert type(model).__name__ == "PseCoDetector" and model.student.backbone.depth == 50
+    assert model.focal_head and head.fc_cls.out_features == 80 and head.loss_cls.loss_weight == 10.0
+    assert model.student.roi_head.bbox_sampler.add_gt_as_proposals is False
+    assert all(not p.requires_grad for p in model.teacher.parameters())
