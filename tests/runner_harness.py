@@ -250,13 +250,14 @@ def semi_pipelines(scale=(160, 128), student_scales=((144, 112), (176, 144))) ->
 
 def semi_runtime(labeled: Dict[str, str], unlabeled: Dict[str, str], work_dir, max_iters: int = 2,
                  batch_size: int = 3, source_ratio: Sequence[int] = (1, 2), checkpoint_interval: Optional[int] = None,
-                 lr: float = 0.01, ema_momentum: float = 0.001) -> dict:
+                 lr: float = 0.01, ema_momentum: float = 0.001, scale=(160, 128),
+                 student_scales=((144, 112), (176, 144))) -> dict:
     """``runtime()`` with mmdet's semi-supervised data: a ConcatDataset of the labeled and the
     unlabeled set, ``GroupMultiSourceSampler`` (``source_ratio`` images of each per batch) and
-    ``MeanTeacherHook(momentum=ema_momentum)``."""
+    ``MeanTeacherHook(momentum=ema_momentum)``; ``scale``, ``student_scales`` as in ``semi_pipelines``."""
     cfg = runtime(labeled, work_dir, max_iters=max_iters, batch_size=batch_size,
                   checkpoint_interval=checkpoint_interval, lr=lr)
-    pipes = semi_pipelines()
+    pipes = semi_pipelines(scale, student_scales)
 
     def dataset(data, pipeline, filter_empty_gt):
         return dict(type="CocoDataset", data_root=data["data_root"], ann_file=data["ann_file"],

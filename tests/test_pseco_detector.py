@@ -168,7 +168,8 @@ def semi_data(tmp_path_factory):
 
 def write_semi_config(path, labeled, unlabeled, work_dir, max_iters, momentum, **semi_train_cfg):
     cfg = rh.semi_runtime(labeled, unlabeled, work_dir, max_iters=max_iters, batch_size=3, source_ratio=(1, 2),
-                          checkpoint_interval=2, lr=0.01, ema_momentum=momentum)
+                          checkpoint_interval=2, lr=0.01, ema_momentum=momentum, scale=(128, 96),
+                          student_scales=((112, 80), (144, 112)))
     cfg["model"] = pseco(detector(), **semi_train_cfg)
     header = 'custom_imports = dict(imports=["tbd_ops.mmdet"], allow_failed_imports=False)'
     return rh.write_config(path, cfg, header)
@@ -231,17 +232,22 @@ def test_runner_trains_resumes_and_teacher_moves_only_by_ema(semi_data, tmp_path
     assert logs[-1]["iter"] == 3 and all(math.isfinite(logs[-1][k]) for k in SUP_KEYS + UNSUP_KEYS)
 
 
-def test_no_gradient_reaches_an_unfrozen_teacher():
-    """Even with freeze_teacher=False the teacher's outputs are constants of the losses."""
-    model = build(freeze_teacher=False, **LOW_THRESHOLDS)
+@pytest.mark.parametrize("use_teacher_proposal", [True, False])
+def test_no_gradient_reaches_an_unfrozen_teacher(use_teacher_proposal):
+    """Even with freeze_teacher=False the teacher's outputs are constants of the losses (RoIs from the
+    teacher, or the student's RoIs scored by the teacher; with the feature-level scale consistency)."""
+    model = build(freeze_teacher=False, use_teacher_proposal=use_teacher_proposal, scale_consistency_weight=1e-3,
+                  **LOW_THRESHOLDS)
     assert all(p.requires_grad for p in model.teacher.parameters())
     inputs, samples = unsup_batch(model)
-    losses = model.loss(inputs, samples)
+    info = model.teacher_predictions(inputs["unsup_teacher"], samples["unsup_teacher"], samples["unsup_student"])
+    losses = model.loss_by_pseudo_instances(inputs["unsup_student"], samples["unsup_student"], info)
     loss, _ = model.parse_losses(losses)
     loss.backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
-    assert losses["unsup_loss_bbox"].item() > 0
+    assert losses["unsup_loss_bbox"].item() > 0 and losses["unsup_loss_scale_consistency"].item() > 0
+    assert all(torch.isfinite(v).all() for k, v in losses.items() if "loss" in k and isinstance(v, torch.Tensor))
 
 
 def unsup_batch(model, n=2):
@@ -249,8 +255,8 @@ def unsup_batch(model, n=2):
     from mmdet.structures import DetDataSample
 
     def sample(h, w, hm, labeled):
-        s = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(128, 160),
-                                        batch_input_shape=(128, 160), scale_factor=(1.0, 1.0),
+        s = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(96, 128),
+                                        batch_input_shape=(96, 128), scale_factor=(1.0, 1.0),
                                         homography_matrix=hm))
         s.gt_instances = InstanceData(bboxes=torch.tensor([[10.0, 10.0, 60.0, 50.0]]) if labeled else
                                       torch.zeros(0, 4),
@@ -258,13 +264,13 @@ def unsup_batch(model, n=2):
         return s
 
     eye = np.eye(3, dtype=np.float32)
-    flip = np.array([[-1, 0, 150], [0, 1, 0], [0, 0, 1]], np.float32)
+    flip = np.array([[-1, 0, 120], [0, 1, 0], [0, 0, 1]], np.float32)
     scale = np.array([[0.8, 0, 0], [0, 0.8, 0], [0, 0, 1]], np.float32)
     g = torch.Generator().manual_seed(3)
-    inputs = {k: torch.randn(n, 3, 128, 160, generator=g) for k in rh.BRANCHES}
-    samples = {"sup": [sample(120, 160, eye, True) for _ in range(n)],
-               "unsup_teacher": [sample(120, 150, eye, False) for _ in range(n)],
-               "unsup_student": [sample(120, 150, flip if i % 2 == 0 else scale, False) for i in range(n)]}
+    inputs = {k: torch.randn(n, 3, 96, 128, generator=g) for k in rh.BRANCHES}
+    samples = {"sup": [sample(96, 128, eye, True) for _ in range(n)],
+               "unsup_teacher": [sample(90, 120, eye, False) for _ in range(n)],
+               "unsup_student": [sample(90, 120, flip if i % 2 == 0 else scale, False) for i in range(n)]}
     return inputs, samples
 
 
@@ -473,7 +479,7 @@ def test_teacher_predictions_follow_the_views():
     teacher = samples["unsup_teacher"]
     same = [copy.deepcopy(t) for t in teacher]
     flipped = [copy.deepcopy(t) for t in teacher]
-    wid = 150.0
+    wid = 120.0
     for s in flipped:
         s.set_metainfo(dict(homography_matrix=np.array([[-1, 0, wid], [0, 1, 0], [0, 0, 1]], np.float32)))
     a = model.teacher_predictions(inputs["unsup_teacher"], teacher, same)
@@ -486,7 +492,7 @@ def test_teacher_predictions_follow_the_views():
         for pa, pb in zip(a[key], b[key]):
             assert pa.shape[0] > 0
             torch.testing.assert_close(pb, flip(pa), rtol=0, atol=1e-4)
-            assert (pa[:, 0::2] >= 0).all() and (pa[:, 0::2] <= wid).all() and (pa[:, 1::2] <= 120).all()
+            assert (pa[:, 0::2] >= 0).all() and (pa[:, 0::2] <= wid).all() and (pa[:, 1::2] <= 90).all()
     for sa, sb in zip(a["scores"], b["scores"]):
         torch.testing.assert_close(sa, sb)
         assert ((sa >= 0) & (sa <= 1)).all()
@@ -494,6 +500,34 @@ def test_teacher_predictions_follow_the_views():
         assert len(pa) > 0 and (pa.scores > 0.2).all()
         torch.testing.assert_close(pb.bboxes, flip(pa.bboxes), rtol=0, atol=1e-4)
         assert torch.equal(pa.labels, pb.labels)
+
+
+def test_student_proposals_scored_by_the_teacher():
+    """use_teacher_proposal=False: given the teacher's own proposals (mapped into the student's view)
+    as the student's, the teacher's scores and boxes are those of use_teacher_proposal=True."""
+    model = build(**LOW_THRESHOLDS)
+    inputs, samples = unsup_batch(model, n=2)
+    args = (inputs["unsup_teacher"], samples["unsup_teacher"], samples["unsup_student"])
+    info = model.teacher_predictions(*args)
+    model.semi_train_cfg.use_teacher_proposal = False
+    info2 = model.teacher_predictions(*args)
+    assert "proposals" not in info2
+    props, scores, boxes = model._teacher_on_student_proposals(info2, [InstanceData(bboxes=p) for p in info["proposals"]])
+    for a, b in zip(props, info["proposals"]):
+        assert torch.equal(a, b)
+    for a, b in zip(scores, info["scores"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(boxes, info["boxes"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_views_without_homography_raise():
+    model = build()
+    inputs, samples = unsup_batch(model, n=1)
+    for s in samples["unsup_student"]:
+        delattr(s, "homography_matrix")
+    with pytest.raises(ValueError, match="unsup_student data samples need their 'homography_matrix'"):
+        model.loss(inputs, samples)
 
 
 # ---- (d) errors -----------------------------------------------------------------------------------

@@ -419,6 +419,10 @@ class PseCoDetector(SemiBaseDetector):
         device = teacher_inputs.device
         cfg = self.semi_train_cfg
         metas_t = [s.metainfo for s in teacher_samples]
+        for branch, samples in (("unsup_teacher", teacher_samples), ("unsup_student", student_samples)):
+            if any("homography_matrix" not in s for s in samples):
+                raise ValueError(f"{_NAME}: the {branch} data samples need their 'homography_matrix' (add it to "
+                                 "PackDetInputs' meta_keys, as mmdet's semi_coco_detection pipelines do)")
         # teacher view -> student view: H_s @ H_t^-1 (float64 on the host, one copy to the device)
         mats = np.stack([np.asarray(s.homography_matrix, np.float64) @ np.linalg.inv(
             np.asarray(t.homography_matrix, np.float64)) for t, s in zip(teacher_samples, student_samples)])
