@@ -521,6 +521,22 @@ def test_student_proposals_scored_by_the_teacher():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
+def test_predict_on_teacher_or_student():
+    """Prediction uses P3-P7 of the teacher (default) or of the student (semi_test_cfg.predict_on)."""
+    model = build(**LOW_THRESHOLDS).eval()
+    inputs, samples = unsup_batch(model, n=2)
+    with torch.no_grad():
+        model.student.roi_head.bbox_head.fc_cls.bias.add_(torch.arange(3.0))  # the student differs
+        t = [r.pred_instances for r in model.predict(inputs["sup"], copy.deepcopy(samples["sup"]))]
+        model.semi_test_cfg.predict_on = "student"
+        s = [r.pred_instances for r in model.predict(inputs["sup"], copy.deepcopy(samples["sup"]))]
+    for a, b in zip(t, s):
+        assert len(a) > 0 and len(b) > 0 and a.bboxes.shape[1] == 4
+        assert not torch.equal(a.scores, b.scores)
+        assert set(a.labels.tolist()) <= {0, 1, 2}
+    assert len(model.extract_feat(inputs["sup"])) == 5
+
+
 def test_views_without_homography_raise():
     model = build()
     inputs, samples = unsup_batch(model, n=1)
