@@ -315,8 +315,8 @@ class PseCoDetector(SemiBaseDetector):
         semi_train_cfg: mmdet's keys ``freeze_teacher`` (True), ``sup_weight`` (1.0),
             ``unsup_weight`` (2.0), ``pseudo_label_initial_score_thr`` (0.3),
             ``rpn_pseudo_thr`` (0.5), ``cls_pseudo_thr`` (0.5),
-            ``min_pseudo_bbox_wh`` ((0, 0): pseudo boxes must be wider and higher in
-            the student's view); PseCo's ``use_teacher_proposal`` (True), ``use_MSL``
+            ``min_pseudo_bbox_wh`` ((0, 0): pseudo boxes must be wider and higher, in
+            the teacher's and in the student's view); PseCo's ``use_teacher_proposal`` (True), ``use_MSL``
             (True), ``PLA_iou_thres`` (0.4), ``PLA_candidate_topk`` (12),
             ``PLA_alpha`` (0.5: quality ``s^alpha * u^(1-alpha)``), ``PCV_mode``
             ("pseco": ``w = sigma^2`` and ``reg_scale``; "paper": ``w = sigma``),
@@ -455,12 +455,15 @@ class PseCoDetector(SemiBaseDetector):
                 rcnn_test_cfg=self.teacher.test_cfg.rcnn, rescale=False)
             probs, top_boxes = self._probs_and_top_boxes(res["cls_score"], res["bbox_pred"], rois_t)
 
-        # pseudo instances: score > initial threshold (teacher view), mapped into the student's view, size filter
+        # pseudo instances: score > initial threshold and the size filter in the teacher's view (as the
+        # official code), then mapped into the student's view and the size filter again there
         min_w, min_h = cfg.min_pseudo_bbox_wh
         pseudo = []
         for i, d in enumerate(dets):
-            d = d[d.scores > cfg.pseudo_label_initial_score_thr]
             b = get_box_tensor(d.bboxes).float()
+            keep = (d.scores > cfg.pseudo_label_initial_score_thr) & ((b[:, 2] - b[:, 0]) > min_w) & (
+                (b[:, 3] - b[:, 1]) > min_h)
+            d, b = d[keep], b[keep]
             b = project_boxes(b, mats_d[i].expand(b.shape[0], 3, 3), shapes_s_d[i].expand(b.shape[0], 2))
             keep = ((b[:, 2] - b[:, 0]) > min_w) & ((b[:, 3] - b[:, 1]) > min_h)
             pseudo.append(InstanceData(bboxes=b[keep], labels=d.labels[keep], scores=d.scores[keep].float()))
