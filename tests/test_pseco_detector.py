@@ -443,6 +443,24 @@ def test_unsup_roi_losses_match_independent_composition(focal, sampler_num, use_
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("pseudo_counts,empty_image", [((3, 0, 2), 1), ((0, 0), None)])
+def test_unsup_roi_losses_edge_cases(pseudo_counts, empty_image):
+    """An image without proposals, images without pseudo boxes, a batch without any."""
+    c = 4
+    model = build(detector(num_classes=c))
+    x1, x2, proposals, scores, boxes, pseudo, labels = roi_inputs(c, pseudo_counts=pseudo_counts)
+    if empty_image is not None:
+        for t in (proposals, scores, boxes):
+            t[empty_image] = t[empty_image][:0]
+    torch.manual_seed(0)
+    got = model.roi_losses(x1, x2, proposals, scores, boxes, pseudo, labels)
+    torch.manual_seed(0)
+    want = ref_roi_losses(model, x1, x2, proposals, scores, boxes, pseudo, labels)
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k].float(), rtol=2e-5, atol=1e-6, msg=k)
+    assert (want["pos_num"] > 0) == any(pseudo_counts)
+
+
 def test_zero_area_rois_are_never_positives():
     """The valid rule matters on these inputs: without it, zero-area RoIs become positives."""
     c = 4
