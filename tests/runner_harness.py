@@ -280,6 +280,8 @@ def train_with_hooks(config_path, hooks: Sequence = (), **overrides):
 
     cfg = Config.fromfile(str(config_path))
     cfg.merge_from_dict(overrides)
+    if cfg.get("visualizer") is not None:
+        cfg.visualizer.name = f"visualizer_{uuid.uuid4().hex}"  # as in train(): one visualizer per Runner
     runner = Runner.from_cfg(cfg)
     for hook in hooks:
         runner.register_hook(hook, priority="LOWEST")
