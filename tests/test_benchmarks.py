@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Every op (or composite loss) that has a benchmark script; the quick run covers each of them.
 EXPECTED_OPS = {"channel_max_spatial_softmax", "decode_max_iou", "masked_sq_dist", "masked_l1", "tbd_loss",
-                "prediction_guided_assign", "consistency_voting", "sigmoid_focal_loss"}
+                "prediction_guided_assign", "consistency_voting", "sigmoid_focal_loss", "pseco_unsup_roi_step"}
 
 
 def test_run_all_quick(tmp_path):

@@ -281,5 +281,5 @@ def test_report_lists_the_mmdet_registrations():
     # The modules the README says tbd_ops.mmdet registers.
     assert {"TBDLoss", "HarmonyDistillationLoss", "TaskDecoupledFeatureLoss", "TaskWeightGenerator",
             "TBDSingleStageDetector", "TBDTwoStageDetector", "FusedFocalLoss", "ScaleConsistencyLoss",
-            "ConsistencyVotingWeights"} <= set(models)
+            "ConsistencyVotingWeights", "PseCoDetector", "RoIFocalLoss"} <= set(models)
     assert "PredictionGuidedAssigner" in task_utils
