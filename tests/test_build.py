@@ -10,7 +10,8 @@ OPS = ["channel_max_spatial_softmax", "_channel_max_spatial_softmax_backward",
        "decode_max_iou", "_decode_max_iou_backward",
        "sigmoid_focal_loss", "_sigmoid_focal_loss_backward", "consistency_voting",
        "harmony_score", "_harmony_score_backward",
-       "harmony_distillation_loss", "_harmony_distillation_loss_backward"]
+       "harmony_distillation_loss", "_harmony_distillation_loss_backward",
+       "_device_values"]
 
 
 def test_version():

@@ -4,7 +4,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._utils import check_tensor
+from ._device_values import device_values
+from ._utils import acc_dtype, check_tensor
 
 _OP = "decode_max_iou"
 _CODERS = ("delta_xywh", "distance", "none")
@@ -55,12 +56,31 @@ def _is_pair_list(value) -> bool:
     )
 
 
+def _shapes_on_device(op: str, max_shape, n: int, ref: torch.Tensor) -> torch.Tensor:
+    """A list of N (h, w) -> [N, 2] on the device of ``ref`` in its accumulation dtype.
+
+    Checked on the host, then written by one small kernel that gets the values
+    as parameters: no host-to-device copy, no synchronization, capturable.
+    """
+    if len(max_shape) != n:
+        raise ValueError(f"{op}: max_shape must hold one (h, w) per image (N = {n}), got {len(max_shape)}")
+    flat = []
+    for i, hw in enumerate(max_shape):
+        vals = _as_floats(op, f"max_shape[{i}]", hw, None)
+        if len(vals) < 2:
+            raise ValueError(f"{op}: max_shape[{i}] must be (h, w), got {hw!r}")
+        if not all(math.isfinite(v) and v >= 0 for v in vals[:2]):
+            raise ValueError(f"{op}: max_shape must hold finite sizes >= 0, got max_shape[{i}] = {hw!r}")
+        flat += vals[:2]
+    return device_values(flat, ref, acc_dtype(ref.dtype)).view(n, 2)
+
+
 def _max_shape_args(op: str, max_shape, n: int, ref: torch.Tensor):
     """max_shape -> (one (h, w) as floats or None, per-image [N, 2] tensor or None).
 
     Per-image shapes stay on (or go to) the device of ``ref`` without a device
     synchronization: a tensor is passed as is (the kernels read it), a list is
-    checked on the host and copied asynchronously from pinned memory.
+    checked on the host and written to the device by a kernel (_shapes_on_device).
     """
     if max_shape is None:
         return None, None
@@ -74,22 +94,7 @@ def _max_shape_args(op: str, max_shape, n: int, ref: torch.Tensor):
         else:
             return None, max_shape  # [N, 2]: checked by the op
     elif _is_pair_list(max_shape):
-        if len(max_shape) != n:
-            raise ValueError(f"{op}: max_shape must hold one (h, w) per image (N = {n}), got {len(max_shape)}")
-        rows = []
-        for i, hw in enumerate(max_shape):
-            vals = _as_floats(op, f"max_shape[{i}]", hw, None)
-            if len(vals) < 2:
-                raise ValueError(f"{op}: max_shape[{i}] must be (h, w), got {hw!r}")
-            if not all(math.isfinite(v) and v >= 0 for v in vals[:2]):
-                raise ValueError(f"{op}: max_shape must hold finite sizes >= 0, got max_shape[{i}] = {hw!r}")
-            rows.append(vals[:2])
-        host = torch.tensor(rows, dtype=torch.float64).reshape(n, 2)
-        if ref.device.type == "cpu":
-            return None, host
-        if ref.device.type == "cuda" and not torch.compiler.is_compiling():
-            return None, host.pin_memory().to(ref.device, non_blocking=True)
-        return None, host.to(ref.device)
+        return None, _shapes_on_device(op, max_shape, n, ref)
     ms = _as_floats(op, "max_shape", max_shape, None)[:2]
     if len(ms) != 2:
         raise ValueError(f"{op}: max_shape must be (h, w), got {max_shape!r}")
@@ -138,6 +143,9 @@ def decode_max_iou(
     """
     if coder not in _CODERS:
         raise ValueError(f"{_OP}: coder must be one of {_CODERS}, got {coder!r}")
+    first = bbox_pred[0] if isinstance(bbox_pred, (list, tuple)) and len(bbox_pred) else bbox_pred
+    if _is_pair_list(max_shape) and isinstance(first, torch.Tensor) and first.dim() > 0:
+        max_shape = _shapes_on_device(_OP, max_shape, first.shape[0], first)  # once for every level
     if isinstance(bbox_pred, (list, tuple)):
         levels = len(bbox_pred)
         if priors is None:
@@ -216,6 +224,7 @@ def _setup_context(ctx, inputs, output):
     bbox_pred, priors, gt_bboxes, *params, max_shapes = inputs
     _, arg = output
     ctx.mark_non_differentiable(arg)
+    ctx.set_materialize_grads(False)  # no zero gradient made for arg
     ctx.save_for_backward(bbox_pred, priors, gt_bboxes, arg, max_shapes)
     ctx.params = params  # gt_counts, coder, means, stds, scale, max_shape, wh_ratio_clip
 
