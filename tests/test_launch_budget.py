@@ -370,8 +370,8 @@ def test_tbd_loss_forward_and_backward_capture_in_a_cuda_graph():
         captured = _step(loss, inp, student)
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(captured, eager):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)  # deterministic kernels: the same bits
+    for a, b in zip(captured, eager):  # cuDNN may pick a nondeterministic algorithm: to rounding
+        torch.testing.assert_close(a, b)
     # New inputs in the same buffers: the replay follows them.
     with torch.no_grad():
         for t in inp["student_cls_scores"]:
@@ -380,4 +380,4 @@ def test_tbd_loss_forward_and_backward_capture_in_a_cuda_graph():
     expected = _step(loss, inp, student)
     torch.cuda.synchronize()
     for a, b in zip(captured, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b)
