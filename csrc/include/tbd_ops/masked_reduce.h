@@ -5,7 +5,7 @@
 // CUDA kernels so that per-element results (s, the gradients) agree bit for bit.
 #pragma once
 
-#include "tbd_ops/macros.h"
+#include "tbd_ops/math.h"
 
 namespace tbd_ops {
 
@@ -14,14 +14,14 @@ enum class MaskedMode : int { kSqDist = 0, kL1 = 1 };
 // term(d): d * d or |d| (NaN stays NaN).
 template <MaskedMode M, typename A> TBD_HD A masked_term(A d) {
   if (M == MaskedMode::kSqDist) return d * d;
-  return d < A(0) ? -d : d;  // fabs without a libm call; |NaN| is NaN (the comparison is false)
+  return abs_val(d);
 }
 
 // d term / d d: 2 d, or sign(d) as autograd takes it for |d| (torch.sign:
 // sign(0) = 0, and sign(NaN) = 0 too).
 template <MaskedMode M, typename A> TBD_HD A masked_term_grad(A d) {
   if (M == MaskedMode::kSqDist) return A(2) * d;
-  return d > A(0) ? A(1) : (d < A(0) ? A(-1) : A(0));
+  return sign_val(d);
 }
 
 // Gradient of out with respect to a at one element: term'(a - b) * w, where
