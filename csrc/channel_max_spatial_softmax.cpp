@@ -7,20 +7,58 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
+#include <vector>
 
 #include "channel_max_spatial_softmax.h"
 
 namespace tbd_ops {
 
-void cmss_check(const at::Tensor& x, double temperature) {
+void cmss_check(const at::Tensor& x, double temperature, const char* name) {
   constexpr const char* op = "channel_max_spatial_softmax";
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be a 4-D tensor [N, K, H, W], got a ", x.dim(),
-                    "-D tensor of shape ", x.sizes());
-  check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(1) <= INT32_MAX, op,
-                    ": x must have between 1 and 2^31 - 1 channels, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": ", name, " must be a 4-D tensor [N, K, H, W], got a ",
+                    x.dim(), "-D tensor of shape ", x.sizes());
+  check_float(op, name, x);
+  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(1) <= INT32_MAX, op, ": ", name,
+                    " must have between 1 and 2^31 - 1 channels, got shape ", x.sizes());
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
                     ": temperature must be a finite number > 0, got ", temperature);
+}
+
+void cmss_levels_check(at::TensorList x, double temperature) {
+  constexpr const char* op = "channel_max_spatial_softmax";
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": temperature must be a finite number > 0, got ", temperature);
+  for (size_t l = 0; l < x.size(); ++l) {
+    const std::string name = "x[" + std::to_string(l) + "]";
+    cmss_check(x[l], temperature, name.c_str());
+    TORCH_CHECK_TYPE(x[l].scalar_type() == x[0].scalar_type(), op, ": ", name,
+                     " must have the dtype of x[0] (", x[0].scalar_type(), "), got ",
+                     x[l].scalar_type());
+    TORCH_CHECK_VALUE(x[l].device() == x[0].device(), op, ": ", name,
+                      " must be on the device of x[0] (", x[0].device(), "), got ", x[l].device());
+  }
+}
+
+void cmss_levels_backward_check(at::TensorList grad, at::TensorList log_p, at::TensorList argmax,
+                                at::IntArrayRef channels, double temperature,
+                                const c10::List<bool>& channels_last) {
+  constexpr const char* op = "_channel_max_spatial_softmax_backward";
+  const size_t L = grad.size();
+  TORCH_CHECK_VALUE(log_p.size() == L && argmax.size() == L && channels.size() == L &&
+                        channels_last.size() == L,
+                    op, ": grad, log_p, argmax, channels and channels_last must have one entry per "
+                    "level, got ", L, ", ", log_p.size(), ", ", argmax.size(), ", ",
+                    channels.size(), " and ", channels_last.size());
+  for (size_t l = 0; l < L; ++l) {
+    cmss_backward_check(grad[l], log_p[l], argmax[l], channels[l], temperature);
+    TORCH_CHECK_TYPE(grad[l].scalar_type() == grad[0].scalar_type(), op, ": grad[", l,
+                     "] must have the dtype of grad[0] (", grad[0].scalar_type(), "), got ",
+                     grad[l].scalar_type());
+    TORCH_CHECK_VALUE(grad[l].device() == grad[0].device(), op, ": grad[", l,
+                      "] must be on the device of grad[0] (", grad[0].device(), "), got ",
+                      grad[l].device());
+  }
 }
 
 void cmss_backward_check(const at::Tensor& grad, const at::Tensor& log_p,
@@ -58,6 +96,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_autocast(const at::Tensor& x
   return op.call(x, temperature, scale_by_hw);
 }
 
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+cmss_levels_autocast(at::TensorList x, double temperature, bool scale_by_hw) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow(TBD_OPS_LIB_NAME "::channel_max_spatial_softmax_levels", "")
+                       .typed<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                         std::vector<at::Tensor>>(at::TensorList, double, bool)>();
+  return op.call(x, temperature, scale_by_hw);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
@@ -67,14 +115,23 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
       "_channel_max_spatial_softmax_backward(Tensor grad, Tensor log_p, Tensor argmax,"
       " int channels, float temperature, bool scale_by_hw, bool channels_last) -> Tensor");
+  // Every level of a list in one call (one launch sequence on CUDA).
+  m.def(
+      "channel_max_spatial_softmax_levels(Tensor[] x, float temperature=1.0, bool scale_by_hw=False)"
+      " -> (Tensor[] out, Tensor[] log_p, Tensor[] argmax)");
+  m.def(
+      "_channel_max_spatial_softmax_levels_backward(Tensor[] grad, Tensor[] log_p, Tensor[] argmax,"
+      " int[] channels, float temperature, bool scale_by_hw, bool[] channels_last) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
   m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_autocast));
+  m.impl("channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_autocast));
 }
 
 TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
   m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_autocast));
+  m.impl("channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_autocast));
 }
 
 }  // namespace tbd_ops

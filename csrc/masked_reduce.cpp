@@ -7,6 +7,9 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
 #include "masked_reduce.h"
 
 namespace tbd_ops {
@@ -51,6 +54,45 @@ void masked_reduce_backward_check(const char* op, const at::Tensor& grad, const 
                     a.device(), "), got ", grad.device());
 }
 
+void masked_reduce_levels_check(const char* op, at::TensorList a, at::TensorList b,
+                                at::TensorList masks) {
+  TORCH_CHECK_VALUE(a.size() == b.size() && a.size() == masks.size(), op,
+                    ": a, b and masks must have one entry per level, got ", a.size(), ", ",
+                    b.size(), " and ", masks.size(), " levels");
+  for (size_t l = 0; l < a.size(); ++l) {
+    masked_reduce_check(op, a[l], b[l], masks[l]);
+    TORCH_CHECK_TYPE(a[l].scalar_type() == a[0].scalar_type(), op, ": a[", l,
+                     "] must have the dtype of a[0] (", a[0].scalar_type(), "), got ",
+                     a[l].scalar_type());
+    TORCH_CHECK_VALUE(a[l].device() == a[0].device(), op, ": a[", l,
+                      "] must be on the device of a[0] (", a[0].device(), "), got ", a[l].device());
+  }
+}
+
+void masked_reduce_levels_backward_check(const char* op, at::TensorList grad, at::TensorList a,
+                                         at::TensorList b, at::TensorList masks,
+                                         at::TensorList term, bool want_masks) {
+  masked_reduce_levels_check(op, a, b, masks);
+  TORCH_CHECK_VALUE(grad.size() == a.size(), op, ": grad must have one entry per level (",
+                    a.size(), "), got ", grad.size());
+  TORCH_CHECK_VALUE(!want_masks || term.size() == a.size(), op,
+                    ": term must have one entry per level (", a.size(),
+                    ") when the gradient of masks is asked for, got ", term.size());
+  for (size_t l = 0; l < a.size(); ++l) {
+    masked_reduce_backward_check(op, grad[l], a[l], b[l], masks[l]);
+    if (!want_masks) continue;
+    const at::Tensor& t = term[l];
+    TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == a[l].size(0) && t.size(1) == a[l].size(2) &&
+                          t.size(2) == a[l].size(3),
+                      op, ": term[", l, "] must be [N, H, W] = [", a[l].size(0), ", ", a[l].size(2),
+                      ", ", a[l].size(3), "], got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == acc_dtype(a[l].scalar_type()), op, ": term[", l,
+                     "] must be ", acc_dtype(a[l].scalar_type()), ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == a[l].device(), op, ": term[", l,
+                      "] must be on the device of a (", a[l].device(), "), got ", t.device());
+  }
+}
+
 namespace {
 
 // ---- autocast: the kernels read 16-bit inputs directly and accumulate in
@@ -73,8 +115,41 @@ at::Tensor masked_autocast(const at::Tensor& a, const at::Tensor& b, const at::T
   return op.call(a.to(t), b.to(t), masks.to(t));
 }
 
+template <const char* kName>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> masked_levels_autocast(
+    at::TensorList a, at::TensorList b, at::TensorList masks) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow(kName, "")
+                       .typed<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
+                           at::TensorList, at::TensorList, at::TensorList)>();
+  bool all_float = true, mixed = false;
+  at::ScalarType common = at::ScalarType::Undefined;
+  for (at::TensorList list : {a, b, masks}) {
+    for (const at::Tensor& t : list) {
+      if (!at::isFloatingType(t.scalar_type())) {
+        all_float = false;
+      } else if (common == at::ScalarType::Undefined) {
+        common = t.scalar_type();
+      } else if (t.scalar_type() != common) {
+        mixed = true;
+        common = at::promoteTypes(common, t.scalar_type());
+      }
+    }
+  }
+  if (!all_float || !mixed) return op.call(a, b, masks);
+  auto cast = [&](at::TensorList list) {
+    std::vector<at::Tensor> out;
+    for (const at::Tensor& t : list) out.push_back(t.to(common));
+    return out;
+  };
+  return op.call(cast(a), cast(b), cast(masks));
+}
+
 constexpr char kSqDistName[] = TBD_OPS_LIB_NAME "::masked_sq_dist";
 constexpr char kL1Name[] = TBD_OPS_LIB_NAME "::masked_l1";
+constexpr char kSqDistLevelsName[] = TBD_OPS_LIB_NAME "::masked_sq_dist_levels";
+constexpr char kL1LevelsName[] = TBD_OPS_LIB_NAME "::masked_l1_levels";
 
 }  // namespace
 
@@ -87,16 +162,30 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
       "_masked_l1_backward(Tensor grad, Tensor a, Tensor b, Tensor masks, bool[3] output_mask)"
       " -> (Tensor grad_a, Tensor grad_b, Tensor grad_masks)");
+  // Every level of a list in one call (one launch sequence on CUDA). term: the per-location
+  // s[n, h, w] = sum_c term(a - b), which the backward reads for the gradient of masks.
+#define TBD_MASKED_LEVELS(name)                                                                 \
+  m.def(name "_levels(Tensor[] a, Tensor[] b, Tensor[] masks) -> (Tensor[] out, Tensor[] term)"); \
+  m.def("_" name                                                                                \
+        "_levels_backward(Tensor[] grad, Tensor[] a, Tensor[] b, Tensor[] masks, Tensor[] term,"   \
+        " bool[3] output_mask) -> (Tensor[] grad_a, Tensor[] grad_b, Tensor[] grad_masks)")
+  TBD_MASKED_LEVELS("masked_sq_dist");
+  TBD_MASKED_LEVELS("masked_l1");
+#undef TBD_MASKED_LEVELS
 }
 
 TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
   m.impl("masked_sq_dist", TORCH_FN(masked_autocast<kSqDistName>));
   m.impl("masked_l1", TORCH_FN(masked_autocast<kL1Name>));
+  m.impl("masked_sq_dist_levels", TORCH_FN(masked_levels_autocast<kSqDistLevelsName>));
+  m.impl("masked_l1_levels", TORCH_FN(masked_levels_autocast<kL1LevelsName>));
 }
 
 TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
   m.impl("masked_sq_dist", TORCH_FN(masked_autocast<kSqDistName>));
   m.impl("masked_l1", TORCH_FN(masked_autocast<kL1Name>));
+  m.impl("masked_sq_dist_levels", TORCH_FN(masked_levels_autocast<kSqDistLevelsName>));
+  m.impl("masked_l1_levels", TORCH_FN(masked_levels_autocast<kL1LevelsName>));
 }
 
 }  // namespace tbd_ops

@@ -5,6 +5,7 @@
 // torch.ops.tbd_ops calls there. Never installed.
 #include <Python.h>
 
+#include "../../cuda/channel_max_spatial_softmax.h"
 #include "../../cuda/emu/simt.h"
 
 namespace {
@@ -52,7 +53,22 @@ PyObject* set_grid_yz_limit(PyObject*, PyObject* args) {
   return PyLong_FromUnsignedLong(tbd_emu::grid_yz_limit());
 }
 
+PyObject* set_channel_split_policy(PyObject*, PyObject* args) {
+  int policy = 0;
+  if (!PyArg_ParseTuple(args, "i", &policy)) return nullptr;
+  if (policy < 0 || policy > 2) {
+    PyErr_Format(PyExc_ValueError, "policy must be 0 (rule), 1 (serial) or 2 (split), got %d", policy);
+    return nullptr;
+  }
+  return PyLong_FromLong(tbd_ops::cuda::set_channel_split_policy(policy));
+}
+
 PyMethodDef methods[] = {
+    {"set_channel_split_policy", set_channel_split_policy, METH_VARARGS,
+     "set_channel_split_policy(p): how the kernels of p_c and the masked reductions spread a "
+     "location's channels over threads: 0 by the rule on the launch's location count, 1 one "
+     "thread per location, 2 split (channels_last always splits over lanes); returns the "
+     "previous policy."},
     {"op_counts", op_counts, METH_NOARGS,
      "op_counts(): {name: count} of the device operations since the last reset: kernel launches "
      "by kernel name, 'memset' and 'sort_pairs' (the stream operations of cuda/backend.cuh)."},

@@ -33,3 +33,8 @@ def image_list(op: str, name: str, value, n: Optional[int]) -> List[torch.Tensor
 def cat_images(parts: List[torch.Tensor]) -> torch.Tensor:
     """The rows of every image, concatenated (no copy for a single image)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def same_dtype_and_device(tensors) -> bool:
+    """Whether the tensors share one dtype and one device (a list of levels one call can take)."""
+    return all(t.dtype == tensors[0].dtype and t.device == tensors[0].device for t in tensors)

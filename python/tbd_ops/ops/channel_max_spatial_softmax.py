@@ -3,7 +3,7 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import acc_dtype, check_tensor, is_channels_last
+from ._utils import acc_dtype, check_tensor, is_channels_last, same_dtype_and_device
 
 _OP = "channel_max_spatial_softmax"
 
@@ -25,9 +25,19 @@ def channel_max_spatial_softmax(
     Returns:
         ``[N, H, W]`` in the dtype of ``x`` (a list for list input). Only the
         argmax channel of each location receives gradient.
+
+    The levels of a list (of one dtype and device) are computed by one call,
+    on CUDA in the same kernel launches.
     """
     if isinstance(x, (list, tuple)):
-        return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for t in x]
+        for i, t in enumerate(x):
+            check_tensor(_OP, f"x[{i}]", t)
+        if not x:
+            return []
+        if not same_dtype_and_device(x):
+            return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for t in x]
+        return list(torch.ops.tbd_ops.channel_max_spatial_softmax_levels.default(
+            list(x), float(temperature), bool(scale_by_hw))[0])
     check_tensor(_OP, "x", x)
     return torch.ops.tbd_ops.channel_max_spatial_softmax.default(x, float(temperature), bool(scale_by_hw))[0]
 
@@ -42,6 +52,12 @@ def _fake(x, temperature=1.0, scale_by_hw=False):
         x.new_empty((n, h, w), dtype=acc_dtype(x.dtype)),
         x.new_empty((n, h, w), dtype=torch.long),
     )
+
+
+@torch.library.register_fake("tbd_ops::channel_max_spatial_softmax_levels")
+def _fake_levels(x, temperature=1.0, scale_by_hw=False):
+    outs = [_fake(t, temperature, scale_by_hw) for t in x]
+    return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
 
 
 @torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_backward")
@@ -74,3 +90,45 @@ def _backward(ctx, grad_out, _grad_log_p, _grad_argmax):
 
 
 torch.library.register_autograd("tbd_ops::channel_max_spatial_softmax", _backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_levels_backward")
+def _fake_backward_levels(grad, log_p, argmax, channels, temperature, scale_by_hw, channels_last):
+    return [_fake_backward(g, lp, am, k, temperature, scale_by_hw, cl)
+            for g, lp, am, k, cl in zip(grad, log_p, argmax, channels, channels_last)]
+
+
+def _setup_context_levels(ctx, inputs, output):
+    x, temperature, scale_by_hw = inputs
+    _, log_p, argmax = output
+    ctx.mark_non_differentiable(*log_p, *argmax)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*log_p, *argmax)
+    ctx.levels = len(x)
+    ctx.channels = [t.shape[1] for t in x]
+    ctx.temperature = temperature
+    ctx.scale_by_hw = scale_by_hw
+    ctx.channels_last = [is_channels_last(t) for t in x]
+
+
+def _backward_levels(ctx, grad_out, _grad_log_p, _grad_argmax):
+    L = ctx.levels
+    need = ctx.needs_input_grad[0]
+    need = list(need) if isinstance(need, (list, tuple)) else [need] * L
+    scalars = (None,) * (len(ctx.needs_input_grad) - 1)
+    # The levels with an incoming gradient whose input needs one, in one call.
+    todo = [l for l in range(L) if grad_out is not None and grad_out[l] is not None and need[l]]
+    dx = [None] * L
+    if todo:
+        saved = ctx.saved_tensors
+        got = torch.ops.tbd_ops._channel_max_spatial_softmax_levels_backward.default(
+            [grad_out[l] for l in todo], [saved[l] for l in todo], [saved[L + l] for l in todo],
+            [ctx.channels[l] for l in todo], ctx.temperature, ctx.scale_by_hw,
+            [ctx.channels_last[l] for l in todo])
+        for l, g in zip(todo, got):
+            dx[l] = g
+    return (dx,) + scalars
+
+
+torch.library.register_autograd("tbd_ops::channel_max_spatial_softmax_levels", _backward_levels,
+                                setup_context=_setup_context_levels)
