@@ -3,8 +3,6 @@
 // Kernels: csrc/cpu/masked_reduce.cpp, cuda/masked_reduce.cu; fake kernels and
 // autograd: python/tbd_ops/ops/masked_reduce.py.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "masked_reduce.h"
@@ -28,15 +26,10 @@ void masked_reduce_check(const char* op, const at::Tensor& a, const at::Tensor& 
                         masks.size(3) == a.size(3),
                     op, ": masks must be [N, K, H, W] = [", a.size(0), ", K, ", a.size(2), ", ",
                     a.size(3), "] (N, H, W of a), got ", masks.sizes());
-  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), op,
-                   ": b must have the dtype of a (", a.scalar_type(), "), got ", b.scalar_type());
-  TORCH_CHECK_TYPE(masks.scalar_type() == a.scalar_type(), op,
-                   ": masks must have the dtype of a (", a.scalar_type(), "), got ",
-                   masks.scalar_type(), "; convert masks with .to(a.dtype)");
-  TORCH_CHECK_VALUE(b.device() == a.device(), op, ": b must be on the device of a (", a.device(),
-                    "), got ", b.device());
-  TORCH_CHECK_VALUE(masks.device() == a.device(), op, ": masks must be on the device of a (",
-                    a.device(), "), got ", masks.device());
+  check_same_dtype(op, "b", b, "a", a);
+  check_same_dtype(op, "masks", masks, "a", a);
+  check_same_device(op, "b", b, "a", a);
+  check_same_device(op, "masks", masks, "a", a);
 }
 
 void masked_reduce_backward_check(const char* op, const at::Tensor& grad, const at::Tensor& a,
@@ -45,10 +38,8 @@ void masked_reduce_backward_check(const char* op, const at::Tensor& grad, const 
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == a.size(0) && grad.size(1) == masks.size(1),
                     op, ": grad must be [N, K] = [", a.size(0), ", ", masks.size(1), "], got ",
                     grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == acc_dtype(a.scalar_type()), op, ": grad must be ",
-                   acc_dtype(a.scalar_type()), ", got ", grad.scalar_type());
-  TORCH_CHECK_VALUE(grad.device() == a.device(), op, ": grad must be on the device of a (",
-                    a.device(), "), got ", grad.device());
+  check_dtype(op, "grad", grad, acc_dtype(a.scalar_type()));
+  check_same_device(op, "grad", grad, "a", a);
 }
 
 namespace {
@@ -58,19 +49,10 @@ namespace {
 // policy), everything else is left as it is.
 template <const char* kName>
 at::Tensor masked_autocast(const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(kName, "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  const bool all_float = at::isFloatingType(a.scalar_type()) &&
-                         at::isFloatingType(b.scalar_type()) &&
-                         at::isFloatingType(masks.scalar_type());
-  if (!all_float || (a.scalar_type() == b.scalar_type() && a.scalar_type() == masks.scalar_type())) {
-    return op.call(a, b, masks);
-  }
-  const auto t = at::promoteTypes(at::promoteTypes(a.scalar_type(), b.scalar_type()),
-                                  masks.scalar_type());
-  return op.call(a.to(t), b.to(t), masks.to(t));
+  const AutocastOff off;
+  static auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(kName);
+  const auto t = promote_dtype(a, b, masks);
+  return t ? op.call(a.to(*t), b.to(*t), masks.to(*t)) : op.call(a, b, masks);
 }
 
 constexpr char kSqDistName[] = TBD_OPS_LIB_NAME "::masked_sq_dist";
