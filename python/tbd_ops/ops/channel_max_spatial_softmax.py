@@ -3,15 +3,16 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import acc_dtype, check_tensor, is_channels_last
+from ._utils import acc_dtype, check_tensor, input_grads, is_channels_last, levels, schema_defaults
 
 _OP = "channel_max_spatial_softmax"
+DEFAULTS = schema_defaults(_OP)  # temperature, scale_by_hw
 
 
 def channel_max_spatial_softmax(
     x: Union[torch.Tensor, Sequence[torch.Tensor]],
-    temperature: float = 1.0,
-    scale_by_hw: bool = False,
+    temperature: float = DEFAULTS["temperature"],
+    scale_by_hw: bool = DEFAULTS["scale_by_hw"],
 ) -> Union[torch.Tensor, List[torch.Tensor]]:
     """p_c of the TBD paper: ``softmax_{h,w}(max_k x[n, k, h, w] / T)``.
 
@@ -26,14 +27,15 @@ def channel_max_spatial_softmax(
         ``[N, H, W]`` in the dtype of ``x`` (a list for list input). Only the
         argmax channel of each location receives gradient.
     """
-    if isinstance(x, (list, tuple)):
-        return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for t in x]
+    per_level, is_list = levels(_OP, ("x",), x)
+    if is_list:
+        return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for (t,) in per_level]
     check_tensor(_OP, "x", x)
     return torch.ops.tbd_ops.channel_max_spatial_softmax.default(x, float(temperature), bool(scale_by_hw))[0]
 
 
 @torch.library.register_fake("tbd_ops::channel_max_spatial_softmax")
-def _fake(x, temperature=1.0, scale_by_hw=False):
+def _fake(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by_hw"]):
     torch._check(x.dim() == 4, lambda: f"{_OP}: x must be a 4-D tensor [N, K, H, W], got {x.dim()}-D")
     torch._check(x.shape[1] >= 1, lambda: f"{_OP}: x must have at least one channel, got shape {tuple(x.shape)}")
     n, _, h, w = x.shape
@@ -64,12 +66,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_log_p, _grad_argmax):
     if grad_out is None or not ctx.needs_input_grad[0]:
-        return None, None, None
+        return input_grads(ctx, {})
     log_p, argmax = ctx.saved_tensors
     dx = torch.ops.tbd_ops._channel_max_spatial_softmax_backward.default(
         grad_out, log_p, argmax, ctx.channels, ctx.temperature, ctx.scale_by_hw, ctx.channels_last
     )
-    return dx, None, None
+    return input_grads(ctx, {0: dx})
 
 
 torch.library.register_autograd("tbd_ops::channel_max_spatial_softmax", _backward, setup_context=_setup_context)

@@ -3,21 +3,15 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import acc_dtype, check_tensor
+from ._utils import acc_dtype, check_tensor, input_grads, levels
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def _apply(name: str, a: Levels, b: Levels, masks: Levels):
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)) or isinstance(masks, (list, tuple)):
-        for arg, value in (("a", a), ("b", b), ("masks", masks)):
-            if not isinstance(value, (list, tuple)):
-                raise TypeError(f"{name}: a, b and masks must all be tensors or all be lists of levels; "
-                                f"{arg} is a {type(value).__name__}")
-        if not len(a) == len(b) == len(masks):
-            raise ValueError(f"{name}: a, b and masks must have one entry per level, got "
-                             f"{len(a)}, {len(b)} and {len(masks)} levels")
-        return [_apply(name, x, y, m) for x, y, m in zip(a, b, masks)]
+    per_level, is_list = levels(name, ("a", "b", "masks"), a, b, masks)
+    if is_list:
+        return [_apply(name, x, y, m) for x, y, m in per_level]
     check_tensor(name, "a", a)
     check_tensor(name, "b", b)
     check_tensor(name, "masks", masks)
@@ -83,10 +77,10 @@ def _register(name: str) -> None:
         need = ctx.needs_input_grad
         mask = [bool(need[0]), bool(need[1]), bool(need[2])]
         if grad is None or not any(mask):
-            return None, None, None
+            return input_grads(ctx, {})
         a, b, masks = ctx.saved_tensors
         ga, gb, gm = backward_op(grad, a, b, masks, mask)
-        return (ga if mask[0] else None, gb if mask[1] else None, gm if mask[2] else None)
+        return input_grads(ctx, {0: ga, 1: gb, 2: gm})
 
     torch.library.register_autograd(f"tbd_ops::{name}", _backward, setup_context=_setup_context)
 
