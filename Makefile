@@ -15,6 +15,12 @@ DEV_DEPS    ?= numpy pytest hypothesis expecttest matplotlib ninja setuptools wh
 BUILD_DIR   ?= build/cpp
 MAX_JOBS    ?= 2
 export MAX_JOBS
+# CUDA architectures of make's builds (and what the tests expect): the local GPU's, else sm_90 (CI's).
+# `pip install .` keeps setup.py's full default list.
+ifeq ($(origin TBD_OPS_CUDA_ARCHS),undefined)
+TBD_OPS_CUDA_ARCHS := $(or $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '. '),90)
+endif
+export TBD_OPS_CUDA_ARCHS
 
 ifeq ($(USE_SYSTEM_PYTHON),1)
 PY := $(PYTHON)

@@ -42,13 +42,33 @@ def nvcc_version(cuda_home):
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def arch_flags():
+def cuda_archs():
+    """(SASS, PTX): the compute capabilities compiled to machine code, and to PTX (the newest)."""
     raw = os.environ.get("TBD_OPS_CUDA_ARCHS", DEFAULT_ARCHS)
     archs = sorted({a.strip().replace(".", "").replace("sm_", "") for a in re.split(r"[;, ]+", raw) if a.strip()}, key=int)
     if not archs or not all(a.isdigit() for a in archs):
         raise SystemExit(f"TBD_OPS_CUDA_ARCHS must list compute capabilities like '80;90', got {raw!r}")
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    return archs, archs[-1:]
+
+
+def arch_flags(sass, ptx):
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in sass]
+    flags += [f"-gencode=arch=compute_{a},code=compute_{a}" for a in ptx]
+    return flags
+
+
+def build_fact_flags(torch_version, debug, cuda_version, sass, ptx):
+    """-D flags for csrc/module.cpp, which reports them (tbd_ops._C.torch_version() etc.).
+
+    The torch version travels as one preprocessor token (stringified there), so that
+    no quoting depends on the shell that runs the compiler.
+    """
+    if not re.fullmatch(r"[0-9][0-9A-Za-z.+_]*", torch_version):
+        raise SystemExit(f"tbd_ops: unexpected characters in torch.__version__ {torch_version!r}")
+    flags = [f"-DTBD_OPS_BUILD_TORCH_VERSION={torch_version}", f"-DTBD_OPS_BUILD_DEBUG={int(debug)}"]
+    if cuda_version is not None:
+        flags += [f"-DTBD_OPS_BUILD_CUDA_MAJOR={cuda_version[0]}", f"-DTBD_OPS_BUILD_CUDA_MINOR={cuda_version[1]}",
+                  f"-DTBD_OPS_BUILD_SASS_ARCHS={','.join(sass)}", f"-DTBD_OPS_BUILD_PTX_ARCHS={','.join(ptx)}"]
     return flags
 
 
@@ -65,10 +85,13 @@ def build_extension():
         if mode == "on":
             raise SystemExit("TBD_OPS_CUDA=1 but the installed torch has no CUDA support")
         with_cuda = False
+    nv = None
     if with_cuda:
         nv = nvcc_version(cuda_home)
+        if nv is None:
+            raise SystemExit(f"could not read the release of {cuda_home}/bin/nvcc (nvcc --version)")
         torch_major = int(torch.version.cuda.split(".")[0])
-        if nv is not None and nv[0] != torch_major:
+        if nv[0] != torch_major:
             raise SystemExit(
                 f"nvcc is CUDA {nv[0]}.{nv[1]} but torch was built with CUDA {torch.version.cuda}; "
                 "install a matching toolkit or set TBD_OPS_CUDA=0"
@@ -83,15 +106,23 @@ def build_extension():
     # the emulated CUDA kernels and the GPU agree bit for bit on per-element results.
     extra = {"cxx": opt + ["-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]}
     define_macros = []
+    sass, ptx = cuda_archs() if with_cuda else ([], [])
+    # Build facts for csrc/module.cpp, on the host compiler's command line only
+    # (nvcc would split the comma-separated lists into several -D definitions).
+    extra["cxx"] += build_fact_flags(torch.__version__, debug, nv, sass, ptx)
     if with_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*.cu"))
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*_glue.cpp"))
         extra["cxx"].append("-DTBD_OPS_WITH_CUDA")
-        extra["nvcc"] = opt + ["-lineinfo", "-fmad=false", "-DTBD_OPS_WITH_CUDA"] + arch_flags()
+        extra["nvcc"] = opt + ["-lineinfo", "-fmad=false", "-DTBD_OPS_WITH_CUDA"] + arch_flags(sass, ptx)
         ext = cpp_extension.CUDAExtension
     else:
         ext = cpp_extension.CppExtension
-    print(f"tbd_ops: building {'with CUDA kernels' if with_cuda else 'CPU-only'}")
+    if with_cuda:
+        print(f"tbd_ops: building with CUDA kernels (nvcc {nv[0]}.{nv[1]}; SASS {' '.join('sm_' + a for a in sass)}; "
+              f"PTX {' '.join('compute_' + a for a in ptx)}) against torch {torch.__version__}")
+    else:
+        print(f"tbd_ops: building CPU-only against torch {torch.__version__}")
     return ext(
         name="tbd_ops._C",
         sources=sources,

@@ -6,6 +6,10 @@ kernel instantiation: block size, registers per thread, static shared memory,
 stack frame (local memory), spill stores/loads, and the theoretical occupancy
 on an H100 (the rules of CUDA's cuda_occupancy.h for compute capability 9.0).
 
+Then, per op of the TBD loss and per kernel, the launches and the minimum vs actual bytes
+of global memory per call at RetinaNet batch 2 and 16 (benchmarks/traffic_model.py, a model
+from the shapes; its formulas are in that file's docstring).
+
 The block size is the kernel's __launch_bounds__ as the compiler evaluated it
 (PTX .maxntid, so constants, template parameters and library policies all
 resolve), or 256 for a kernel without one (marked *). Occupancy counts static
@@ -27,6 +31,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import traffic_model  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = "sm_90"
@@ -241,6 +248,8 @@ def main(argv=None):
         print("Spills: YES, registers spill to local memory in " + "; ".join(spilled))
     else:
         print(f"Spills: none ({len(rows)} kernels, no spill stores or loads)")
+    print()
+    print("\n".join(traffic_model.report_lines()))
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             cols = ["file", "kernel", "block", "regs", "smem", "stack", "spill_st", "spill_ld",

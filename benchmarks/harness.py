@@ -234,32 +234,78 @@ def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
+def summary(rows: List[Dict[str, Any]]) -> Tuple[List[str], Dict[Tuple[str, str], Dict[str, float]]]:
+    """The speed-up of tbd_ops per case and mode: ``(cases, {(case, mode): {"eager": x, "compile": y}})``,
+    x = eager's median / tbd_ops' median (likewise y for torch.compile); cases in row order, named
+    ``"<label> <case> <dtype>"``; a provider that did not run is left out."""
+    cases = list(dict.fromkeys(f"{r['label']} {r['case']} {r['dtype']}" for r in rows))
+    ms = {(f"{r['label']} {r['case']} {r['dtype']}", r["mode"], r["provider"]): float(r["median_ms"])
+          for r in rows if r["status"] == "ok" and r.get("median_ms") not in (None, "")}
+    out: Dict[Tuple[str, str], Dict[str, float]] = {}
+    for (case, mode, prov), t in ms.items():
+        ours = ms.get((case, mode, "tbd_ops"))
+        if prov != "tbd_ops" and ours:
+            out.setdefault((case, mode), {})[prov] = t / ours
+    return cases, out
+
+
 def write_plot(rows: List[Dict[str, Any]], path: Path) -> str:
-    """One panel per (op, mode): speedup of tbd_ops and compile over eager per case (log scale)."""
+    """One summary figure: per case (a row, grouped by op) and mode (a column), the speed-up of
+    tbd_ops over eager PyTorch and over torch.compile, log scale (right of 1: tbd_ops is faster)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401
     except ImportError:
         return "matplotlib not installed: no PNG"
-    panels = list(dict.fromkeys((r["label"], r["mode"]) for r in rows))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), squeeze=False)
-    for ax, (label, mode) in zip(axes[:, 0], panels):
-        sel = [r for r in rows if (r["label"], r["mode"]) == (label, mode)]
-        cases = list(dict.fromkeys(r["case"] + " " + r["dtype"] for r in sel))
-        for k, (prov, color) in enumerate((("tbd_ops", "#d62728"), ("compile", "#1f77b4"))):
-            pts = [(cases.index(r["case"] + " " + r["dtype"]) + (k - 0.5) * 0.4, r["speedup_vs_eager"])
-                   for r in sel if r["provider"] == prov and r.get("speedup_vs_eager")]
+    cases, speed = summary(rows)
+    modes = [m for m in MODES if any(k[1] == m for k in speed)] or [MODES[0]]
+    values = [v for d in speed.values() for v in d.values()]
+    lo, hi = (min(values + [1.0]), max(values + [1.0])) if values else (0.5, 2.0)
+    lo, hi = lo / 1.6, hi * 1.6
+    height = 1.2 + 0.26 * len(cases)
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes) + 3.2, height), sharey=True, squeeze=False)
+    y = {c: len(cases) - 1 - i for i, c in enumerate(cases)}
+    bar = 0.38
+    for ax, mode in zip(axes[0], modes):
+        for k, (prov, color, label) in enumerate((("eager", "#d62728", "vs eager"),
+                                                   ("compile", "#1f77b4", "vs torch.compile"))):
+            pts = [(y[c] + (0.5 - k) * bar, speed[(c, mode)][prov]) for c in cases
+                   if prov in speed.get((c, mode), {})]
             if pts:
-                ax.bar(*zip(*pts), 0.4, color=color, label=prov)
-        ax.axhline(1.0, color="grey", ls="--", lw=1), ax.set_yscale("log")
-        ax.set_title(f"{label} {mode}: speedup over eager", fontsize=9)
-        ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=7)
-        ax.legend(fontsize=7)
+                ys, xs = zip(*pts)
+                # Bars grow from 1 (no speed-up) to the value, on a log axis.
+                ax.barh(ys, [x - 1 for x in xs], bar, left=1, color=color, label=label)
+                for yy, xx in pts:
+                    ax.text(xx * (1.05 if xx >= 1 else 0.95), yy, f"{xx:.0f}x" if xx >= 10 else f"{xx:.2g}x",
+                            va="center",
+                            ha="left" if xx >= 1 else "right", fontsize=6)
+        ax.axvline(1.0, color="grey", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.set_xlabel("speed-up of tbd_ops (log scale)", fontsize=8)
+        ax.set_title(mode, fontsize=10)
+        ax.grid(axis="x", which="both", lw=0.3, alpha=0.5)
+        # Separators between ops.
+        ops = [c.split(" ", 1)[0] for c in cases]
+        for i in range(1, len(cases)):
+            if ops[i] != ops[i - 1]:
+                ax.axhline(len(cases) - i - 0.5, color="black", lw=0.6)
+    axes[0][0].set_yticks(range(len(cases)), list(reversed(cases)), fontsize=7)
+    axes[0][0].set_ylim(-0.6, len(cases) - 0.4)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        if not handles:
+            handles, labels = ax.get_legend_handles_labels()
     r0 = rows[0]
-    fig.suptitle(f"{r0['device']}, torch {r0['torch']}, commit {r0['commit']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.suptitle(f"tbd_ops speed-up (median time of the other / tbd_ops'): {r0['device']}, torch {r0['torch']}, "
+                 f"commit {r0['commit']}", fontsize=9)
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=2)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"wrote {path}"
 

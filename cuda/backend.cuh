@@ -3,7 +3,9 @@
 // compiler (the test-only emulated build) they run on the SIMT emulator in
 // cuda/emu. This header gives both builds the same names for:
 //   - launching: launch_kernel(kernel, grid, block, smem_bytes, stream, args...)
-//     checks the launch itself and throws std::runtime_error on failure;
+//     checks the launch itself and throws std::runtime_error on failure, after
+//     clearing the runtime's error state (cudaGetLastError), so that the
+//     failure is not reported again by the next unrelated CUDA call;
 //   - dynamic shared memory: dynamic_smem<T>();
 //   - static shared arrays: SharedArray<T, N> (bounds-checked and refilled with
 //     a poison pattern for every block under emulation);
@@ -64,6 +66,7 @@ inline int64_t max_grid_yz() { return 65535; }
 
 inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // reported here, not again by the next CUDA call
     throw std::runtime_error(std::string("tbd_ops: ") + what + " failed: " + cudaGetErrorString(err));
   }
 }
@@ -95,7 +98,12 @@ void launch_kernel_at(const char* name, const char* file, int line, void (*kerne
   cfg.stream = stream;
   // The error of this launch, not a stale one from earlier work.
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
-  if (err != cudaSuccess) launch_failed(name, file, line, err);
+  if (err != cudaSuccess) {
+    // A launch error is also left in the runtime's last-error state: clear it,
+    // or PyTorch's check after its next kernel reports it against that kernel.
+    (void)cudaGetLastError();
+    launch_failed(name, file, line, err);
+  }
 }
 }  // namespace detail
 
@@ -129,9 +137,10 @@ template <typename T, int N> struct SharedArray {
   T data[N];
   uint64_t epoch;
   T& operator[](int64_t i) {
-    if (epoch != ::tbd_emu::block_epoch()) {  // first touch in this block: poison
+    if (epoch != ::tbd_emu::block_epoch()) {  // first touch in this block: poison, count
       std::memset(static_cast<void*>(data), 0xFF, sizeof(data));
       epoch = ::tbd_emu::block_epoch();
+      ::tbd_emu::note_static_smem(sizeof(data));
     }
     if (i < 0 || i >= N) {
       ::tbd_emu::fail(__FILE__, __LINE__,
@@ -166,6 +175,7 @@ template <typename V> inline V load_vec_at(const V* p, const char* file, int lin
 inline int64_t max_grid_yz() { return ::tbd_emu::grid_yz_limit(); }
 
 inline void memset_async(void* p, int value, size_t bytes, cudaStream_t) {
+  ::tbd_emu::count_op("memset");
   if (bytes > 0) std::memset(p, value, bytes);  // the emulator runs everything in order
 }
 
@@ -181,6 +191,7 @@ inline size_t sort_pairs_temp_bytes(int64_t, int) { return 0; }
 
 inline void sort_pairs(const int32_t* keys_in, int32_t* keys_out, const int64_t* vals_in,
                        int64_t* vals_out, int64_t n, int end_bit, void*, size_t, cudaStream_t) {
+  ::tbd_emu::count_op("sort_pairs");  // several kernels of CUB's radix sort on the GPU
   const uint32_t mask = end_bit >= 32 ? 0xffffffffu : ((1u << end_bit) - 1u);
   std::vector<int64_t> idx(static_cast<size_t>(n));
   std::iota(idx.begin(), idx.end(), int64_t(0));
@@ -208,8 +219,13 @@ void launch_kernel_at(const char* name, const char* file, int line, void (*kerne
                       dim3 grid, dim3 block, size_t smem, cudaStream_t, Args&&... args) {
   KernelCall<P...> call{kernel, std::tuple<P...>(std::forward<Args>(args)...)};
   const ::tbd_emu::LaunchSite site{name, file, line};
-  ::tbd_emu::launch(reinterpret_cast<const void*>(kernel), grid, block, smem,
-                    &KernelCall<P...>::run, &call, site);
+  try {
+    ::tbd_emu::launch(reinterpret_cast<const void*>(kernel), grid, block, smem,
+                      &KernelCall<P...>::run, &call, site);
+  } catch (const ::tbd_emu::KernelError&) {
+    (void)::tbd_emu::get_last_error();  // as cudaGetLastError in the GPU build
+    throw;
+  }
 }
 }  // namespace detail
 

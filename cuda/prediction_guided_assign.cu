@@ -32,6 +32,8 @@ namespace cuda {
 namespace {
 
 constexpr int kChunk = 64;  // images per launch of the match kernel
+// Tiles of more bytes opt in to more than 48 KiB of shared memory per block.
+constexpr size_t kSelectNoOptInSmem = 32 * 1024;
 
 struct AssignChunk {
   int count;                   // images in the chunk
@@ -248,8 +250,15 @@ void prediction_guided_assign(DType dt, const AssignArgs& a, int64_t* gt_inds, v
     if (M == 0) return;
     sort_pairs(keys_in, keys_out, vals_in, vals_out, P, bits_for(M), w + ws.temp, ws.temp_bytes,
                s);
+    const size_t smem = static_cast<size_t>(tile) * sizeof(Member<A>);
+    if (smem > kSelectNoOptInSmem) {
+      // With its static shared memory (k_shared) the kernel may need more than
+      // the 48 KiB a block gets without the opt-in (float64, the largest tile).
+      // Always the largest tile's bytes: concurrent callers never lower it.
+      set_max_dynamic_smem(assign_select_kernel<A>, kAssignMaxTile * sizeof(Member<A>));
+    }
     launch_kernel((assign_select_kernel<A>), dim3(static_cast<unsigned>(M)), kBlock,
-                  static_cast<size_t>(tile) * sizeof(Member<A>), s, keys_out, vals_out, P, u_buf,
+                  smem, s, keys_out, vals_out, P, u_buf,
                   q_buf, jloc, a.valid, a.topk, tile, sorted_u, qrank, gt_inds);
   });
 }

@@ -27,7 +27,8 @@ struct AssignArgs {
 };
 
 // Bag members staged in shared memory per tile when `tile` is 0, and the
-// most a tile may hold (48 KiB of float64 members, no opt-in needed).
+// most a tile may hold (48 KiB of float64 members: above 32 KiB the launcher
+// opts the kernel in to more than 48 KiB of shared memory per block).
 constexpr int kAssignDefaultTile = 1024;
 constexpr int kAssignMaxTile = 2048;
 

@@ -207,3 +207,83 @@ def detection_batch(model, num_classes: int = len(CLASSES), shapes=((100, 128), 
     if raw:
         return data["inputs"], data["data_samples"], inputs
     return data["inputs"], data["data_samples"]
+
+
+# ---- semi-supervised detection (mmdet's semi_coco_detection layout) ----------------------------------
+BRANCHES = ["sup", "unsup_teacher", "unsup_student"]
+SEMI_META_KEYS = ("img_id", "img_path", "ori_shape", "img_shape", "scale_factor", "flip", "flip_direction",
+                  "homography_matrix")
+
+
+def semi_pipelines(scale=(160, 128), student_scales=((144, 112), (176, 144))) -> Dict[str, List[dict]]:
+    """mmdet's sup / unsup (teacher weak, student strong) pipelines, small and fast.
+
+    The teacher's view is resized to ``scale`` and flipped at random, the
+    student's view resized to a random scale in ``student_scales`` and flipped
+    at random, so that the ``homography_matrix`` between the views is a real
+    transform (scale and flip).
+    """
+    sup = [
+        dict(type="LoadImageFromFile"),
+        dict(type="LoadAnnotations", with_bbox=True),
+        dict(type="Resize", scale=scale, keep_ratio=True),
+        dict(type="RandomFlip", prob=0.5),
+        dict(type="MultiBranch", branch_field=BRANCHES, sup=dict(type="PackDetInputs")),
+    ]
+    weak = [
+        dict(type="Resize", scale=scale, keep_ratio=True),
+        dict(type="RandomFlip", prob=0.5),
+        dict(type="PackDetInputs", meta_keys=SEMI_META_KEYS),
+    ]
+    strong = [
+        dict(type="RandomResize", scale=list(student_scales), keep_ratio=True),
+        dict(type="RandomFlip", prob=0.5),
+        dict(type="PackDetInputs", meta_keys=SEMI_META_KEYS),
+    ]
+    unsup = [
+        dict(type="LoadImageFromFile"),
+        dict(type="LoadEmptyAnnotations"),
+        dict(type="MultiBranch", branch_field=BRANCHES, unsup_teacher=weak, unsup_student=strong),
+    ]
+    return dict(sup=sup, unsup=unsup)
+
+
+def semi_runtime(labeled: Dict[str, str], unlabeled: Dict[str, str], work_dir, max_iters: int = 2,
+                 batch_size: int = 3, source_ratio: Sequence[int] = (1, 2), checkpoint_interval: Optional[int] = None,
+                 lr: float = 0.01, ema_momentum: float = 0.001, scale=(160, 128),
+                 student_scales=((144, 112), (176, 144))) -> dict:
+    """``runtime()`` with mmdet's semi-supervised data: a ConcatDataset of the labeled and the
+    unlabeled set, ``GroupMultiSourceSampler`` (``source_ratio`` images of each per batch) and
+    ``MeanTeacherHook(momentum=ema_momentum)``; ``scale``, ``student_scales`` as in ``semi_pipelines``."""
+    cfg = runtime(labeled, work_dir, max_iters=max_iters, batch_size=batch_size,
+                  checkpoint_interval=checkpoint_interval, lr=lr)
+    pipes = semi_pipelines(scale, student_scales)
+
+    def dataset(data, pipeline, filter_empty_gt):
+        return dict(type="CocoDataset", data_root=data["data_root"], ann_file=data["ann_file"],
+                    data_prefix=dict(img=data["img_prefix"]), metainfo=dict(classes=CLASSES),
+                    filter_cfg=dict(filter_empty_gt=filter_empty_gt), pipeline=pipeline)
+
+    cfg["train_dataloader"] = dict(
+        batch_size=batch_size, num_workers=0, persistent_workers=False,
+        sampler=dict(type="GroupMultiSourceSampler", batch_size=batch_size, source_ratio=list(source_ratio)),
+        dataset=dict(type="ConcatDataset", datasets=[dataset(labeled, pipes["sup"], True),
+                                                     dataset(unlabeled, pipes["unsup"], False)]))
+    cfg["custom_hooks"] = [dict(type="MeanTeacherHook", momentum=ema_momentum)]
+    return cfg
+
+
+def train_with_hooks(config_path, hooks: Sequence = (), **overrides):
+    """``train()`` with extra hook objects registered (priority LOWEST: after the config's hooks)."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    cfg = Config.fromfile(str(config_path))
+    cfg.merge_from_dict(overrides)
+    if cfg.get("visualizer") is not None:
+        cfg.visualizer.name = f"visualizer_{uuid.uuid4().hex}"  # as in train(): one visualizer per Runner
+    runner = Runner.from_cfg(cfg)
+    for hook in hooks:
+        runner.register_hook(hook, priority="LOWEST")
+    runner.train()
+    return runner

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Every op (or composite loss) that has a benchmark script; the quick run covers each of them.
 EXPECTED_OPS = {"channel_max_spatial_softmax", "decode_max_iou", "masked_sq_dist", "masked_l1", "tbd_loss",
-                "prediction_guided_assign", "consistency_voting", "sigmoid_focal_loss"}
+                "prediction_guided_assign", "consistency_voting", "sigmoid_focal_loss", "pseco_unsup_roi_step"}
 
 
 def test_run_all_quick(tmp_path):
@@ -30,3 +30,35 @@ def test_run_all_quick(tmp_path):
         mine = [r for r in rows if r["op"] == op]
         assert any(r["provider"] == "tbd_ops" and r["status"] == "ok" for r in mine), op
         assert any(r["provider"] == "eager" and r["status"] == "ok" for r in mine), op
+
+
+def _row(label, case, provider, mode, ms, status="ok"):
+    return dict(device="cpu", torch="2", commit="abc", label=label, case=case, dtype="fp32", provider=provider,
+                mode=mode, status=status, median_ms=ms)
+
+
+def test_summary_figure(tmp_path):
+    """make bench's picture: one figure, the speed-up of tbd_ops over eager and over torch.compile per
+    case (rows) and mode (columns)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+    rows = [_row("p_c", "P3", "tbd_ops", "fwd", 0.5), _row("p_c", "P3", "eager", "fwd", 2.0),
+            _row("p_c", "P3", "compile", "fwd", 1.0), _row("p_c", "P3", "tbd_ops", "bwd", 4.0),
+            _row("p_c", "P3", "eager", "bwd", 2.0), _row("p_c", "P3", "compile", "bwd", 0.0, status="skipped"),
+            _row("msd", "P5", "tbd_ops", "fwd", 1.0), _row("msd", "P5", "eager", "fwd", 3.0)]
+    cases, speed = harness.summary(rows)
+    assert cases == ["p_c P3 fp32", "msd P5 fp32"]
+    assert speed[("p_c P3 fp32", "fwd")] == {"eager": 4.0, "compile": 2.0}
+    assert speed[("p_c P3 fp32", "bwd")] == {"eager": 0.5}  # slower than eager; compile did not run
+    assert speed[("msd P5 fp32", "fwd")] == {"eager": 3.0}
+    # Many cases: still one figure of a readable size (not one panel per op and mode).
+    many = [_row(f"op{i % 5}", f"case{i}", p, m, t) for i in range(40) for m in ("fwd", "bwd", "fwd+bwd")
+            for p, t in (("tbd_ops", 1.0), ("eager", 1.0 + i / 10), ("compile", 2.0))]
+    path = tmp_path / "summary.png"
+    assert harness.write_plot(many, path) == f"wrote {path}"
+    import matplotlib.pyplot as plt
+    height, width = plt.imread(str(path)).shape[:2]
+    assert width <= 2000 and height <= 1500, (width, height)

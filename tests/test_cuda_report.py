@@ -103,8 +103,9 @@ def test_fail_on_spill_exit_status(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert any(line.split()[:2] == ["k<double>", "128"] or line.split()[:2] == ["_Z1kIdEvPT_", "128"]
                for line in out)
-    assert out[-1].startswith("Spills: YES") and "(12 B stored / 8 B loaded)" in out[-1]
-    assert "[device function] (4 B stored / 4 B loaded)" in out[-1]  # a spilling callee counts too
+    spills = next(line for line in out if line.startswith("Spills:"))
+    assert spills.startswith("Spills: YES") and "(12 B stored / 8 B loaded)" in spills
+    assert "[device function] (4 B stored / 4 B loaded)" in spills  # a spilling callee counts too
 
 
 def test_exit_2_without_nvcc(tmp_path):
@@ -138,4 +139,101 @@ def test_report_lists_every_kernel_and_nothing_spills(tmp_path):
         assert r["kernel"][:40] in p.stdout  # long library names are cut in the table
         assert int(r["spill_st"]) == 0 and int(r["spill_ld"]) == 0, r["kernel"]
         assert int(r["regs"]) > 0 and 0 < float(r["occupancy"]) <= 1, r
-    assert p.stdout.rstrip().splitlines()[-1].startswith("Spills: none")
+    assert any(line.startswith("Spills: none") for line in p.stdout.splitlines())
+    assert "TBDLoss backward" in p.stdout  # the launches and bytes per call follow
+
+
+# ---- launches and bytes per call (benchmarks/traffic_model.py) --------------------------------
+
+_tm_spec = importlib.util.spec_from_file_location("traffic_model", ROOT / "benchmarks" / "traffic_model.py")
+traffic_model = importlib.util.module_from_spec(_tm_spec)
+_tm_spec.loader.exec_module(traffic_model)
+
+SMALL_LEVELS = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]  # launches do not depend on the sizes
+
+
+def _emulated_calls(n):
+    """Per op call of the TBD loss on a small RetinaNet pyramid: the emulator's launches by kernel."""
+    import observe
+    import tbd_ops
+    import torch
+    from tbd_ops.nn import TBDLoss
+    from test_launch_budget import CH, LEVELS, pyramid, requiring_grad
+
+    assert LEVELS == SMALL_LEVELS
+    p = pyramid(seed=1)
+    if n != 2:  # pyramid() makes two images
+        p = {k: ([t.repeat(n // 2, *([1] * (t.dim() - 1))) if t.dim() == 4 else t for t in v]
+                 if k.endswith(("scores", "preds", "feats")) else v) for k, v in p.items()}
+        p["gt_bboxes"] = p["gt_bboxes"] * (n // 2)
+        p["img_shapes"] = p["img_shapes"] * (n // 2)
+    out = {}
+
+    def run(name, fn, grads=None):
+        with observe.observe() as fwd:
+            res = fn()
+        out[f"{name} forward"] = fwd.kernels()
+        if grads is not None:
+            flat = res if isinstance(res, (list, tuple)) else [res]
+            total = sum((o[0] if isinstance(o, tuple) else o).sum() for o in flat)
+            with observe.observe() as bwd:
+                torch.autograd.grad(total, grads)
+            out[f"{name} backward"] = bwd.kernels()
+
+    x = requiring_grad(p["student_cls_scores"])
+    run("p_c", lambda: tbd_ops.channel_max_spatial_softmax(x), x)
+    b = requiring_grad(p["student_bbox_preds"])
+    run("decode_max_iou", lambda: tbd_ops.decode_max_iou(b, p["priors"], p["gt_bboxes"], max_shape=p["img_shapes"]), b)
+    maps = [[torch.rand(n, h, w) for h, w in SMALL_LEVELS] for _ in range(4)]
+    s = requiring_grad(maps[0] + maps[1])
+    run("harmony_distillation_loss", lambda: tbd_ops.harmony_distillation_loss(s[:5], s[5:], maps[2], maps[3]), s)
+    f = requiring_grad(p["student_feats"])
+    masks = [torch.rand(n, 2, h, w) for h, w in SMALL_LEVELS]
+    run("masked_sq_dist", lambda: tbd_ops.masked_sq_dist(p["teacher_feats"], f, masks), f)
+    loss = TBDLoss(num_levels=5, in_channels=CH)
+    student = {k: requiring_grad(p[k]) for k in ("student_cls_scores", "student_bbox_preds", "student_feats")}
+    with observe.observe() as fwd:
+        r = loss(**{**p, **student})
+    out["TBDLoss forward"] = fwd.kernels()
+    with observe.observe() as bwd:
+        torch.autograd.grad(r["loss_hd"] + r["loss_tfd"], [t for v in student.values() for t in v])
+    out["TBDLoss backward"] = bwd.kernels()
+    return out
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("n", [2, 4])
+def test_traffic_model_launches_are_the_emulators(n):
+    import dispatch
+
+    if dispatch.emu is None:
+        pytest.skip(str(dispatch.UNAVAILABLE))
+    observed = _emulated_calls(n)
+    for op in traffic_model.retinanet_calls(n, SMALL_LEVELS):
+        want = {k: v[0] for k, v in op.kernels.items()}
+        assert dict(observed[op.name]) == want, op.name
+
+
+def test_traffic_model_bytes():
+    n, levels, K, es = 2, traffic_model.RETINANET_LEVELS, 720, 4
+    hw = sum(h * w for h, w in levels)
+    calls = {op.name: op for op in traffic_model.retinanet_calls(n)}
+    # The minimum of p_c is the benchmark's formula (benchmarks/README.md): read N*K*HW, write N*HW.
+    assert calls["p_c forward"].minimum == (n * K * hw + n * hw) * es
+    assert calls["p_c backward"].minimum == (n * hw + n * K * hw) * es
+    # TFD's masked backward writes the gradient of the detached teacher features too.
+    mb = calls["masked_sq_dist backward"]
+    assert mb.actual - mb.minimum == n * 256 * hw * es + sum(
+        n * -(-h * w // 256) * 2 * 4 for h, w in levels)
+    for op in calls.values():
+        assert op.minimum <= op.actual, op.name
+        assert op.launches == sum(v[0] for v in op.kernels.values())
+    # Eight times the batch: the same launches, at most eight times the bytes.
+    calls16 = {op.name: op for op in traffic_model.retinanet_calls(16)}
+    for name, op in calls.items():
+        assert calls16[name].launches == op.launches, name
+        assert op.minimum < calls16[name].minimum <= 8 * op.minimum, name
+        assert op.actual < calls16[name].actual <= 8 * op.actual, name
+    lines = traffic_model.report_lines()
+    assert any(line.startswith("TBDLoss forward") for line in lines)
+    assert any(line.startswith("  cmss_max_kernel") for line in lines)

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
+#include <map>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -161,6 +162,8 @@ struct ThreadState {
   uint64_t epoch = 0;
   std::vector<unsigned char> dyn;
   size_t dyn_bytes = 0;
+  size_t static_bytes = 0;  // static shared arrays the running block touched
+  std::string last_error;   // of the last rejected launch (cudaGetLastError)
 };
 thread_local ThreadState tls;
 
@@ -170,6 +173,52 @@ std::mutex g_attr_mu;
 std::unordered_map<const void*, size_t>& smem_optin() {
   static std::unordered_map<const void*, size_t> m;
   return m;
+}
+std::unordered_map<const void*, size_t>& static_smem() {  // under g_attr_mu
+  static std::unordered_map<const void*, size_t> m;
+  return m;
+}
+std::mutex g_ops_mu;
+std::map<std::string, uint64_t>& op_table() {  // under g_ops_mu
+  static std::map<std::string, uint64_t> m;
+  return m;
+}
+
+// "(decode_kernel<T, A>)" -> "decode_kernel": the name as launch_kernel spells
+// it, without the parentheses a template needs in a macro argument or its
+// (symbolic) template arguments.
+std::string kernel_name(const char* spelled) {
+  std::string s(spelled);
+  while (!s.empty() && (s.front() == '(' || s.front() == ' ')) s.erase(0, 1);
+  const size_t cut = s.find_first_of("<)");
+  if (cut != std::string::npos) s.resize(cut);
+  while (!s.empty() && s.back() == ' ') s.pop_back();
+  return s;
+}
+
+// The opt-in of a kernel (0: none).
+size_t optin_of(const void* kernel) {
+  std::lock_guard<std::mutex> lock(g_attr_mu);
+  auto it = smem_optin().find(kernel);
+  return it == smem_optin().end() ? 0 : it->second;
+}
+
+// Why `static_bytes` of static and `dyn` of dynamic shared memory cannot run
+// for a kernel with opt-in `optin` (0: none); "" if they can.
+std::string smem_violation(size_t static_bytes, size_t dyn, size_t optin) {
+  std::ostringstream s;
+  if (static_bytes > kMaxStaticSmem) {
+    s << static_bytes << " bytes of static shared memory: more than the 48 KiB a kernel may declare";
+  } else if (optin == 0 && static_bytes + dyn > kDefaultMaxDynamicSmem) {
+    s << static_bytes << " bytes of static + " << dyn << " bytes of dynamic shared memory: more than "
+      << "the 48 KiB a block may use without cudaFuncAttributeMaxDynamicSharedMemorySize";
+  } else if (optin != 0 && dyn > optin) {
+    s << dyn << " bytes of dynamic shared memory: more than the kernel opted in to (" << optin << ")";
+  } else if (optin != 0 && static_bytes + optin > kMaxDynamicSmemOptIn) {
+    s << static_bytes << " bytes of static shared memory + the opt-in of " << optin
+      << " bytes: more than the 227 KiB of sm_90";
+  }
+  return s.str();
 }
 
 std::string fmt3(const uint3& v) {
@@ -185,6 +234,8 @@ struct BlockRun {
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
   const LaunchSite* site = nullptr;
+  const void* kernel = nullptr;
+  size_t optin = 0;  // the kernel's dynamic shared memory opt-in (0: none)
   int live = 0;       // fibers not done
   int exited = 0;     // fibers done
   int at_barrier = 0;
@@ -348,6 +399,45 @@ void set_schedule(Schedule s, uint64_t seed) {
 }
 Schedule schedule() { return tls.schedule; }
 uint64_t launch_count() { return g_launches.load(); }
+
+std::vector<std::pair<std::string, uint64_t>> op_counts() {
+  std::lock_guard<std::mutex> lock(g_ops_mu);
+  return {op_table().begin(), op_table().end()};
+}
+void reset_op_counts() {
+  std::lock_guard<std::mutex> lock(g_ops_mu);
+  op_table().clear();
+}
+void count_op(const char* name) {
+  std::lock_guard<std::mutex> lock(g_ops_mu);
+  ++op_table()[name];
+}
+
+std::string get_last_error() {
+  std::string e;
+  e.swap(tls.last_error);
+  return e;
+}
+std::string peek_last_error() { return tls.last_error; }
+
+size_t static_smem_bytes(const void* kernel) {
+  std::lock_guard<std::mutex> lock(g_attr_mu);
+  auto it = static_smem().find(kernel);
+  return it == static_smem().end() ? 0 : it->second;
+}
+
+void note_static_smem(size_t bytes) {
+  if (tls.block == nullptr || tls.current == nullptr) return;
+  BlockRun& b = *tls.block;
+  tls.static_bytes += bytes;
+  const std::string why = smem_violation(tls.static_bytes, tls.dyn_bytes, b.optin);
+  if (!why.empty()) {
+    std::ostringstream s;
+    s << "launch of " << b.site->kernel << " needs " << why;
+    tls.last_error = s.str();
+    fail(b.site->file, b.site->line, s.str());
+  }
+}
 uint64_t block_epoch() { return tls.epoch; }
 void* dynamic_smem() { return tls.dyn_bytes ? tls.dyn.data() : nullptr; }
 size_t dynamic_smem_bytes() { return tls.dyn_bytes; }
@@ -512,6 +602,7 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)
     s << site.file << ":" << site.line << ": launch of " << site.kernel << " with grid "
       << fmt3(uint3{grid.x, grid.y, grid.z}) << ", block " << fmt3(uint3{block.x, block.y, block.z})
       << " and " << smem << " bytes of dynamic shared memory: " << msg;
+    tls.last_error = s.str();  // as the runtime: until cudaGetLastError reads it
     throw KernelError(s.str());
   };
   const unsigned bd[3] = {block.x, block.y, block.z};
@@ -528,25 +619,22 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)
              std::to_string(gl[2]) + ")");
     }
   }
-  size_t limit = kDefaultMaxDynamicSmem;
+  // Static shared memory is known once the kernel has run (see note_static_smem).
+  const size_t optin = optin_of(kernel);
   {
-    std::lock_guard<std::mutex> lock(g_attr_mu);
-    auto it = smem_optin().find(kernel);
-    if (it != smem_optin().end()) limit = std::max(limit, it->second);
-  }
-  if (smem > limit) {
-    reject(limit == kDefaultMaxDynamicSmem
-               ? "more than 48 KiB of dynamic shared memory without "
-                 "cudaFuncAttributeMaxDynamicSharedMemorySize"
-               : "more dynamic shared memory than the kernel opted in to");
+    const std::string why = smem_violation(static_smem_bytes(kernel), smem, optin);
+    if (!why.empty()) reject("needs " + why);
   }
   if (tls.block != nullptr) reject("a kernel cannot launch another kernel here");
   g_launches.fetch_add(1);
+  count_op(kernel_name(site.kernel).c_str());
 
   BlockRun b;
   b.body = body;
   b.ctx = ctx;
   b.site = &site;
+  b.kernel = kernel;
+  b.optin = optin;
   const int nthreads = static_cast<int>(threads);
   b.fibers.resize(nthreads);
   b.warps.resize((nthreads + kWarpSize - 1) / kWarpSize);
@@ -569,6 +657,12 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)
       tls.dyn_bytes = 0;
     }
   } reset;
+  size_t static_max = 0;
+  auto remember_static = [&] {
+    std::lock_guard<std::mutex> lock(g_attr_mu);
+    size_t& known = static_smem()[kernel];
+    known = std::max(known, static_max);
+  };
 
   std::vector<int> all(nthreads);
   for (unsigned bz = 0; bz < grid.z; ++bz) {
@@ -576,6 +670,7 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         tls_block_idx = uint3{bx, by, bz};
         ++tls.epoch;
+        tls.static_bytes = 0;
         if (smem) std::memset(tls.dyn.data(), 0xFF, smem);
         b.live = nthreads;
         b.exited = 0;
@@ -615,7 +710,9 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)
           if (f.state != State::kReady) continue;
           switch_to_fiber(b, f);
         }
+        static_max = std::max(static_max, tls.static_bytes);
         if (!b.error.empty()) {
+          remember_static();
           std::ostringstream s;
           s << b.error;
           if (b.error.find(" [kernel ") == std::string::npos) {
@@ -627,6 +724,7 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)
       }
     }
   }
+  remember_static();
 }
 
 }  // namespace tbd_emu

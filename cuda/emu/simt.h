@@ -10,8 +10,9 @@
 // schedule. What a GPU would do wrong is reported as an error with the file
 // and line, never a hang: a barrier that not every thread of the block
 // reaches, a warp collective whose mask names exited or absent lanes, lanes
-// that disagree on the mask, a launch over the limits of sm_90, a misaligned
-// vector access, an out-of-bounds index into a static shared array.
+// that disagree on the mask, a launch over the limits of sm_90 (static plus
+// dynamic shared memory included), a misaligned vector access, an
+// out-of-bounds index into a static shared array.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,6 +27,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // ---- keywords -------------------------------------------------------------
 // The toolkit's host_defines.h (pulled in by cuda_fp16.h) already defines
@@ -69,7 +71,11 @@ constexpr unsigned kMaxGridDim[3] = {2147483647u, 65535u, 65535u};
 // chunking of large batches at small sizes; default 65535 as on the GPU.
 void set_grid_yz_limit(unsigned limit);
 unsigned grid_yz_limit();
+// Shared memory per block: static + dynamic at most 48 KiB without the
+// opt-in; with it (cudaFuncAttributeMaxDynamicSharedMemorySize = X) dynamic at
+// most X and static + X at most 227 KiB; static alone at most 48 KiB.
 constexpr size_t kDefaultMaxDynamicSmem = 48 * 1024;
+constexpr size_t kMaxStaticSmem = 48 * 1024;
 constexpr size_t kMaxDynamicSmemOptIn = 227 * 1024;  // 232448 bytes on sm_90
 
 enum class Schedule : int { kForward = 0, kReverse = 1, kShuffle = 2 };
@@ -77,8 +83,21 @@ enum class Schedule : int { kForward = 0, kReverse = 1, kShuffle = 2 };
 // The schedule used by launches from this OS thread (default: forward).
 void set_schedule(Schedule s, uint64_t seed = 0);
 Schedule schedule();
-// Launches and blocks run so far by this process (all threads).
+// Kernel launches run so far by this process (all threads).
 uint64_t launch_count();
+// Device operations per name since the last reset (all threads): every kernel
+// launch under the kernel's name as launch_kernel spells it, and the
+// stream-ordered operations of cuda/backend.cuh ("memset", "sort_pairs").
+// Sorted by name.
+std::vector<std::pair<std::string, uint64_t>> op_counts();
+void reset_op_counts();
+void count_op(const char* name);
+
+// The emulated cudaGetLastError: a rejected launch leaves its error here, as
+// the CUDA runtime does, until it is read. get_last_error() returns it and
+// clears it; peek_last_error() only returns it ("" = none).
+std::string get_last_error();
+std::string peek_last_error();
 
 // Thrown by a launch whose kernel did something a GPU would not forgive.
 struct KernelError : std::runtime_error {
@@ -106,6 +125,16 @@ size_t dynamic_smem_bytes();
 
 // Opt-in above 48 KiB of dynamic shared memory, per kernel (cudaFuncSetAttribute).
 void set_max_dynamic_smem(const void* kernel, size_t bytes);
+
+// Static shared memory: a static shared array (SharedArray of cuda/backend.cuh)
+// calls this when a block first touches it. The emulator adds up the arrays a
+// block touches, checks static + dynamic against the kernel's limit (an error
+// of the launch, as the GPU's "too many resources requested for launch") and
+// remembers the kernel's static size, so that later launches are checked
+// before they run.
+void note_static_smem(size_t bytes);
+// The static shared memory seen so far for the kernel (0 before it ran).
+size_t static_smem_bytes(const void* kernel);
 
 // Runs body(ctx) for every thread of the grid.
 struct LaunchSite {

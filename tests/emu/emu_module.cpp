@@ -26,6 +26,26 @@ PyObject* launch_count(PyObject*, PyObject*) {
   return PyLong_FromUnsignedLongLong(tbd_emu::launch_count());
 }
 
+PyObject* op_counts(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
+  for (const auto& [name, count] : tbd_emu::op_counts()) {
+    PyObject* v = PyLong_FromUnsignedLongLong(count);
+    if (v == nullptr || PyDict_SetItemString(d, name.c_str(), v) != 0) {
+      Py_XDECREF(v);
+      Py_DECREF(d);
+      return nullptr;
+    }
+    Py_DECREF(v);
+  }
+  return d;
+}
+
+PyObject* reset_op_counts(PyObject*, PyObject*) {
+  tbd_emu::reset_op_counts();
+  Py_RETURN_NONE;
+}
+
 PyObject* set_grid_yz_limit(PyObject*, PyObject* args) {
   unsigned limit = 0;
   if (!PyArg_ParseTuple(args, "I", &limit)) return nullptr;
@@ -38,6 +58,10 @@ PyObject* sources_digest(PyObject*, PyObject*) {
 }
 
 PyMethodDef methods[] = {
+    {"op_counts", op_counts, METH_NOARGS,
+     "op_counts(): {name: count} of the device operations since the last reset: kernel launches "
+     "by kernel name, 'memset' and 'sort_pairs' (the stream operations of cuda/backend.cuh)."},
+    {"reset_op_counts", reset_op_counts, METH_NOARGS, "Clears op_counts()."},
     {"set_grid_yz_limit", set_grid_yz_limit, METH_VARARGS,
      "set_grid_yz_limit(n): the grid.y/grid.z limit launches are checked against and launchers "
      "chunk by (0 restores 65535); returns the limit in force."},

@@ -9,7 +9,11 @@ Importing ``tbd_ops.mmdet`` registers, in MMDetection's ``MODELS`` registry:
   frozen teacher built from its config and checkpoint;
 * PseCo: ``PredictionGuidedAssigner`` in ``TASK_UTILS``, ``FusedFocalLoss``
   (the fused sigmoid focal loss, mmdet's loss interface), ``ScaleConsistencyLoss``
-  and ``ConsistencyVotingWeights`` in ``MODELS``.
+  and ``ConsistencyVotingWeights`` in ``MODELS``;
+* ``PseCoDetector``, PseCo semi-supervised Faster R-CNN (a ``SemiBaseDetector``:
+  student and EMA teacher, trained with ``MeanTeacherHook`` and mmdet's
+  semi-supervised data layout), and ``RoIFocalLoss``, the sigmoid focal loss
+  for its RoI head (C class channels, sigmoid scores).
 
 Use it from a config with ``custom_imports = dict(imports=["tbd_ops.mmdet"])``.
 When mmdet or mmengine is not installed this module still imports; ``AVAILABLE``
@@ -39,6 +43,7 @@ else:
                           "tbd_ops.mmcv_lite.install() before importing mmdet") from e
     from .detector import TBDSingleStageDetector, TBDTwoStageDetector, coder_from_head  # noqa: F401  (registers)
     from .pseco import PredictionGuidedAssigner  # noqa: F401
+    from .pseco_detector import PseCoDetector, RoIFocalLoss  # noqa: F401
 
     __all__ = ["AVAILABLE", "IMPORT_ERROR", "TBDSingleStageDetector", "TBDTwoStageDetector", "coder_from_head",
-               "PredictionGuidedAssigner"]
+               "PredictionGuidedAssigner", "PseCoDetector", "RoIFocalLoss"]

@@ -16,6 +16,7 @@ and the teacher's.
   anchors and coder), TFD on the FPN features with masks from the teacher's RPN.
 """
 import contextlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -106,6 +107,23 @@ class TBDDistillerMixin:
     def _dense_head(cls, model: nn.Module) -> nn.Module:
         return getattr(model, cls._dense_head_name)
 
+    def _grid_priors(self, head: nn.Module, sizes, dtype: torch.dtype, device: torch.device) -> List[Tensor]:
+        """The head's priors of these level sizes, made once per (sizes, dtype, device): mmdet's
+        anchor generator copies its base anchors to the device on every call, a copy that
+        synchronizes with the host. The last few size sets are kept (multi-scale training)."""
+        key = (tuple(tuple(int(v) for v in s) for s in sizes), dtype, torch.device(device))
+        cache = self.__dict__.setdefault("_tbd_priors_cache", OrderedDict())
+        priors = cache.get(key)
+        if priors is not None:
+            cache.move_to_end(key)
+            return priors
+        priors = head.prior_generator.grid_priors(sizes, dtype=dtype, device=device)
+        if not torch.is_inference_mode_enabled():  # inference tensors cannot be saved for backward
+            cache[key] = priors
+            while len(cache) > 8:
+                cache.popitem(last=False)
+        return priors
+
     def _check_teacher(self, owner: str, s_head: nn.Module, t_head: nn.Module, allow_class_mismatch: bool) -> None:
         s_strides, t_strides = head_strides(s_head), head_strides(t_head)
         if s_strides != t_strides:
@@ -166,7 +184,7 @@ class TBDDistillerMixin:
                                  f"TBD needs 4 per prior ({4 * head.num_base_priors}); {type(head).__name__} "
                                  "does not predict one box per prior")
         sizes = [c.shape[-2:] for c in cls_scores]
-        priors = head.prior_generator.grid_priors(sizes, dtype=bbox_preds[0].dtype, device=bbox_preds[0].device)
+        priors = self._grid_priors(head, sizes, bbox_preds[0].dtype, bbox_preds[0].device)
         gt_bboxes = [g.bboxes for g in batch_gt_instances]
         img_shapes = [tuple(m["img_shape"][:2]) for m in batch_img_metas] if self._clip_to_image else None
         return self.tbd_loss(cls_scores, bbox_preds, list(feats), list(t_outs[0]), list(t_outs[1]), list(t_feats),

@@ -143,17 +143,19 @@ class InputConverter(nn.Module):
             return inputs
         if inputs.dim() != 4 or inputs.shape[1] != self.channels:
             raise ValueError(f"InputConverter: inputs must be [N, {self.channels}, H, W], got {tuple(inputs.shape)}")
-        x = inputs[:, self.perm] if self.perm is not None else inputs
+        # The permutation is the channel reversal (BGR <-> RGB): flip, not an index
+        # list (which would be a tensor made from host data, a host-to-device copy).
+        x = inputs.flip(1) if self.perm is not None else inputs
         x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
         h, w = inputs.shape[-2:]
         # Each image fills [0, img_h) x [0, img_w) of the batch; the rest is padding
-        # (filled in place with a Python scalar: no host-device copy).
+        # (fill_ with a Python scalar: a kernel parameter, no host-device copy).
         for n, shape in enumerate(img_shapes):
             ih, iw = int(shape[0]), int(shape[1])
             if ih < h:
-                x[n, :, ih:, :] = self.pad_t
+                x[n, :, ih:, :].fill_(self.pad_t)
             if iw < w:
-                x[n, :, :, iw:] = self.pad_t
+                x[n, :, :, iw:].fill_(self.pad_t)
         return x
 
     def extra_repr(self) -> str:

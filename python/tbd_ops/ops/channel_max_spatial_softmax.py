@@ -57,6 +57,7 @@ def _setup_context(ctx, inputs, output):
     x, temperature, scale_by_hw = inputs
     _, log_p, argmax = output
     ctx.mark_non_differentiable(log_p, argmax)
+    ctx.set_materialize_grads(False)  # no zero gradients made for log_p and argmax
     ctx.save_for_backward(log_p, argmax)
     ctx.channels = x.shape[1]
     ctx.temperature = temperature

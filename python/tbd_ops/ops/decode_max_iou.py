@@ -4,7 +4,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._utils import CODERS, cat_images, check_option, check_tensor, image_list, input_grads, levels, schema_defaults
+from ._device_values import device_values
+from ._utils import (CODERS, acc_dtype, cat_images, check_option, check_tensor, image_list, input_grads, levels,
+                     schema_defaults)
 
 _OP = "decode_max_iou"
 DEFAULTS = schema_defaults(_OP)  # coder, means, stds, scale, max_shape, wh_ratio_clip
@@ -48,12 +50,31 @@ def _is_pair_list(value) -> bool:
     )
 
 
+def _shapes_on_device(op: str, max_shape, n: int, ref: torch.Tensor) -> torch.Tensor:
+    """A list of N (h, w) -> [N, 2] on the device of ``ref`` in its accumulation dtype.
+
+    Checked on the host, then written by one small kernel that gets the values
+    as parameters: no host-to-device copy, no synchronization, capturable.
+    """
+    if len(max_shape) != n:
+        raise ValueError(f"{op}: max_shape must hold one (h, w) per image (N = {n}), got {len(max_shape)}")
+    flat = []
+    for i, hw in enumerate(max_shape):
+        vals = _as_floats(op, f"max_shape[{i}]", hw, None)
+        if len(vals) < 2:
+            raise ValueError(f"{op}: max_shape[{i}] must be (h, w), got {hw!r}")
+        if not all(math.isfinite(v) and v >= 0 for v in vals[:2]):
+            raise ValueError(f"{op}: max_shape must hold finite sizes >= 0, got max_shape[{i}] = {hw!r}")
+        flat += vals[:2]
+    return device_values(flat, ref, acc_dtype(ref.dtype)).view(n, 2)
+
+
 def _max_shape_args(op: str, max_shape, n: int, ref: torch.Tensor):
     """max_shape -> (one (h, w) as floats or None, per-image [N, 2] tensor or None).
 
     Per-image shapes stay on (or go to) the device of ``ref`` without a device
     synchronization: a tensor is passed as is (the kernels read it), a list is
-    checked on the host and copied asynchronously from pinned memory.
+    checked on the host and written to the device by a kernel (_shapes_on_device).
     """
     if max_shape is None:
         return None, None
@@ -67,22 +88,7 @@ def _max_shape_args(op: str, max_shape, n: int, ref: torch.Tensor):
         else:
             return None, max_shape  # [N, 2]: checked by the op
     elif _is_pair_list(max_shape):
-        if len(max_shape) != n:
-            raise ValueError(f"{op}: max_shape must hold one (h, w) per image (N = {n}), got {len(max_shape)}")
-        rows = []
-        for i, hw in enumerate(max_shape):
-            vals = _as_floats(op, f"max_shape[{i}]", hw, None)
-            if len(vals) < 2:
-                raise ValueError(f"{op}: max_shape[{i}] must be (h, w), got {hw!r}")
-            if not all(math.isfinite(v) and v >= 0 for v in vals[:2]):
-                raise ValueError(f"{op}: max_shape must hold finite sizes >= 0, got max_shape[{i}] = {hw!r}")
-            rows.append(vals[:2])
-        host = torch.tensor(rows, dtype=torch.float64).reshape(n, 2)
-        if ref.device.type == "cpu":
-            return None, host
-        if ref.device.type == "cuda" and not torch.compiler.is_compiling():
-            return None, host.pin_memory().to(ref.device, non_blocking=True)
-        return None, host.to(ref.device)
+        return None, _shapes_on_device(op, max_shape, n, ref)
     ms = _as_floats(op, "max_shape", max_shape, None)[:2]
     if len(ms) != 2:
         raise ValueError(f"{op}: max_shape must be (h, w), got {max_shape!r}")
@@ -130,6 +136,9 @@ def decode_max_iou(
         of such pairs for list input.
     """
     check_option(_OP, "coder", coder, CODERS)
+    first = bbox_pred[0] if isinstance(bbox_pred, (list, tuple)) and len(bbox_pred) else bbox_pred
+    if _is_pair_list(max_shape) and isinstance(first, torch.Tensor) and first.dim() > 0:
+        max_shape = _shapes_on_device(_OP, max_shape, first.shape[0], first)  # once for every level
     per_level, is_list = levels(_OP, ("bbox_pred", "priors", "scale"), bbox_pred, priors, scale,
                                 broadcast=("priors", "scale"))
     if is_list:
@@ -204,6 +213,7 @@ def _setup_context(ctx, inputs, output):
     bbox_pred, priors, gt_bboxes, *params, max_shapes = inputs
     _, arg = output
     ctx.mark_non_differentiable(arg)
+    ctx.set_materialize_grads(False)  # no zero gradient made for arg
     ctx.save_for_backward(bbox_pred, priors, gt_bboxes, arg, max_shapes)
     ctx.params = params  # gt_counts, coder, means, stds, scale, max_shape, wh_ratio_clip
 

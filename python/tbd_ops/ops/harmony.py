@@ -154,6 +154,7 @@ def _loss_setup_context(ctx, inputs, output):
     pc_s, pr_s, pc_t, pr_t = inputs[:4]
     _, norm = output
     ctx.mark_non_differentiable(norm)
+    ctx.set_materialize_grads(False)  # no zero gradient made for norm
     ctx.levels = len(pc_s)
     ctx.mode = inputs[4]
     ctx.save_for_backward(norm, *pc_s, *pr_s, *pc_t, *pr_t)

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <random>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "emu/simt.h"
@@ -59,32 +60,33 @@ Problem make_problem(const std::vector<std::pair<int64_t, int64_t>>& sizes, uint
   return pb;
 }
 
-// Host loop: the algorithm of SPEC 2.1 over the same headers.
+// Host loop: the algorithm of SPEC 2.1 over the same headers, in T.
+template <typename T>
 void expected(const Problem& pb, double thr, int64_t topk, double alpha, std::vector<int64_t>& gt,
-              std::vector<float>& q) {
+              std::vector<T>& q) {
   const int64_t P = pb.p_off.back();
   gt.assign(P, 0);
-  q.assign(P, 0.f);
-  std::vector<float> u(P, 0.f);
+  q.assign(P, T(0));
+  std::vector<T> u(P, T(0));
   std::vector<int64_t> js(P, -1);
   for (size_t n = 0; n + 1 < pb.p_off.size(); ++n) {
     const int64_t g0 = pb.m_off[n], M = pb.m_off[n + 1] - g0;
     for (int64_t p = pb.p_off[n]; p < pb.p_off[n + 1]; ++p) {
       const float* b = &pb.boxes[p * 4];
-      ArgMax<float> best = argmax_empty<float>();
+      ArgMax<T> best = argmax_empty<T>();
       for (int64_t j = 0; j < M; ++j) {
         const float* g = &pb.pseudo[(g0 + j) * 4];
-        argmax_update(best, box_iou(Box<float>{b[0], b[1], b[2], b[3]}, Box<float>{g[0], g[1], g[2], g[3]}, 1e-6f), j);
+        argmax_update(best, box_iou(Box<T>{b[0], b[1], b[2], b[3]}, Box<T>{g[0], g[1], g[2], g[3]}, T(1e-6)), j);
       }
       if (best.index < 0) continue;
       u[p] = best.value;
       js[p] = best.index;
-      q[p] = assign_quality(pb.scores[p * pb.C + pb.labels[g0 + best.index]], best.value, alpha, 1.0 - alpha);
+      q[p] = assign_quality(T(pb.scores[p * pb.C + pb.labels[g0 + best.index]]), best.value, alpha, 1.0 - alpha);
     }
     for (int64_t j = 0; j < M; ++j) {
       std::vector<int64_t> bag;
       for (int64_t p = pb.p_off[n]; p < pb.p_off[n + 1]; ++p) {
-        if (js[p] == j && u[p] >= static_cast<float>(thr)) bag.push_back(p);
+        if (js[p] == j && u[p] >= static_cast<T>(thr)) bag.push_back(p);
       }
       if (bag.empty()) continue;
       std::vector<int64_t> by_u = bag, by_q = bag;
@@ -100,16 +102,21 @@ void expected(const Problem& pb, double thr, int64_t topk, double alpha, std::ve
   }
 }
 
+// T = float: the problem as it is; T = double: its values converted (exactly).
+template <typename T = float>
 void check(const Problem& pb, double thr, int64_t topk, double alpha, int tile) {
+  constexpr cuda::DType dt = std::is_same<T, double>::value ? cuda::DType::kDouble : cuda::DType::kFloat;
+  const std::vector<T> boxes(pb.boxes.begin(), pb.boxes.end()), scores(pb.scores.begin(), pb.scores.end()),
+      pseudo(pb.pseudo.begin(), pb.pseudo.end());
   cuda::AssignArgs a{};
-  a.boxes = pb.boxes.data();
+  a.boxes = boxes.data();
   a.bs0 = 4;
   a.bs1 = 1;
-  a.scores = pb.scores.data();
+  a.scores = scores.data();
   a.ss0 = pb.C;
   a.ss1 = 1;
   a.C = pb.C;
-  a.pseudo_boxes = pb.pseudo.data();
+  a.pseudo_boxes = pseudo.data();
   a.pseudo_labels = pb.labels.data();
   a.valid = reinterpret_cast<const bool*>(pb.valid.data());
   a.p_offsets = pb.p_off.data();
@@ -120,19 +127,19 @@ void check(const Problem& pb, double thr, int64_t topk, double alpha, int tile) 
   a.eps = 1e-6;
   a.topk = topk;
   std::vector<int64_t> gt_e;
-  std::vector<float> q_e;
-  expected(pb, thr, topk, alpha, gt_e, q_e);
+  std::vector<T> q_e;
+  expected<T>(pb, thr, topk, alpha, gt_e, q_e);
   const int64_t P = pb.p_off.back();
   int64_t positives = 0;
   for (int64_t v : gt_e) positives += v > 0;
   EXPECT_GT(positives, 0);
-  const size_t ws = cuda::prediction_guided_assign_workspace(cuda::DType::kFloat, a);
+  const size_t ws = cuda::prediction_guided_assign_workspace(dt, a);
   for (auto s : {tbd_emu::Schedule::kForward, tbd_emu::Schedule::kReverse, tbd_emu::Schedule::kShuffle}) {
     tbd_emu::set_schedule(s, 5);
     std::vector<int64_t> gt(P, -7);
-    std::vector<float> q(P, -7.f);
+    std::vector<T> q(P, T(-7));
     std::vector<double> work(ws / sizeof(double) + 1);
-    cuda::prediction_guided_assign(cuda::DType::kFloat, a, gt.data(), q.data(), work.data(), nullptr, tile);
+    cuda::prediction_guided_assign(dt, a, gt.data(), q.data(), work.data(), nullptr, tile);
     for (int64_t p = 0; p < P; ++p) {
       ASSERT_EQ(gt[p], gt_e[p]) << "p=" << p << " tile=" << tile;
       ASSERT_EQ(q[p], q_e[p]) << "p=" << p;  // bit for bit
@@ -147,6 +154,13 @@ TEST(AssignLauncher, TileLoopAgreesWithHost) {
     check(pb, 0.4, 12, 0.5, tile);
     check(pb, 0.3, 400, 0.3, tile);  // large k: many positives ranked across tiles
   }
+}
+
+// float64 members are 24 bytes: the largest tile is 48 KiB of dynamic shared
+// memory, which with the kernel's static shared memory needs the opt-in.
+TEST(AssignLauncher, Float64LargestTileOptsIn) {
+  const Problem pb = make_problem({{300, 3}, {0, 2}, {611, 5}}, 11);
+  for (int tile : {7, 0, cuda::kAssignMaxTile}) check<double>(pb, 0.4, 12, 0.5, tile);
 }
 
 TEST(AssignLauncher, TileAboveTheMaximumThrows) {

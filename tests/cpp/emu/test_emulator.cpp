@@ -300,6 +300,81 @@ TEST(EmulatorErrors, DynamicSharedMemoryOptIn) {
   EXPECT_THROW(set_max_dynamic_smem(big_smem_kernel, 228 * 1024), std::runtime_error);
 }
 
+// 4 KiB of static shared memory next to the dynamic shared memory.
+__global__ void static_and_dynamic_smem_kernel(int* out) {
+  __shared__ SharedArray<int, 1024> table;
+  table[threadIdx.x] = 1;
+  out[0] = dynamic_smem<int>()[0];
+}
+
+TEST(EmulatorErrors, StaticSharedMemoryCountsAgainstTheLimit) {
+  int out = 0;
+  // 4 KiB static + 44 KiB dynamic = 48 KiB: fits without the opt-in.
+  EXPECT_NO_THROW(launch_kernel(static_and_dynamic_smem_kernel, 1, 32, 44 * 1024, nullptr, &out));
+  EXPECT_EQ(tbd_emu::static_smem_bytes(reinterpret_cast<const void*>(&static_and_dynamic_smem_kernel)),
+            4096u);
+  // One byte more: the GPU refuses the launch (known static size: before it runs).
+  const int line = __LINE__ + 1;
+  auto over = [&] { launch_kernel(static_and_dynamic_smem_kernel, 1, 32, 44 * 1024 + 1, nullptr, &out); };
+  EXPECT_KERNEL_ERROR(over(), line, "4096 bytes of static + 45057 bytes of dynamic shared memory");
+  // With the opt-in it runs; static + opt-in may not pass 227 KiB.
+  set_max_dynamic_smem(static_and_dynamic_smem_kernel, 64 * 1024);
+  EXPECT_NO_THROW(launch_kernel(static_and_dynamic_smem_kernel, 1, 32, 64 * 1024, nullptr, &out));
+  set_max_dynamic_smem(static_and_dynamic_smem_kernel, 227 * 1024);
+  EXPECT_THROW(launch_kernel(static_and_dynamic_smem_kernel, 1, 32, 1024, nullptr, &out),
+               tbd_emu::KernelError);
+  set_max_dynamic_smem(static_and_dynamic_smem_kernel, 64 * 1024);
+}
+
+// The same kind of kernel seen for the first time: the static array is counted
+// when a block touches it, and the launch fails with the launch site.
+__global__ void first_static_smem_kernel(int* out) {
+  __shared__ SharedArray<double, 512> table;
+  table[threadIdx.x] = 1.0;
+  out[0] = dynamic_smem<int>()[0];
+}
+
+TEST(EmulatorErrors, StaticSharedMemoryOverTheLimitOnTheFirstLaunch) {
+  int out = 0;
+  const int line = __LINE__ + 1;
+  auto over = [&] { launch_kernel(first_static_smem_kernel, 1, 32, 45 * 1024, nullptr, &out); };
+  EXPECT_KERNEL_ERROR(over(), line, "4096 bytes of static + 46080 bytes of dynamic shared memory");
+}
+
+TEST(EmulatorErrors, RejectedLaunchLeavesNoErrorBehind) {
+  // The runtime keeps a launch error until cudaGetLastError reads it ...
+  const tbd_emu::LaunchSite site{"empty_kernel", __FILE__, __LINE__};
+  EXPECT_THROW(tbd_emu::launch(reinterpret_cast<const void*>(&empty_kernel), 1, 1025, 0,
+                               [](void*) {}, nullptr, site),
+               tbd_emu::KernelError);
+  EXPECT_NE(tbd_emu::peek_last_error().find("1024 threads"), std::string::npos);
+  EXPECT_NE(tbd_emu::get_last_error(), "");
+  EXPECT_EQ(tbd_emu::get_last_error(), "");
+  // ... and launch_kernel reads it when it reports the failure, so that the next
+  // CUDA call of someone else does not report it again.
+  EXPECT_THROW(launch_kernel(empty_kernel, 1, 1025, 0, nullptr), tbd_emu::KernelError);
+  EXPECT_EQ(tbd_emu::peek_last_error(), "");
+  int out = 0;
+  EXPECT_THROW(launch_kernel(first_static_smem_kernel, 1, 32, 47 * 1024, nullptr, &out),
+               tbd_emu::KernelError);
+  EXPECT_EQ(tbd_emu::peek_last_error(), "");
+}
+
+TEST(Emulator, CountsLaunchesAndStreamOperationsPerName) {
+  tbd_emu::reset_op_counts();
+  std::vector<int> idx(64);
+  for (int i = 0; i < 3; ++i) launch_kernel(index_kernel, 2, 32, 0, nullptr, idx.data());
+  launch_kernel((reverse_kernel<true>), 1, 64, 0, nullptr, reinterpret_cast<float*>(idx.data()),
+                reinterpret_cast<float*>(idx.data()));
+  memset_async(idx.data(), 0, sizeof(int) * idx.size(), nullptr);
+  const auto counts = tbd_emu::op_counts();
+  const std::vector<std::pair<std::string, uint64_t>> want = {
+      {"index_kernel", 3}, {"memset", 1}, {"reverse_kernel", 1}};
+  EXPECT_EQ(counts, want);
+  tbd_emu::reset_op_counts();
+  EXPECT_TRUE(tbd_emu::op_counts().empty());
+}
+
 struct alignas(16) Vec4 {
   float v[4];
 };
