@@ -155,8 +155,8 @@ TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
   m.impl("masked_l1", TORCH_FN(masked_forward_cuda<MaskedMode::kL1>));
   m.impl("_masked_sq_dist_backward", TORCH_FN(masked_backward_cuda<MaskedMode::kSqDist>));
   m.impl("_masked_l1_backward", TORCH_FN(masked_backward_cuda<MaskedMode::kL1>));
-  m.impl("masked_sq_dist_levels", TORCH_FN(masked_forward_levels_cuda<MaskedMode::kSqDist>));
-  m.impl("masked_l1_levels", TORCH_FN(masked_forward_levels_cuda<MaskedMode::kL1>));
+  m.impl("_masked_sq_dist_levels", TORCH_FN(masked_forward_levels_cuda<MaskedMode::kSqDist>));
+  m.impl("_masked_l1_levels", TORCH_FN(masked_forward_levels_cuda<MaskedMode::kL1>));
   m.impl("_masked_sq_dist_levels_backward", TORCH_FN(masked_backward_levels_cuda<MaskedMode::kSqDist>));
   m.impl("_masked_l1_levels_backward", TORCH_FN(masked_backward_levels_cuda<MaskedMode::kL1>));
 }

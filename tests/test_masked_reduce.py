@@ -6,8 +6,8 @@ from torch.library import opcheck
 
 import tbd_ops
 from tbd_ops import reference as ref
-from conftest import DEVICES, TOL, requires_cuda, requires_emu, run_single_threaded
-import dispatch as emu_dispatch
+from op_testing import (DEVICES, RED_TOL, TOL, OpContract, Sample, acc_dtype, all_schedules, assert_bitwise,
+                        bitwise_equal, emu_dispatch, requires_cuda, requires_emu, run_single_threaded, strided)
 
 OPS = ["masked_sq_dist", "masked_l1"]
 # N, C, H, W: odd sizes, C = 1, H*W across the 256-thread block and the
@@ -61,61 +61,53 @@ def test_float64_matches_reference(device, op, shape, K):
     compare(op, a, b, m, dict(rtol=1e-10, atol=1e-12), dict(rtol=1e-10, atol=1e-12), g)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", OPS)
-def test_gradcheck(device, op):
-    a, b = rand((2, 3, 4, 5), device), rand((2, 3, 4, 5), device)
-    m = masks_for(2, 2, 4, 5, device)
-    ins = [t.requires_grad_() for t in (a, b, m)]
-    assert torch.autograd.gradcheck(fn(op, tbd_ops), ins)
-    # Gradients of a subset only (the backward op's output mask).
-    assert torch.autograd.gradcheck(lambda x: fn(op, tbd_ops)(x, b.detach(), m.detach()), (a,))
-    assert torch.autograd.gradcheck(lambda x: fn(op, tbd_ops)(a.detach(), b.detach(), x), (m,))
+class MaskedContract(OpContract):
+    """The test contract (op_testing.OpContract) of masked_sq_dist and masked_l1."""
+    reduction_outputs = [0]  # out[n, k]: a sum over H*W in another order on each side
+
+    def samples(self, device):
+        def ab(shape, dtype=torch.float64, grad=True):
+            return [rand(shape, device, dtype).requires_grad_(grad) for _ in range(2)]
+
+        def m(n, k, h, w, dtype=torch.float64, grad=True):
+            return masks_for(n, k, h, w, device, dtype).requires_grad_(grad)
+
+        cl = torch.channels_last
+        a, b = ab((2, 3, 4, 5))
+        return [
+            Sample((a, b, m(2, 2, 4, 5)), name="float64", gradcheck=True),
+            Sample((a, b.detach(), m(2, 2, 4, 5, grad=False)), name="grad of a only", gradcheck=True),
+            Sample((a.detach(), b.detach(), m(2, 2, 4, 5)), name="grad of masks only", gradcheck=True),
+            Sample((*ab((2, 3, 5, 7), torch.float32), m(2, 2, 5, 7, torch.float32)), name="float32"),
+            Sample((*[t.detach().contiguous(memory_format=cl).requires_grad_() for t in ab((1, 6, 4, 3), torch.float32)],
+                    m(1, 2, 4, 3, torch.float32)), name="channels_last"),
+            Sample((*ab((3, 2, 4, 5), torch.float16), m(3, 1, 4, 5, torch.float16, grad=False)), name="float16"),
+            Sample((*ab((2, 4, 3, 3), torch.bfloat16), m(2, 2, 3, 3, torch.bfloat16)), name="bfloat16"),
+            Sample((*ab((2, 4, 3, 3)), masks_for(2, 1, 3, 3, device).expand(2, 3, 3, 3)), name="expanded masks"),
+            # Strided a, b and masks over more than one CPU chunk (512 locations) and
+            # several CUDA blocks (256): 23 x 29 = 667 locations.
+            Sample((strided(rand((2, 3, 23, 29), device)).requires_grad_(),
+                    strided(rand((2, 3, 23, 29), device), "channels_last").requires_grad_(),
+                    strided(masks_for(2, 2, 23, 29, device)).requires_grad_()), name="strided across chunks", opcheck=False),
+            Sample((*ab((0, 4, 3, 3), torch.float32), m(0, 2, 3, 3, torch.float32)), name="N = 0"),
+            Sample((*ab((2, 4, 0, 3), torch.float32), m(2, 2, 0, 3, torch.float32)), name="H = 0"),
+        ]
+
+    def value_tol(self, sample):  # the output is float32 for every 16/32-bit input
+        return TOL[acc_dtype(sample.dtype())]
+
+    def grad_tol(self, sample):
+        return TOL[sample.dtype()]
 
 
-def sample_inputs(device):
-    def ab(shape, dtype=torch.float32, grad=False):
-        return [rand(shape, device, dtype).requires_grad_(grad) for _ in range(2)]
-
-    cl = torch.channels_last
-    out = [
-        (*ab((2, 3, 5, 7)), masks_for(2, 2, 5, 7, device, torch.float32)),
-        (*ab((2, 3, 5, 7), torch.float64, True), masks_for(2, 3, 5, 7, device).requires_grad_()),
-        (*[t.contiguous(memory_format=cl).requires_grad_() for t in ab((1, 6, 4, 3))],
-         masks_for(1, 2, 4, 3, device, torch.float32).requires_grad_()),
-        (*ab((3, 1, 4, 5), torch.float16, True), masks_for(3, 1, 4, 5, device, torch.float16)),
-        (*ab((2, 4, 3, 3), torch.float64, True),
-         masks_for(2, 1, 3, 3, device).expand(2, 3, 3, 3)),
-        (*ab((0, 4, 3, 3), torch.float32, True), masks_for(0, 2, 3, 3, device, torch.float32)),
-        (*ab((2, 4, 0, 3), torch.float32, True), masks_for(2, 2, 0, 3, device, torch.float32)),
-    ]
-    return out
+class TestContractSqDist(MaskedContract):
+    op = staticmethod(tbd_ops.masked_sq_dist)
+    reference = staticmethod(ref.masked_sq_dist)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", OPS)
-def test_opcheck(device, op):
-    fwd = getattr(torch.ops.tbd_ops, op)
-    bwd = getattr(torch.ops.tbd_ops, f"_{op}_backward")
-    for a, b, m in sample_inputs(device):
-        opcheck(fwd, (a, b, m))
-        grad = torch.randn(a.shape[0], m.shape[1], device=device, dtype=torch.float64).to(
-            torch.float64 if a.dtype == torch.float64 else torch.float32)
-        for mask in ([True, True, True], [True, False, False], [False, False, True]):
-            opcheck(bwd, (grad, a.detach(), b.detach(), m.detach(), mask))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_dtypes(device, op, dtype):
-    shape = (2, 16, 9, 13)
-    a, b = rand(shape, device, dtype), rand(shape, device, dtype)
-    m = masks_for(2, 2, 9, 13, device, dtype)
-    g = rand((2, 2), device, torch.float32)
-    # The reference runs in float64 on the same (rounded) values; the output is
-    # float32 for every 16/32-bit input, the gradients come back in the input dtype.
-    compare(op, a, b, m, TOL[torch.float32], TOL[dtype], g)
+class TestContractL1(MaskedContract):
+    op = staticmethod(tbd_ops.masked_l1)
+    reference = staticmethod(ref.masked_l1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -227,27 +219,6 @@ def test_list_of_levels(device, op):
     for y, y_ref in zip(out, fn(op, ref)(a, b, m)):
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     assert len(fn(op, tbd_ops)(tuple(a), tuple(b), tuple(m))) == 3
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", OPS)
-def test_torch_compile_fullgraph(device, op):
-    f = fn(op, tbd_ops)
-
-    def loss(a, b, m):
-        return (f(a, b, m) * torch.tensor([1.0, -2.0], device=a.device)).sum()
-
-    a, b = rand((2, 3, 5, 7), device, torch.float32), rand((2, 3, 5, 7), device, torch.float32)
-    m = masks_for(2, 2, 5, 7, device, torch.float32)
-    ins = [t.requires_grad_() for t in (a, b, m)]
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    value = compiled(*ins)
-    grads = torch.autograd.grad(value, ins)
-    expected = loss(*ins)
-    grads_eager = torch.autograd.grad(expected, ins)
-    torch.testing.assert_close(value, expected)
-    for x, z in zip(grads, grads_eager):
-        torch.testing.assert_close(x, z)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -372,24 +343,13 @@ def test_cuda_matches_cpu_and_graph_capture(op):
 # ---- the emulated CUDA build against the CPU kernels --------------------------
 
 EMU_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-RED_TOL = {  # the forward is a sum in another order on each side
-    torch.float64: dict(rtol=1e-12, atol=1e-14),
-    torch.float32: dict(rtol=1e-5, atol=1e-7),
-    torch.float16: dict(rtol=1e-5, atol=1e-7),
-    torch.bfloat16: dict(rtol=1e-5, atol=1e-7),
-}
-
-
-def bitwise_equal(x, y):
-    return x.shape == y.shape and x.dtype == y.dtype and x.stride() == y.stride() and torch.equal(
-        x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8))
 
 
 def emu_compare(op, a, b, m):
     emu, cpu = torch.ops.tbd_ops_emu, torch.ops.tbd_ops
     y_c = getattr(cpu, op)(a, b, m)
     y_e = getattr(emu, op)(a, b, m)
-    tol = RED_TOL[a.dtype]
+    tol = RED_TOL[y_c.dtype]  # the forward is a sum in another order on each side
     torch.testing.assert_close(y_e, y_c, rtol=tol["rtol"],
                                atol=tol["rtol"] * float(y_c.abs().max()) if y_c.numel() else 0)
     g = torch.randn(y_c.shape, dtype=y_c.dtype)
@@ -398,7 +358,8 @@ def emu_compare(op, a, b, m):
         want = getattr(cpu, f"_{op}_backward")(g, a, b, m, mask)
         for i, (x, z) in enumerate(zip(got, want)):
             # Per-element gradients: the same shared math in the same order, bit for bit.
-            assert bitwise_equal(x, z), f"{op} backward output {i} (mask {mask}) differs"
+            assert x.stride() == z.stride()
+            assert_bitwise(x, z, f"{op} backward output {i} (mask {mask})")
 
 
 @requires_emu
@@ -507,7 +468,7 @@ def test_mask_gradient_uses_the_forward_term(device, op):
     """The gradient of masks is grad[n, k] * term[n, hw] from the forward's per-location sums
     (a and b are not read again for it): a planted term shows in it."""
     a, b, m = pyramid_levels(device, torch.float32)
-    lv = getattr(torch.ops.tbd_ops, f"{op}_levels").default
+    lv = getattr(torch.ops.tbd_ops, f"_{op}_levels").default
     bw = getattr(torch.ops.tbd_ops, f"_{op}_levels_backward").default
     out, term = lv(a, b, m)
     d = [x - y for x, y in zip(a, b)]
@@ -537,18 +498,18 @@ class TestLevelsBadInput:
         a, b, m = pyramid_levels("cpu", torch.float32)
         a[2], b[2], m[2] = a[2].double(), b[2].double(), m[2].double()
         with pytest.raises(TypeError, match=r"a\[2\] must have the dtype of a\[0\] \(Float\), got Double"):
-            getattr(torch.ops.tbd_ops, f"{op}_levels")(a, b, m)
+            getattr(torch.ops.tbd_ops, f"_{op}_levels")(a, b, m)
 
     @pytest.mark.parametrize("op", OPS)
     def test_level_count(self, op):
         a, b, m = pyramid_levels("cpu", torch.float32)
         with pytest.raises(ValueError, match="a, b and masks must have one entry per level, got 4, 3 and 4"):
-            getattr(torch.ops.tbd_ops, f"{op}_levels")(a, b[:3], m)
+            getattr(torch.ops.tbd_ops, f"_{op}_levels")(a, b[:3], m)
 
     @pytest.mark.parametrize("op", OPS)
     def test_term_for_the_mask_gradient(self, op):
         a, b, m = pyramid_levels("cpu", torch.float32)
-        out, term = getattr(torch.ops.tbd_ops, f"{op}_levels")(a, b, m)
+        out, term = getattr(torch.ops.tbd_ops, f"_{op}_levels")(a, b, m)
         bw = getattr(torch.ops.tbd_ops, f"_{op}_levels_backward")
         with pytest.raises(ValueError, match=r"term must have one entry per level \(4\) when the gradient of "
                                              r"masks is asked for, got 0"):
@@ -567,30 +528,17 @@ def split_policy():
     emu_dispatch.emu.set_channel_split_policy(0)
 
 
-def all_schedules(fn):
-    """fn() under the three thread schedules; the results must agree bit for bit."""
-    results = []
-    for sched, _ in emu_dispatch.SCHEDULES:
-        emu_dispatch.emu.set_schedule(sched, 1234)
-        results.append(fn())
-    emu_dispatch.emu.set_schedule(0, 0)
-    for r in results[1:]:
-        for xs, ys in zip(results[0], r):
-            assert all(bitwise_equal(x, y) for x, y in zip(xs, ys)), "thread schedules disagree"
-    return results[0]
-
-
-def emu_compare_levels(op, a, b, m, tol_dtype):
+def emu_compare_levels(op, a, b, m):
     """The emulated levels op against the CPU's: out to rounding, the per-location term and
     every gradient bit for bit, under the three schedules."""
     emu, cpu = torch.ops.tbd_ops_emu, torch.ops.tbd_ops
-    fwd = f"{op}_levels"
+    fwd = f"_{op}_levels"
     out_c, term_c = getattr(cpu, fwd)(a, b, m)
     out_e, term_e = all_schedules(lambda: tuple(getattr(emu, fwd)(a, b, m)))
     for l, (x, y) in enumerate(zip(term_e, term_c)):
         assert bitwise_equal(x, y), f"{op} term of level {l} differs"
     for x, y in zip(out_e, out_c):
-        tol = RED_TOL[tol_dtype]
+        tol = RED_TOL[y.dtype]
         torch.testing.assert_close(x, y, rtol=tol["rtol"], atol=tol["rtol"] * float(y.abs().max()))
     grad = [torch.randn(o.shape, dtype=o.dtype) for o in out_c]
     for mask in ([True, True, True], [False, True, False], [True, False, False], [False, False, True]):
@@ -632,7 +580,7 @@ def test_emulated_levels_match_cpu_on_both_sides_of_the_split_rule(op, policy, C
         m.append(mm)
     emu_dispatch.emu.set_channel_split_policy(policy)
     try:
-        emu_compare_levels(op, a, b, m, dtype)
+        emu_compare_levels(op, a, b, m)
     finally:
         emu_dispatch.emu.set_channel_split_policy(0)
 
@@ -644,7 +592,7 @@ def test_emulated_split_variants_give_the_same_terms(split_policy, op):
     """One thread per location, a warp per channel group and a lane per channel group sum each
     location's channels in the same 8 groups and tree: the same bits."""
     a, b, m = pyramid_levels("cpu", torch.float32, c=37)
-    lv = getattr(torch.ops.tbd_ops_emu, f"{op}_levels")
+    lv = getattr(torch.ops.tbd_ops_emu, f"_{op}_levels")
     split_policy(1)
     serial = lv(a, b, m)[1]
     split_policy(2)
@@ -662,13 +610,13 @@ def test_emulated_more_levels_than_one_launch_takes(op):
     shapes = [(1 + l % 4, 2 + l) for l in range(11)]
     a, b, m = pyramid_levels("cpu", torch.float32, c=3, shapes=shapes)
     before = emu_dispatch.emu.launch_count()
-    out, term = getattr(torch.ops.tbd_ops_emu, f"{op}_levels")(a, b, m)
+    out, term = getattr(torch.ops.tbd_ops_emu, f"_{op}_levels")(a, b, m)
     assert emu_dispatch.emu.launch_count() - before == 2 * 2
     for l in range(len(shapes)):
-        o1, t1 = getattr(torch.ops.tbd_ops_emu, f"{op}_levels")([a[l]], [b[l]], [m[l]])
+        o1, t1 = getattr(torch.ops.tbd_ops_emu, f"_{op}_levels")([a[l]], [b[l]], [m[l]])
         assert bitwise_equal(term[l], t1[0])
         torch.testing.assert_close(out[l], o1[0], rtol=1e-6, atol=0)
-    emu_compare_levels(op, a, b, m, torch.float32)
+    emu_compare_levels(op, a, b, m)
 
 
 @requires_emu
@@ -679,4 +627,4 @@ def test_emulated_split_blocks_take_several_steps(split_policy, op):
     steps of 32 locations (the shared memory of one step is reused by the next)."""
     split_policy(2)
     a, b, m = pyramid_levels("cpu", torch.float32, n=1, c=2, k=1, shapes=((100, 90), (3, 4)))
-    emu_compare_levels(op, a, b, m, torch.float32)
+    emu_compare_levels(op, a, b, m)

@@ -570,7 +570,7 @@ std::vector<at::Tensor> cmss_levels_backward_cpu(at::TensorList grad, at::Tensor
 TORCH_LIBRARY_IMPL(tbd_ops, CPU, m) {
   m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_cpu));
   m.impl("_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cpu));
-  m.impl("channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_cpu));
+  m.impl("_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_cpu));
   m.impl("_channel_max_spatial_softmax_levels_backward", TORCH_FN(cmss_levels_backward_cpu));
 }
 

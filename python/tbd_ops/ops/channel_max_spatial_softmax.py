@@ -3,15 +3,17 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import acc_dtype, check_tensor, is_channels_last, same_dtype_and_device
+from ._utils import (acc_dtype, check_tensor, input_grads, is_channels_last, levels, same_dtype_and_device,
+                     schema_defaults)
 
 _OP = "channel_max_spatial_softmax"
+DEFAULTS = schema_defaults(_OP)  # temperature, scale_by_hw
 
 
 def channel_max_spatial_softmax(
     x: Union[torch.Tensor, Sequence[torch.Tensor]],
-    temperature: float = 1.0,
-    scale_by_hw: bool = False,
+    temperature: float = DEFAULTS["temperature"],
+    scale_by_hw: bool = DEFAULTS["scale_by_hw"],
 ) -> Union[torch.Tensor, List[torch.Tensor]]:
     """p_c of the TBD paper: ``softmax_{h,w}(max_k x[n, k, h, w] / T)``.
 
@@ -29,21 +31,23 @@ def channel_max_spatial_softmax(
     The levels of a list (of one dtype and device) are computed by one call,
     on CUDA in the same kernel launches.
     """
-    if isinstance(x, (list, tuple)):
-        for i, t in enumerate(x):
+    per_level, is_list = levels(_OP, ("x",), x)
+    if is_list:
+        xs = [t for (t,) in per_level]
+        for i, t in enumerate(xs):
             check_tensor(_OP, f"x[{i}]", t)
-        if not x:
+        if not xs:
             return []
-        if not same_dtype_and_device(x):
-            return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for t in x]
-        return list(torch.ops.tbd_ops.channel_max_spatial_softmax_levels.default(
-            list(x), float(temperature), bool(scale_by_hw))[0])
+        if not same_dtype_and_device(xs):
+            return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for t in xs]
+        return list(torch.ops.tbd_ops._channel_max_spatial_softmax_levels.default(
+            xs, float(temperature), bool(scale_by_hw))[0])
     check_tensor(_OP, "x", x)
     return torch.ops.tbd_ops.channel_max_spatial_softmax.default(x, float(temperature), bool(scale_by_hw))[0]
 
 
 @torch.library.register_fake("tbd_ops::channel_max_spatial_softmax")
-def _fake(x, temperature=1.0, scale_by_hw=False):
+def _fake(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by_hw"]):
     torch._check(x.dim() == 4, lambda: f"{_OP}: x must be a 4-D tensor [N, K, H, W], got {x.dim()}-D")
     torch._check(x.shape[1] >= 1, lambda: f"{_OP}: x must have at least one channel, got shape {tuple(x.shape)}")
     n, _, h, w = x.shape
@@ -54,8 +58,8 @@ def _fake(x, temperature=1.0, scale_by_hw=False):
     )
 
 
-@torch.library.register_fake("tbd_ops::channel_max_spatial_softmax_levels")
-def _fake_levels(x, temperature=1.0, scale_by_hw=False):
+@torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_levels")
+def _fake_levels(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by_hw"]):
     outs = [_fake(t, temperature, scale_by_hw) for t in x]
     return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
 
@@ -81,12 +85,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_log_p, _grad_argmax):
     if grad_out is None or not ctx.needs_input_grad[0]:
-        return None, None, None
+        return input_grads(ctx, {})
     log_p, argmax = ctx.saved_tensors
     dx = torch.ops.tbd_ops._channel_max_spatial_softmax_backward.default(
         grad_out, log_p, argmax, ctx.channels, ctx.temperature, ctx.scale_by_hw, ctx.channels_last
     )
-    return dx, None, None
+    return input_grads(ctx, {0: dx})
 
 
 torch.library.register_autograd("tbd_ops::channel_max_spatial_softmax", _backward, setup_context=_setup_context)
@@ -115,7 +119,6 @@ def _backward_levels(ctx, grad_out, _grad_log_p, _grad_argmax):
     L = ctx.levels
     need = ctx.needs_input_grad[0]
     need = list(need) if isinstance(need, (list, tuple)) else [need] * L
-    scalars = (None,) * (len(ctx.needs_input_grad) - 1)
     # The levels with an incoming gradient whose input needs one, in one call.
     todo = [l for l in range(L) if grad_out is not None and grad_out[l] is not None and need[l]]
     dx = [None] * L
@@ -127,8 +130,8 @@ def _backward_levels(ctx, grad_out, _grad_log_p, _grad_argmax):
             [ctx.channels_last[l] for l in todo])
         for l, g in zip(todo, got):
             dx[l] = g
-    return (dx,) + scalars
+    return input_grads(ctx, {0: dx})
 
 
-torch.library.register_autograd("tbd_ops::channel_max_spatial_softmax_levels", _backward_levels,
+torch.library.register_autograd("tbd_ops::_channel_max_spatial_softmax_levels", _backward_levels,
                                 setup_context=_setup_context_levels)

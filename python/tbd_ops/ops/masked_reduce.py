@@ -3,30 +3,26 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import acc_dtype, check_tensor, same_dtype_and_device
+from ._utils import acc_dtype, check_tensor, input_grads, levels, same_dtype_and_device
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def _apply(name: str, a: Levels, b: Levels, masks: Levels):
-    op = getattr(torch.ops.tbd_ops, f"{name}_levels").default
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)) or isinstance(masks, (list, tuple)):
-        for arg, value in (("a", a), ("b", b), ("masks", masks)):
-            if not isinstance(value, (list, tuple)):
-                raise TypeError(f"{name}: a, b and masks must all be tensors or all be lists of levels; "
-                                f"{arg} is a {type(value).__name__}")
-        if not len(a) == len(b) == len(masks):
-            raise ValueError(f"{name}: a, b and masks must have one entry per level, got "
-                             f"{len(a)}, {len(b)} and {len(masks)} levels")
-        for arg, value in (("a", a), ("b", b), ("masks", masks)):
-            for i, t in enumerate(value):
-                check_tensor(name, f"{arg}[{i}]", t)
-        if not a:
+    op = getattr(torch.ops.tbd_ops, f"_{name}_levels").default
+    per_level, is_list = levels(name, ("a", "b", "masks"), a, b, masks)
+    if is_list:
+        for l, (x, y, m) in enumerate(per_level):
+            check_tensor(name, f"a[{l}]", x)
+            check_tensor(name, f"b[{l}]", y)
+            check_tensor(name, f"masks[{l}]", m)
+        if not per_level:
             return []
-        if not same_dtype_and_device(list(a)):
-            return [_apply(name, x, y, m) for x, y, m in zip(a, b, masks)]
+        xs = [x for x, _, _ in per_level]
+        if not same_dtype_and_device(xs):
+            return [_apply(name, x, y, m) for x, y, m in per_level]
         # Every level in one call (on CUDA in the same kernel launches).
-        return list(op(list(a), list(b), list(masks))[0])
+        return list(op(xs, [y for _, y, _ in per_level], [m for _, _, m in per_level])[0])
     check_tensor(name, "a", a)
     check_tensor(name, "b", b)
     check_tensor(name, "masks", masks)
@@ -89,7 +85,7 @@ def _register(name: str) -> None:
         gm = torch.empty_like(masks) if output_mask[2] else masks.new_empty((0,))
         return ga, gb, gm
 
-    @torch.library.register_fake(f"tbd_ops::{name}_levels")
+    @torch.library.register_fake(f"tbd_ops::_{name}_levels")
     def _fake_levels(a, b, masks):
         torch._check(len(a) == len(b) == len(masks), lambda: f"{name}: a, b and masks must have one entry per level")
         for x, y, m in zip(a, b, masks):
@@ -116,10 +112,10 @@ def _register(name: str) -> None:
         need = ctx.needs_input_grad
         mask = [bool(need[0]), bool(need[1]), bool(need[2])]
         if grad is None or not any(mask):
-            return None, None, None
+            return input_grads(ctx, {})
         a, b, masks = ctx.saved_tensors
         ga, gb, gm = backward_op(grad, a, b, masks, mask)
-        return (ga if mask[0] else None, gb if mask[1] else None, gm if mask[2] else None)
+        return input_grads(ctx, {0: ga, 1: gb, 2: gm})
 
     torch.library.register_autograd(f"tbd_ops::{name}", _backward, setup_context=_setup_context)
 
@@ -152,7 +148,7 @@ def _register(name: str) -> None:
             return [g if n else None for g, n in zip(got, need)] if wanted else list(none)
         return pick(ga, need_a, mask[0]), pick(gb, need_b, mask[1]), pick(gm, need_m, mask[2])
 
-    torch.library.register_autograd(f"tbd_ops::{name}_levels", _backward_levels,
+    torch.library.register_autograd(f"tbd_ops::_{name}_levels", _backward_levels,
                                     setup_context=_setup_context_levels)
 
 
