@@ -4,10 +4,38 @@
 
 namespace tbd_ops {
 
-void check_float(const char* op, const char* name, const at::Tensor& t) {
+namespace {
+
+// The names users write: int64 and bool; the floating types as PyTorch prints them.
+std::string dtype_name(at::ScalarType t) {
+  if (t == at::kLong) return "int64";
+  if (t == at::kBool) return "bool";
+  return c10::toString(t);
+}
+
+}  // namespace
+
+void check_float(const char* op, c10::string_view name, const at::Tensor& t) {
   const auto st = t.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
                    op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+void check_dtype(const char* op, c10::string_view name, const at::Tensor& t, at::ScalarType expected) {
+  TORCH_CHECK_TYPE(t.scalar_type() == expected, op, ": ", name, " must be ", dtype_name(expected),
+                   ", got ", t.scalar_type());
+}
+
+void check_same_dtype(const char* op, c10::string_view name, const at::Tensor& t,
+                      c10::string_view ref_name, const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
+                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+void check_same_device(const char* op, c10::string_view name, const at::Tensor& t,
+                       c10::string_view ref_name, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on the device of ",
+                    ref_name, " (", ref.device(), "), got ", t.device());
 }
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }

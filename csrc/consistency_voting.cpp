@@ -1,5 +1,5 @@
-// consistency_voting (PseCo's positive-proposal consistency voting): schema
-// and argument checks. Kernels: csrc/cpu/consistency_voting.cpp,
+// consistency_voting (PseCo's positive-proposal consistency voting): schema,
+// argument checks, autocast. Kernels: csrc/cpu/consistency_voting.cpp,
 // cuda/consistency_voting.cu; fake kernel and autograd:
 // python/tbd_ops/ops/consistency_voting.py.
 #include <ATen/ATen.h>
@@ -11,18 +11,16 @@
 
 namespace tbd_ops {
 
+namespace {
+constexpr Option<VotingMode> kVotingModes[] = {{"pseco", VotingMode::kPseCo}, {"paper", VotingMode::kPaper}};
+}  // namespace
+
 VotingProblem voting_prepare(const char* op, const at::Tensor& pred_boxes,
                              const at::Tensor& gt_inds, const at::Tensor& pseudo_boxes,
                              at::IntArrayRef roi_counts, at::IntArrayRef pseudo_counts,
                              c10::string_view mode) {
   VotingProblem pb;
-  if (mode == "pseco") {
-    pb.mode = VotingMode::kPseCo;
-  } else if (mode == "paper") {
-    pb.mode = VotingMode::kPaper;
-  } else {
-    TORCH_CHECK_VALUE(false, op, ": mode must be \"pseco\" or \"paper\", got \"", mode, "\"");
-  }
+  pb.mode = parse_option(op, "mode", mode, kVotingModes);
   TORCH_CHECK_VALUE(pred_boxes.dim() == 2 && pred_boxes.size(1) == 4, op,
                     ": pred_boxes must be [R, 4], got shape ", pred_boxes.sizes());
   check_float(op, "pred_boxes", pred_boxes);
@@ -30,20 +28,13 @@ VotingProblem voting_prepare(const char* op, const at::Tensor& pred_boxes,
   TORCH_CHECK_VALUE(gt_inds.dim() == 1 && gt_inds.size(0) == pb.R, op,
                     ": gt_inds must be [R] with R = ", pb.R, " (the rows of pred_boxes), got shape ",
                     gt_inds.sizes());
-  TORCH_CHECK_TYPE(gt_inds.scalar_type() == at::kLong, op, ": gt_inds must be int64, got ",
-                   gt_inds.scalar_type());
+  check_dtype(op, "gt_inds", gt_inds, at::kLong);
   TORCH_CHECK_VALUE(pseudo_boxes.dim() == 2 && pseudo_boxes.size(1) == 4, op,
                     ": pseudo_boxes must be [M, 4], got shape ", pseudo_boxes.sizes());
-  TORCH_CHECK_TYPE(pseudo_boxes.scalar_type() == pred_boxes.scalar_type(), op,
-                   ": pseudo_boxes must have the dtype of pred_boxes (", pred_boxes.scalar_type(),
-                   "), got ", pseudo_boxes.scalar_type());
+  check_same_dtype(op, "pseudo_boxes", pseudo_boxes, "pred_boxes", pred_boxes);
   pb.M = pseudo_boxes.size(0);
-  const auto dev = pred_boxes.device();
-  TORCH_CHECK_VALUE(gt_inds.device() == dev, op, ": gt_inds must be on the device of pred_boxes (",
-                    dev, "), got ", gt_inds.device());
-  TORCH_CHECK_VALUE(pseudo_boxes.device() == dev, op,
-                    ": pseudo_boxes must be on the device of pred_boxes (", dev, "), got ",
-                    pseudo_boxes.device());
+  check_same_device(op, "gt_inds", gt_inds, "pred_boxes", pred_boxes);
+  check_same_device(op, "pseudo_boxes", pseudo_boxes, "pred_boxes", pred_boxes);
   TORCH_CHECK_VALUE(roi_counts.size() == pseudo_counts.size(), op,
                     ": roi_counts and pseudo_counts must have one count per image each, got ",
                     roi_counts.size(), " and ", pseudo_counts.size());
@@ -56,11 +47,38 @@ VotingProblem voting_prepare(const char* op, const at::Tensor& pred_boxes,
   return pb;
 }
 
+namespace {
+
+using VotingSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+    c10::string_view);
+
+// Autocast: mixed floating dtypes of the boxes run in the widest of them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> voting_autocast(
+    const at::Tensor& pred_boxes, const at::Tensor& gt_inds, const at::Tensor& pseudo_boxes,
+    at::IntArrayRef roi_counts, at::IntArrayRef pseudo_counts, c10::string_view mode) {
+  const AutocastOff off;
+  static auto op = typed_op<VotingSig>(TBD_OPS_LIB_NAME "::consistency_voting");
+  const auto t = promote_dtype(pred_boxes, pseudo_boxes);
+  if (!t) return op.call(pred_boxes, gt_inds, pseudo_boxes, roi_counts, pseudo_counts, mode);
+  return op.call(pred_boxes.to(*t), gt_inds, pseudo_boxes.to(*t), roi_counts, pseudo_counts, mode);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
       "consistency_voting(Tensor pred_boxes, Tensor gt_inds, Tensor pseudo_boxes,"
       " int[] roi_counts, int[] pseudo_counts, str mode=\"pseco\")"
       " -> (Tensor sigma, Tensor w, Tensor reg_scale)");
+}
+
+TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
+  m.impl("consistency_voting", TORCH_FN(voting_autocast));
+}
+
+TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
+  m.impl("consistency_voting", TORCH_FN(voting_autocast));
 }
 
 }  // namespace tbd_ops

@@ -2,8 +2,6 @@
 // Kernels: csrc/cpu/decode_max_iou.cpp, cuda/decode_max_iou.cu; fake kernels
 // and autograd: python/tbd_ops/ops/decode_max_iou.py.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -11,6 +9,11 @@
 #include "decode_max_iou.h"
 
 namespace tbd_ops {
+
+namespace {
+constexpr Option<Coder> kCoders[] = {
+    {"delta_xywh", Coder::kDeltaXYWH}, {"distance", Coder::kDistance}, {"none", Coder::kNone}};
+}  // namespace
 
 PredLayout pred_layout_of(const at::Tensor& t) {
   PredLayout l{};
@@ -62,16 +65,7 @@ DecodeProblem decode_prepare(const char* op, const at::Tensor& bbox_pred,
   pb.pl = pred_layout_of(bbox_pred);
 
   // coder and its parameters
-  if (coder == "delta_xywh") {
-    pb.params.coder = Coder::kDeltaXYWH;
-  } else if (coder == "distance") {
-    pb.params.coder = Coder::kDistance;
-  } else if (coder == "none") {
-    pb.params.coder = Coder::kNone;
-  } else {
-    TORCH_CHECK_VALUE(false, op, ": coder must be 'delta_xywh', 'distance' or 'none', got '",
-                      std::string(coder), "'");
-  }
+  pb.params.coder = parse_option(op, "coder", coder, kCoders);
   TORCH_CHECK_VALUE(means.size() == 4, op, ": means must have 4 values, got ", means.size());
   TORCH_CHECK_VALUE(stds.size() == 4, op, ": stds must have 4 values, got ", stds.size());
   for (int k = 0; k < 4; ++k) {
@@ -107,9 +101,7 @@ DecodeProblem decode_prepare(const char* op, const at::Tensor& bbox_pred,
     TORCH_CHECK_VALUE(ms.dim() == 2 && ms.size(0) == pb.N && ms.size(1) == 2, op,
                       ": max_shape per image must be [N, 2] = [", pb.N,
                       ", 2] (h, w of every image), got shape ", ms.sizes());
-    TORCH_CHECK_VALUE(ms.device() == bbox_pred.device(), op,
-                      ": max_shape per image must be on the device of bbox_pred (",
-                      bbox_pred.device(), "), got ", ms.device());
+    check_same_device(op, "max_shape per image", ms, "bbox_pred", bbox_pred);
     if (ms.device().is_cpu() && ms.numel() > 0) {
       // Host memory: the values are checked here (on a GPU that would need a
       // synchronization; there NaN propagates and a negative size clips to it).
@@ -138,12 +130,8 @@ DecodeProblem decode_prepare(const char* op, const at::Tensor& bbox_pred,
     TORCH_CHECK_VALUE(pr.size(0) == pb.P, op, ": priors must have P = H*W*A = ", pb.P,
                       " rows to match bbox_pred of shape ", bbox_pred.sizes(), ", got ",
                       pr.size(0));
-    TORCH_CHECK_TYPE(pr.scalar_type() == bbox_pred.scalar_type(), op,
-                     ": priors must have the dtype of bbox_pred (", bbox_pred.scalar_type(),
-                     "), got ", pr.scalar_type());
-    TORCH_CHECK_VALUE(pr.device() == bbox_pred.device(), op,
-                      ": priors must be on the device of bbox_pred (", bbox_pred.device(),
-                      "), got ", pr.device());
+    check_same_dtype(op, "priors", pr, "bbox_pred", bbox_pred);
+    check_same_device(op, "priors", pr, "bbox_pred", bbox_pred);
     if (pb.params.coder == Coder::kDeltaXYWH) {
       TORCH_CHECK_VALUE(pr.size(1) == 4, op,
                         ": coder 'delta_xywh' needs anchors [P, 4], got priors of shape ",
@@ -161,25 +149,12 @@ DecodeProblem decode_prepare(const char* op, const at::Tensor& bbox_pred,
   // ground truths
   TORCH_CHECK_VALUE(gt_bboxes.dim() == 2 && gt_bboxes.size(1) == 4, op,
                     ": gt_bboxes must be [sum G_n, 4], got shape ", gt_bboxes.sizes());
-  TORCH_CHECK_TYPE(gt_bboxes.scalar_type() == bbox_pred.scalar_type(), op,
-                   ": gt_bboxes must have the dtype of bbox_pred (", bbox_pred.scalar_type(),
-                   "), got ", gt_bboxes.scalar_type());
-  TORCH_CHECK_VALUE(gt_bboxes.device() == bbox_pred.device(), op,
-                    ": gt_bboxes must be on the device of bbox_pred (", bbox_pred.device(),
-                    "), got ", gt_bboxes.device());
+  check_same_dtype(op, "gt_bboxes", gt_bboxes, "bbox_pred", bbox_pred);
+  check_same_device(op, "gt_bboxes", gt_bboxes, "bbox_pred", bbox_pred);
   TORCH_CHECK_VALUE(static_cast<int64_t>(gt_counts.size()) == pb.N, op,
                     ": gt_counts must have one count per image (N = ", pb.N, "), got ",
                     gt_counts.size());
-  pb.gt_offsets.resize(pb.N + 1);
-  pb.gt_offsets[0] = 0;
-  for (int64_t n = 0; n < pb.N; ++n) {
-    TORCH_CHECK_VALUE(gt_counts[n] >= 0, op, ": gt_counts must be >= 0, got ", gt_counts[n],
-                      " for image ", n);
-    pb.gt_offsets[n + 1] = pb.gt_offsets[n] + gt_counts[n];
-  }
-  TORCH_CHECK_VALUE(pb.gt_offsets[pb.N] == gt_bboxes.size(0), op,
-                    ": gt_counts must sum to the rows of gt_bboxes (", gt_bboxes.size(0),
-                    "), got ", pb.gt_offsets[pb.N]);
+  pb.gt_offsets = image_offsets(op, "gt_counts", gt_counts, gt_bboxes.size(0), "gt_bboxes");
   pb.gts = gt_bboxes.contiguous();
   return pb;
 }
@@ -192,13 +167,10 @@ void decode_backward_check(const DecodeProblem& pb, const at::Tensor& bbox_pred,
                     grad_iou.sizes());
   TORCH_CHECK_VALUE(arg.sizes() == grad_iou.sizes(), op, ": arg must be [N, P], got ",
                     arg.sizes());
-  TORCH_CHECK_TYPE(grad_iou.scalar_type() == bbox_pred.scalar_type(), op,
-                   ": grad_iou must have the dtype of bbox_pred (", bbox_pred.scalar_type(),
-                   "), got ", grad_iou.scalar_type());
-  TORCH_CHECK_TYPE(arg.scalar_type() == at::kLong, op, ": arg must be int64, got ",
-                   arg.scalar_type());
-  TORCH_CHECK_VALUE(grad_iou.device() == bbox_pred.device() && arg.device() == bbox_pred.device(),
-                    op, ": grad_iou and arg must be on the device of bbox_pred");
+  check_same_dtype(op, "grad_iou", grad_iou, "bbox_pred", bbox_pred);
+  check_dtype(op, "arg", arg, at::kLong);
+  check_same_device(op, "grad_iou", grad_iou, "bbox_pred", bbox_pred);
+  check_same_device(op, "arg", arg, "bbox_pred", bbox_pred);
 }
 
 namespace {
@@ -209,9 +181,7 @@ using DecodeSig = std::tuple<at::Tensor, at::Tensor>(
     c10::optional<at::ArrayRef<double>>, double, const c10::optional<at::Tensor>&);
 
 c10::TypedOperatorHandle<DecodeSig>& decode_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(TBD_OPS_LIB_NAME "::decode_max_iou", "")
-                       .typed<DecodeSig>();
+  static auto op = typed_op<DecodeSig>(TBD_OPS_LIB_NAME "::decode_max_iou");
   return op;
 }
 
@@ -221,23 +191,16 @@ std::tuple<at::Tensor, at::Tensor> decode_autocast(
     at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
     c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
     const c10::optional<at::Tensor>& max_shapes) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const AutocastOff off;
   // Mixed precision (e.g. fp16 predictions, fp32 anchors and boxes): run in
   // the widest floating dtype, return IoU in the dtype of bbox_pred.
-  at::ScalarType t = bbox_pred.scalar_type();
-  const bool has_priors = priors.has_value() && priors->defined();
-  if (has_priors && priors->is_floating_point()) t = at::promote_types(t, priors->scalar_type());
-  if (gt_bboxes.is_floating_point()) t = at::promote_types(t, gt_bboxes.scalar_type());
-  const bool uniform = t == bbox_pred.scalar_type() &&
-                       (!has_priors || priors->scalar_type() == t) && gt_bboxes.scalar_type() == t;
-  if (!bbox_pred.is_floating_point() || uniform) {
+  const auto t = promote_dtype(bbox_pred, priors, gt_bboxes);
+  if (!t) {
     return decode_op().call(bbox_pred, priors, gt_bboxes, gt_counts, coder, means, stds, scale,
                             max_shape, wh_ratio_clip, max_shapes);
   }
-  c10::optional<at::Tensor> pr;
-  if (has_priors) pr = priors->to(t);
-  auto [iou, arg] = decode_op().call(bbox_pred.to(t), pr, gt_bboxes.to(t), gt_counts, coder,
-                                     means, stds, scale, max_shape, wh_ratio_clip, max_shapes);
+  auto [iou, arg] = decode_op().call(bbox_pred.to(*t), cast_to(priors, *t), gt_bboxes.to(*t), gt_counts,
+                                     coder, means, stds, scale, max_shape, wh_ratio_clip, max_shapes);
   return {iou.to(bbox_pred.scalar_type()), arg};
 }
 

@@ -3,8 +3,6 @@
 // Kernels: csrc/cpu/harmony.cpp, cuda/harmony.cu; fake kernels and autograd:
 // python/tbd_ops/ops/harmony.py.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -14,15 +12,18 @@
 
 namespace tbd_ops {
 
+namespace {
+constexpr Option<HarmonyMode> kHarmonyModes[] = {{"iou_guided", HarmonyMode::kIouGuided},
+                                                 {"plain", HarmonyMode::kPlain}};
+}  // namespace
+
 void harmony_score_check(const char* op, const at::Tensor& p_c, const at::Tensor& p_r) {
   check_float(op, "p_c", p_c);
   check_float(op, "p_r", p_r);
   TORCH_CHECK_VALUE(p_r.sizes() == p_c.sizes(), op, ": p_r must have the shape of p_c ",
                     p_c.sizes(), ", got ", p_r.sizes());
-  TORCH_CHECK_TYPE(p_r.scalar_type() == p_c.scalar_type(), op, ": p_r must have the dtype of p_c (",
-                   p_c.scalar_type(), "), got ", p_r.scalar_type());
-  TORCH_CHECK_VALUE(p_r.device() == p_c.device(), op, ": p_r must be on the device of p_c (",
-                    p_c.device(), "), got ", p_r.device());
+  check_same_dtype(op, "p_r", p_r, "p_c", p_c);
+  check_same_device(op, "p_r", p_r, "p_c", p_c);
 }
 
 void harmony_score_backward_check(const char* op, const at::Tensor& grad, const at::Tensor& p_c,
@@ -30,23 +31,15 @@ void harmony_score_backward_check(const char* op, const at::Tensor& grad, const 
   harmony_score_check(op, p_c, p_r);
   TORCH_CHECK_VALUE(grad.sizes() == p_c.sizes(), op, ": grad must have the shape of p_c ",
                     p_c.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == p_c.scalar_type(), op, ": grad must have the dtype of p_c (",
-                   p_c.scalar_type(), "), got ", grad.scalar_type());
-  TORCH_CHECK_VALUE(grad.device() == p_c.device(), op, ": grad must be on the device of p_c (",
-                    p_c.device(), "), got ", grad.device());
+  check_same_dtype(op, "grad", grad, "p_c", p_c);
+  check_same_device(op, "grad", grad, "p_c", p_c);
 }
 
 HarmonyLevels harmony_loss_check(const char* op, at::TensorList pc_s, at::TensorList pr_s,
                                  at::TensorList pc_t, at::TensorList pr_t,
                                  const std::string& mode) {
   HarmonyLevels lv;
-  if (mode == "iou_guided") {
-    lv.mode = HarmonyMode::kIouGuided;
-  } else if (mode == "plain") {
-    lv.mode = HarmonyMode::kPlain;
-  } else {
-    TORCH_CHECK_VALUE(false, op, ": mode must be \"iou_guided\" or \"plain\", got \"", mode, "\"");
-  }
+  lv.mode = parse_option(op, "mode", mode, kHarmonyModes);
   const int64_t L = static_cast<int64_t>(pc_s.size());
   TORCH_CHECK_VALUE(L >= 1, op, ": pc_s must hold at least one level, got 0");
   TORCH_CHECK_VALUE(static_cast<int64_t>(pr_s.size()) == L && static_cast<int64_t>(pc_t.size()) == L &&
@@ -63,17 +56,13 @@ HarmonyLevels harmony_loss_check(const char* op, at::TensorList pc_s, at::Tensor
       const std::string name = std::string(names[k]) + "[" + std::to_string(l) + "]";
       TORCH_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must be a 3-D tensor [N, H, W], got a ",
                         t.dim(), "-D tensor of shape ", t.sizes());
-      check_float(op, name.c_str(), t);
+      check_float(op, name, t);
       if (k > 0) {
         TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of pc_s[",
                           l, "] ", ref.sizes(), ", got ", t.sizes());
       }
-      TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), op, ": ", name,
-                       " must have the dtype of pc_s[0] (", first.scalar_type(), "), got ",
-                       t.scalar_type());
-      TORCH_CHECK_VALUE(t.device() == first.device(), op, ": ", name,
-                        " must be on the device of pc_s[0] (", first.device(), "), got ",
-                        t.device());
+      check_same_dtype(op, name, t, "pc_s[0]", first);
+      check_same_device(op, name, t, "pc_s[0]", first);
     }
     TORCH_CHECK_VALUE(ref.size(0) == first.size(0), op, ": pc_s[", l, "] must hold N = ",
                       first.size(0), " images (as pc_s[0]), got ", ref.size(0), " (shape ",
@@ -95,16 +84,12 @@ HarmonyLevels harmony_loss_backward_check(const char* op, const at::Tensor& grad
   const HarmonyLevels lv = harmony_loss_check(op, pc_s, pr_s, pc_t, pr_t, mode);
   const auto acc = acc_dtype(pc_s[0].scalar_type());
   TORCH_CHECK_VALUE(grad.dim() == 0, op, ": grad must be a 0-d tensor, got shape ", grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == acc, op, ": grad must be ", acc, ", got ",
-                   grad.scalar_type());
-  TORCH_CHECK_VALUE(grad.device() == pc_s[0].device(), op, ": grad must be on the device of pc_s[0] (",
-                    pc_s[0].device(), "), got ", grad.device());
+  check_dtype(op, "grad", grad, acc);
+  check_same_device(op, "grad", grad, "pc_s[0]", pc_s[0]);
   TORCH_CHECK_VALUE(norm.dim() == 2 && norm.size(0) == lv.L && norm.size(1) == lv.N, op,
                     ": norm must be [L, N] = [", lv.L, ", ", lv.N, "], got ", norm.sizes());
-  TORCH_CHECK_TYPE(norm.scalar_type() == acc, op, ": norm must be ", acc, ", got ",
-                   norm.scalar_type());
-  TORCH_CHECK_VALUE(norm.device() == pc_s[0].device(), op, ": norm must be on the device of pc_s[0] (",
-                    pc_s[0].device(), "), got ", norm.device());
+  check_dtype(op, "norm", norm, acc);
+  check_same_device(op, "norm", norm, "pc_s[0]", pc_s[0]);
   return lv;
 }
 
@@ -114,48 +99,23 @@ namespace {
 // mixed input dtypes are promoted to a common one (autocast's "promote"
 // policy), everything else is left as it is.
 at::Tensor harmony_score_autocast(const at::Tensor& p_c, const at::Tensor& p_r) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(TBD_OPS_LIB_NAME "::harmony_score", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  if (!at::isFloatingType(p_c.scalar_type()) || !at::isFloatingType(p_r.scalar_type()) ||
-      p_c.scalar_type() == p_r.scalar_type()) {
-    return op.call(p_c, p_r);
-  }
-  const auto t = at::promoteTypes(p_c.scalar_type(), p_r.scalar_type());
-  return op.call(p_c.to(t), p_r.to(t));
+  const AutocastOff off;
+  static auto op =
+      typed_op<at::Tensor(const at::Tensor&, const at::Tensor&)>(TBD_OPS_LIB_NAME "::harmony_score");
+  const auto t = promote_dtype(p_c, p_r);
+  return t ? op.call(p_c.to(*t), p_r.to(*t)) : op.call(p_c, p_r);
 }
 
 std::tuple<at::Tensor, at::Tensor> harmony_loss_autocast(at::TensorList pc_s, at::TensorList pr_s,
                                                          at::TensorList pc_t, at::TensorList pr_t,
                                                          c10::string_view mode, double eps) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(TBD_OPS_LIB_NAME "::harmony_distillation_loss", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                           c10::string_view, double)>();
-  const at::TensorList lists[4] = {pc_s, pr_s, pc_t, pr_t};
-  bool all_float = true, mixed = false;
-  at::ScalarType common = at::ScalarType::Undefined;
-  for (const auto& list : lists) {
-    for (const auto& t : list) {
-      if (!at::isFloatingType(t.scalar_type())) {
-        all_float = false;
-      } else if (common == at::ScalarType::Undefined) {
-        common = t.scalar_type();
-      } else if (t.scalar_type() != common) {
-        mixed = true;
-        common = at::promoteTypes(common, t.scalar_type());
-      }
-    }
-  }
-  if (!all_float || !mixed) return op.call(pc_s, pr_s, pc_t, pr_t, mode, eps);
-  std::vector<at::Tensor> cast[4];
-  for (int k = 0; k < 4; ++k) {
-    for (const auto& t : lists[k]) cast[k].push_back(t.to(common));
-  }
-  return op.call(cast[0], cast[1], cast[2], cast[3], mode, eps);
+  const AutocastOff off;
+  static auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
+      at::TensorList, at::TensorList, at::TensorList, at::TensorList, c10::string_view, double)>(
+      TBD_OPS_LIB_NAME "::harmony_distillation_loss");
+  const auto t = promote_dtype(pc_s, pr_s, pc_t, pr_t);
+  if (!t) return op.call(pc_s, pr_s, pc_t, pr_t, mode, eps);
+  return op.call(cast_to(pc_s, *t), cast_to(pr_s, *t), cast_to(pc_t, *t), cast_to(pr_t, *t), mode, eps);
 }
 
 }  // namespace

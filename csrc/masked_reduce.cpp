@@ -3,9 +3,10 @@
 // Kernels: csrc/cpu/masked_reduce.cpp, cuda/masked_reduce.cu; fake kernels and
 // autograd: python/tbd_ops/ops/masked_reduce.py.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
+
+#include <string>
+#include <vector>
 
 #include "masked_reduce.h"
 
@@ -28,15 +29,10 @@ void masked_reduce_check(const char* op, const at::Tensor& a, const at::Tensor& 
                         masks.size(3) == a.size(3),
                     op, ": masks must be [N, K, H, W] = [", a.size(0), ", K, ", a.size(2), ", ",
                     a.size(3), "] (N, H, W of a), got ", masks.sizes());
-  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), op,
-                   ": b must have the dtype of a (", a.scalar_type(), "), got ", b.scalar_type());
-  TORCH_CHECK_TYPE(masks.scalar_type() == a.scalar_type(), op,
-                   ": masks must have the dtype of a (", a.scalar_type(), "), got ",
-                   masks.scalar_type(), "; convert masks with .to(a.dtype)");
-  TORCH_CHECK_VALUE(b.device() == a.device(), op, ": b must be on the device of a (", a.device(),
-                    "), got ", b.device());
-  TORCH_CHECK_VALUE(masks.device() == a.device(), op, ": masks must be on the device of a (",
-                    a.device(), "), got ", masks.device());
+  check_same_dtype(op, "b", b, "a", a);
+  check_same_dtype(op, "masks", masks, "a", a);
+  check_same_device(op, "b", b, "a", a);
+  check_same_device(op, "masks", masks, "a", a);
 }
 
 void masked_reduce_backward_check(const char* op, const at::Tensor& grad, const at::Tensor& a,
@@ -45,10 +41,44 @@ void masked_reduce_backward_check(const char* op, const at::Tensor& grad, const 
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == a.size(0) && grad.size(1) == masks.size(1),
                     op, ": grad must be [N, K] = [", a.size(0), ", ", masks.size(1), "], got ",
                     grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == acc_dtype(a.scalar_type()), op, ": grad must be ",
-                   acc_dtype(a.scalar_type()), ", got ", grad.scalar_type());
-  TORCH_CHECK_VALUE(grad.device() == a.device(), op, ": grad must be on the device of a (",
-                    a.device(), "), got ", grad.device());
+  check_dtype(op, "grad", grad, acc_dtype(a.scalar_type()));
+  check_same_device(op, "grad", grad, "a", a);
+}
+
+void masked_reduce_levels_check(const char* op, at::TensorList a, at::TensorList b,
+                                at::TensorList masks) {
+  TORCH_CHECK_VALUE(a.size() == b.size() && a.size() == masks.size(), op,
+                    ": a, b and masks must have one entry per level, got ", a.size(), ", ",
+                    b.size(), " and ", masks.size(), " levels");
+  for (size_t l = 0; l < a.size(); ++l) {
+    masked_reduce_check(op, a[l], b[l], masks[l]);
+    const std::string name = "a[" + std::to_string(l) + "]";
+    check_same_dtype(op, name, a[l], "a[0]", a[0]);
+    check_same_device(op, name, a[l], "a[0]", a[0]);
+  }
+}
+
+void masked_reduce_levels_backward_check(const char* op, at::TensorList grad, at::TensorList a,
+                                         at::TensorList b, at::TensorList masks,
+                                         at::TensorList term, bool want_masks) {
+  masked_reduce_levels_check(op, a, b, masks);
+  TORCH_CHECK_VALUE(grad.size() == a.size(), op, ": grad must have one entry per level (",
+                    a.size(), "), got ", grad.size());
+  TORCH_CHECK_VALUE(!want_masks || term.size() == a.size(), op,
+                    ": term must have one entry per level (", a.size(),
+                    ") when the gradient of masks is asked for, got ", term.size());
+  for (size_t l = 0; l < a.size(); ++l) {
+    masked_reduce_backward_check(op, grad[l], a[l], b[l], masks[l]);
+    if (!want_masks) continue;
+    const at::Tensor& t = term[l];
+    TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == a[l].size(0) && t.size(1) == a[l].size(2) &&
+                          t.size(2) == a[l].size(3),
+                      op, ": term[", l, "] must be [N, H, W] = [", a[l].size(0), ", ", a[l].size(2),
+                      ", ", a[l].size(3), "], got ", t.sizes());
+    const std::string name = "term[" + std::to_string(l) + "]";
+    check_dtype(op, name, t, acc_dtype(a[l].scalar_type()));
+    check_same_device(op, name, t, "a[" + std::to_string(l) + "]", a[l]);
+  }
 }
 
 namespace {
@@ -58,23 +88,26 @@ namespace {
 // policy), everything else is left as it is.
 template <const char* kName>
 at::Tensor masked_autocast(const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(kName, "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  const bool all_float = at::isFloatingType(a.scalar_type()) &&
-                         at::isFloatingType(b.scalar_type()) &&
-                         at::isFloatingType(masks.scalar_type());
-  if (!all_float || (a.scalar_type() == b.scalar_type() && a.scalar_type() == masks.scalar_type())) {
-    return op.call(a, b, masks);
-  }
-  const auto t = at::promoteTypes(at::promoteTypes(a.scalar_type(), b.scalar_type()),
-                                  masks.scalar_type());
-  return op.call(a.to(t), b.to(t), masks.to(t));
+  const AutocastOff off;
+  static auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(kName);
+  const auto t = promote_dtype(a, b, masks);
+  return t ? op.call(a.to(*t), b.to(*t), masks.to(*t)) : op.call(a, b, masks);
+}
+
+template <const char* kName>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> masked_levels_autocast(
+    at::TensorList a, at::TensorList b, at::TensorList masks) {
+  const AutocastOff off;
+  static auto op = typed_op<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
+      at::TensorList, at::TensorList, at::TensorList)>(kName);
+  const auto t = promote_dtype(a, b, masks);
+  return t ? op.call(cast_to(a, *t), cast_to(b, *t), cast_to(masks, *t)) : op.call(a, b, masks);
 }
 
 constexpr char kSqDistName[] = TBD_OPS_LIB_NAME "::masked_sq_dist";
 constexpr char kL1Name[] = TBD_OPS_LIB_NAME "::masked_l1";
+constexpr char kSqDistLevelsName[] = TBD_OPS_LIB_NAME "::_masked_sq_dist_levels";
+constexpr char kL1LevelsName[] = TBD_OPS_LIB_NAME "::_masked_l1_levels";
 
 }  // namespace
 
@@ -87,16 +120,30 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
       "_masked_l1_backward(Tensor grad, Tensor a, Tensor b, Tensor masks, bool[3] output_mask)"
       " -> (Tensor grad_a, Tensor grad_b, Tensor grad_masks)");
+  // Every level of a list in one call (one launch sequence on CUDA). term: the per-location
+  // s[n, h, w] = sum_c term(a - b), which the backward reads for the gradient of masks.
+#define TBD_MASKED_LEVELS(name)                                                                 \
+  m.def("_" name "_levels(Tensor[] a, Tensor[] b, Tensor[] masks) -> (Tensor[] out, Tensor[] term)"); \
+  m.def("_" name                                                                                \
+        "_levels_backward(Tensor[] grad, Tensor[] a, Tensor[] b, Tensor[] masks, Tensor[] term,"   \
+        " bool[3] output_mask) -> (Tensor[] grad_a, Tensor[] grad_b, Tensor[] grad_masks)")
+  TBD_MASKED_LEVELS("masked_sq_dist");
+  TBD_MASKED_LEVELS("masked_l1");
+#undef TBD_MASKED_LEVELS
 }
 
 TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
   m.impl("masked_sq_dist", TORCH_FN(masked_autocast<kSqDistName>));
   m.impl("masked_l1", TORCH_FN(masked_autocast<kL1Name>));
+  m.impl("_masked_sq_dist_levels", TORCH_FN(masked_levels_autocast<kSqDistLevelsName>));
+  m.impl("_masked_l1_levels", TORCH_FN(masked_levels_autocast<kL1LevelsName>));
 }
 
 TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
   m.impl("masked_sq_dist", TORCH_FN(masked_autocast<kSqDistName>));
   m.impl("masked_l1", TORCH_FN(masked_autocast<kL1Name>));
+  m.impl("_masked_sq_dist_levels", TORCH_FN(masked_levels_autocast<kSqDistLevelsName>));
+  m.impl("_masked_l1_levels", TORCH_FN(masked_levels_autocast<kL1LevelsName>));
 }
 
 }  // namespace tbd_ops

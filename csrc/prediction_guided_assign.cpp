@@ -3,8 +3,6 @@
 // cuda/prediction_guided_assign.cu; fake kernel and autograd:
 // python/tbd_ops/ops/prediction_guided_assign.py.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -27,38 +25,25 @@ AssignProblem assign_prepare(const char* op, const at::Tensor& boxes, const at::
   TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(0) == pb.P && scores.size(1) >= 1, op,
                     ": scores must be [P, C] with P = ", pb.P, " (the rows of boxes) and C >= 1,"
                     " got shape ", scores.sizes());
-  TORCH_CHECK_TYPE(scores.scalar_type() == boxes.scalar_type(), op,
-                   ": scores must have the dtype of boxes (", boxes.scalar_type(), "), got ",
-                   scores.scalar_type());
+  check_same_dtype(op, "scores", scores, "boxes", boxes);
   pb.C = scores.size(1);
   TORCH_CHECK_VALUE(pseudo_boxes.dim() == 2 && pseudo_boxes.size(1) == 4, op,
                     ": pseudo_boxes must be [M, 4], got shape ", pseudo_boxes.sizes());
-  TORCH_CHECK_TYPE(pseudo_boxes.scalar_type() == boxes.scalar_type(), op,
-                   ": pseudo_boxes must have the dtype of boxes (", boxes.scalar_type(),
-                   "), got ", pseudo_boxes.scalar_type());
+  check_same_dtype(op, "pseudo_boxes", pseudo_boxes, "boxes", boxes);
   pb.M = pseudo_boxes.size(0);
   TORCH_CHECK_VALUE(pseudo_labels.dim() == 1 && pseudo_labels.size(0) == pb.M, op,
                     ": pseudo_labels must be [M] with M = ", pb.M,
                     " (the rows of pseudo_boxes), got shape ", pseudo_labels.sizes());
-  TORCH_CHECK_TYPE(pseudo_labels.scalar_type() == at::kLong, op,
-                   ": pseudo_labels must be int64, got ", pseudo_labels.scalar_type());
-  const auto dev = boxes.device();
-  TORCH_CHECK_VALUE(scores.device() == dev, op, ": scores must be on the device of boxes (", dev,
-                    "), got ", scores.device());
-  TORCH_CHECK_VALUE(pseudo_boxes.device() == dev, op,
-                    ": pseudo_boxes must be on the device of boxes (", dev, "), got ",
-                    pseudo_boxes.device());
-  TORCH_CHECK_VALUE(pseudo_labels.device() == dev, op,
-                    ": pseudo_labels must be on the device of boxes (", dev, "), got ",
-                    pseudo_labels.device());
+  check_dtype(op, "pseudo_labels", pseudo_labels, at::kLong);
+  check_same_device(op, "scores", scores, "boxes", boxes);
+  check_same_device(op, "pseudo_boxes", pseudo_boxes, "boxes", boxes);
+  check_same_device(op, "pseudo_labels", pseudo_labels, "boxes", boxes);
   if (valid.has_value() && valid->defined()) {
     const at::Tensor& v = *valid;
     TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == pb.P, op, ": valid must be [P] with P = ",
                       pb.P, " (the rows of boxes), got shape ", v.sizes());
-    TORCH_CHECK_TYPE(v.scalar_type() == at::kBool, op, ": valid must be bool, got ",
-                     v.scalar_type());
-    TORCH_CHECK_VALUE(v.device() == dev, op, ": valid must be on the device of boxes (", dev,
-                      "), got ", v.device());
+    check_dtype(op, "valid", v, at::kBool);
+    check_same_device(op, "valid", v, "boxes", boxes);
     pb.valid = v.contiguous();
   }
   TORCH_CHECK_VALUE(proposal_counts.size() == pseudo_counts.size(), op,
@@ -97,19 +82,14 @@ std::tuple<at::Tensor, at::Tensor> assign_autocast(
     const at::Tensor& pseudo_labels, at::IntArrayRef proposal_counts,
     at::IntArrayRef pseudo_counts, const c10::optional<at::Tensor>& valid, double iou_thr,
     int64_t topk, double alpha) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(TBD_OPS_LIB_NAME "::prediction_guided_assign", "")
-                       .typed<AssignSig>();
-  at::ScalarType t = boxes.scalar_type();
-  if (scores.is_floating_point()) t = at::promote_types(t, scores.scalar_type());
-  if (pseudo_boxes.is_floating_point()) t = at::promote_types(t, pseudo_boxes.scalar_type());
-  const bool uniform = scores.scalar_type() == t && pseudo_boxes.scalar_type() == t;
-  if (!boxes.is_floating_point() || (boxes.scalar_type() == t && uniform)) {
+  const AutocastOff off;
+  static auto op = typed_op<AssignSig>(TBD_OPS_LIB_NAME "::prediction_guided_assign");
+  const auto t = promote_dtype(boxes, scores, pseudo_boxes);
+  if (!t) {
     return op.call(boxes, scores, pseudo_boxes, pseudo_labels, proposal_counts, pseudo_counts,
                    valid, iou_thr, topk, alpha);
   }
-  return op.call(boxes.to(t), scores.to(t), pseudo_boxes.to(t), pseudo_labels, proposal_counts,
+  return op.call(boxes.to(*t), scores.to(*t), pseudo_boxes.to(*t), pseudo_labels, proposal_counts,
                  pseudo_counts, valid, iou_thr, topk, alpha);
 }
 

@@ -1,4 +1,4 @@
-// sigmoid_focal_loss (SPEC 2.4): schemas and argument checks.
+// sigmoid_focal_loss (SPEC 2.4): schemas, argument checks, autocast.
 // Kernels: csrc/cpu/sigmoid_focal_loss.cpp, cuda/sigmoid_focal_loss.cu; fake
 // kernels and autograd: python/tbd_ops/ops/sigmoid_focal_loss.py.
 #include <ATen/ATen.h>
@@ -10,20 +10,15 @@
 
 namespace tbd_ops {
 
+namespace {
+constexpr Option<FocalReduction> kReductions[] = {
+    {"none", FocalReduction::kNone}, {"sum", FocalReduction::kSum}, {"mean", FocalReduction::kMean}};
+}  // namespace
+
 FocalReduction focal_check(const char* op, const at::Tensor& logits, const at::Tensor& targets,
                            const c10::optional<at::Tensor>& weight, double gamma, double alpha,
                            c10::string_view reduction) {
-  FocalReduction red = FocalReduction::kSum;
-  if (reduction == "none") {
-    red = FocalReduction::kNone;
-  } else if (reduction == "sum") {
-    red = FocalReduction::kSum;
-  } else if (reduction == "mean") {
-    red = FocalReduction::kMean;
-  } else {
-    TORCH_CHECK_VALUE(false, op, ": reduction must be \"none\", \"sum\" or \"mean\", got \"",
-                      reduction, "\"");
-  }
+  const FocalReduction red = parse_option(op, "reduction", reduction, kReductions);
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be a 2-D tensor [R, C], got a ",
                     logits.dim(), "-D tensor of shape ", logits.sizes());
   check_float(op, "logits", logits);
@@ -31,19 +26,14 @@ FocalReduction focal_check(const char* op, const at::Tensor& logits, const at::T
   TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == R, op,
                     ": targets must be [R] with R = ", R, " (the rows of logits), got shape ",
                     targets.sizes());
-  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, op, ": targets must be int64, got ",
-                   targets.scalar_type());
-  TORCH_CHECK_VALUE(targets.device() == logits.device(), op,
-                    ": targets must be on the device of logits (", logits.device(), "), got ",
-                    targets.device());
+  check_dtype(op, "targets", targets, at::kLong);
+  check_same_device(op, "targets", targets, "logits", logits);
   if (weight.has_value() && weight->defined()) {
     const at::Tensor& w = *weight;
     TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == R, op, ": weight must be [R] with R = ", R,
                       " (the rows of logits), got shape ", w.sizes());
     check_float(op, "weight", w);
-    TORCH_CHECK_VALUE(w.device() == logits.device(), op,
-                      ": weight must be on the device of logits (", logits.device(), "), got ",
-                      w.device());
+    check_same_device(op, "weight", w, "logits", logits);
   }
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0, op,
                     ": gamma must be a finite number >= 0, got ", gamma);
@@ -60,18 +50,13 @@ FocalReduction focal_backward_check(const char* op, const at::Tensor& grad,
   if (red == FocalReduction::kNone) {
     TORCH_CHECK_VALUE(grad.sizes() == logits.sizes(), op, ": grad must have the shape of logits ",
                       logits.sizes(), " for reduction \"none\", got ", grad.sizes());
-    TORCH_CHECK_TYPE(grad.scalar_type() == logits.scalar_type(), op,
-                     ": grad must have the dtype of logits (", logits.scalar_type(), "), got ",
-                     grad.scalar_type());
+    check_same_dtype(op, "grad", grad, "logits", logits);
   } else {
     TORCH_CHECK_VALUE(grad.dim() == 0, op, ": grad must be a 0-d tensor for reduction \"",
                       reduction, "\", got shape ", grad.sizes());
-    TORCH_CHECK_TYPE(grad.scalar_type() == acc_dtype(logits.scalar_type()), op,
-                     ": grad must be ", acc_dtype(logits.scalar_type()), ", got ",
-                     grad.scalar_type());
+    check_dtype(op, "grad", grad, acc_dtype(logits.scalar_type()));
   }
-  TORCH_CHECK_VALUE(grad.device() == logits.device(), op, ": grad must be on the device of logits (",
-                    logits.device(), "), got ", grad.device());
+  check_same_device(op, "grad", grad, "logits", logits);
   return red;
 }
 
@@ -79,6 +64,27 @@ at::Tensor focal_weight_acc(const at::Tensor& logits, const c10::optional<at::Te
   if (!weight.has_value() || !weight->defined()) return at::Tensor();
   return weight->to(acc_dtype(logits.scalar_type())).contiguous();
 }
+
+namespace {
+
+using FocalSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                            double, double, c10::string_view);
+
+// Autocast: logits and a weight of different floating dtypes run in the
+// widest of them; the per-element loss ("none") comes back in the dtype of
+// the logits.
+at::Tensor focal_autocast(const at::Tensor& logits, const at::Tensor& targets,
+                          const c10::optional<at::Tensor>& weight, double gamma, double alpha,
+                          c10::string_view reduction) {
+  const AutocastOff off;
+  static auto op = typed_op<FocalSig>(TBD_OPS_LIB_NAME "::sigmoid_focal_loss");
+  const auto t = promote_dtype(logits, weight);
+  if (!t) return op.call(logits, targets, weight, gamma, alpha, reduction);
+  at::Tensor out = op.call(logits.to(*t), targets, cast_to(weight, *t), gamma, alpha, reduction);
+  return reduction == "none" ? out.to(logits.scalar_type()) : out;
+}
+
+}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
@@ -88,6 +94,14 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
       "_sigmoid_focal_loss_backward(Tensor grad, Tensor logits, Tensor targets, Tensor? weight,"
       " float gamma, float alpha, str reduction, bool[2] output_mask)"
       " -> (Tensor grad_logits, Tensor grad_weight)");
+}
+
+TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
+  m.impl("sigmoid_focal_loss", TORCH_FN(focal_autocast));
+}
+
+TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
+  m.impl("sigmoid_focal_loss", TORCH_FN(focal_autocast));
 }
 
 }  // namespace tbd_ops

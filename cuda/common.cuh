@@ -7,7 +7,7 @@
 #include "backend.cuh"
 #include "launchers.h"
 #include "reduce.cuh"
-#include "tbd_ops/macros.h"
+#include "tbd_ops/math.h"
 
 namespace tbd_ops {
 namespace cuda {

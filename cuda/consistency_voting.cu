@@ -40,15 +40,12 @@ voting_sigma_kernel(const T* __restrict__ boxes, int64_t bs0, int64_t bs1,
   const int64_t g = chunk.m_off[0] + blockIdx.x;
   const int n = image_of(chunk.m_off, chunk.count, g);
   const int64_t j = g - chunk.m_off[n];
-  const T* q = gts + g * 4;
-  const Box<A> gt{to_acc(q[0]), to_acc(q[1]), to_acc(q[2]), to_acc(q[3])};
+  const Box<A> gt = load_box<A>(gts, g, ToAcc());
   A sum = A(0);
   int64_t count = 0;
   for (int64_t r = chunk.r_off[n] + threadIdx.x; r < chunk.r_off[n + 1]; r += kBlock) {
     if (gt_inds[r * gs0] != j + 1) continue;
-    const T* b = boxes + r * bs0;
-    const Box<A> box{to_acc(b[0]), to_acc(b[bs1]), to_acc(b[2 * bs1]), to_acc(b[3 * bs1])};
-    sum += box_iou(box, gt, eps);
+    sum += box_iou(load_box<A>(boxes, r, bs0, bs1, ToAcc()), gt, eps);
     ++count;
   }
   sum = block_sum<kBlock>(sum);

@@ -36,12 +36,6 @@ struct ImageChunk {
 };
 
 template <typename T, typename A>
-__device__ __forceinline__ Box<A> load_gt(const T* gts, int64_t row) {
-  const T* g = gts + row * 4;
-  return {to_acc(g[0]), to_acc(g[1]), to_acc(g[2]), to_acc(g[3])};
-}
-
-template <typename T, typename A>
 __device__ __forceinline__ Box<A> decode_at(const T* pred, const PredLayout& pl, const T* priors,
                                             int64_t ps0, int64_t ps1, int pdim, int64_t n,
                                             int64_t p, const CoderParams<A>& cp, A d[4], A r[4]) {
@@ -72,7 +66,9 @@ decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
   for (int64_t t0 = 0; t0 < G; t0 += kTile) {
     const int tn = static_cast<int>(G - t0 < kTile ? G - t0 : kTile);
     __syncthreads();  // the previous tile is no longer read
-    for (int j = threadIdx.x; j < tn; j += kBlock) tile[j] = load_gt<T, A>(gts, g0 + t0 + j);
+    for (int j = threadIdx.x; j < tn; j += kBlock) {
+      tile[j] = load_box<A>(gts, g0 + t0 + j, ToAcc());
+    }
     __syncthreads();
     if (active) {
       for (int j = 0; j < tn; ++j) argmax_update(best, box_iou(b, tile[j], eps), t0 + j);
@@ -112,7 +108,7 @@ decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
       const CoderParams<A> cpn = image_params(cp, shapes, n);
       const Box<A> b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, cpn, d, r);
       Box<A> gb, gg;
-      box_iou_backward(b, load_gt<T, A>(gts, chunk.off[i] + a), eps,
+      box_iou_backward(b, load_box<A>(gts, chunk.off[i] + a, ToAcc()), eps,
                        to_acc(grad[n * gs0 + p * gs1]), gb, gg);
       decode_box_backward(d, r, cpn, gb, dp, grad_priors ? dr : nullptr);
       for (int k = 0; k < 4; ++k) acc[k] += dr[k];
@@ -169,7 +165,7 @@ decode_max_iou_bwd_gt_kernel(const T* __restrict__ pred, PredLayout pl,
   const int32_t row = static_cast<int32_t>(blockIdx.x);
   const int64_t lo = lower_bound_key(keys, NP, row);
   const int64_t hi = lower_bound_key(keys, NP, row + 1);
-  const Box<A> gt = load_gt<T, A>(gts, row);
+  const Box<A> gt = load_box<A>(gts, row, ToAcc());
   Box<A> s{A(0), A(0), A(0), A(0)};
   for (int64_t i = lo + threadIdx.x; i < hi; i += kBlock) {
     const int64_t v = vals[i];

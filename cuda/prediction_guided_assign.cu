@@ -59,13 +59,10 @@ assign_match_kernel(const T* __restrict__ boxes, int64_t bs0, int64_t bs1,
   if (p >= chunk.p_off[chunk.count]) return;
   const int lo = image_of(chunk.p_off, chunk.count, p);
   const int64_t g0 = chunk.m_off[lo], M = chunk.m_off[lo + 1] - g0;
-  const T* b = boxes + p * bs0;
-  const Box<A> box{to_acc(b[0]), to_acc(b[bs1]), to_acc(b[2 * bs1]), to_acc(b[3 * bs1])};
+  const Box<A> box = load_box<A>(boxes, p, bs0, bs1, ToAcc());
   ArgMax<A> best = argmax_empty<A>();
   for (int64_t j = 0; j < M; ++j) {
-    const T* g = gts + (g0 + j) * 4;
-    const Box<A> gb{to_acc(g[0]), to_acc(g[1]), to_acc(g[2]), to_acc(g[3])};
-    argmax_update(best, box_iou(box, gb, eps), j);
+    argmax_update(best, box_iou(box, load_box<A>(gts, g0 + j, ToAcc()), eps), j);
   }
   A u = A(0), qv = A(0);
   int32_t key = none, j = -1;

@@ -1,59 +1,13 @@
-import os
-import sys
-
+"""Fixtures and hooks of the test suite. The shared test code (devices, dtypes,
+tolerances, random inputs, the op test contract) is in op_testing.py."""
 import pytest
 import torch
 
 import tbd_ops  # noqa: F401  (registers the operators)
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "emu"))
-import dispatch as emu_dispatch  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available() and tbd_ops.cuda_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of tbd_ops")
-requires_emu = pytest.mark.skipif(emu_dispatch.emu is None, reason=str(emu_dispatch.UNAVAILABLE))
-
-# Devices of the op suites:
-#   cpu       the CPU kernels;
-#   cuda_emu  CPU tensors, but every tbd_ops op runs the CUDA path (glue, launchers,
-#             kernels) on the SIMT emulator, under three thread schedules that must
-#             agree bit for bit (tests/emu/dispatch.py); the test sees device "cpu";
-#   cuda      a real GPU.
-CUDA_EMU = pytest.param("cpu", id="cuda_emu", marks=[requires_emu, pytest.mark.cuda_emu])
-DEVICES = ["cpu", CUDA_EMU, pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
-
-# Tolerances of the kernels against the float64 reference, per input dtype
-# (outputs are rounded to the input dtype; math runs in float32 inside).
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=2e-5, atol=1e-6),
-    torch.float16: dict(rtol=2e-3, atol=1e-4),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
-}
-# Gradients carry one more cancellation (e.g. g - sum(p * g)): looser in float32.
-GRAD_TOL = dict(TOL)
-GRAD_TOL[torch.float32] = dict(rtol=1e-4, atol=1e-5)
-
-
-def assert_compiles_like_eager(loss, x):
-    """torch.compile(fullgraph=True) of loss(x) gives eager's value and gradient."""
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    value = compiled(x)
-    (g1,) = torch.autograd.grad(value, x)
-    expected = loss(x)
-    (g2,) = torch.autograd.grad(expected, x)
-    torch.testing.assert_close(value, expected)
-    torch.testing.assert_close(g1, g2)
-
-
-def run_single_threaded(fn):
-    """fn() with one intra-op thread (to compare against the multi-threaded result)."""
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
+from op_testing import emu_dispatch
+# The names test files used to import from here.
+from op_testing import (DEVICES, GRAD_TOL, HAS_CUDA, TOL, assert_compiles_like_eager,  # noqa: F401
+                        requires_cuda, requires_emu, run_single_threaded)
 
 
 @pytest.fixture(autouse=True)
@@ -75,10 +29,29 @@ def _emulated_cuda(request):
         yield
 
 
+@pytest.fixture
+def grid_yz_limit():
+    """Lowers the grid.y limit (65535 on the GPU) so that batch chunking shows at small sizes."""
+    yield emu_dispatch.emu.set_grid_yz_limit
+    emu_dispatch.emu.set_grid_yz_limit(0)
+
+
+def pytest_runtest_setup(item):
+    """Tests that need the emulated CUDA build: skipped when it is missing, failed
+    when it was built from other sources (it would test old code)."""
+    if not any(item.get_closest_marker(m) for m in ("requires_emu", "cuda_emu", "emulated")):
+        return
+    if emu_dispatch.STALE:
+        pytest.fail(emu_dispatch.UNAVAILABLE, pytrace=False)
+    if emu_dispatch.emu is None:
+        pytest.skip(emu_dispatch.UNAVAILABLE)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
     config.addinivalue_line("markers", "cuda_emu: runs the CUDA path on the SIMT emulator")
     config.addinivalue_line("markers", "emulated: compares the emulated CUDA build with the CPU kernels")
+    config.addinivalue_line("markers", "requires_emu: needs the emulated CUDA build (tests/emu)")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -92,3 +65,5 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"emulated CUDA: {len(passed)} tests passed, {len(failed)} failed; "
             f"{emu_dispatch.stats['calls']} op calls x 3 schedules, {launches} kernel launches")
+    if emu_dispatch.STALE:
+        terminalreporter.write_line(f"emulated CUDA: {emu_dispatch.UNAVAILABLE}")

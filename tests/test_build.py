@@ -1,3 +1,5 @@
+import inspect
+import os
 import re
 
 import pytest
@@ -5,46 +7,122 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME
 
 import tbd_ops
+from tbd_ops.ops._utils import schema_defaults
 
-OPS = ["channel_max_spatial_softmax", "_channel_max_spatial_softmax_backward",
-       "decode_max_iou", "_decode_max_iou_backward",
-       "sigmoid_focal_loss", "_sigmoid_focal_loss_backward", "consistency_voting",
-       "harmony_score", "_harmony_score_backward",
-       "harmony_distillation_loss", "_harmony_distillation_loss_backward",
-       "_device_values"]
+# Every operator the library registers, from the dispatcher: a new op is covered without an edit here.
+OPS = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("tbd_ops::"))
+# Composite operators: implemented once over the others (CompositeImplicitAutograd), no backend kernels.
+COMPOSITE = [op for op in OPS if torch._C._dispatch_has_kernel_for_dispatch_key(f"tbd_ops::{op}",
+                                                                                "CompositeImplicitAutograd")]
+KERNEL_OPS = [op for op in OPS if op not in COMPOSITE]
 
 
 def test_version():
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", tbd_ops.__version__)
 
 
-@pytest.mark.parametrize("op", OPS)
+def test_every_op_is_found():
+    # The families of the library (a registration that went missing would shrink the list).
+    for op in ["channel_max_spatial_softmax", "decode_max_iou", "box_max_iou", "harmony_score",
+               "harmony_distillation_loss", "masked_sq_dist", "masked_l1", "prediction_guided_assign",
+               "consistency_voting", "sigmoid_focal_loss", "scale_consistency_loss"]:
+        assert op in OPS
+    assert {"box_max_iou", "scale_consistency_loss"} <= set(COMPOSITE)
+
+
+@pytest.mark.parametrize("op", KERNEL_OPS)
 def test_cpu_kernels_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tbd_ops::{op}", "CPU")
 
 
 @pytest.mark.skipif(not tbd_ops.cuda_available(), reason="a CPU-only build of tbd_ops (TBD_OPS_CUDA=0 or no nvcc)")
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", KERNEL_OPS)
 def test_cuda_kernels_registered(op):
     # A build with the CUDA kernels registers every op for the CUDA key, GPU or not.
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tbd_ops::{op}", "CUDA")
 
 
+@pytest.mark.parametrize("op", KERNEL_OPS)
+def test_fake_kernels_registered(op):
+    """torch.compile traces every op with its fake kernel (python/tbd_ops/ops/<op>.py)."""
+    assert torch._library.simple_registry.singleton.find(f"tbd_ops::{op}").fake_impl.kernel is not None
+
+
 @pytest.mark.skipif(CUDA_HOME is None, reason="no CUDA toolkit on this machine")
 def test_ci_builds_cuda_kernels_when_nvcc_exists():
     # CI sets TBD_OPS_CUDA=1 where nvcc exists: a silent CPU-only build would fail here.
-    import os
     if os.environ.get("TBD_OPS_CUDA", "") not in ("1", "on", "true", "yes"):
         pytest.skip("TBD_OPS_CUDA is not 1 in this environment")
     assert tbd_ops.cuda_available()
 
 
-def test_box_max_iou_is_composite():
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("tbd_ops::box_max_iou", "CompositeImplicitAutograd")
-
-
 def test_public_api():
-    for name in ["channel_max_spatial_softmax", "decode_max_iou", "box_max_iou", "cuda_available"]:
-        assert callable(getattr(tbd_ops, name))
-        if name != "cuda_available":
-            assert callable(getattr(tbd_ops.reference, name))
+    for op in OPS:
+        if op.startswith("_"):
+            continue  # backward ops
+        assert callable(getattr(tbd_ops, op)), op
+        assert callable(getattr(tbd_ops.reference, op)), op
+    assert callable(tbd_ops.cuda_available)
+
+
+# ---- defaults: one source (the schema), the values of the papers --------------------------------
+def _signature_defaults(fn):
+    return {k: v.default for k, v in inspect.signature(fn).parameters.items()
+            if v.default is not inspect.Parameter.empty}
+
+
+def _same(a, b):
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if not op.startswith("_") and op not in COMPOSITE])
+def test_function_and_reference_defaults_are_the_schemas(op):
+    """The Python function and the reference default every argument the schema
+    has a default for, to the schema's value."""
+    schema = schema_defaults(op)
+    for fn in (getattr(tbd_ops, op), getattr(tbd_ops.reference, op)):
+        defaults = _signature_defaults(fn)
+        for name, value in schema.items():
+            if name in defaults:
+                assert _same(defaults[name], value), f"{fn.__module__}.{op}: {name} = {defaults[name]!r}, schema {value!r}"
+
+
+def test_defaults_are_the_papers():
+    """The documented defaults, from the papers' official code (PseCo: iou_thr 0.4, topk 12,
+    alpha 0.5; RetinaNet's focal loss: gamma 2, alpha 0.25; MMDetection's DeltaXYWHBBoxCoder:
+    wh_ratio_clip 16/1000), not from the code under test."""
+    assert schema_defaults("prediction_guided_assign") == {"valid": None, "iou_thr": 0.4, "topk": 12, "alpha": 0.5}
+    focal = schema_defaults("sigmoid_focal_loss")
+    assert (focal["gamma"], focal["alpha"], focal["reduction"]) == (2.0, 0.25, "sum")
+    assert schema_defaults("decode_max_iou")["wh_ratio_clip"] == 16 / 1000
+    assert schema_defaults("consistency_voting") == {"mode": "pseco"}
+    assert schema_defaults("harmony_distillation_loss") == {"mode": "iou_guided", "eps": 1e-6}
+    assert schema_defaults("channel_max_spatial_softmax") == {"temperature": 1.0, "scale_by_hw": False}
+
+
+def test_module_defaults_are_the_ops():
+    from tbd_ops import nn
+    pairs = [  # (module, its argument, op, the op's argument)
+        (nn.PseCoAssigner, "iou_thr", "prediction_guided_assign", "iou_thr"),
+        (nn.PseCoAssigner, "topk", "prediction_guided_assign", "topk"),
+        (nn.PseCoAssigner, "alpha", "prediction_guided_assign", "alpha"),
+        (nn.ConsistencyVotingWeights, "mode", "consistency_voting", "mode"),
+        (nn.SigmoidFocalLoss, "gamma", "sigmoid_focal_loss", "gamma"),
+        (nn.SigmoidFocalLoss, "alpha", "sigmoid_focal_loss", "alpha"),
+        (nn.HarmonyDistillationLoss, "mode", "harmony_distillation_loss", "mode"),
+        (nn.HarmonyDistillationLoss, "eps", "harmony_distillation_loss", "eps"),
+        (nn.TBDLoss, "hd_mode", "harmony_distillation_loss", "mode"),
+        (nn.TBDLoss, "coder", "decode_max_iou", "coder"),
+        (nn.TBDLoss, "temperature", "channel_max_spatial_softmax", "temperature"),
+        (nn.TBDLoss, "scale_by_hw", "channel_max_spatial_softmax", "scale_by_hw"),
+    ]
+    try:  # the MMDetection registrations, where mmdet is installed
+        from tbd_ops.mmdet.pseco import PredictionGuidedAssigner
+        pairs += [(PredictionGuidedAssigner, k, "prediction_guided_assign", k) for k in ("iou_thr", "topk", "alpha")]
+    except ImportError:
+        pass
+    for module, arg, op, op_arg in pairs:
+        got = _signature_defaults(module.__init__)[arg]
+        assert _same(got, schema_defaults(op)[op_arg]), f"{module.__name__}({arg}={got!r}) vs {op}({op_arg})"

@@ -1,11 +1,14 @@
 """channel_max_spatial_softmax (p_c): kernels vs tbd_ops.reference."""
 import pytest
 import torch
-from torch.library import opcheck
 
 import tbd_ops
 from tbd_ops import reference as ref
-from conftest import DEVICES, GRAD_TOL, TOL, assert_compiles_like_eager, requires_cuda, run_single_threaded
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from op_testing import (DEVICES, DTYPES, GRAD_TOL, RED_TOL, TOL, OpContract, Sample, all_schedules, bitwise_equal,
+                        emu_dispatch,
+                        requires_cuda, requires_emu, run_single_threaded, strided)
 
 OP = torch.ops.tbd_ops.channel_max_spatial_softmax.default
 SHAPES = [(2, 7, 5, 9), (3, 80, 13, 21), (1, 1, 1, 1), (2, 720, 7, 11), (1, 3, 1, 17), (4, 2, 33, 1)]
@@ -24,6 +27,35 @@ def both(x, g, **kw):
         (gx,) = torch.autograd.grad(y, xi, g)
         out.append((y, gx))
     return out
+
+
+class TestContract(OpContract):
+    op = staticmethod(tbd_ops.channel_max_spatial_softmax)
+    reference = staticmethod(ref.channel_max_spatial_softmax)
+    # The softmax normalizer and the backward's sum(p * g) are sums in another order on each side.
+    reduction_outputs = "all"
+    reduction_grads = "all"
+
+    def samples(self, device):
+        out = [
+            Sample((logits((2, 5, 3, 4), device).requires_grad_(), 0.5, True), name="float64", gradcheck=True),
+            Sample((logits((1, 5, 3, 1), device).requires_grad_(), 0.7, True), name="W = 1", gradcheck=True),
+            Sample((logits((2, 3, 4, 5), device).requires_grad_(),), name="defaults", gradcheck=True),
+            Sample((strided(logits((1, 9, 6, 2), device, torch.float32), "channels_last").requires_grad_(), 2.0),
+                   name="channels_last"),
+            Sample((logits((0, 4, 5, 6), device, torch.float32).requires_grad_(),), name="N = 0"),
+        ]
+        for dtype in DTYPES[1:]:
+            out.append(Sample((logits((2, 80, 13, 21), device, dtype).requires_grad_(), 1.0, True), name=str(dtype)))
+        # Strided logits over more than one CPU tile (2048 locations) and backward chunk (256),
+        # and several CUDA blocks: 47 x 53 = 2491 locations.
+        for kind in ("channels_last", "padded"):
+            out.append(Sample((strided(logits((2, 7, 47, 53), device), kind).requires_grad_(),), name=kind + " tiles", opcheck=False))
+        return out
+
+    def emulated_tol(self, want):
+        rtol = RED_TOL[want.dtype]["rtol"]  # relative to the largest value (g - sum(p * g) cancels)
+        return dict(rtol=rtol, atol=rtol * float(want.abs().max()) if want.numel() else 0.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -50,48 +82,6 @@ def test_gradient_only_in_argmax_channel(device):
     off = gx.clone().scatter_(1, am, 0.0)
     assert off.abs().max().item() == 0.0
     assert gx.gather(1, am).abs().min().item() > 0.0
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("seed_shape", [(2, 3, 4, 5), (1, 5, 3, 1)])
-def test_gradcheck(device, seed_shape):
-    x = logits(seed_shape, device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: tbd_ops.channel_max_spatial_softmax(t, 0.7, True), (x,))
-
-
-def sample_inputs(device):
-    return [
-        (logits((2, 5, 3, 4), device, torch.float32), 1.0, False),
-        (logits((2, 5, 3, 4), device, torch.float64).requires_grad_(), 0.5, True),
-        (logits((1, 9, 6, 2), device, torch.float32).contiguous(memory_format=torch.channels_last).requires_grad_(), 2.0, False),
-        (logits((3, 4, 5, 6), device, torch.float16).requires_grad_(), 1.0, False),
-        (logits((0, 4, 5, 6), device, torch.float32).requires_grad_(), 1.0, False),
-    ]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    for args in sample_inputs(device):
-        opcheck(torch.ops.tbd_ops.channel_max_spatial_softmax, args)
-        x, t, s = args
-        out, log_p, argmax = OP(x, t, s)
-        grad = torch.randn_like(out)
-        for channels_last in (False, True):
-            opcheck(torch.ops.tbd_ops._channel_max_spatial_softmax_backward,
-                    (grad, log_p, argmax, x.shape[1], t, s, channels_last))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_dtypes(device, dtype):
-    x = logits((2, 80, 13, 21), device, dtype)
-    g = torch.randn(2, 13, 21, device=device, dtype=torch.float64)
-    (y, gx), _ = both(x, g.to(dtype), scale_by_hw=True)
-    # Reference on the same (rounded) values in float64.
-    (y_ref, gx_ref), _ = both(x.double(), g.to(dtype).double(), scale_by_hw=True)
-    assert y.dtype == dtype and gx.dtype == dtype
-    torch.testing.assert_close(y.double(), y_ref, **TOL[dtype])
-    torch.testing.assert_close(gx.double(), gx_ref, **GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,14 +166,6 @@ def test_list_of_levels(device):
     for y, x in zip(out, levels):
         torch.testing.assert_close(y, ref.channel_max_spatial_softmax(x, temperature=2.0), rtol=1e-10, atol=1e-14)
     assert len(tbd_ops.channel_max_spatial_softmax(tuple(levels))) == 3
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph(device):
-    def loss(x):
-        return (tbd_ops.channel_max_spatial_softmax(x, 0.5, True) ** 2).sum()
-
-    assert_compiles_like_eager(loss, logits((2, 6, 5, 7), device, torch.float32).requires_grad_())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -341,3 +323,205 @@ def test_a_whole_tile_at_minus_inf(device, dtype):
     y = tbd_ops.channel_max_spatial_softmax(x, 0.5, True)
     assert (y.view(2, -1)[0, :2100] == 0).all()
     torch.testing.assert_close(y, ref.channel_max_spatial_softmax(x, 0.5, True), **TOL[dtype])
+
+# ---- the emulated CUDA build against the CPU kernels ------------------------------------------------
+# The argmax bit for bit; the softmax normalizer and the backward's sum(p * g) (another summation
+# order) to rounding; at the sizes where the launch geometry changes.
+EMU = torch.ops.tbd_ops_emu
+CPU = torch.ops.tbd_ops
+
+
+def cmss_compare(x, temperature=1.0, scale_by_hw=False, schedules=True):
+    out_c, lp_c, am_c = CPU.channel_max_spatial_softmax(x, temperature, scale_by_hw)
+    run = lambda: EMU.channel_max_spatial_softmax(x, temperature, scale_by_hw)  # noqa: E731
+    out_e, lp_e, am_e = all_schedules(run) if schedules else run()
+    assert torch.equal(am_e, am_c)
+    # The normalizer is a sum in another order: a few ulps of log-sum-exp.
+    for a, b, dt in ((out_e, out_c, x.dtype), (lp_e, lp_c, lp_c.dtype)):
+        rtol = RED_TOL[dt]["rtol"]
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+    g = torch.randn(out_c.shape, dtype=torch.float64).to(x.dtype)
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    bw = (g, lp_c, am_c, x.shape[1], temperature, scale_by_hw, cl)
+    dx_c = CPU._channel_max_spatial_softmax_backward(*bw)
+    run_b = lambda: (EMU._channel_max_spatial_softmax_backward(*bw),)  # noqa: E731
+    (dx_e,) = all_schedules(run_b) if schedules else run_b()
+    assert dx_e.stride() == dx_c.stride()
+    # Only the argmax channel (equal on both sides, checked above) receives gradient.
+    idx = am_c.unsqueeze(1)
+    assert not dx_e.scatter(1, idx, 0).any(), "gradient outside the argmax channel"
+    # dx = (scale / T) p (g - sum(p * g)): the difference cancels (for a sharp softmax also at the
+    # largest gradient), so the error of the sum shows relative to (scale / T) max(p) max|g|.
+    rtol = RED_TOL[x.dtype]["rtol"]
+    c = (x.shape[2] * x.shape[3] if scale_by_hw else 1.0) / temperature
+    bound = c * float(torch.exp(lp_c).max()) * float(g.double().abs().max())
+    torch.testing.assert_close(dx_e, dx_c, rtol=rtol, atol=rtol * bound)
+
+
+@requires_emu
+@pytest.mark.emulated
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    N=st.integers(1, 3),
+    K=st.sampled_from([1, 2, 9, 80]),
+    H=st.integers(1, 40),
+    W=st.sampled_from([1, 7, 16, 255, 257]),  # H*W around the block size and several blocks
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["contiguous", "channels_last", "padded_rows"]),
+    temperature=st.sampled_from([1.0, 0.5]),
+    scale_by_hw=st.booleans(),
+)
+def test_channel_max_spatial_softmax_property(N, K, H, W, dtype, layout, temperature, scale_by_hw):
+    x = (torch.randn(N, K, H, W + 2, dtype=torch.float64) * 3).to(dtype)
+    if layout == "padded_rows":
+        x = x[..., :W]
+    else:
+        x = x[..., :W].contiguous()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    cmss_compare(x, temperature, scale_by_hw)
+
+
+@requires_emu
+@pytest.mark.emulated
+def test_channel_max_spatial_softmax_many_blocks_per_image():
+    """H*W = 300*300 > 256 blocks of 256 threads: each block loops over several tiles."""
+    cmss_compare((torch.randn(2, 3, 300, 300) * 3))
+
+
+@requires_emu
+@pytest.mark.emulated
+def test_channel_max_spatial_softmax_more_images_than_grid_y(grid_yz_limit):
+    """More images than grid.y allows (65535 on the GPU; 7 here): the images lie along grid.x
+    (a 1-D grid over (level, image, tile)), so the launches do not depend on the batch."""
+    assert grid_yz_limit(7) == 7
+    x = torch.randn(20, 5, 9, 31) * 3
+    x[-1] = x[0]  # the last image equals the first
+    before = emu_dispatch.emu.launch_count()
+    cmss_compare(x)
+    # 3 schedules x (forward: 2 kernels + backward: 2 kernels)
+    assert emu_dispatch.emu.launch_count() - before == 3 * 4
+    out = EMU.channel_max_spatial_softmax(x, 1.0, False)[0]
+    assert torch.equal(out[-1], out[0])
+
+
+# ---- p_c: every level of a list in the same launches, both sides of the split rule ------
+
+def cmss_levels_compare(xs, temperature=1.0, scale_by_hw=False):
+    """The emulated levels op against the CPU's, level by level: argmax equal, values and
+    gradients to rounding (the softmax normalizer is a sum in another order)."""
+    L = len(xs)
+    out_c, lp_c, am_c = CPU._channel_max_spatial_softmax_levels(xs, temperature, scale_by_hw)
+    flat = all_schedules(
+        lambda: tuple(t for r in EMU._channel_max_spatial_softmax_levels(xs, temperature, scale_by_hw) for t in r))
+    out_e, lp_e, am_e = flat[:L], flat[L:2 * L], flat[2 * L:]
+    for l, x in enumerate(xs):
+        assert torch.equal(am_e[l], am_c[l]), f"argmax of level {l}"
+        for a, b, dt in ((out_e[l], out_c[l], x.dtype), (lp_e[l], lp_c[l], lp_c[l].dtype)):
+            rtol = RED_TOL[dt]["rtol"]
+            torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+    grads = [torch.randn(o.shape, dtype=torch.float64).to(x.dtype) for o, x in zip(out_c, xs)]
+    cl = [x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in xs]
+    bw = (grads, lp_c, am_c, [x.shape[1] for x in xs], temperature, scale_by_hw, cl)
+    dx_c = CPU._channel_max_spatial_softmax_levels_backward(*bw)
+    dx_e = all_schedules(lambda: tuple(EMU._channel_max_spatial_softmax_levels_backward(*bw)))
+    for l, x in enumerate(xs):
+        assert dx_e[l].stride() == dx_c[l].stride()
+        assert not dx_e[l].scatter(1, am_c[l].unsqueeze(1), 0).any(), "gradient outside the argmax channel"
+        rtol = RED_TOL[x.dtype]["rtol"]
+        torch.testing.assert_close(dx_e[l], dx_c[l], rtol=rtol, atol=rtol * float(dx_c[l].abs().max()))
+    return out_e, am_e, dx_e
+
+
+@requires_emu
+@pytest.mark.emulated
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    policy=st.sampled_from([1, 2]),
+    K=st.sampled_from([1, 3, 8, 9, 80]),
+    shapes=st.lists(st.tuples(st.integers(1, 2), st.integers(1, 9), st.sampled_from([1, 7, 40, 70])),
+                    min_size=1, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["contiguous", "channels_last", "padded_rows"]),
+    scale_by_hw=st.booleans(),
+)
+def test_channel_max_spatial_softmax_levels_on_both_sides_of_the_split_rule(policy, K, shapes, dtype, layout,
+                                                                            scale_by_hw):
+    xs = []
+    for n, h, w in shapes:
+        x = (torch.randn(n, K, h, w + 2, dtype=torch.float64) * 3).to(dtype)
+        x = x[..., :w] if layout == "padded_rows" else x[..., :w].contiguous()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        xs.append(x)
+    emu_dispatch.emu.set_channel_split_policy(policy)
+    try:
+        cmss_levels_compare(xs, 0.5, scale_by_hw)
+    finally:
+        emu_dispatch.emu.set_channel_split_policy(0)
+
+
+@pytest.fixture
+def split_policy():
+    """Forces the channel split of the CUDA kernels (1: one thread per location, 2: 8 threads
+    per location); the rule (0) chooses by the launch's location count."""
+    yield emu_dispatch.emu.set_channel_split_policy
+    emu_dispatch.emu.set_channel_split_policy(0)
+
+
+@requires_emu
+@pytest.mark.emulated
+def test_channel_max_spatial_softmax_split_variants_agree(split_policy):
+    """One thread per location, a warp per channel group, a lane per channel group: the same
+    argmax (ties and NaN included) and the same values to rounding."""
+    x = torch.randint(-3, 3, (2, 37, 9, 13)).float()  # many ties across the channel groups
+    x[1, 20, 4, 5] = float("nan")
+    x[1, 29, 4, 5] = float("nan")
+    split_policy(1)
+    out_s, _, am_s = EMU.channel_max_spatial_softmax(x, 1.0, False)
+    split_policy(2)
+    out_w, _, am_w = EMU.channel_max_spatial_softmax(x, 1.0, False)
+    out_l, _, am_l = EMU.channel_max_spatial_softmax(x.contiguous(memory_format=torch.channels_last), 1.0, False)
+    k = torch.arange(37).view(1, 37, 1, 1)
+    lowest = torch.where(x == x.amax(1, keepdim=True), k, 37).amin(1)
+    lowest[1, 4, 5] = 20  # the first NaN
+    for am in (am_s, am_w, am_l):
+        assert torch.equal(am, lowest)
+    for out in (out_w, out_l):
+        torch.testing.assert_close(out, out_s, rtol=1e-6, atol=0, equal_nan=True)
+    assert torch.isnan(out_s[1]).all() and not torch.isnan(out_s[0]).any()
+
+
+@requires_emu
+@pytest.mark.emulated
+def test_channel_max_spatial_softmax_rule_picks_the_split_for_small_grids(split_policy):
+    """Under the rule (policy 0) a small call splits and gives the split variant's bits."""
+    x = torch.randn(2, 11, 6, 7)
+    split_policy(2)
+    forced = EMU.channel_max_spatial_softmax(x, 1.0, False)
+    split_policy(0)
+    ruled = EMU.channel_max_spatial_softmax(x, 1.0, False)
+    assert all(bitwise_equal(a, b) for a, b in zip(forced, ruled))
+
+
+@requires_emu
+@pytest.mark.emulated
+def test_channel_max_spatial_softmax_more_levels_than_one_launch_takes():
+    """Eleven levels: two launch groups of up to eight per kernel; each level as alone."""
+    xs = [torch.randn(2, 5, 1 + l % 3, 2 + l) * 3 for l in range(11)]
+    before = emu_dispatch.emu.launch_count()
+    out, _, am = EMU._channel_max_spatial_softmax_levels(xs, 1.0, True)
+    assert emu_dispatch.emu.launch_count() - before == 2 * 2
+    for l, x in enumerate(xs):
+        o1, _, a1 = EMU.channel_max_spatial_softmax(x, 1.0, True)
+        assert bitwise_equal(out[l], o1) and torch.equal(am[l], a1)
+    cmss_levels_compare(xs, 2.0, True)
+
+
+@requires_emu
+@pytest.mark.emulated
+def test_channel_max_spatial_softmax_split_blocks_take_several_steps(split_policy):
+    """H*W = 9000 > 256 tiles x 32 locations: each block of the split variants loops over several
+    steps of 32 locations (the shared memory of one step is reused by the next)."""
+    split_policy(2)
+    cmss_levels_compare([torch.randn(1, 3, 100, 90) * 3, torch.randn(1, 3, 7, 5)])

@@ -1,27 +1,19 @@
 """consistency_voting (SPEC 2.2) against the per-image reference loop."""
 import pytest
 import torch
-from torch.library import opcheck
 
 import tbd_ops
 from tbd_ops import reference
-from conftest import DEVICES, TOL, requires_cuda, requires_emu, run_single_threaded
-import dispatch as emu_dispatch
+from tbd_ops.ops._utils import VOTING_MODES as MODES
+from op_testing import (DEVICES, DTYPES, RED_TOL, TOL, OpContract, Sample, acc_dtype, all_schedules, rand_boxes,
+                        requires_cuda, requires_emu, run_single_threaded, strided)
 
 OP = tbd_ops.consistency_voting
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-MODES = ["pseco", "paper"]
-
-
-def rand_boxes(n, extent=80.0):
-    xy = torch.rand(n, 2, dtype=torch.float64) * extent
-    wh = torch.rand(n, 2, dtype=torch.float64) * 30 + 3
-    return torch.cat([xy, xy + wh], 1)
 
 
 def image(R, M, pos_frac=0.6, skip=()):
     """RoIs jittered around their pseudo boxes; about pos_frac positives; pseudo boxes in `skip` get none."""
-    pseudo = rand_boxes(M)
+    pseudo = rand_boxes(M, extent=80.0, min_wh=3.0, max_wh=33.0)
     gt = torch.zeros(R, dtype=torch.long)
     if M > 0:
         j = torch.randint(0, M, (R,))
@@ -37,7 +29,7 @@ def image(R, M, pos_frac=0.6, skip=()):
         size = (src[:, 2:] - src[:, :2]).repeat(1, 2)
         pred = src + (torch.rand(R, 4, dtype=torch.float64) - 0.5) * size * 0.5
     else:
-        pred = rand_boxes(R)
+        pred = rand_boxes(R, extent=80.0, min_wh=3.0, max_wh=33.0)
     return pred, gt, pseudo
 
 
@@ -53,7 +45,7 @@ def check(args, mode="pseco"):
     sigma, w, scale = OP(pred, gt, pseudo, mode=mode)
     s_r, w_r, scale_r = reference.consistency_voting(pred, gt, pseudo, mode=mode)
     dtype = pred[0].dtype if pred else torch.float32
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else TOL[torch.float32]
     assert len(sigma) == len(s_r) == len(w) == len(pred)
     for a, b in zip(sigma + w, s_r + w_r):
@@ -67,6 +59,30 @@ def check(args, mode="pseco"):
 
 
 SIZES = [(37, 4), (0, 3), (61, 7), (25, 0), (1, 1), (90, 12)]
+
+
+class TestContract(OpContract):
+    op = staticmethod(tbd_ops.consistency_voting)
+    reference = staticmethod(reference.consistency_voting)
+    differentiable = False
+    reduction_outputs = "all"  # means over RoIs and the batch factor: sums in another order
+
+    def samples(self, device):
+        out = [Sample(batch(SIZES, device=device), name="float64"),
+               Sample(batch(SIZES, device=device), dict(mode="paper"), name="paper")]
+        for dtype in DTYPES[1:]:
+            out.append(Sample(batch([(37, 4), (0, 3), (61, 7)], dtype=dtype, device=device), name=str(dtype)))
+        pred, gt, pseudo = batch([(13, 3), (0, 1), (9, 2)], device=device, dtype=torch.float32)
+        out.append(Sample(([p.requires_grad_() for p in pred], gt, pseudo), name="inputs that require grad"))
+        # Strided boxes and RoI indices over more than one CUDA chunk of images (64).
+        sizes = [(int(r), int(m)) for r, m in zip(torch.randint(0, 12, (70,)), torch.randint(0, 4, (70,)))]
+        pred, gt, pseudo = batch(sizes, device=device)
+        out.append(Sample(([strided(p) for p in pred], [strided(g[:, None])[:, 0] for g in gt],
+                           [strided(q, "transposed") for q in pseudo]), name="strided, 70 images", opcheck=False))
+        return out
+
+    def value_tol(self, sample):
+        return dict(rtol=1e-9, atol=1e-12) if sample.dtype() == torch.float64 else TOL[torch.float32]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -190,37 +206,19 @@ def test_deterministic():
         assert torch.equal(x, y) and torch.equal(x, z)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_torch_compile_fullgraph(mode):
-    args = batch([(37, 4), (0, 2), (23, 3)])
-
-    def fn(pred, gt, pseudo):
-        sigma, w, scale = OP(pred, gt, pseudo, mode=mode)
-        return [x * 2 for x in sigma], [x + 1 for x in w], scale * 3
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    got = compiled(*args)
-    expected = fn(*args)
-    for x, y in zip(got[0] + got[1] + [got[2]], expected[0] + expected[1] + [expected[2]]):
-        assert torch.equal(x, y)
-
-
-def sample_inputs(device):
-    pred, gt, pseudo = batch([(13, 3), (0, 1), (9, 2), (4, 0)], device=device)
-    flat = (torch.cat(pred), torch.cat(gt), torch.cat(pseudo), [13, 0, 9, 4], [3, 1, 2, 0])
-    return [
-        flat + ("pseco",),
-        flat + ("paper",),
-        (flat[0].float().requires_grad_(), flat[1], flat[2].float()) + flat[3:] + ("pseco",),
-        (flat[0].half(), flat[1], flat[2].half()) + flat[3:] + ("paper",),
-        (flat[0][:0], flat[1][:0], flat[2][:0], [0], [0], "pseco"),
-    ]
-
-
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    for args in sample_inputs(device):
-        opcheck(torch.ops.tbd_ops.consistency_voting, args)
+def test_autocast_promotes_mixed_dtypes(device):
+    """Under autocast, fp16 predictions and fp32 pseudo boxes run in float32 (the promote policy of every op)."""
+    pred, gt, pseudo = batch([(30, 3), (20, 2)], dtype=torch.float32, device=device)
+    half = [p.half() for p in pred]
+    with pytest.raises(TypeError, match="pseudo_boxes must have the dtype of pred_boxes"):
+        OP(half, gt, pseudo)  # outside autocast: an explicit error
+    with torch.autocast(device_type=device, dtype=torch.float16):
+        sigma, w, scale = OP(half, gt, pseudo)
+    s_r, w_r, scale_r = OP([p.float() for p in half], gt, pseudo)
+    assert scale.dtype == torch.float32
+    for a, b in zip(sigma + w + [scale], s_r + w_r + [scale_r]):
+        assert torch.equal(a, b)
 
 
 @requires_cuda
@@ -315,9 +313,6 @@ def test_emulated_matches_cpu(dtype, mode):
             [q.shape[0] for q in pseudo], mode)
     s_c, w_c, k_c = torch.ops.tbd_ops.consistency_voting(*args)
     tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
-    for sched, _ in emu_dispatch.SCHEDULES:
-        emu_dispatch.emu.set_schedule(sched, 5)
-        s_e, w_e, k_e = torch.ops.tbd_ops_emu.consistency_voting(*args)
-        for a, b in ((s_e, s_c), (w_e, w_c), (k_e, k_c)):
-            torch.testing.assert_close(a, b, **tol)
-    emu_dispatch.emu.set_schedule(0, 0)
+    s_e, w_e, k_e = all_schedules(lambda: torch.ops.tbd_ops_emu.consistency_voting(*args), seed=5)
+    for a, b in ((s_e, s_c), (w_e, w_c), (k_e, k_c)):
+        torch.testing.assert_close(a, b, **tol)

@@ -3,14 +3,14 @@ import math
 
 import pytest
 import torch
-from torch.library import opcheck
 
 import tbd_ops
 from tbd_ops import reference as ref
-from conftest import DEVICES, GRAD_TOL, TOL, requires_cuda, requires_emu, run_single_threaded
+from tbd_ops.ops._utils import HD_MODES as MODES
+from op_testing import (DEVICES, DTYPES, GRAD_TOL, TOL, OpContract, Sample, acc_dtype, bitwise_equal, requires_cuda,
+                        requires_emu, run_single_threaded, strided)
 
 F64_TOL = dict(rtol=1e-9, atol=1e-12)
-MODES = ["iou_guided", "plain"]
 # [N, H_l, W_l] per level: odd sizes, a 1x1 level, one level of several CUDA
 # blocks (2048 locations each) and several CPU work items.
 LEVELS = [(7, 5), (1, 1), (13, 3)]
@@ -32,6 +32,31 @@ def maps_for(n, levels, device, dtype=torch.float64, no_gt=()):
 
 
 # ---- harmony_score ----------------------------------------------------------------------------
+
+class TestScoreContract(OpContract):
+    op = staticmethod(tbd_ops.harmony_score)
+    reference = staticmethod(ref.harmony_score)
+
+    def samples(self, device):
+        def pair(shape, dtype=torch.float64, grad=(True, True)):
+            return tuple(rand(shape, device, dtype, -1.5, 1.5).requires_grad_(g) for g in grad)
+
+        out = [Sample(pair((3, 4, 5)), name="float64", gradcheck=True),
+               Sample(pair((3, 4, 5), grad=(False, True)), name="grad of p_r only", gradcheck=True),
+               Sample(pair(()), name="0-d"),
+               Sample((strided(rand((3, 7, 5), device), "transposed").requires_grad_(),
+                       strided(rand((3, 7, 5), device)).requires_grad_()), name="strided"),
+               Sample(pair((2, 0, 3)), name="empty")]
+        for dtype in DTYPES[1:]:
+            out.append(Sample(pair((2, 13, 17), dtype), name=str(dtype)))
+        return out
+
+    def value_tol(self, sample):
+        return F64_TOL if sample.dtype() == torch.float64 else TOL[sample.dtype()]
+
+    def grad_tol(self, sample):
+        return F64_TOL if sample.dtype() == torch.float64 else GRAD_TOL[sample.dtype()]
+
 
 def score_value_and_grads(f, p_c, p_r, g):
     ins = [t.detach().requires_grad_() for t in (p_c, p_r)]  # views keep their strides
@@ -57,13 +82,6 @@ def compare_score(p_c, p_r, value_tol, grad_tol, g=None):
 def test_score_float64_matches_reference(device, shape):
     p_c, p_r = rand(shape, device, lo=-1.5, hi=1.5), rand(shape, device, lo=-1.5, hi=1.5)
     compare_score(p_c, p_r, F64_TOL, F64_TOL)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_score_dtypes(device, dtype):
-    p_c, p_r = rand((2, 13, 17), device, dtype), rand((2, 13, 17), device, dtype)
-    compare_score(p_c, p_r, TOL[dtype], GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -112,31 +130,6 @@ def test_score_gradient_at_equal_inputs_is_zero(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_score_gradcheck(device):
-    p_c = rand((3, 4, 5), device, lo=-1, hi=1).requires_grad_()
-    p_r = rand((3, 4, 5), device, lo=-1, hi=1).requires_grad_()
-    assert torch.autograd.gradcheck(tbd_ops.harmony_score, (p_c, p_r))
-    assert torch.autograd.gradcheck(lambda x: tbd_ops.harmony_score(p_c.detach(), x), (p_r,))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_score_opcheck(device):
-    samples = [
-        (rand((2, 5, 7), device, torch.float32), rand((2, 5, 7), device, torch.float32)),
-        (rand((3, 4), device).requires_grad_(), rand((3, 4), device).requires_grad_()),
-        (rand((4, 3), device, torch.float16).t(), rand((3, 4), device, torch.float16).requires_grad_()),
-        (rand((), device, torch.bfloat16), rand((), device, torch.bfloat16)),
-        (rand((0, 3), device, torch.float32, 0, 1).requires_grad_(), rand((0, 3), device, torch.float32)),
-    ]
-    for p_c, p_r in samples:
-        opcheck(torch.ops.tbd_ops.harmony_score.default, (p_c, p_r))
-        grad = rand(p_c.shape, device, p_c.dtype, -1, 1)
-        for mask in ([True, True], [True, False], [False, True]):
-            opcheck(torch.ops.tbd_ops._harmony_score_backward.default,
-                    (grad, p_c.detach(), p_r.detach(), mask))
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_score_nan_propagates(device):
     p_c, p_r = rand((3, 4), device), rand((3, 4), device)
     p_c[1, 2] = float("nan")
@@ -158,25 +151,6 @@ def test_score_list_of_levels(device):
     for y, y_ref in zip(out, ref.harmony_score(p_c, p_r)):
         torch.testing.assert_close(y, y_ref, **F64_TOL)
     assert len(tbd_ops.harmony_score(tuple(p_c), tuple(p_r))) == 3
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_score_torch_compile_fullgraph(device):
-    w = torch.linspace(-1, 1, 35, device=device).view(5, 7)
-
-    def loss(p_c, p_r):
-        return (tbd_ops.harmony_score(p_c, p_r) * w).sum()
-
-    p_c = rand((5, 7), device, torch.float32).requires_grad_()
-    p_r = rand((5, 7), device, torch.float32).requires_grad_()
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    value = compiled(p_c, p_r)
-    grads = torch.autograd.grad(value, (p_c, p_r))
-    expected = loss(p_c, p_r)
-    grads_eager = torch.autograd.grad(expected, (p_c, p_r))
-    torch.testing.assert_close(value, expected)
-    for x, z in zip(grads, grads_eager):
-        torch.testing.assert_close(x, z)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -222,6 +196,47 @@ class TestScoreBadInput:
 
 
 # ---- harmony_distillation_loss ------------------------------------------------------------------
+
+class TestLossContract(OpContract):
+    op = staticmethod(tbd_ops.harmony_distillation_loss)
+    reference = staticmethod(ref.harmony_distillation_loss)
+    # The loss and its normalizers (hence the gradients) are sums in another order on each side.
+    reduction_outputs = "all"
+    reduction_grads = "all"
+
+    def samples(self, device):
+        def maps(n, levels, dtype=torch.float64, grad=(True, True), no_gt=(), layout=None):
+            m = maps_for(n, levels, device, dtype, no_gt)
+            if layout is not None:
+                m = [[strided(t, layout) for t in ts] for ts in m]
+            m[0] = [t.requires_grad_(grad[0]) for t in m[0]]
+            m[1] = [t.requires_grad_(grad[1]) for t in m[1]]
+            return tuple(m)
+
+        small = [(3, 4), (1, 1), (2, 3)]
+        out = [Sample(maps(2, small, no_gt=(1,)), dict(mode="plain"), name="plain", gradcheck=True),
+               # iou_guided: psi depends on pc_s but is a constant of the loss (see test_loss_gradcheck)
+               Sample(maps(2, small, grad=(False, True), no_gt=(1,)), name="iou_guided, grad of pr_s",
+                      gradcheck=True),
+               Sample(maps(2, small, grad=(True, False)), dict(mode="plain"), name="plain, grad of pc_s",
+                      gradcheck=True),
+               Sample(maps(3, LEVELS, no_gt=(1,)), name="iou_guided"),
+               Sample(maps(0, LEVELS), name="N = 0"),
+               Sample(maps(2, [(3, 3), (0, 2)]), dict(mode="plain"), name="empty level"),
+               # Strided maps of a level over more than one CPU work item and CUDA block (2048
+               # locations): 47 x 53 = 2491.
+               Sample(maps(2, [(47, 53), (7, 5)], layout="padded"), name="strided, padded", opcheck=False),
+               Sample(maps(2, [(47, 53), (7, 5)], layout="transposed"), dict(mode="plain"), name="strided, transposed", opcheck=False)]
+        for dtype in DTYPES[1:]:
+            out.append(Sample(maps(2, LEVELS + [(17, 9)], dtype, no_gt=(1,)), name=str(dtype)))
+        return out
+
+    def value_tol(self, sample):  # the loss is float32 for every 16/32-bit input
+        return F64_TOL if sample.dtype() == torch.float64 else TOL[acc_dtype(sample.dtype())]
+
+    def grad_tol(self, sample):
+        return F64_TOL if sample.dtype() == torch.float64 else GRAD_TOL[sample.dtype()]
+
 
 def loss_value_and_grads(f, maps, mode, g=2.5, **kw):
     cs = [t.detach().requires_grad_() for t in maps[0]]  # views keep their strides
@@ -378,57 +393,6 @@ def test_loss_gradcheck(device, mode):
             torch.testing.assert_close(a, b, **F64_TOL)
 
 
-def loss_samples(device):
-    def m(n, levels, dtype, grad=False, no_gt=()):
-        maps = maps_for(n, levels, device, dtype, no_gt)
-        maps[0] = [t.requires_grad_(grad) for t in maps[0]]
-        maps[1] = [t.requires_grad_(grad) for t in maps[1]]
-        return maps
-
-    return [
-        (m(2, LEVELS, torch.float32), "iou_guided"),
-        (m(2, LEVELS, torch.float64, True, (0,)), "iou_guided"),
-        (m(3, [(5, 4)], torch.float64, True), "plain"),
-        (m(2, [(4, 6), (2, 3)], torch.float16, True), "iou_guided"),
-        (m(2, [(3, 3)], torch.bfloat16), "plain"),
-        (m(0, [(3, 3), (2, 2)], torch.float32, True), "iou_guided"),
-        (m(2, [(3, 3), (0, 2)], torch.float32, True), "plain"),
-        ([[t.transpose(1, 2) for t in ts] for ts in m(2, [(4, 5)], torch.float64)], "iou_guided"),
-    ]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_loss_opcheck(device):
-    fwd = torch.ops.tbd_ops.harmony_distillation_loss.default
-    bwd = torch.ops.tbd_ops._harmony_distillation_loss_backward.default
-    for maps, mode in loss_samples(device):
-        opcheck(fwd, (*maps, mode, 1e-6))
-        _, norm = fwd(*[[t.detach() for t in ts] for ts in maps], mode, 1e-6)
-        dt = maps[0][0].dtype
-        grad = torch.tensor(1.7, device=device, dtype=torch.float64 if dt == torch.float64 else torch.float32)
-        for mask in ([True, True], [True, False], [False, True]):
-            opcheck(bwd, (grad, norm, *[[t.detach() for t in ts] for ts in maps], mode, mask))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", MODES)
-def test_loss_torch_compile_fullgraph(device, mode):
-    def loss(pc_s, pr_s, pc_t, pr_t):
-        return 3.0 * tbd_ops.harmony_distillation_loss(pc_s, pr_s, pc_t, pr_t, mode=mode) + pc_s[0].sum() * 0
-
-    maps = maps_for(2, LEVELS, device, torch.float32, no_gt=(1,))
-    cs = [t.requires_grad_() for t in maps[0]]
-    rs = [t.requires_grad_() for t in maps[1]]
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    value = compiled(cs, rs, maps[2], maps[3])
-    grads = torch.autograd.grad(value, cs + rs)
-    expected = loss(cs, rs, maps[2], maps[3])
-    grads_eager = torch.autograd.grad(expected, cs + rs)
-    torch.testing.assert_close(value, expected)
-    for x, z in zip(grads, grads_eager):
-        torch.testing.assert_close(x, z)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 def test_loss_teacher_gets_no_gradient(device, mode):
@@ -510,7 +474,8 @@ class TestLossBadInput:
 
     def test_level_counts(self):
         m = self.maps()
-        with pytest.raises(ValueError, match="one map per level, got 3, 3, 2 and 3 levels"):
+        with pytest.raises(ValueError, match="pc_s, pr_s, pc_t and pr_t must have one entry per level, "
+                                             "got 3, 3, 2 and 3 levels"):
             tbd_ops.harmony_distillation_loss(m[0], m[1], m[2][:2], m[3])
         with pytest.raises(ValueError, match="one map per level, got 3, 2, 3 and 3 levels"):
             torch.ops.tbd_ops.harmony_distillation_loss(m[0], m[1][:2], m[2], m[3], "plain", 1e-6)
@@ -605,11 +570,6 @@ def test_cuda_matches_cpu(mode):
 
 # ---- the emulated CUDA build against the CPU kernels --------------------------
 
-def bitwise_equal(x, y):
-    return x.shape == y.shape and x.dtype == y.dtype and x.stride() == y.stride() and torch.equal(
-        x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8))
-
-
 @requires_emu
 @pytest.mark.emulated
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
@@ -619,11 +579,11 @@ def test_emulated_score_bitwise_equals_cpu(dtype):
     p_c = rand((3, 37, 41), "cpu", dtype, -2, 2)
     p_r = rand((3, 41, 37), "cpu", dtype, -2, 2).transpose(1, 2)
     p_r[0, 0, :5] = p_c[0, 0, :5]  # d = 0
-    assert bitwise_equal(emu.harmony_score(p_c, p_r), cpu.harmony_score(p_c, p_r))
+    assert bitwise_equal(emu.harmony_score(p_c, p_r), cpu.harmony_score(p_c, p_r), strides=True)
     g = rand(p_c.shape, "cpu", dtype, -1, 1)
     for mask in ([True, True], [True, False], [False, True]):
         for x, z in zip(emu._harmony_score_backward(g, p_c, p_r, mask), cpu._harmony_score_backward(g, p_c, p_r, mask)):
-            assert bitwise_equal(x, z)
+            assert bitwise_equal(x, z, strides=True)
 
 
 @requires_emu
@@ -649,4 +609,4 @@ def test_emulated_loss_matches_cpu(mode, dtype):
         want = cpu._harmony_distillation_loss_backward(grad, n_c, *maps, mode, mask)
         for xs, zs in zip(got, want):
             assert len(xs) == len(zs) == (len(maps[0]) if xs else 0)
-            assert all(bitwise_equal(x, z) for x, z in zip(xs, zs))
+            assert all(bitwise_equal(x, z, strides=True) for x, z in zip(xs, zs))

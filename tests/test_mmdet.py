@@ -143,15 +143,9 @@ def reference_hd(model, inputs, samples, arch):
     gts = [s.gt_instances.bboxes.double() for s in samples]
 
     def probs(cls_scores, bbox_preds, scales):
-        pcs, prs = [], []
-        for l, (c, b) in enumerate(zip(cls_scores, bbox_preds)):
-            pcs.append(ref.channel_max_spatial_softmax(c.double()))
-            n, a4, h, w = b.shape
-            ious = [ref.decode_max_iou(b[i:i + 1].double(), priors[l], [gts[i]], coder=coder, scale=scales[l],
-                                       max_shape=samples[i].metainfo["img_shape"], **coder_cfg)[0]
-                    for i in range(n)]
-            prs.append(torch.cat(ious).view(n, h, w, a4 // 4).amax(-1))
-        return pcs, prs
+        return ref.tbd_probabilities([c.double() for c in cls_scores], [b.double() for b in bbox_preds], priors, gts,
+                                     coder=coder, scale=scales, max_shape=[s.metainfo["img_shape"] for s in samples],
+                                     **coder_cfg)
 
     pc_s, pr_s = probs(s_outs[0], s_outs[1], s_scales)
     pc_t, pr_t = probs(t_outs[0], t_outs[1], t_scales)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES
+from op_testing import DEVICES
 
 from tbd_ops import mmcv_lite
 

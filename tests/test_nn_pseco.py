@@ -5,7 +5,7 @@ import torch
 import tbd_ops
 from tbd_ops import reference as ref
 from tbd_ops.nn import ConsistencyVotingWeights, PseCoAssigner, SigmoidFocalLoss
-from conftest import DEVICES
+from op_testing import DEVICES
 
 
 def batch(device, sizes=((60, 3), (0, 2), (45, 0), (80, 5)), c=4):

@@ -8,7 +8,7 @@ import torch
 import tbd_ops
 from tbd_ops import reference as ref
 from tbd_ops.nn import HarmonyDistillationLoss, TaskDecoupledFeatureLoss, TaskWeightGenerator, TBDLoss
-from conftest import DEVICES
+from op_testing import DEVICES
 
 SIZES = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
 STRIDES = [8, 16, 32, 64, 128]
@@ -61,15 +61,9 @@ def head_outputs(n, a, c, ch, device, coder="delta_xywh", levels=SIZES, dtype=to
 def reference_tbd(loss: TBDLoss, inp, coder, coder_cfg, scales):
     """TBDLoss composed from reference primitives and plain PyTorch, with the module's own parameters."""
     def probs(cls_scores, bbox_preds):
-        pcs, prs = [], []
-        for l, (c, b) in enumerate(zip(cls_scores, bbox_preds)):
-            pcs.append(ref.channel_max_spatial_softmax(c, loss.temperature, loss.scale_by_hw))
-            n, a4, h, w = b.shape
-            rows = [ref.decode_max_iou(b[i:i + 1], inp["priors"][l], [inp["gt_bboxes"][i]], coder=coder,
-                                       scale=scales[l], max_shape=inp["img_shapes"][i], **coder_cfg)[0]
-                    for i in range(n)]
-            prs.append(torch.cat(rows).view(n, h, w, a4 // 4).amax(-1))
-        return pcs, prs
+        return ref.tbd_probabilities(cls_scores, bbox_preds, inp["priors"], inp["gt_bboxes"], coder=coder,
+                                     scale=scales, max_shape=inp["img_shapes"], temperature=loss.temperature,
+                                     scale_by_hw=loss.scale_by_hw, **coder_cfg)
 
     pc_s, pr_s = probs(inp["student_cls_scores"], inp["student_bbox_preds"])
     with torch.no_grad():

@@ -4,15 +4,13 @@ from fractions import Fraction
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
-from torch.library import opcheck
 
 import tbd_ops
 from tbd_ops import reference
-from conftest import DEVICES, TOL, requires_cuda, requires_emu, run_single_threaded
-import dispatch as emu_dispatch
+from op_testing import (DEVICES, DTYPES, TOL, OpContract, Sample, all_schedules, assert_bitwise, requires_cuda,
+                        requires_emu, run_single_threaded, strided)
 
 OP = tbd_ops.prediction_guided_assign
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 def rand_boxes(n, extent=60.0, grid=None):
@@ -72,6 +70,39 @@ def check(args, use_valid=True, **kw):
 SIZES = [(37, 4), (0, 3), (61, 7), (25, 0), (1, 1), (90, 12)]
 
 
+class TestContract(OpContract):
+    op = staticmethod(tbd_ops.prediction_guided_assign)
+    reference = staticmethod(reference.prediction_guided_assign)
+    differentiable = False
+
+    def samples(self, device):
+        out = [Sample(batch(SIZES, device=device), name="float64")]
+        for dtype in DTYPES[1:]:
+            out.append(Sample(batch([(37, 4), (0, 3), (61, 7)], dtype=dtype, device=device, ties=True, grid=True),
+                              name=str(dtype)))
+        boxes, scores, pseudo, labels, valid = batch([(13, 3), (0, 1), (9, 2)], device=device)
+        out.append(Sample(([b.requires_grad_() for b in boxes], [s.requires_grad_() for s in scores], pseudo, labels),
+                          dict(iou_thr=0.3, topk=2, alpha=0.25), name="inputs that require grad, no valid"))
+        # Strided boxes, column-major scores and strided labels over more than one CUDA
+        # chunk of images (64) and several CPU work items (64 proposals).
+        boxes, scores, pseudo, labels, valid = batch([(int(p), int(m)) for p, m in zip(torch.randint(0, 9, (70,)),
+                                                                                       torch.randint(0, 3, (70,)))],
+                                                     device=device)
+        out.append(Sample(([strided(b) for b in boxes], [strided(s, "transposed") for s in scores],
+                           [strided(g) for g in pseudo], labels, valid), name="strided, 70 images", opcheck=False))
+        return out
+
+    def value_tol(self, sample):
+        return TOL[sample.dtype()]
+
+    def compare(self, got, want, tol, what):
+        (gt, q), (gt_r, q_r) = got, want
+        assert len(gt) == len(gt_r) == len(q)
+        for i, (a, b, qa, qb) in enumerate(zip(gt, gt_r, q, q_r)):
+            assert a.dtype == torch.long and torch.equal(a, b.to(a.device)), f"{what}: image {i} assignments differ"
+            torch.testing.assert_close(qa.double(), qb.double(), equal_nan=True, **tol)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
@@ -86,6 +117,24 @@ def test_matches_reference(device, dtype, ties):
 def test_parameters(device, kw):
     check(batch([(53, 5), (70, 9)], device=device, ties=True), **kw)
     check(batch([(53, 5), (70, 9)], device=device), use_valid=False, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_iou_equal_to_the_threshold_joins_the_bag(device, dtype):
+    """u >= iou_thr (SPEC 2.1): the proposal [0, 0, 10, 5] has IoU 50 / 100 = 0.5 exactly with the
+    pseudo box [0, 0, 10, 10] (in every dtype) and becomes its positive at iou_thr = 0.5; the one at
+    IoU 0.4 does not. At iou_thr = 1 (the top of its range) the identical box does."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 4.0], [0.0, 0.0, 10.0, 5.0]], dtype=dtype, device=device)
+    pseudo = torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=dtype, device=device)
+    scores = torch.full((2, 2), 0.5, dtype=dtype, device=device)
+    labels = torch.tensor([0], device=device)
+    gt, _ = check(([boxes], [scores], [pseudo], [labels], [torch.ones(2, dtype=torch.bool, device=device)]),
+                  iou_thr=0.5)
+    assert gt[0].tolist() == [0, 1]
+    gt, _ = OP([pseudo.repeat(2, 1) * torch.tensor([[1.0], [0.5]], dtype=dtype, device=device)],
+               [scores], [pseudo], [labels], iou_thr=1.0)
+    assert gt[0].tolist() == [1, 0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -257,37 +306,6 @@ def test_deterministic():
         assert torch.equal(x, y)
 
 
-def test_torch_compile_fullgraph():
-    args = batch([(37, 4), (0, 2), (23, 3)])
-
-    def fn(boxes, scores, pseudo, labels, valid):
-        return OP(boxes, scores, pseudo, labels, valid, iou_thr=0.35, topk=9)
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    got = compiled(*args)
-    expected = fn(*args)
-    for x, y in zip(got[0] + got[1], expected[0] + expected[1]):
-        assert torch.equal(x, y)
-
-
-def sample_inputs(device):
-    boxes, scores, pseudo, labels, valid = batch([(13, 3), (0, 1), (9, 2)], device=device)
-    flat = (torch.cat(boxes), torch.cat(scores), torch.cat(pseudo), torch.cat(labels), [13, 0, 9], [3, 1, 2])
-    grad = (flat[0].clone().requires_grad_(), flat[1].clone().requires_grad_()) + flat[2:]
-    return [
-        flat + (torch.cat(valid), 0.4, 12, 0.5),
-        flat + (None, 0.3, 2, 0.25),
-        grad + (None, 0.4, 12, 0.5),
-        (flat[0][:0], flat[1][:0], flat[2][:0], flat[3][:0], [0], [0], None, 0.4, 12, 0.5),
-    ]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    for args in sample_inputs(device):
-        opcheck(torch.ops.tbd_ops.prediction_guided_assign, args)
-
-
 def test_autocast_mixed_dtypes():
     boxes, scores, pseudo, labels, valid = batch([(30, 3)], dtype=torch.float32)
     half = [s.half() for s in scores]
@@ -394,15 +412,9 @@ def _emu_vs_cpu(sizes, C, dtype, kw, ties, use_valid):
             [b.shape[0] for b in boxes], [g.shape[0] for g in pseudo],
             torch.cat(valid) if use_valid else None, kw["iou_thr"], kw["topk"], kw["alpha"])
     gt_c, q_c = torch.ops.tbd_ops.prediction_guided_assign(*args)
-    results = []
-    for sched, _ in emu_dispatch.SCHEDULES:
-        emu_dispatch.emu.set_schedule(sched, 99)
-        results.append(torch.ops.tbd_ops_emu.prediction_guided_assign(*args))
-    emu_dispatch.emu.set_schedule(0, 0)
-    for gt_e, q_e in results:
-        assert torch.equal(gt_e, gt_c)
-        assert torch.equal(q_e.view(-1).view(torch.uint8) if q_e.numel() else q_e,
-                           q_c.view(-1).view(torch.uint8) if q_c.numel() else q_c)
+    gt_e, q_e = all_schedules(lambda: torch.ops.tbd_ops_emu.prediction_guided_assign(*args), seed=99)
+    assert torch.equal(gt_e, gt_c)
+    assert_bitwise(q_e, q_c, "q")
 
 
 @requires_emu

@@ -7,7 +7,7 @@ from torch.library import opcheck
 import tbd_ops
 from tbd_ops import reference as ref
 from tbd_ops.nn import ScaleConsistencyLoss, downsample_view
-from conftest import DEVICES, TOL, assert_compiles_like_eager
+from op_testing import DEVICES, REDUCED, TOL, OpContract, Sample, acc_dtype, assert_compiles_like_eager, strided
 
 LEVELS = [(13, 17), (7, 9), (4, 5), (2, 3), (1, 1)]
 
@@ -16,6 +16,33 @@ def views(n, c, device, dtype=torch.float64, levels=LEVELS):
     v1 = [torch.randn(n, c, h, w, dtype=torch.float64, device=device).to(dtype) for h, w in levels]
     v2 = [(t.double() + 0.3 * torch.randn_like(t.double())).to(dtype) for t in v1]
     return v1, v2
+
+
+class TestContract(OpContract):
+    op = staticmethod(tbd_ops.scale_consistency_loss)
+    reference = staticmethod(ref.scale_consistency_loss)
+    reduction_outputs = "all"  # sums over H*W in another order on each side (masked_sq_dist)
+
+    def samples(self, device):
+        def grad(ts):
+            return [t.requires_grad_() for t in ts]
+
+        small = [(4, 5), (2, 3)]
+        v1, v2 = views(2, 2, device, levels=small)
+        masks = [torch.rand(2, 1, h, w, dtype=torch.float64, device=device) for h, w in small]
+        out = [Sample((grad(v1), grad(v2), [masks[0].requires_grad_(), None]), name="float64", gradcheck=True),
+               Sample((grad([strided(t, "channels_last") for t in v1]), [strided(t) for t in v2]), name="strided",
+                      opcheck=False)]
+        for dtype in REDUCED:
+            v1, v2 = views(2, 8, device, dtype)
+            out.append(Sample((grad(v1), v2), name=str(dtype)))
+        return out
+
+    def value_tol(self, sample):  # the loss is float32 for every 16/32-bit input
+        return TOL[torch.float64] if sample.dtype() == torch.float64 else TOL[sample.dtype()]
+
+    def grad_tol(self, sample):
+        return TOL[sample.dtype()]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -71,13 +98,13 @@ def test_opcheck_and_compile():
 
 def test_bad_input():
     v1, v2 = views(2, 3, "cpu", levels=LEVELS[:2])
-    with pytest.raises(ValueError, match="same number of levels"):
+    with pytest.raises(ValueError, match="feats_v1 and feats_v2 must have one entry per level, got 2 and 1"):
         tbd_ops.scale_consistency_loss(v1, v2[:1])
     with pytest.raises(ValueError, match=r"feats_v2\[1\]"):
         tbd_ops.scale_consistency_loss(v1, [v2[0], v2[1][:, :2]])
     with pytest.raises(ValueError, match=r"mask\[0\]"):
         tbd_ops.scale_consistency_loss(v1, v2, [torch.rand(2, 2, 13, 17), None])
-    with pytest.raises(ValueError, match="mask must hold one entry per level"):
+    with pytest.raises(ValueError, match="feats_v1, feats_v2 and mask must have one entry per level, got 2, 2 and 1"):
         tbd_ops.scale_consistency_loss(v1, v2, [None])
     with pytest.raises(ValueError, match=r"feats_v1\[0\]"):
         tbd_ops.scale_consistency_loss([v1[0][0]], [v2[0][0]])

@@ -3,16 +3,14 @@ import math
 
 import pytest
 import torch
-from torch.library import opcheck
 
 import tbd_ops
 from tbd_ops import reference as ref
-from conftest import DEVICES, GRAD_TOL, TOL, requires_cuda, requires_emu, run_single_threaded
-import dispatch as emu_dispatch
+from tbd_ops.ops._utils import REDUCTIONS
+from op_testing import (DEVICES, DTYPES, GRAD_TOL, TOL, OpContract, Sample, acc_dtype, all_schedules, assert_bitwise,
+                        requires_cuda, requires_emu, run_single_threaded, strided)
 
 OP = tbd_ops.sigmoid_focal_loss
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-REDUCTIONS = ["none", "sum", "mean"]
 F64 = dict(rtol=1e-9, atol=1e-12)
 
 
@@ -39,7 +37,7 @@ def compare(logits, targets, weight, reduction, value_tol=None, grad_tol=None, *
     value_tol = value_tol or (F64 if dtype == torch.float64 else TOL[dtype])
     grad_tol = grad_tol or (F64 if dtype == torch.float64 else GRAD_TOL[dtype])
     R, C = logits.shape
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     g = torch.randn((R, C) if reduction == "none" else (), dtype=torch.float64, device=logits.device)
     y, grads = value_and_grads(OP, logits, targets, weight, reduction,
                                g.to(dtype if reduction == "none" else acc), **kw)
@@ -53,6 +51,43 @@ def compare(logits, targets, weight, reduction, value_tol=None, grad_tol=None, *
         assert got.dtype == inp.dtype and got.shape == inp.shape
         torch.testing.assert_close(got.double(), want, equal_nan=True, **grad_tol)
     return y, grads
+
+
+class TestContract(OpContract):
+    op = staticmethod(tbd_ops.sigmoid_focal_loss)
+    reference = staticmethod(ref.sigmoid_focal_loss)
+    reduction_outputs = [0]  # "sum" and "mean": another summation order on each side
+
+    def samples(self, device):
+        out = []
+        x, t, w = inputs(7, 4, device, scale=2.0)
+        for reduction in REDUCTIONS:
+            for gamma in (0.0, 2.0, 1.5):
+                out.append(Sample((x.requires_grad_(), t, w.requires_grad_()),
+                                  dict(gamma=gamma, alpha=0.3, reduction=reduction),
+                                  name=f"{reduction} gamma {gamma}", gradcheck=True))
+            out.append(Sample((x, t, None), dict(reduction=reduction), name=f"{reduction}, grad of logits only",
+                              gradcheck=True))
+            out.append(Sample((x.detach(), t, w), dict(reduction=reduction), name=f"{reduction}, grad of weight only",
+                              gradcheck=True))
+            for dtype in DTYPES[1:]:
+                logits, targets, weight = inputs(9, 4, device, dtype)
+                out.append(Sample((logits.requires_grad_(), targets, weight.to(dtype).requires_grad_()),
+                                  dict(reduction=reduction), name=f"{reduction} {dtype}"))
+            # Column-major logits and a strided weight, R * C = 6000 elements: more than one
+            # CPU work item (4096) and several CUDA blocks.
+            logits, targets, weight = inputs(300, 20, device)
+            out.append(Sample((strided(logits, "transposed").requires_grad_(), targets,
+                               strided(weight[:, None])[:, 0].requires_grad_()), dict(reduction=reduction),
+                              name=f"{reduction} strided", opcheck=False))
+        out.append(Sample((x[:0].detach().requires_grad_(), t[:0], None), dict(reduction="sum"), name="R = 0"))
+        return out
+
+    def value_tol(self, sample):
+        return F64 if sample.dtype() == torch.float64 else TOL[sample.dtype()]
+
+    def grad_tol(self, sample):
+        return F64 if sample.dtype() == torch.float64 else GRAD_TOL[sample.dtype()]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -204,55 +239,19 @@ def test_nan_propagates(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck(device):
-    logits, targets, weight = inputs(7, 4, device, scale=2.0)
-    x, w = logits.requires_grad_(), weight.requires_grad_()
-    for reduction in REDUCTIONS:
-        for gamma in (0.0, 2.0, 1.5):
-            assert torch.autograd.gradcheck(
-                lambda a, b: OP(a, targets, b, gamma=gamma, alpha=0.3, reduction=reduction), (x, w))
-        assert torch.autograd.gradcheck(lambda a: OP(a, targets, None, reduction=reduction), (x,))
-        assert torch.autograd.gradcheck(lambda b: OP(logits.detach(), targets, b, reduction=reduction), (w,))
-
-
-def sample_inputs(device):
-    logits, targets, weight = inputs(9, 4, device, torch.float32)
-    x64, t64, w64 = inputs(6, 3, device)
-    out = []
-    for reduction in REDUCTIONS:
-        out += [
-            (logits, targets, weight.float(), 2.0, 0.25, reduction),
-            (logits.clone().requires_grad_(), targets, None, 0.0, 0.5, reduction),
-            (x64.clone().requires_grad_(), t64, w64.clone().requires_grad_(), 1.5, 0.25, reduction),
-            (logits.half(), targets, weight.half().requires_grad_(), 2.0, 0.25, reduction),
-            (logits.t().contiguous().t().requires_grad_(), targets, weight, 2.0, 0.25, reduction),
-        ]
-        if reduction != "mean":  # (the mean of nothing is NaN, which opcheck's comparison rejects)
-            out.append((logits[:0], targets[:0], None, 2.0, 0.25, reduction))
-    return out
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    for args in sample_inputs(device):
-        opcheck(torch.ops.tbd_ops.sigmoid_focal_loss, args)
-
-
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_torch_compile_fullgraph(reduction):
-    logits, targets, weight = inputs(21, 5, "cpu")
-
-    def fn(x, w):
-        y = OP(x, targets, w, gamma=1.5, alpha=0.3, reduction=reduction)
-        return y.sum() * 2.0
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    x1, w1 = logits.clone().requires_grad_(), weight.clone().requires_grad_()
-    x2, w2 = logits.clone().requires_grad_(), weight.clone().requires_grad_()
-    a, b = compiled(x1, w1), fn(x2, w2)
-    torch.testing.assert_close(a, b)
-    for u, v in zip(torch.autograd.grad(a, (x1, w1)), torch.autograd.grad(b, (x2, w2))):
-        torch.testing.assert_close(u, v)
+def test_autocast_promotes_mixed_dtypes(device, reduction):
+    """Under autocast, fp16 logits and a float64 weight run in float64 (the promote policy of every
+    op); the per-element loss comes back in the dtype of the logits."""
+    logits, targets, weight = inputs(12, 4, device, torch.float16)
+    x = logits.requires_grad_()
+    with torch.autocast(device_type=device, dtype=torch.float16):
+        y = OP(x, targets, weight, reduction=reduction)
+    want = OP(logits.detach().double(), targets, weight, reduction=reduction)
+    assert y.dtype == (torch.float16 if reduction == "none" else torch.float64)
+    torch.testing.assert_close(y, want.to(y.dtype), rtol=0, atol=0)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert gx.dtype == torch.float16 and torch.isfinite(gx).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -352,23 +351,21 @@ def test_emulated_matches_cpu_bitwise(dtype, reduction):
     logits[0, :4] = torch.tensor([100.0, -100.0, 1000.0, -1000.0]).to(dtype)
     w = weight.to(dtype)
     R, C = logits.shape
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     grad = torch.randn(R, C).to(dtype) if reduction == "none" else torch.randn(()).to(acc)
     for gamma in (0.0, 2.0, 1.5):
         args = (logits, targets, w, gamma, 0.25, reduction)
         cpu_out = torch.ops.tbd_ops.sigmoid_focal_loss(*args)
         cpu_bw = torch.ops.tbd_ops._sigmoid_focal_loss_backward(grad, *args, [True, True])
-        for sched, _ in emu_dispatch.SCHEDULES:
-            emu_dispatch.emu.set_schedule(sched, 7)
-            out = torch.ops.tbd_ops_emu.sigmoid_focal_loss(*args)
-            bw = torch.ops.tbd_ops_emu._sigmoid_focal_loss_backward(grad, *args, [True, True])
-            if reduction == "none":
-                assert torch.equal(out.view(torch.uint8), cpu_out.view(torch.uint8))
-            else:  # a different summation order
-                torch.testing.assert_close(out, cpu_out, rtol=1e-5 if acc == torch.float32 else 1e-12, atol=1e-6)
-            for a, b in zip(bw, cpu_bw):
-                assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-        emu_dispatch.emu.set_schedule(0, 0)
+        out, bw = all_schedules(lambda: (torch.ops.tbd_ops_emu.sigmoid_focal_loss(*args),
+                                         torch.ops.tbd_ops_emu._sigmoid_focal_loss_backward(grad, *args, [True, True])),
+                                seed=7)
+        if reduction == "none":
+            assert_bitwise(out, cpu_out, "loss")
+        else:  # a different summation order
+            torch.testing.assert_close(out, cpu_out, rtol=1e-5 if acc == torch.float32 else 1e-12, atol=1e-6)
+        for a, b in zip(bw, cpu_bw):
+            assert_bitwise(a, b, "gradient")
 
 
 @requires_cuda

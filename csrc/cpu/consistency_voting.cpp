@@ -66,12 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consistency_voting_cpu(
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t g = pg[r * gs0];
           if (!voting_positive(g, M)) continue;
-          const scalar_t* b = pbx + r * bs0;
-          const scalar_t* q = pgt + (m0 + g - 1) * 4;
-          const Box<A> box{static_cast<A>(b[0]), static_cast<A>(b[bs1]),
-                           static_cast<A>(b[2 * bs1]), static_cast<A>(b[3 * bs1])};
-          const Box<A> gt{static_cast<A>(q[0]), static_cast<A>(q[1]), static_cast<A>(q[2]),
-                          static_cast<A>(q[3])};
+          const Box<A> box = load_box<A>(pbx, r, bs0, bs1, CastTo<A>());
+          const Box<A> gt = load_box<A>(pgt, m0 + g - 1, CastTo<A>());
           sum[g - 1] += box_iou(box, gt, eps);
           ++count[g - 1];
         }

@@ -7,8 +7,7 @@
 #include <torch/library.h>
 
 #include "../decode_max_iou.h"
-#include "tbd_ops/argmax.h"
-#include "tbd_ops/box.h"
+#include "box_rows.h"
 #include "tbd_ops/layout.h"
 
 namespace tbd_ops {
@@ -26,26 +25,15 @@ template <typename T> struct Decoder {
   CoderParams<A> cp;
   const A* shapes;  // per-image (h, w) [N, 2], or nullptr
 
-  static A cvt(T v) { return static_cast<A>(v); }
   // The coder parameters of image n (its own clip shape, if any).
   CoderParams<A> params(int64_t n) const { return image_params(cp, shapes, n); }
   Box<A> decode(int64_t n, int64_t p, A d[4], A r[4]) const {
-    load_pred(pred, pl, n, p, d, cvt);
-    load_prior(priors, ps0, ps1, pdim, p, r, cvt);
+    load_pred(pred, pl, n, p, d, CastTo<A>());
+    load_prior(priors, ps0, ps1, pdim, p, r, CastTo<A>());
     return decode_box(d, r, params(n));
   }
-  Box<A> gt(int64_t row) const {
-    const T* g = gts + row * 4;
-    return {cvt(g[0]), cvt(g[1]), cvt(g[2]), cvt(g[3])};
-  }
+  Box<A> gt(int64_t row) const { return load_box<A>(gts, row, CastTo<A>()); }
 };
-
-// IoU of one box against G boxes (compiled for AVX2 and the baseline ISA).
-template <typename A>
-__attribute__((target_clones("avx2", "default"))) void iou_row(const Box<A>& b, const Box<A>* gts,
-                                                               int64_t G, A eps, A* out) {
-  for (int64_t g = 0; g < G; ++g) out[g] = box_iou(b, gts[g], eps);
-}
 
 template <typename T>
 Decoder<T> make_decoder(const DecodeProblem& pb, const at::Tensor& bbox_pred,
@@ -83,10 +71,8 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(
     scalar_t* pi = iou.mutable_data_ptr<scalar_t>();
     int64_t* pa = arg.mutable_data_ptr<int64_t>();
     const A eps = static_cast<A>(kIouEps);
-    // Ground truths converted once to A; the IoUs of one prediction against
-    // all of them are computed in a vectorizable loop, then scanned.
-    std::vector<Box<A>> gts(pb.gts.size(0));
-    for (size_t g = 0; g < gts.size(); ++g) gts[g] = dec.gt(static_cast<int64_t>(g));
+    // Ground truths converted once to A.
+    const std::vector<Box<A>> gts = cpu::load_boxes<A>(dec.gts, pb.gts.size(0));
     at::parallel_for(0, pb.N * pb.P, 64, [&](int64_t begin, int64_t end) {
       std::vector<A> row;
       for (int64_t j = begin; j < end; ++j) {
@@ -94,10 +80,7 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(
         const int64_t g0 = pb.gt_offsets[n], G = pb.gt_offsets[n + 1] - g0;
         A d[4], r[4];
         const Box<A> b = dec.decode(n, p, d, r);
-        row.resize(G);
-        iou_row(b, gts.data() + g0, G, eps, row.data());
-        ArgMax<A> best = argmax_empty<A>();
-        for (int64_t g = 0; g < G; ++g) argmax_update(best, row[g], g);
+        const ArgMax<A> best = cpu::max_iou(b, gts.data() + g0, G, eps, row);
         pi[j] = static_cast<scalar_t>(best.index < 0 ? A(0) : best.value);
         pa[j] = best.index;
       }

@@ -16,20 +16,11 @@
 #include <vector>
 
 #include "../prediction_guided_assign.h"
-#include "tbd_ops/argmax.h"
+#include "box_rows.h"
 #include "tbd_ops/assign.h"
-#include "tbd_ops/box.h"
 
 namespace tbd_ops {
 namespace {
-
-// IoU of one box against M boxes (compiled for AVX2 and the baseline ISA).
-template <typename A>
-__attribute__((target_clones("avx2", "default"))) void assign_iou_row(const Box<A>& b,
-                                                                      const Box<A>* g, int64_t M,
-                                                                      A eps, A* out) {
-  for (int64_t j = 0; j < M; ++j) out[j] = box_iou(b, g[j], eps);
-}
 
 std::tuple<at::Tensor, at::Tensor> prediction_guided_assign_cpu(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& pseudo_boxes,
@@ -60,14 +51,8 @@ std::tuple<at::Tensor, at::Tensor> prediction_guided_assign_cpu(
     const A eps = static_cast<A>(kIouEps);
     const A thr = static_cast<A>(pb.iou_thr);
     const double beta = 1.0 - pb.alpha;
-    std::vector<Box<A>> gts(pb.M);
-    {
-      const scalar_t* g = pb.pseudo_boxes.const_data_ptr<scalar_t>();
-      for (int64_t m = 0; m < pb.M; ++m) {
-        gts[m] = {static_cast<A>(g[m * 4]), static_cast<A>(g[m * 4 + 1]),
-                  static_cast<A>(g[m * 4 + 2]), static_cast<A>(g[m * 4 + 3])};
-      }
-    }
+    const std::vector<Box<A>> gts =
+        cpu::load_boxes<A>(pb.pseudo_boxes.const_data_ptr<scalar_t>(), pb.M);
     std::vector<A> u(pb.P), qa(pb.P);
     std::vector<int64_t> jstar(pb.P);
     scalar_t* qout = q.mutable_data_ptr<scalar_t>();
@@ -81,13 +66,8 @@ std::tuple<at::Tensor, at::Tensor> prediction_guided_assign_cpu(
       for (int64_t p = begin; p < end; ++p) {
         while (p >= pb.p_offsets[n + 1]) ++n;
         const int64_t g0 = pb.m_offsets[n], M = pb.m_offsets[n + 1] - g0;
-        const scalar_t* b = pbx + p * bs0;
-        const Box<A> box{static_cast<A>(b[0]), static_cast<A>(b[bs1]),
-                         static_cast<A>(b[2 * bs1]), static_cast<A>(b[3 * bs1])};
-        row.resize(M);
-        assign_iou_row(box, gts.data() + g0, M, eps, row.data());
-        ArgMax<A> best = argmax_empty<A>();
-        for (int64_t j = 0; j < M; ++j) argmax_update(best, row[j], j);
+        const Box<A> box = load_box<A>(pbx, p, bs0, bs1, CastTo<A>());
+        const ArgMax<A> best = cpu::max_iou(box, gts.data() + g0, M, eps, row);
         if (best.index < 0) {
           u[p] = A(0);
           jstar[p] = -1;

@@ -11,18 +11,30 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from .ops._utils import CODERS, HD_MODES, REDUCTIONS, VOTING_MODES, acc_dtype, check_option, levels, schema_defaults
+
 __all__ = ["channel_max_spatial_softmax", "decode_max_iou", "box_max_iou", "decode_boxes", "pairwise_iou"]
 __all__ += ["prediction_guided_assign"]
 
 
+# The defaults of the ops (from their schemas).
+_PC = schema_defaults("channel_max_spatial_softmax")
+_PR = schema_defaults("decode_max_iou")
+_HD = schema_defaults("harmony_distillation_loss")
+_ASSIGN = schema_defaults("prediction_guided_assign")
+_FOCAL = schema_defaults("sigmoid_focal_loss")
+_VOTING = schema_defaults("consistency_voting")
+
+
 def _acc(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float64 else t.float()
+    return t.to(acc_dtype(t.dtype))
 
 
-def channel_max_spatial_softmax(x, temperature: float = 1.0, scale_by_hw: bool = False):
+def channel_max_spatial_softmax(x, temperature: float = _PC["temperature"], scale_by_hw: bool = _PC["scale_by_hw"]):
     """``softmax over H*W of (max_k x[n, k]) / T`` -> ``[N, H, W]`` (list for list input)."""
-    if isinstance(x, (list, tuple)):
-        return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for t in x]
+    per_level, is_list = levels("channel_max_spatial_softmax", ("x",), x)
+    if is_list:
+        return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for (t,) in per_level]
     n, _, h, w = x.shape
     z = _acc(x).max(dim=1).values  # ties: lowest channel, as the kernels
     p = torch.softmax((z / temperature).reshape(n, h * w), dim=1).reshape(n, h, w)
@@ -31,12 +43,12 @@ def channel_max_spatial_softmax(x, temperature: float = 1.0, scale_by_hw: bool =
     return p.to(x.dtype)
 
 
-def decode_boxes(bbox_pred, priors, *, coder="delta_xywh", means=(0.0,) * 4, stds=(1.0,) * 4,
-                 scale=1.0, max_shape=None, wh_ratio_clip=16 / 1000) -> torch.Tensor:
+def decode_boxes(bbox_pred, priors, *, coder=_PR["coder"], means=_PR["means"], stds=_PR["stds"],
+                 scale=_PR["scale"], max_shape=None, wh_ratio_clip=_PR["wh_ratio_clip"]) -> torch.Tensor:
     """Decoded boxes ``[N, P, 4]`` with MMDetection's formulas, operation by operation."""
     if bbox_pred.dim() == 4:
         n, c, h, w = bbox_pred.shape
-        pred = bbox_pred.reshape(n, c // 4, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+        pred = bbox_pred.reshape(n, c // 4, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * (c // 4), 4)
     else:
         pred = bbox_pred
     pred = _acc(pred)
@@ -57,10 +69,9 @@ def decode_boxes(bbox_pred, priors, *, coder="delta_xywh", means=(0.0,) * 4, std
         d = pred * scale
         boxes = torch.stack([pts[..., 0] - d[..., 0], pts[..., 1] - d[..., 1],
                              pts[..., 0] + d[..., 2], pts[..., 1] + d[..., 3]], dim=-1)
-    elif coder == "none":
-        boxes = pred
     else:
-        raise ValueError(f"decode_boxes: unknown coder {coder!r}")
+        check_option("decode_boxes", "coder", coder, CODERS)
+        boxes = pred
     if max_shape is None:
         return boxes
     per_image = (isinstance(max_shape, torch.Tensor) and max_shape.dim() == 2) or (
@@ -98,15 +109,15 @@ def _gt_list(gt_bboxes, n):
     return list(gt_bboxes)
 
 
-def decode_max_iou(bbox_pred, priors, gt_bboxes, *, coder="delta_xywh", means=(0.0,) * 4,
-                   stds=(1.0,) * 4, scale=1.0, max_shape=None, wh_ratio_clip=16 / 1000):
+def decode_max_iou(bbox_pred, priors, gt_bboxes, *, coder=_PR["coder"], means=_PR["means"], stds=_PR["stds"],
+                   scale=_PR["scale"], max_shape=None, wh_ratio_clip=_PR["wh_ratio_clip"]):
     """Decode, form the full IoU matrix per image, take its max -> ``(iou [N, P], arg [N, P])``."""
-    if isinstance(bbox_pred, (list, tuple)):
-        pri = priors if priors is not None else [None] * len(bbox_pred)
-        scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(bbox_pred)
+    per_level, is_list = levels("decode_max_iou", ("bbox_pred", "priors", "scale"), bbox_pred, priors, scale,
+                                broadcast=("priors", "scale"))
+    if is_list:
         return [decode_max_iou(b, p, gt_bboxes, coder=coder, means=means, stds=stds, scale=s,
                                max_shape=max_shape, wh_ratio_clip=wh_ratio_clip)
-                for b, p, s in zip(bbox_pred, pri, scales)]
+                for b, p, s in per_level]
     boxes = decode_boxes(bbox_pred, priors, coder=coder, means=means, stds=stds, scale=scale,
                          max_shape=max_shape, wh_ratio_clip=wh_ratio_clip)
     n, p = boxes.shape[0], boxes.shape[1]
@@ -126,9 +137,32 @@ def decode_max_iou(bbox_pred, priors, gt_bboxes, *, coder="delta_xywh", means=(0
 
 def box_max_iou(boxes, gt_bboxes):
     """Max IoU of decoded boxes ``[N, P, 4]`` over each image's ground truths."""
-    if isinstance(boxes, (list, tuple)):
-        return [box_max_iou(b, gt_bboxes) for b in boxes]
+    per_level, is_list = levels("box_max_iou", ("boxes",), boxes)
+    if is_list:
+        return [box_max_iou(b, gt_bboxes) for (b,) in per_level]
     return decode_max_iou(boxes, None, gt_bboxes, coder="none")
+
+
+def tbd_probabilities(cls_scores, bbox_preds, priors, gt_bboxes, *, coder="delta_xywh", scale=1.0, max_shape=None,
+                      temperature: float = 1.0, scale_by_hw: bool = False, **coder_kwargs):
+    """TBD's two maps of every FPN level from raw one-stage head outputs: ``(p_c, p_r)``, lists of ``[N, H_l, W_l]``.
+
+    ``p_c``: ``channel_max_spatial_softmax`` of the ``[N, A*C, H, W]`` logits (SPEC 1.1); ``p_r``: per
+    location the max over its A anchors of ``decode_max_iou`` of the ``[N, A*4, H, W]`` predictions
+    (SPEC 1.2; prior ``(h*W + w)*A + a``). ``scale``: one number or one per level; ``max_shape``:
+    None, one ``(h, w)`` or one per image; ``coder_kwargs``: means, stds, wh_ratio_clip.
+    """
+    p_c = channel_max_spatial_softmax(list(cls_scores), temperature, scale_by_hw)
+    ious = decode_max_iou(list(bbox_preds), priors, gt_bboxes, coder=coder, scale=scale, max_shape=max_shape,
+                          **coder_kwargs)
+    p_r = []
+    for (iou, _), b in zip(ious, bbox_preds):
+        n, a4, h, w = b.shape
+        p_r.append(iou.view(n, h, w, a4 // 4).amax(-1))
+    return p_c, p_r
+
+
+__all__ += ["tbd_probabilities"]
 
 
 # ---- masked reductions (SPEC 1.5) ----
@@ -136,8 +170,9 @@ __all__ += ["masked_sq_dist", "masked_l1"]
 
 
 def _masked_reduce(term, a, b, masks):
-    if isinstance(a, (list, tuple)):
-        return [_masked_reduce(term, x, y, m) for x, y, m in zip(a, b, masks, strict=True)]
+    per_level, is_list = levels("masked_reduce", ("a", "b", "masks"), a, b, masks)
+    if is_list:
+        return [_masked_reduce(term, x, y, m) for x, y, m in per_level]
     s = term(_acc(a) - _acc(b)).sum(dim=1, keepdim=True)  # [N, 1, H, W]
     return (_acc(masks) * s).sum(dim=(2, 3))
 
@@ -158,21 +193,19 @@ __all__ += ["harmony_score", "harmony_distillation_loss"]
 
 def harmony_score(p_c, p_r):
     """``1 - tanh(|p_r - p_c|)`` in the dtype of ``p_c`` (list for list input)."""
-    if isinstance(p_c, (list, tuple)):
-        return [harmony_score(c, r) for c, r in zip(p_c, p_r, strict=True)]
+    per_level, is_list = levels("harmony_score", ("p_c", "p_r"), p_c, p_r)
+    if is_list:
+        return [harmony_score(c, r) for c, r in per_level]
     return (1 - torch.tanh((_acc(p_r) - _acc(p_c)).abs())).to(p_c.dtype)
 
 
-def harmony_distillation_loss(pc_s, pr_s, pc_t, pr_t, mode: str = "iou_guided", eps: float = 1e-6):
+def harmony_distillation_loss(pc_s, pr_s, pc_t, pr_t, mode: str = _HD["mode"], eps: float = _HD["eps"]):
     """``sum_l mean_n`` of the per-image HD term; the teacher maps and psi are constants."""
-    if mode not in ("iou_guided", "plain"):
-        raise ValueError(f"harmony_distillation_loss: mode must be 'iou_guided' or 'plain', got {mode!r}")
+    check_option("harmony_distillation_loss", "mode", mode, HD_MODES)
 
-    def levels(x):
-        return [x] if isinstance(x, torch.Tensor) else list(x)
-
+    per_level, _ = levels("harmony_distillation_loss", ("pc_s", "pr_s", "pc_t", "pr_t"), pc_s, pr_s, pc_t, pr_t)
     total = None
-    for cs, rs, ct, rt in zip(levels(pc_s), levels(pr_s), levels(pc_t), levels(pr_t), strict=True):
+    for cs, rs, ct, rt in per_level:
         cs, rs, ct, rt = _acc(cs), _acc(rs), _acc(ct).detach(), _acc(rt).detach()
         n, h, w = cs.shape
         hs_s = 1 - torch.tanh((rs - cs).abs())
@@ -193,11 +226,10 @@ def harmony_distillation_loss(pc_s, pr_s, pc_t, pr_t, mode: str = "iou_guided", 
 # ---- scale_consistency_loss (SPEC 2.3) ----------------------------------------------------------
 def scale_consistency_loss(feats_v1, feats_v2, mask=None):
     """``sum over level pairs of mean_n sum_hw mask * sum_c (F1 - F2)^2 / (H W)``."""
-    v1 = [feats_v1] if isinstance(feats_v1, torch.Tensor) else list(feats_v1)
-    v2 = [feats_v2] if isinstance(feats_v2, torch.Tensor) else list(feats_v2)
-    masks = [None] * len(v1) if mask is None else ([mask] if isinstance(mask, torch.Tensor) else list(mask))
+    per_level, _ = levels("scale_consistency_loss", ("feats_v1", "feats_v2", "mask"), feats_v1, feats_v2, mask,
+                          broadcast=("mask",))
     total = 0
-    for f1, f2, m in zip(v1, v2, masks):
+    for f1, f2, m in per_level:
         n, _, h, w = f1.shape
         d = ((_acc(f1) - _acc(f2)) ** 2).sum(1, keepdim=True)
         if m is not None:
@@ -207,8 +239,9 @@ def scale_consistency_loss(feats_v1, feats_v2, mask=None):
     return total
 __all__ += ["scale_consistency_loss"]
 
-def prediction_guided_assign(boxes, scores, pseudo_boxes, pseudo_labels, valid=None, iou_thr: float = 0.4,
-                             topk: int = 12, alpha: float = 0.5):
+def prediction_guided_assign(boxes, scores, pseudo_boxes, pseudo_labels, valid=None,
+                             iou_thr: float = _ASSIGN["iou_thr"], topk: int = _ASSIGN["topk"],
+                             alpha: float = _ASSIGN["alpha"]):
     """PseCo's prediction-guided label assignment, image by image and pseudo box by pseudo box.
 
     Per image: the full ``[P, M]`` IoU matrix, its max over pseudo boxes (lowest
@@ -261,8 +294,8 @@ def _clamped_log(log_v: torch.Tensor) -> torch.Tensor:
     return log_v.detach().clamp(min=_FOCAL_LOG_MIN) + (log_v - log_v.detach())
 
 
-def sigmoid_focal_loss(logits, targets, weight=None, gamma: float = 2.0, alpha: float = 0.25,
-                       reduction: str = "sum"):
+def sigmoid_focal_loss(logits, targets, weight=None, gamma: float = _FOCAL["gamma"], alpha: float = _FOCAL["alpha"],
+                       reduction: str = _FOCAL["reduction"]):
     """RetinaNet's sigmoid focal loss on one-hot targets (``targets == C``: background).
 
     ``-alpha (1-p)^gamma log p`` (target 1), ``-(1-alpha) p^gamma log(1-p)`` (target 0),
@@ -271,6 +304,7 @@ def sigmoid_focal_loss(logits, targets, weight=None, gamma: float = 2.0, alpha: 
     of logits; ``"sum"``/``"mean"`` (over R * C elements): 0-d float32 (float64 for
     float64).
     """
+    check_option("sigmoid_focal_loss", "reduction", reduction, REDUCTIONS)
     x = _acc(logits)
     r, c = x.shape
     t = torch.nn.functional.one_hot(targets, c + 1)[:, :c].to(x.dtype) if r else x.new_zeros(r, c)
@@ -284,14 +318,12 @@ def sigmoid_focal_loss(logits, targets, weight=None, gamma: float = 2.0, alpha: 
         return loss.to(logits.dtype)
     if reduction == "sum":
         return loss.sum()
-    if reduction == "mean":
-        return loss.mean()
-    raise ValueError(f"sigmoid_focal_loss: reduction must be one of ('none', 'sum', 'mean'), got {reduction!r}")
+    return loss.mean()
 __all__ += ["sigmoid_focal_loss"]
 
 
 # ---- consistency_voting (SPEC 2.2) --------------------------------------------------------------
-def consistency_voting(pred_boxes, gt_inds, pseudo_boxes, mode: str = "pseco"):
+def consistency_voting(pred_boxes, gt_inds, pseudo_boxes, mode: str = _VOTING["mode"]):
     """Consistency voting image by image and pseudo box by pseudo box.
 
     ``sigma_j`` = mean IoU of the positives of pseudo box j (0 without); ``w[r]`` =
@@ -300,8 +332,7 @@ def consistency_voting(pred_boxes, gt_inds, pseudo_boxes, mode: str = "pseco"):
     batch's positives ("pseco"; 0 without positives) or 1 ("paper"). Float32
     (float64 for float64 boxes). Returns ``(sigma list, w list, reg_scale)``.
     """
-    if mode not in ("pseco", "paper"):
-        raise ValueError(f"consistency_voting: mode must be 'pseco' or 'paper', got {mode!r}")
+    check_option("consistency_voting", "mode", mode, VOTING_MODES)
     dtype = _acc(pred_boxes[0]).dtype if len(pred_boxes) else torch.float32
     device = pred_boxes[0].device if len(pred_boxes) else torch.device("cpu")
     sig_out, w_out = [], []

@@ -36,6 +36,20 @@ template <typename T> class ArgMaxTyped : public ::testing::Test {};
 using FloatTypes = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(ArgMaxTyped, FloatTypes);
 
+TYPED_TEST(ArgMaxTyped, ArgmaxOfAnArrayIsTheRunningArgmax) {
+  using T = TypeParam;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const std::vector<std::vector<T>> cases = {
+      {}, {T(1)}, {T(1), T(3), T(3), T(2)}, {T(-1), nan, T(5), nan}, {T(4), T(4), T(4)}};
+  for (const auto& v : cases) {
+    const ArgMax<T> a = argmax_of(v.data(), static_cast<int64_t>(v.size()));
+    EXPECT_EQ(a.index, reference_argmax(v));
+    if (a.index >= 0 && !std::isnan(v[a.index])) {
+      EXPECT_EQ(a.value, v[a.index]);
+    }
+  }
+}
+
 TYPED_TEST(ArgMaxTyped, EmptyHasNoIndex) {
   const ArgMax<TypeParam> a = argmax_empty<TypeParam>();
   EXPECT_EQ(a.index, -1);

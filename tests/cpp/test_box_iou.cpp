@@ -70,6 +70,21 @@ TYPED_TEST_SUITE(IouTyped, FloatTypes);
 
 // ---- box_area --------------------------------------------------------------
 
+TYPED_TEST(IouTyped, LoadBoxReadsStridedRows) {
+  using T = TypeParam;
+  // Three boxes stored column-major ([4, 3] transposed: row stride 1, coordinate stride 3).
+  const float cols[12] = {0, 10, 20, 1, 11, 21, 2, 12, 22, 3, 13, 23};
+  const Box<T> b = load_box<T>(cols, 1, 1, 3, CastTo<T>());
+  EXPECT_EQ(b.x1, T(10));
+  EXPECT_EQ(b.y1, T(11));
+  EXPECT_EQ(b.x2, T(12));
+  EXPECT_EQ(b.y2, T(13));
+  const double rows[8] = {1, 2, 3, 4, 5, 6, 7, 8};  // contiguous [2, 4]
+  const Box<T> c = load_box<T>(rows, 1, CastTo<T>());
+  EXPECT_EQ(c.x1, T(5));
+  EXPECT_EQ(c.y2, T(8));
+}
+
 TYPED_TEST(IouTyped, AreaOrdinaryAndDegenerate) {
   using A = TypeParam;
   EXPECT_EQ(box_area(to_box<A>({1, 2, 4, 6})), A(12));

@@ -18,21 +18,30 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import emu_sources
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEDULES = ((0, "forward"), (1, "reverse"), (2, "shuffle"))
 
 
 def _load():
+    """(module, None), (None, why it is missing) or (None, why it is stale)."""
     paths = sorted(glob.glob(os.path.join(HERE, "tbd_ops_emu*.so")))
     if not paths:
-        return None, "the emulated CUDA build is missing: run `make test` (or python tests/emu/setup.py)"
+        return None, "the emulated CUDA build is missing: run `make build-emu` (or `make test`)", False
     spec = importlib.util.spec_from_file_location("tbd_ops_emu", paths[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module, None
+    built = module.sources_digest() if hasattr(module, "sources_digest") else None
+    if built != emu_sources.digest():
+        return None, (f"the emulated CUDA build {os.path.basename(paths[0])} was built from other sources than "
+                      "those of csrc/ and cuda/ now (it would test old code): run `make build-emu`"), True
+    return module, None, False
 
 
-emu, UNAVAILABLE = _load()
+# emu: the module, or None with UNAVAILABLE saying why; STALE: it exists but is
+# out of date (the tests that need it fail instead of being skipped).
+emu, UNAVAILABLE, STALE = _load()
 stats = {"calls": 0}
 
 
@@ -59,6 +68,13 @@ def _same(a, b, where):
 
 
 class EmulatedCuda(TorchDispatchMode):
+    """schedules=False: run each call once, under the schedule in force (set by
+    the caller, e.g. op_testing.all_schedules around a whole forward and backward)."""
+
+    def __init__(self, schedules: bool = True):
+        super().__init__()
+        self.schedules = schedules
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace != "tbd_ops" or any(
@@ -67,6 +83,9 @@ class EmulatedCuda(TorchDispatchMode):
             return func(*args, **kwargs)  # not ours, or tracing (fake kernels)
         name = func._schema.name.split("::", 1)[1]
         target = getattr(getattr(torch.ops.tbd_ops_emu, name), func._overloadname)
+        if not self.schedules:
+            stats["calls"] += 1
+            return target(*args, **kwargs)
         seed = random.getrandbits(63)
         results = []
         for sched, label in SCHEDULES:

@@ -15,6 +15,8 @@ from torch.utils import cpp_extension
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BUILD = ROOT / "build" / "emu"
+sys.path.insert(0, str(HERE))
+import emu_sources  # noqa: E402
 
 
 def cuda_include():
@@ -32,15 +34,28 @@ def kernel_units():
     units = []
     for cu in sorted((ROOT / "cuda").glob("*.cu")):
         unit = out / (cu.stem + ".cpp")
-        text = f'#include "{cu}"\n'
-        if not unit.exists() or unit.read_text() != text:
-            unit.write_text(text)
+        write_if_changed(unit, f'#include "{cu}"\n')
         units.append(str(unit))
     return units
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def digest_header():
+    """build/emu/src/sources_digest.h: the digest of the sources, compiled into the
+    module (only emu_module.cpp includes it, so a change rebuilds that file alone)."""
+    out = BUILD / "src"
+    out.mkdir(parents=True, exist_ok=True)
+    write_if_changed(out / "sources_digest.h", f'#define TBD_OPS_EMU_SOURCES_DIGEST "{emu_sources.digest(ROOT)}"\n')
+    return str(out)
+
+
 def main():
-    sources = [
+    digest_dir = digest_header()
+    units = [
         # Schemas and checks of every op (not module.cpp: no Python module init here).
         *(str(p) for p in sorted((ROOT / "csrc").glob("*.cpp")) if p.name != "module.cpp"),
         *kernel_units(),
@@ -57,8 +72,8 @@ def main():
     ]
     ext = cpp_extension.CppExtension(
         name="tbd_ops_emu",
-        sources=sources,
-        include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "cuda"), cuda_include()],
+        sources=units,
+        include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "cuda"), digest_dir, cuda_include()],
         extra_compile_args={"cxx": flags},
     )
     os.chdir(HERE)

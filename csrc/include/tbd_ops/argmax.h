@@ -1,7 +1,7 @@
 // Running argmax shared by the channel max (p_c) and the max over ground truths (p_r).
 #pragma once
 
-#include "tbd_ops/macros.h"
+#include "tbd_ops/math.h"
 
 namespace tbd_ops {
 
@@ -25,6 +25,30 @@ template <typename T> TBD_HD bool argmax_takes(T best, T v) {
 // Feed candidates in increasing index order.
 template <typename T> TBD_HD void argmax_update(ArgMax<T>& a, T v, int64_t idx) {
   if (a.index < 0 || argmax_takes(a.value, v)) { a.value = v; a.index = idx; }
+}
+
+// The argmax of two disjoint sets of candidates, each found by argmax_update:
+// the same result as feeding every candidate in index order (the first NaN,
+// else the largest value, the lowest index on ties), whatever the grouping of
+// the candidates and the order of the merges (commutative and associative).
+template <typename T> TBD_HD ArgMax<T> argmax_merge(const ArgMax<T>& a, const ArgMax<T>& b) {
+  if (a.index < 0) return b;
+  if (b.index < 0) return a;
+  const bool an = is_nan(a.value), bn = is_nan(b.value);
+  bool take_b;
+  if (an || bn) {
+    take_b = (an && bn) ? b.index < a.index : bn;
+  } else {
+    take_b = b.value > a.value || (b.value == a.value && b.index < a.index);
+  }
+  return take_b ? b : a;
+}
+
+// The argmax of v[0, n) (index -1 when n is 0).
+template <typename T> TBD_HD ArgMax<T> argmax_of(const T* v, int64_t n) {
+  ArgMax<T> a = argmax_empty<T>();
+  for (int64_t i = 0; i < n; ++i) argmax_update(a, v[i], i);
+  return a;
 }
 
 }  // namespace tbd_ops

@@ -3,14 +3,9 @@
 // Shared by the CPU and CUDA kernels; the IoU is box_iou of tbd_ops/box.h.
 #pragma once
 
-#include "tbd_ops/macros.h"
+#include "tbd_ops/math.h"
 
 namespace tbd_ops {
-
-TBD_HD float math_sqrt(float v) { return sqrtf(v); }
-TBD_HD double math_sqrt(double v) { return sqrt(v); }
-TBD_HD float math_floor(float v) { return floorf(v); }
-TBD_HD double math_floor(double v) { return floor(v); }
 
 // v^e for an exponent e in [0, 1], as torch.pow(tensor, e) computes it:
 // e = 0 gives 1 (NaN included), e = 1 gives v, e = 0.5 the correctly rounded

@@ -5,13 +5,27 @@
 // reference exactly, including at ties.
 #pragma once
 
-#include "tbd_ops/macros.h"
+#include "tbd_ops/math.h"
 
 namespace tbd_ops {
 
 template <typename A> struct Box {
   A x1, y1, x2, y2;
 };
+
+// Row `row` of an [n, 4] array of boxes with element strides (s0, s1),
+// converted to A by cvt (CastTo<A> on the host, the CUDA kernels' to_acc).
+template <typename A, typename T, typename Cvt>
+TBD_HD Box<A> load_box(const T* boxes, int64_t row, int64_t s0, int64_t s1, Cvt cvt) {
+  const T* b = boxes + row * s0;
+  return {cvt(b[0]), cvt(b[s1]), cvt(b[2 * s1]), cvt(b[3 * s1])};
+}
+
+// The same for a contiguous [n, 4] array.
+template <typename A, typename T, typename Cvt>
+TBD_HD Box<A> load_box(const T* boxes, int64_t row, Cvt cvt) {
+  return load_box<A>(boxes, row, 4, 1, cvt);
+}
 
 enum class Coder : int { kDeltaXYWH = 0, kDistance = 1, kNone = 2 };
 

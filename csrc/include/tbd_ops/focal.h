@@ -18,14 +18,9 @@
 //   target 0: dloss/dx = (1 - alpha) * p^gamma * (p - gamma * q * log(q))
 #pragma once
 
-#include "tbd_ops/macros.h"
+#include "tbd_ops/math.h"
 
 namespace tbd_ops {
-
-TBD_HD float math_log1p(float v) { return log1pf(v); }
-TBD_HD double math_log1p(double v) { return log1p(v); }
-TBD_HD float math_pow(float b, float e) { return powf(b, e); }
-TBD_HD double math_pow(double b, double e) { return pow(b, e); }
 
 enum class FocalReduction : int { kNone = 0, kSum = 1, kMean = 2 };
 

@@ -11,27 +11,11 @@
 // rounded on both).
 #pragma once
 
-#include "tbd_ops/macros.h"
+#include "tbd_ops/math.h"
 
 namespace tbd_ops {
 
 enum class HarmonyMode : int { kIouGuided = 0, kPlain = 1 };
-
-// tanh in the precision of the argument on host and device (a bare tanh(float)
-// on the host would promote to double).
-TBD_HD float math_tanh(float v) { return tanhf(v); }
-TBD_HD double math_tanh(double v) { return tanh(v); }
-TBD_HD float math_sqrt(float v) { return sqrtf(v); }
-TBD_HD double math_sqrt(double v) { return sqrt(v); }
-
-// |v| without a libm call; |NaN| is NaN.
-template <typename A> TBD_HD A abs_val(A v) { return v < A(0) ? -v : v; }
-
-// sign(v) as torch.sign (and the gradient of |v| in autograd): sign(0) = 0,
-// sign(NaN) = 0.
-template <typename A> TBD_HD A sign_val(A v) {
-  return v > A(0) ? A(1) : (v < A(0) ? A(-1) : A(0));
-}
 
 // tanh(|p_r - p_c|), the quantity the score and its gradient are built from.
 template <typename A> TBD_HD A harmony_tanh(A p_c, A p_r) { return math_tanh(abs_val(p_r - p_c)); }

@@ -4,7 +4,7 @@
 // is the same layout with A = 1, H = 1, W = P.
 #pragma once
 
-#include "tbd_ops/macros.h"
+#include "tbd_ops/math.h"
 
 namespace tbd_ops {
 

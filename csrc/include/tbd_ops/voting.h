@@ -3,7 +3,7 @@
 // CUDA kernels; the IoU is box_iou of tbd_ops/box.h.
 #pragma once
 
-#include "tbd_ops/macros.h"
+#include "tbd_ops/math.h"
 
 namespace tbd_ops {
 

@@ -13,12 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tbd_ops
-from tbd_ops.ops._utils import acc_dtype
+from tbd_ops.ops._utils import REDUCTIONS, VOTING_MODES, acc_dtype, check_option, schema_defaults
+
+_ASSIGN = schema_defaults("prediction_guided_assign")
+_VOTING = schema_defaults("consistency_voting")
+_FOCAL = schema_defaults("sigmoid_focal_loss")
 
 __all__ = ["PseCoAssigner", "ConsistencyVotingWeights", "SigmoidFocalLoss", "ScaleConsistencyLoss",
            "downsample_view"]
-
-_REDUCTIONS = ("none", "sum", "mean")
 
 
 class PseCoAssigner(nn.Module):
@@ -35,7 +37,8 @@ class PseCoAssigner(nn.Module):
     applies by default).
     """
 
-    def __init__(self, iou_thr: float = 0.4, topk: int = 12, alpha: float = 0.5):
+    def __init__(self, iou_thr: float = _ASSIGN["iou_thr"], topk: int = _ASSIGN["topk"],
+                 alpha: float = _ASSIGN["alpha"]):
         super().__init__()
         self.iou_thr, self.topk, self.alpha = float(iou_thr), int(topk), float(alpha)
         if not (0 < self.iou_thr <= 1):
@@ -61,11 +64,9 @@ class ConsistencyVotingWeights(nn.Module):
     and the batch factor (a 0-d tensor). Constants: no gradient flows.
     """
 
-    def __init__(self, mode: str = "pseco"):
+    def __init__(self, mode: str = _VOTING["mode"]):
         super().__init__()
-        if mode not in ("pseco", "paper"):
-            raise ValueError(f"ConsistencyVotingWeights: mode must be 'pseco' or 'paper', got {mode!r}")
-        self.mode = mode
+        self.mode = check_option("ConsistencyVotingWeights", "mode", mode, VOTING_MODES)
 
     def forward(self, pred_boxes, gt_inds, pseudo_boxes):
         return tbd_ops.consistency_voting(pred_boxes, gt_inds, pseudo_boxes, mode=self.mode)
@@ -78,7 +79,7 @@ class FocalLossArgumentError(ValueError, AssertionError):
     either catches it."""
 
 
-_OVERRIDES = (None, "none", "mean", "sum")
+_OVERRIDES = (None, *REDUCTIONS)
 
 
 class SigmoidFocalLoss(nn.Module):
@@ -113,7 +114,7 @@ class SigmoidFocalLoss(nn.Module):
     are accumulated in float32 (SPEC 0).
     """
 
-    def __init__(self, gamma: float = 2.0, alpha: float = 0.25, reduction: str = "mean",
+    def __init__(self, gamma: float = _FOCAL["gamma"], alpha: float = _FOCAL["alpha"], reduction: str = "mean",
                  loss_weight: float = 1.0, use_sigmoid: bool = True, activated: bool = False):
         super().__init__()
         if use_sigmoid is not True:
@@ -126,8 +127,7 @@ class SigmoidFocalLoss(nn.Module):
             raise ValueError(
                 f"SigmoidFocalLoss (FusedFocalLoss): activated must be False, got {activated!r}: the fused "
                 "loss takes logits, not probabilities (use mmdet's FocalLoss for activated inputs)")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"SigmoidFocalLoss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        check_option("SigmoidFocalLoss", "reduction", reduction, REDUCTIONS)
         self.use_sigmoid, self.activated = True, False
         self.gamma, self.alpha, self.reduction, self.loss_weight = float(gamma), float(alpha), reduction, float(loss_weight)
 

@@ -13,11 +13,14 @@ import torch
 from torch import Tensor, nn
 
 import tbd_ops
+from tbd_ops.ops._utils import CODERS, HD_MODES, acc_dtype, check_option, schema_defaults
+
+_HD = schema_defaults("harmony_distillation_loss")
+_PC = schema_defaults("channel_max_spatial_softmax")
+_PR = schema_defaults("decode_max_iou")
 
 __all__ = ["HarmonyDistillationLoss", "TaskWeightGenerator", "TaskDecoupledFeatureLoss", "TBDLoss"]
 
-_HD_MODES = ("iou_guided", "plain")
-_CODERS = ("delta_xywh", "distance", "none")
 
 
 def _check_list(name: str, value, length: Optional[int] = None) -> List[Tensor]:
@@ -46,11 +49,9 @@ class HarmonyDistillationLoss(nn.Module):
     0-d tensor. The teacher maps are treated as constants.
     """
 
-    def __init__(self, mode: str = "iou_guided", eps: float = 1e-6, loss_weight: float = 1.0):
+    def __init__(self, mode: str = _HD["mode"], eps: float = _HD["eps"], loss_weight: float = 1.0):
         super().__init__()
-        if mode not in _HD_MODES:
-            raise ValueError(f"HarmonyDistillationLoss: mode must be one of {_HD_MODES}, got {mode!r}")
-        self.mode = mode
+        self.mode = check_option("HarmonyDistillationLoss", "mode", mode, HD_MODES)
         self.eps = _positive_finite("HarmonyDistillationLoss", "eps", eps)
         self.loss_weight = _positive_finite("HarmonyDistillationLoss", "loss_weight", loss_weight)
 
@@ -164,7 +165,7 @@ class TaskDecoupledFeatureLoss(nn.Module):
         teacher_feats = _check_list("TaskDecoupledFeatureLoss: teacher_feats", teacher_feats, L)
         maps = [_check_list(f"TaskDecoupledFeatureLoss: {name}", m, L)
                 for name, m in (("pc_t", pc_t), ("pr_t", pr_t), ("pc_s", pc_s), ("pr_s", pr_s))]
-        total = None
+        teachers, adapted, masks, level_maps = [], [], [], []
         for l in range(L):
             fs, ft = student_feats[l], teacher_feats[l].detach()
             if fs.dim() != 4 or fs.shape[1] != self.in_channels:
@@ -181,13 +182,19 @@ class TaskDecoupledFeatureLoss(nn.Module):
                 if m.shape != (n, h, w):
                     raise ValueError(f"TaskDecoupledFeatureLoss: {name}[{l}] must be [{n}, {h}, {w}] (the feature "
                                      f"map of level {l}), got {tuple(m.shape)}")
-            adapted = self.adapters[l](fs)
-            acc = torch.float64 if adapted.dtype == torch.float64 else torch.float32
-            masks = torch.stack([_normalize_maps(lv[0].detach().to(acc)),
-                                 _normalize_maps(lv[1].detach().to(acc))], dim=1).to(adapted.dtype)
-            dist = tbd_ops.masked_sq_dist(ft.to(adapted.dtype), adapted, masks)  # [N, 2]
+            a = self.adapters[l](fs)
+            acc = acc_dtype(a.dtype)
+            masks.append(torch.stack([_normalize_maps(lv[0].detach().to(acc)),
+                                      _normalize_maps(lv[1].detach().to(acc))], dim=1).to(a.dtype))
+            teachers.append(ft.to(a.dtype))
+            adapted.append(a)
+            level_maps.append(lv)
+        # Every level in one call: [N, 2] per level (one launch sequence on CUDA).
+        dists = tbd_ops.masked_sq_dist(teachers, adapted, masks)
+        total = None
+        for dist, lv in zip(dists, level_maps):
             weights = self.task_weights(*lv, dtype=dist.dtype)
-            term = (weights * dist).sum(dim=1).sum() / max(n, 1)
+            term = (weights * dist).sum(dim=1).sum() / max(dist.shape[0], 1)
             total = term if total is None else total + term
         return total * self.loss_weight
 
@@ -228,15 +235,14 @@ class TBDLoss(nn.Module):
         teacher_channels: channels of the teacher features (default: in_channels).
     """
 
-    def __init__(self, num_levels: int = 5, in_channels: int = 256, coder: str = "delta_xywh",
-                 coder_cfg: Optional[dict] = None, hd_mode: str = "iou_guided", hd_weight: float = 1.0,
+    def __init__(self, num_levels: int = 5, in_channels: int = 256, coder: str = _PR["coder"],
+                 coder_cfg: Optional[dict] = None, hd_mode: str = _HD["mode"], hd_weight: float = 1.0,
                  tfd_weight: float = 1.0, adapter_kernel: int = 1, twg_hidden: int = 16,
-                 fixed_task_weights: Optional[Sequence[float]] = None, temperature: float = 1.0,
-                 scale_by_hw: bool = False, teacher_channels: Optional[int] = None,
+                 fixed_task_weights: Optional[Sequence[float]] = None, temperature: float = _PC["temperature"],
+                 scale_by_hw: bool = _PC["scale_by_hw"], teacher_channels: Optional[int] = None,
                  teacher_coder_cfg: Optional[dict] = None):
         super().__init__()
-        if coder not in _CODERS:
-            raise ValueError(f"TBDLoss: coder must be one of {_CODERS}, got {coder!r}")
+        check_option("TBDLoss", "coder", coder, CODERS)
         self.num_levels = int(num_levels)
         if self.num_levels < 1:
             raise ValueError(f"TBDLoss: num_levels must be >= 1, got {num_levels}")

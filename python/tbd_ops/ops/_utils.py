@@ -1,8 +1,31 @@
-from typing import List, Optional
+import numbers
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# The string options of the ops (the C++ parsers of csrc/<op>.cpp take exactly these).
+CODERS = ("delta_xywh", "distance", "none")            # decode_max_iou
+HD_MODES = ("iou_guided", "plain")                     # harmony_distillation_loss
+VOTING_MODES = ("pseco", "paper")                      # consistency_voting
+REDUCTIONS = ("none", "sum", "mean")                   # sigmoid_focal_loss
+
+
+def schema_defaults(op: str) -> Dict[str, Any]:
+    """The defaults of operator ``tbd_ops::<op>`` by argument name, from its schema
+    (csrc/<op>.cpp): the one source of the defaults of the Python function, the
+    modules over it and the reference."""
+    schema = getattr(torch.ops.tbd_ops, op).default._schema
+    return {a.name: (tuple(a.default_value) if isinstance(a.default_value, list) else a.default_value)
+            for a in schema.arguments if a.has_default_value()}
+
+
+def check_option(owner: str, name: str, value, options) -> str:
+    """``value`` if it is one of ``options``; ValueError naming the argument otherwise."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{owner}: {name} must be one of {options}, got {value!r}")
+    return value
 
 
 def check_tensor(op: str, name: str, value) -> None:
@@ -33,3 +56,58 @@ def image_list(op: str, name: str, value, n: Optional[int]) -> List[torch.Tensor
 def cat_images(parts: List[torch.Tensor]) -> torch.Tensor:
     """The rows of every image, concatenated (no copy for a single image)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def _join(items) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def levels(op: str, names: Sequence[str], *values, broadcast: Sequence[str] = ()) -> Tuple[List[tuple], bool]:
+    """The arguments of each FPN level of a call that takes one level or a list of levels.
+
+    Either no argument is a list/tuple (one level: the arguments as given) or
+    every tensor argument is a list/tuple of levels, all of one length; the
+    arguments named in ``broadcast`` may instead be None or a number, which
+    stands for itself at every level. Returns ``([(arg, ...) per level],
+    is_list)``. TypeError for a single tensor (or anything else) among lists,
+    ValueError for lists of different lengths, both naming the arguments.
+    """
+    is_list = [isinstance(v, (list, tuple)) for v in values]
+    if not any(is_list):
+        return [tuple(values)], False
+    for name, v, listed in zip(names, values, is_list):
+        if listed or (name in broadcast and (v is None or isinstance(v, numbers.Number))):
+            continue
+        if isinstance(v, torch.Tensor):
+            raise TypeError(f"{op}: {_join(names)} must all be tensors or all be lists of levels; "
+                            f"{name} is a {type(v).__name__}")
+        raise TypeError(f"{op}: {name} must be a tensor or a list/tuple of tensors (one per level), "
+                        f"got {type(v).__name__}")
+    counts = [len(v) for v, listed in zip(values, is_list) if listed]
+    if len(set(counts)) > 1:
+        listed_names = [n for n, listed in zip(names, is_list) if listed]
+        raise ValueError(f"{op}: {_join(listed_names)} must have one entry per level, got "
+                         f"{_join([str(c) for c in counts])} levels")
+    return [tuple(v[l] if listed else v for v, listed in zip(values, is_list)) for l in range(counts[0])], True
+
+
+def input_grads(ctx, grads: Dict[int, Any]) -> tuple:
+    """The backward's return value: one entry per input the op was called with
+    (``ctx.needs_input_grad``; the dispatcher leaves out trailing arguments equal
+    to their defaults), ``grads[i]`` where input i needs a gradient, None
+    elsewhere. A Tensor[] input gets a list with one entry per tensor."""
+    out = []
+    for i, need in enumerate(ctx.needs_input_grad):
+        g = grads.get(i)
+        if isinstance(need, (list, tuple)):
+            g = [None] * len(need) if g is None else g
+            out.append([x if n else None for x, n in zip(g, need)])
+        else:
+            out.append(g if need else None)
+    return tuple(out)
+
+
+def same_dtype_and_device(tensors) -> bool:
+    """Whether the tensors share one dtype and one device (a list of levels one call can take)."""
+    return all(t.dtype == tensors[0].dtype and t.device == tensors[0].device for t in tensors)

@@ -3,21 +3,17 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import acc_dtype, cat_images, image_list
+from ._utils import VOTING_MODES, acc_dtype, cat_images, check_option, image_list, input_grads, schema_defaults
 
 _OP = "consistency_voting"
-_MODES = ("pseco", "paper")
-
-
-def _image_list(name: str, value, n: Optional[int]) -> List[torch.Tensor]:
-    return image_list(_OP, name, value, n)
+DEFAULTS = schema_defaults(_OP)  # mode
 
 
 def consistency_voting(
     pred_boxes: Sequence[torch.Tensor],
     gt_inds: Sequence[torch.Tensor],
     pseudo_boxes: Sequence[torch.Tensor],
-    mode: str = "pseco",
+    mode: str = DEFAULTS["mode"],
 ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
     """Positive-proposal consistency voting of PseCo, for a batch of images.
 
@@ -47,12 +43,11 @@ def consistency_voting(
         a 0-d tensor, in float32 (float64 for float64 boxes). Constants: no
         gradient flows through them.
     """
-    if mode not in _MODES:
-        raise ValueError(f"{_OP}: mode must be one of {_MODES}, got {mode!r}")
-    pred_boxes = _image_list("pred_boxes", pred_boxes, None)
+    check_option(_OP, "mode", mode, VOTING_MODES)
+    pred_boxes = image_list(_OP, "pred_boxes", pred_boxes, None)
     n = len(pred_boxes)
-    gt_inds = _image_list("gt_inds", gt_inds, n)
-    pseudo_boxes = _image_list("pseudo_boxes", pseudo_boxes, n)
+    gt_inds = image_list(_OP, "gt_inds", gt_inds, n)
+    pseudo_boxes = image_list(_OP, "pseudo_boxes", pseudo_boxes, n)
     if n == 0:
         return [], [], torch.tensor(1.0 if mode == "paper" else 0.0)
     for i in range(n):
@@ -71,8 +66,8 @@ def consistency_voting(
 
 
 @torch.library.register_fake("tbd_ops::consistency_voting")
-def _fake(pred_boxes, gt_inds, pseudo_boxes, roi_counts, pseudo_counts, mode="pseco"):
-    torch._check(mode in _MODES, lambda: f"{_OP}: mode must be one of {_MODES}, got {mode!r}")
+def _fake(pred_boxes, gt_inds, pseudo_boxes, roi_counts, pseudo_counts, mode=DEFAULTS["mode"]):
+    torch._check(mode in VOTING_MODES, lambda: f"{_OP}: mode must be one of {VOTING_MODES}, got {mode!r}")
     torch._check(pred_boxes.dim() == 2 and pred_boxes.shape[1] == 4, lambda: f"{_OP}: pred_boxes must be [R, 4]")
     torch._check(pseudo_boxes.dim() == 2 and pseudo_boxes.shape[1] == 4, lambda: f"{_OP}: pseudo_boxes must be [M, 4]")
     torch._check(gt_inds.dim() == 1 and gt_inds.shape[0] == pred_boxes.shape[0],
@@ -90,7 +85,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, _grad_sigma, _grad_w, _grad_scale):
-    return (None,) * 6
+    return input_grads(ctx, {})
 
 
 torch.library.register_autograd("tbd_ops::consistency_voting", _backward, setup_context=_setup_context)

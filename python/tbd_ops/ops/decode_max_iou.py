@@ -5,10 +5,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._device_values import device_values
-from ._utils import acc_dtype, check_tensor
+from ._utils import (CODERS, acc_dtype, cat_images, check_option, check_tensor, image_list, input_grads, levels,
+                     schema_defaults)
 
 _OP = "decode_max_iou"
-_CODERS = ("delta_xywh", "distance", "none")
+DEFAULTS = schema_defaults(_OP)  # coder, means, stds, scale, max_shape, wh_ratio_clip
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -22,19 +23,12 @@ def _flatten_gts(op: str, gt_bboxes, n: int, ref: torch.Tensor) -> Tuple[torch.T
                 f"got a tensor of shape {tuple(gt_bboxes.shape)}"
             )
         gt_bboxes = list(gt_bboxes.unbind(0))
-    if not isinstance(gt_bboxes, (list, tuple)):
-        raise TypeError(f"{op}: gt_bboxes must be a list of tensors, got {type(gt_bboxes).__name__}")
-    if len(gt_bboxes) != n:
-        raise ValueError(f"{op}: gt_bboxes must hold one tensor per image (N = {n}), got {len(gt_bboxes)}")
+    gt_bboxes = image_list(op, "gt_bboxes", gt_bboxes, n)
     for i, g in enumerate(gt_bboxes):
-        check_tensor(op, f"gt_bboxes[{i}]", g)
         if g.dim() != 2 or g.shape[1] != 4:
             raise ValueError(f"{op}: gt_bboxes[{i}] must be [G, 4], got shape {tuple(g.shape)}")
     counts = [int(g.shape[0]) for g in gt_bboxes]
-    if n == 0:
-        return ref.new_empty((0, 4)), counts
-    flat = gt_bboxes[0] if n == 1 else torch.cat(list(gt_bboxes), 0)
-    return flat, counts
+    return (cat_images(gt_bboxes) if n else ref.new_empty((0, 4))), counts
 
 
 def _as_floats(op: str, name: str, value, length: Optional[int]) -> List[float]:
@@ -106,12 +100,12 @@ def decode_max_iou(
     priors: Optional[Tensors],
     gt_bboxes,
     *,
-    coder: str = "delta_xywh",
-    means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-    stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-    scale: Union[float, Sequence[float]] = 1.0,
+    coder: str = DEFAULTS["coder"],
+    means: Sequence[float] = DEFAULTS["means"],
+    stds: Sequence[float] = DEFAULTS["stds"],
+    scale: Union[float, Sequence[float]] = DEFAULTS["scale"],
     max_shape=None,
-    wh_ratio_clip: float = 16 / 1000,
+    wh_ratio_clip: float = DEFAULTS["wh_ratio_clip"],
 ):
     """Decode every prediction and take its max IoU over the image's ground truths.
 
@@ -141,24 +135,17 @@ def decode_max_iou(
         maximizing ground truth (lowest on ties, -1 without ground truth). A list
         of such pairs for list input.
     """
-    if coder not in _CODERS:
-        raise ValueError(f"{_OP}: coder must be one of {_CODERS}, got {coder!r}")
+    check_option(_OP, "coder", coder, CODERS)
     first = bbox_pred[0] if isinstance(bbox_pred, (list, tuple)) and len(bbox_pred) else bbox_pred
     if _is_pair_list(max_shape) and isinstance(first, torch.Tensor) and first.dim() > 0:
         max_shape = _shapes_on_device(_OP, max_shape, first.shape[0], first)  # once for every level
-    if isinstance(bbox_pred, (list, tuple)):
-        levels = len(bbox_pred)
-        if priors is None:
-            priors = [None] * levels
-        if not isinstance(priors, (list, tuple)) or len(priors) != levels:
-            raise ValueError(f"{_OP}: priors must be a list with one tensor per level ({levels})")
-        scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * levels
-        if len(scales) != levels:
-            raise ValueError(f"{_OP}: scale must be one number or one per level ({levels}), got {len(scales)}")
+    per_level, is_list = levels(_OP, ("bbox_pred", "priors", "scale"), bbox_pred, priors, scale,
+                                broadcast=("priors", "scale"))
+    if is_list:
         return [
             decode_max_iou(b, p, gt_bboxes, coder=coder, means=means, stds=stds, scale=s,
                            max_shape=max_shape, wh_ratio_clip=wh_ratio_clip)
-            for b, p, s in zip(bbox_pred, priors, scales)
+            for b, p, s in per_level
         ]
     check_tensor(_OP, "bbox_pred", bbox_pred)
     if priors is not None:
@@ -181,8 +168,9 @@ def box_max_iou(boxes: Tensors, gt_bboxes):
 
     Returns ``(iou [N, P], arg [N, P] int64)`` as :func:`decode_max_iou`.
     """
-    if isinstance(boxes, (list, tuple)):
-        return [box_max_iou(b, gt_bboxes) for b in boxes]
+    per_level, is_list = levels("box_max_iou", ("boxes",), boxes)
+    if is_list:
+        return [box_max_iou(b, gt_bboxes) for (b,) in per_level]
     check_tensor("box_max_iou", "boxes", boxes)
     if boxes.dim() != 3 or boxes.shape[2] != 4:
         raise ValueError(f"box_max_iou: boxes must be [N, P, 4], got shape {tuple(boxes.shape)}")
@@ -197,8 +185,9 @@ def _num_priors(bbox_pred):
 
 
 @torch.library.register_fake("tbd_ops::decode_max_iou")
-def _fake(bbox_pred, priors, gt_bboxes, gt_counts, coder="delta_xywh", means=(0.0,) * 4,
-          stds=(1.0,) * 4, scale=1.0, max_shape=None, wh_ratio_clip=0.016, max_shapes=None):
+def _fake(bbox_pred, priors, gt_bboxes, gt_counts, coder=DEFAULTS["coder"], means=DEFAULTS["means"],
+          stds=DEFAULTS["stds"], scale=DEFAULTS["scale"], max_shape=None, wh_ratio_clip=DEFAULTS["wh_ratio_clip"],
+          max_shapes=None):
     torch._check(bbox_pred.dim() in (3, 4), lambda: f"{_OP}: bbox_pred must be [N, A*4, H, W] or [N, P, 4]")
     torch._check(len(gt_counts) == bbox_pred.shape[0], lambda: f"{_OP}: gt_counts must have one count per image")
     if max_shapes is not None:
@@ -235,15 +224,11 @@ def _backward(ctx, grad_iou, _grad_arg):
     coder = ctx.params[1]
     mask = [bool(need[0]), bool(need[1]) and priors is not None and coder != "none", bool(need[2])]
     if grad_iou is None or not any(mask):
-        return (None,) * 11
+        return input_grads(ctx, {})
     g_pred, g_priors, g_gts = torch.ops.tbd_ops._decode_max_iou_backward.default(
         grad_iou, arg, bbox_pred, priors, gt_bboxes, *ctx.params, mask, max_shapes
     )
-    return (
-        g_pred if mask[0] else None,
-        g_priors if mask[1] else None,
-        g_gts if mask[2] else None,
-    ) + (None,) * 8
+    return input_grads(ctx, {0: g_pred, 1: g_priors if mask[1] else None, 2: g_gts})
 
 
 torch.library.register_autograd("tbd_ops::decode_max_iou", _backward, setup_context=_setup_context)

@@ -9,13 +9,13 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import acc_dtype, check_tensor
+from ._utils import HD_MODES, acc_dtype, check_option, check_tensor, input_grads, levels, schema_defaults
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 _SCORE = "harmony_score"
 _LOSS = "harmony_distillation_loss"
-_MODES = ("iou_guided", "plain")
+DEFAULTS = schema_defaults(_LOSS)  # mode, eps
 
 
 def harmony_score(p_c: Levels, p_r: Levels) -> Union[torch.Tensor, List[torch.Tensor]]:
@@ -31,32 +31,16 @@ def harmony_score(p_c: Levels, p_r: Levels) -> Union[torch.Tensor, List[torch.Te
         ``dHS/dp_r = -(1 - tanh^2(|d|)) * sign(d)``, ``d = p_r - p_c``
         (``sign(0) = 0``), ``dHS/dp_c = -dHS/dp_r``.
     """
-    if isinstance(p_c, (list, tuple)) or isinstance(p_r, (list, tuple)):
-        for arg, value in (("p_c", p_c), ("p_r", p_r)):
-            if not isinstance(value, (list, tuple)):
-                raise TypeError(f"{_SCORE}: p_c and p_r must both be tensors or both be lists of levels; "
-                                f"{arg} is a {type(value).__name__}")
-        if len(p_c) != len(p_r):
-            raise ValueError(f"{_SCORE}: p_c and p_r must have one entry per level, got {len(p_c)} and {len(p_r)}")
-        return [harmony_score(c, r) for c, r in zip(p_c, p_r)]
+    per_level, is_list = levels(_SCORE, ("p_c", "p_r"), p_c, p_r)
+    if is_list:
+        return [harmony_score(c, r) for c, r in per_level]
     check_tensor(_SCORE, "p_c", p_c)
     check_tensor(_SCORE, "p_r", p_r)
     return torch.ops.tbd_ops.harmony_score.default(p_c, p_r)
 
 
-def _levels(name: str, value) -> List[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{_LOSS}: {name} must be a tensor or a list/tuple of tensors (one per level), "
-                        f"got {type(value).__name__}")
-    for i, t in enumerate(value):
-        check_tensor(_LOSS, f"{name}[{i}]", t)
-    return list(value)
-
-
 def harmony_distillation_loss(pc_s: Levels, pr_s: Levels, pc_t: Levels, pr_t: Levels,
-                              mode: str = "iou_guided", eps: float = 1e-6) -> torch.Tensor:
+                              mode: str = DEFAULTS["mode"], eps: float = DEFAULTS["eps"]) -> torch.Tensor:
     """Harmony distillation loss of TBD (SPEC 1.4), summed over the levels.
 
     With ``HS = harmony_score`` of the teacher (t) and the student (s):
@@ -80,19 +64,19 @@ def harmony_distillation_loss(pc_s: Levels, pr_s: Levels, pc_t: Levels, pr_t: Le
         gradient, even when they require one. Deterministic: fixed-order
         reductions on CPU and CUDA.
     """
-    if mode not in _MODES:
-        raise ValueError(f"{_LOSS}: mode must be one of {_MODES}, got {mode!r}")
+    check_option(_LOSS, "mode", mode, HD_MODES)
     eps = float(eps)
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"{_LOSS}: eps must be finite and > 0, got {eps}")
-    cs, rs = _levels("pc_s", pc_s), _levels("pr_s", pr_s)
-    ct = [t.detach() for t in _levels("pc_t", pc_t)]
-    rt = [t.detach() for t in _levels("pr_t", pr_t)]
-    if not cs:
+    names = ("pc_s", "pr_s", "pc_t", "pr_t")
+    per_level, _ = levels(_LOSS, names, pc_s, pr_s, pc_t, pr_t)
+    if not per_level:
         raise ValueError(f"{_LOSS}: pc_s must hold at least one level, got 0")
-    if not len(cs) == len(rs) == len(ct) == len(rt):
-        raise ValueError(f"{_LOSS}: pc_s, pr_s, pc_t and pr_t must hold one map per level, got "
-                         f"{len(cs)}, {len(rs)}, {len(ct)} and {len(rt)} levels")
+    for l, maps in enumerate(per_level):
+        for name, t in zip(names, maps):
+            check_tensor(_LOSS, f"{name}[{l}]", t)
+    cs, rs, ct, rt = (list(m) for m in zip(*per_level))
+    ct, rt = [t.detach() for t in ct], [t.detach() for t in rt]
     return torch.ops.tbd_ops.harmony_distillation_loss.default(cs, rs, ct, rt, mode, eps)[0]
 
 
@@ -119,7 +103,7 @@ def _score_backward_fake(grad, p_c, p_r, output_mask):
 
 
 def _check_loss_fake(name, pc_s, pr_s, pc_t, pr_t, mode):
-    torch._check(mode in _MODES, lambda: f"{name}: mode must be one of {_MODES}, got {mode!r}")
+    torch._check(mode in HD_MODES, lambda: f"{name}: mode must be one of {HD_MODES}, got {mode!r}")
     torch._check(len(pc_s) >= 1, lambda: f"{name}: pc_s must hold at least one level, got 0")
     torch._check(len(pr_s) == len(pc_s) and len(pc_t) == len(pc_s) and len(pr_t) == len(pc_s),
                  lambda: f"{name}: pc_s, pr_s, pc_t and pr_t must hold one map per level")
@@ -133,7 +117,7 @@ def _check_loss_fake(name, pc_s, pr_s, pc_t, pr_t, mode):
 
 
 @torch.library.register_fake("tbd_ops::harmony_distillation_loss")
-def _loss_fake(pc_s, pr_s, pc_t, pr_t, mode="iou_guided", eps=1e-6):
+def _loss_fake(pc_s, pr_s, pc_t, pr_t, mode=DEFAULTS["mode"], eps=DEFAULTS["eps"]):
     _check_loss_fake(_LOSS, pc_s, pr_s, pc_t, pr_t, mode)
     acc = acc_dtype(pc_s[0].dtype)
     return pc_s[0].new_empty((), dtype=acc), pc_s[0].new_empty((len(pc_s), pc_s[0].shape[0]), dtype=acc)
@@ -157,10 +141,10 @@ def _score_backward(ctx, grad):
     need = ctx.needs_input_grad
     mask = [bool(need[0]), bool(need[1])]
     if grad is None or not any(mask):
-        return None, None
+        return input_grads(ctx, {})
     p_c, p_r = ctx.saved_tensors
     gc, gr = torch.ops.tbd_ops._harmony_score_backward.default(grad, p_c, p_r, mask)
-    return (gc if mask[0] else None, gr if mask[1] else None)
+    return input_grads(ctx, {0: gc, 1: gr})
 
 
 torch.library.register_autograd("tbd_ops::harmony_score", _score_backward, setup_context=_score_setup_context)
@@ -178,22 +162,16 @@ def _loss_setup_context(ctx, inputs, output):
 
 def _loss_backward(ctx, grad, _grad_norm):
     L = ctx.levels
-    # One entry per argument the dispatcher passed: it drops trailing arguments
-    # equal to their defaults (mode, eps), and autograd wants the same structure.
-    scalars = (None,) * (len(ctx.needs_input_grad) - 4)
     need_c, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     mask = [any(bool(x) for x in need_c), any(bool(x) for x in need_r)]
-    none = [None] * L
     if grad is None or not any(mask):
-        return (none, list(none), list(none), list(none)) + scalars
+        return input_grads(ctx, {})
     norm, *maps = ctx.saved_tensors
     pc_s, pr_s, pc_t, pr_t = (maps[k * L:(k + 1) * L] for k in range(4))
     gc, gr = torch.ops.tbd_ops._harmony_distillation_loss_backward.default(
         grad, norm, pc_s, pr_s, pc_t, pr_t, ctx.mode, mask)
-    gc = [g if need_c[l] else None for l, g in enumerate(gc)] if mask[0] else list(none)
-    gr = [g if need_r[l] else None for l, g in enumerate(gr)] if mask[1] else list(none)
     # The teacher maps are constants of the loss: no gradient, even if they require one.
-    return (gc, gr, list(none), list(none)) + scalars
+    return input_grads(ctx, {0: gc if mask[0] else None, 1: gr if mask[1] else None})
 
 
 torch.library.register_autograd("tbd_ops::harmony_distillation_loss", _loss_backward,

@@ -3,13 +3,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import cat_images, image_list
+from ._utils import cat_images, image_list, input_grads, schema_defaults
 
 _OP = "prediction_guided_assign"
-
-
-def _image_list(name: str, value, n: Optional[int]) -> List[torch.Tensor]:
-    return image_list(_OP, name, value, n)
+DEFAULTS = schema_defaults(_OP)  # iou_thr, topk, alpha
 
 
 def prediction_guided_assign(
@@ -18,9 +15,9 @@ def prediction_guided_assign(
     pseudo_boxes: Sequence[torch.Tensor],
     pseudo_labels: Sequence[torch.Tensor],
     valid: Optional[Sequence[torch.Tensor]] = None,
-    iou_thr: float = 0.4,
-    topk: int = 12,
-    alpha: float = 0.5,
+    iou_thr: float = DEFAULTS["iou_thr"],
+    topk: int = DEFAULTS["topk"],
+    alpha: float = DEFAULTS["alpha"],
 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """Prediction-guided label assignment of PseCo, for a batch of images.
 
@@ -55,13 +52,13 @@ def prediction_guided_assign(
         float32 (float64 for float64 input) and returned in the dtype of
         ``scores``. Neither output has a gradient.
     """
-    boxes = _image_list("boxes", boxes, None)
+    boxes = image_list(_OP, "boxes", boxes, None)
     n = len(boxes)
-    scores = _image_list("scores", scores, n)
-    pseudo_boxes = _image_list("pseudo_boxes", pseudo_boxes, n)
-    pseudo_labels = _image_list("pseudo_labels", pseudo_labels, n)
+    scores = image_list(_OP, "scores", scores, n)
+    pseudo_boxes = image_list(_OP, "pseudo_boxes", pseudo_boxes, n)
+    pseudo_labels = image_list(_OP, "pseudo_labels", pseudo_labels, n)
     if valid is not None:
-        valid = _image_list("valid", valid, n)
+        valid = image_list(_OP, "valid", valid, n)
     if n == 0:
         return [], []
     for i in range(n):
@@ -92,7 +89,7 @@ def prediction_guided_assign(
 
 @torch.library.register_fake("tbd_ops::prediction_guided_assign")
 def _fake(boxes, scores, pseudo_boxes, pseudo_labels, proposal_counts, pseudo_counts, valid=None,
-          iou_thr=0.4, topk=12, alpha=0.5):
+          iou_thr=DEFAULTS["iou_thr"], topk=DEFAULTS["topk"], alpha=DEFAULTS["alpha"]):
     torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: f"{_OP}: boxes must be [P, 4]")
     torch._check(len(proposal_counts) == len(pseudo_counts),
                  lambda: f"{_OP}: proposal_counts and pseudo_counts must have one count per image each")
@@ -105,7 +102,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, _grad_gt_inds, _grad_q):
-    return (None,) * 10
+    return input_grads(ctx, {})
 
 
 torch.library.register_autograd("tbd_ops::prediction_guided_assign", _backward, setup_context=_setup_context)

@@ -1,14 +1,14 @@
 """PseCo multi-view scale consistency (SPEC 2.3) on the masked-L2 kernel.
 
 ``torch.ops.tbd_ops.scale_consistency_loss`` is a composite operator: it calls
-``masked_sq_dist`` once per aligned level pair, so autograd, the fake kernels,
-AMP and ``torch.compile`` come from that op.
+``masked_sq_dist`` once for all aligned level pairs (one launch sequence on
+CUDA), so autograd, the fake kernels, AMP and ``torch.compile`` come from that op.
 """
 from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ._utils import check_tensor
+from ._utils import check_tensor, levels, same_dtype_and_device
 
 _OP = "scale_consistency_loss"
 
@@ -18,12 +18,17 @@ torch.library.define(
 
 @torch.library.impl("tbd_ops::scale_consistency_loss", "CompositeImplicitAutograd")
 def _scale_consistency_loss(feats_v1, feats_v2, mask):
-    total = None
-    for l, (f1, f2, m) in enumerate(zip(feats_v1, feats_v2, mask)):
+    masks = []
+    for f1, m in zip(feats_v1, mask):
         n, _, h, w = f1.shape
-        if m is None:
-            m = f1.new_ones(()).expand(n, 1, h, w)
-        d = torch.ops.tbd_ops.masked_sq_dist.default(f1, f2, m.to(f1.dtype))  # [N, 1]
+        masks.append(f1.new_ones(()).expand(n, 1, h, w) if m is None else m.to(f1.dtype))
+    if same_dtype_and_device(list(feats_v1)):
+        dists = torch.ops.tbd_ops._masked_sq_dist_levels.default(list(feats_v1), list(feats_v2), masks)[0]
+    else:
+        dists = [torch.ops.tbd_ops.masked_sq_dist.default(f1, f2, m) for f1, f2, m in zip(feats_v1, feats_v2, masks)]
+    total = None
+    for f1, d in zip(feats_v1, dists):  # d: [N, 1]
+        n, _, h, w = f1.shape
         term = d.sum() / (max(n, 1) * max(h * w, 1))
         total = term if total is None else total + term
     return total
@@ -47,22 +52,11 @@ def scale_consistency_loss(
         A 0-d tensor in float32 (float64 for float64 features); gradients flow
         into both views (and the masks).
     """
-    single = isinstance(feats_v1, torch.Tensor)
-    v1 = [feats_v1] if single else list(feats_v1)
-    v2 = [feats_v2] if isinstance(feats_v2, torch.Tensor) else list(feats_v2)
-    if mask is None:
-        masks = [None] * len(v1)
-    elif isinstance(mask, torch.Tensor):
-        masks = [mask]
-    else:
-        masks = list(mask)
-    if len(v1) == 0:
+    per_level, _ = levels(_OP, ("feats_v1", "feats_v2", "mask"), feats_v1, feats_v2, mask, broadcast=("mask",))
+    if not per_level:
         raise ValueError(f"{_OP}: feats_v1 must hold at least one level")
-    if len(v2) != len(v1):
-        raise ValueError(f"{_OP}: feats_v1 and feats_v2 must hold the same number of levels, got {len(v1)} and {len(v2)}")
-    if len(masks) != len(v1):
-        raise ValueError(f"{_OP}: mask must hold one entry per level ({len(v1)}), got {len(masks)}")
-    for l, (f1, f2, m) in enumerate(zip(v1, v2, masks)):
+    v1, v2, masks = (list(x) for x in zip(*per_level))
+    for l, (f1, f2, m) in enumerate(per_level):
         check_tensor(_OP, f"feats_v1[{l}]", f1)
         check_tensor(_OP, f"feats_v2[{l}]", f2)
         if f1.dim() != 4:

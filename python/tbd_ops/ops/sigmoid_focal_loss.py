@@ -3,19 +3,19 @@ from typing import Optional
 
 import torch
 
-from ._utils import FLOAT_DTYPES, acc_dtype, check_tensor
+from ._utils import FLOAT_DTYPES, REDUCTIONS, acc_dtype, check_option, check_tensor, input_grads, schema_defaults
 
 _OP = "sigmoid_focal_loss"
-_REDUCTIONS = ("none", "sum", "mean")
+DEFAULTS = schema_defaults(_OP)  # weight, gamma, alpha, reduction
 
 
 def sigmoid_focal_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     weight: Optional[torch.Tensor] = None,
-    gamma: float = 2.0,
-    alpha: float = 0.25,
-    reduction: str = "sum",
+    gamma: float = DEFAULTS["gamma"],
+    alpha: float = DEFAULTS["alpha"],
+    reduction: str = DEFAULTS["reduction"],
 ) -> torch.Tensor:
     """RetinaNet's sigmoid focal loss on one-hot targets.
 
@@ -52,14 +52,13 @@ def sigmoid_focal_loss(
     check_tensor(_OP, "targets", targets)
     if weight is not None:
         check_tensor(_OP, "weight", weight)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{_OP}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_option(_OP, "reduction", reduction, REDUCTIONS)
     return torch.ops.tbd_ops.sigmoid_focal_loss.default(logits, targets, weight, float(gamma), float(alpha),
                                                         reduction)
 
 
 def _check_fake(op, logits, targets, weight, gamma, alpha, reduction):
-    torch._check(reduction in _REDUCTIONS, lambda: f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    torch._check(reduction in REDUCTIONS, lambda: f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     torch._check(logits.dim() == 2, lambda: f"{op}: logits must be a 2-D tensor [R, C], got {logits.dim()}-D")
     torch._check(logits.dtype in FLOAT_DTYPES, lambda: f"{op}: logits must be floating, got {logits.dtype}")
     torch._check(targets.dim() == 1 and targets.shape[0] == logits.shape[0],
@@ -72,7 +71,8 @@ def _check_fake(op, logits, targets, weight, gamma, alpha, reduction):
 
 
 @torch.library.register_fake("tbd_ops::sigmoid_focal_loss")
-def _fake(logits, targets, weight=None, gamma=2.0, alpha=0.25, reduction="sum"):
+def _fake(logits, targets, weight=None, gamma=DEFAULTS["gamma"], alpha=DEFAULTS["alpha"],
+          reduction=DEFAULTS["reduction"]):
     _check_fake(_OP, logits, targets, weight, gamma, alpha, reduction)
     if reduction == "none":
         return logits.new_empty(logits.shape)
@@ -99,14 +99,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     need = ctx.needs_input_grad
     logits, targets, weight = ctx.saved_tensors
-    # needs_input_grad covers the tensor inputs given: (logits, targets[, weight]).
+    # needs_input_grad covers the inputs given: (logits, targets[, weight, ...]).
     mask = [bool(need[0]), weight is not None and len(need) > 2 and bool(need[2])]
     if grad is None or not any(mask):
-        return None, None, None, None, None, None
+        return input_grads(ctx, {})
     gamma, alpha, reduction = ctx.params
     gx, gw = torch.ops.tbd_ops._sigmoid_focal_loss_backward.default(grad, logits, targets, weight, gamma, alpha,
                                                                     reduction, mask)
-    return (gx if mask[0] else None), None, (gw if mask[1] else None), None, None, None
+    return input_grads(ctx, {0: gx, 2: gw if mask[1] else None})
 
 
 torch.library.register_autograd("tbd_ops::sigmoid_focal_loss", _backward, setup_context=_setup_context)

@@ -1,6 +1,6 @@
-// tbd_ops/macros.h: accumulation type, exp/log precision, NaN-propagating
-// max/min with their autograd derivatives, clamp helpers.
-#include "tbd_ops/macros.h"
+// tbd_ops/math.h: accumulation type, the libm wrappers' precision, |v| and
+// sign, NaN-propagating max/min with their autograd derivatives, clamp helpers.
+#include "tbd_ops/math.h"
 
 #include <gtest/gtest.h>
 
@@ -24,12 +24,19 @@ static_assert(std::is_same<decltype(math_exp(1.0f)), float>::value, "math_exp(fl
 static_assert(std::is_same<decltype(math_exp(1.0)), double>::value, "math_exp(double) stays double");
 static_assert(std::is_same<decltype(math_log(1.0f)), float>::value, "math_log(float) stays float");
 static_assert(std::is_same<decltype(math_log(1.0)), double>::value, "math_log(double) stays double");
+static_assert(std::is_same<decltype(math_log1p(1.0f)), float>::value, "math_log1p(float) stays float");
+static_assert(std::is_same<decltype(math_tanh(1.0f)), float>::value, "math_tanh(float) stays float");
+static_assert(std::is_same<decltype(math_sqrt(1.0f)), float>::value, "math_sqrt(float) stays float");
+static_assert(std::is_same<decltype(math_floor(1.0f)), float>::value, "math_floor(float) stays float");
+static_assert(std::is_same<decltype(math_pow(1.0f, 2.0f)), float>::value, "math_pow(float) stays float");
+static_assert(std::is_same<decltype(math_tanh(1.0)), double>::value, "math_tanh(double) stays double");
+static_assert(std::is_same<decltype(CastTo<double>()(1.5f)), double>::value, "CastTo<A> gives A");
 
-template <typename T> class MacrosTyped : public ::testing::Test {};
+template <typename T> class MathTyped : public ::testing::Test {};
 using FloatTypes = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(MacrosTyped, FloatTypes);
+TYPED_TEST_SUITE(MathTyped, FloatTypes);
 
-TYPED_TEST(MacrosTyped, IsNan) {
+TYPED_TEST(MathTyped, IsNan) {
   using T = TypeParam;
   EXPECT_TRUE(is_nan(std::numeric_limits<T>::quiet_NaN()));
   EXPECT_FALSE(is_nan(T(0)));
@@ -37,7 +44,7 @@ TYPED_TEST(MacrosTyped, IsNan) {
   EXPECT_FALSE(is_nan(-std::numeric_limits<T>::infinity()));
 }
 
-TYPED_TEST(MacrosTyped, ExpLogValues) {
+TYPED_TEST(MathTyped, ExpLogValues) {
   using T = TypeParam;
   const double e = 2.718281828459045235360287;
   EXPECT_TRUE(tbd_test::CloseT<T>(math_exp(T(1)), e));
@@ -51,7 +58,47 @@ TYPED_TEST(MacrosTyped, ExpLogValues) {
   }
 }
 
-TYPED_TEST(MacrosTyped, MaxMinOrdinary) {
+TYPED_TEST(MathTyped, OtherLibmWrappersMatchTheCLibrary) {
+  // The wrappers call the C library in the argument's precision: equal to the
+  // float / double function of <cmath> bit for bit.
+  using T = TypeParam;
+  for (double x : {-3.5, -1.0, -0.25, 0.0, 0.3, 1.0, 2.75, 40.0}) {
+    const T v = T(x);
+    EXPECT_EQ(math_tanh(v), std::tanh(v)) << x;
+    EXPECT_EQ(math_floor(v), std::floor(v)) << x;
+    if (x > -1) {
+      EXPECT_EQ(math_log1p(v), std::log1p(v)) << x;
+    }
+    if (x >= 0) {
+      EXPECT_EQ(math_sqrt(v), std::sqrt(v)) << x;
+      EXPECT_EQ(math_pow(v, T(1.5)), std::pow(v, T(1.5))) << x;
+    }
+  }
+  EXPECT_TRUE(tbd_test::CloseT<T>(math_tanh(T(0.5)), 0.46211715726000974));
+  EXPECT_TRUE(tbd_test::CloseT<T>(math_log1p(T(1e-7)), 9.9999995000000333e-08));
+  EXPECT_TRUE(tbd_test::CloseT<T>(math_sqrt(T(2)), 1.4142135623730951));
+  EXPECT_EQ(math_floor(T(-0.5)), T(-1));
+  EXPECT_TRUE(tbd_test::CloseT<T>(math_pow(T(0.25), T(0.5)), 0.5));
+}
+
+TYPED_TEST(MathTyped, AbsAndSignAsTorch) {
+  // torch.abs and torch.sign (the gradient of |v|): sign(0) = sign(-0) = sign(NaN) = 0.
+  using T = TypeParam;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T inf = std::numeric_limits<T>::infinity();
+  EXPECT_EQ(abs_val(T(-2.5)), T(2.5));
+  EXPECT_EQ(abs_val(T(2.5)), T(2.5));
+  EXPECT_EQ(abs_val(-inf), inf);
+  EXPECT_TRUE(std::isnan(abs_val(nan)));
+  EXPECT_EQ(sign_val(T(3)), T(1));
+  EXPECT_EQ(sign_val(T(-1e-30)), T(-1));
+  EXPECT_EQ(sign_val(T(0)), T(0));
+  EXPECT_EQ(sign_val(-T(0)), T(0));
+  EXPECT_EQ(sign_val(nan), T(0));
+  EXPECT_EQ(sign_val(-inf), T(-1));
+}
+
+TYPED_TEST(MathTyped, MaxMinOrdinary) {
   using T = TypeParam;
   EXPECT_EQ(max_nan(T(-1), T(2)), T(2));
   EXPECT_EQ(max_nan(T(2), T(-1)), T(2));
@@ -65,7 +112,7 @@ TYPED_TEST(MacrosTyped, MaxMinOrdinary) {
   EXPECT_EQ(min_nan(-inf, T(5)), -inf);
 }
 
-TYPED_TEST(MacrosTyped, MaxMinPropagateNan) {
+TYPED_TEST(MathTyped, MaxMinPropagateNan) {
   // torch.maximum / torch.minimum: NaN on either side gives NaN.
   using T = TypeParam;
   const T nan = std::numeric_limits<T>::quiet_NaN();
@@ -78,7 +125,7 @@ TYPED_TEST(MacrosTyped, MaxMinPropagateNan) {
   }
 }
 
-TYPED_TEST(MacrosTyped, MaxMinDerivativeTiesSplitHalf) {
+TYPED_TEST(MathTyped, MaxMinDerivativeTiesSplitHalf) {
   using T = TypeParam;
   EXPECT_EQ(dmax_da(T(2), T(1)), T(1));
   EXPECT_EQ(dmax_da(T(1), T(2)), T(0));
@@ -102,7 +149,7 @@ TYPED_TEST(MacrosTyped, MaxMinDerivativeTiesSplitHalf) {
   }
 }
 
-TYPED_TEST(MacrosTyped, ClampValue) {
+TYPED_TEST(MathTyped, ClampValue) {
   using T = TypeParam;
   EXPECT_EQ(clamp_val(T(0.5), T(0), T(1)), T(0.5));
   EXPECT_EQ(clamp_val(T(-0.5), T(0), T(1)), T(0));
@@ -118,7 +165,7 @@ TYPED_TEST(MacrosTyped, ClampValue) {
   EXPECT_TRUE(std::isnan(clamp_min_val(std::numeric_limits<T>::quiet_NaN(), T(0))));
 }
 
-TYPED_TEST(MacrosTyped, ClampGradientClosedInterval) {
+TYPED_TEST(MathTyped, ClampGradientClosedInterval) {
   // Autograd's clamp passes the gradient on the closed interval [lo, hi].
   using T = TypeParam;
   EXPECT_EQ(clamp_grad(T(0.5), T(0), T(1)), T(1));
@@ -133,7 +180,7 @@ TYPED_TEST(MacrosTyped, ClampGradientClosedInterval) {
   EXPECT_EQ(clamp_min_grad(std::numeric_limits<T>::quiet_NaN(), T(0)), T(0));
 }
 
-TEST(Macros, ClampGradientMatchesFiniteDifferenceAwayFromBounds) {
+TEST(Math, ClampGradientMatchesFiniteDifferenceAwayFromBounds) {
   tbd_test::Rng rng(11);
   const double lo = -1.25, hi = 2.5, h = 1e-6;
   for (int i = 0; i < 500; ++i) {
