@@ -10,12 +10,15 @@
 //     "mean". The grid depends on R * C only: deterministic, no atomics.
 // Backward, recomputing from the logits (nothing of size [R, C] is saved):
 //   focal_grad_kernel, one thread per element: (g * w[r]) * dloss/dx;
+// The grid-stride loops step (row, column) along with the flat index
+// (RowColWalk): no 64-bit division per element.
 //   focal_grad_weight_kernel, one thread per row: sum_c g * loss (columns in
 //   order). The incoming gradient of "sum"/"mean" is read on the device.
 // A target outside [0, C] (not checked on the host: that would synchronize)
 // gives NaN for every element of its row; nothing is read out of bounds.
 #include "common.cuh"
 #include "sigmoid_focal_loss.h"
+#include "tbd_ops/layout.h"
 
 namespace tbd_ops {
 namespace cuda {
@@ -45,11 +48,12 @@ focal_forward_kernel(const T* __restrict__ x, int64_t xs0, int64_t xs1,
                      const int64_t* __restrict__ targets, int64_t ts0, const A* __restrict__ w,
                      int64_t R, int64_t C, A gamma, A alpha, T* __restrict__ out,
                      A* __restrict__ partial) {
-  const int64_t n = R * C;
+  const int64_t n = R * C, stride = int64_t(gridDim.x) * kBlock;
+  int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x;
   A acc = A(0);
-  for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * kBlock) {
-    const int64_t r = i / C, c = i - r * C;
+  // (r, c) of i stepped with i: no 64-bit division per element (n > 0, so C > 0).
+  for (RowColWalk rc(i < n ? i : 0, stride, i < n ? C : 1); i < n; i += stride, rc.step()) {
+    const int64_t r = rc.r, c = rc.c;
     const A wr = w != nullptr ? w[r] : A(1);
     const A l = element_loss(x, xs0, xs1, targets, ts0, r, c, C, gamma, alpha);
     if (out != nullptr) {
@@ -97,11 +101,11 @@ focal_grad_kernel(const T* __restrict__ x, int64_t xs0, int64_t xs1,
                   const int64_t* __restrict__ targets, int64_t ts0, const A* __restrict__ w,
                   int64_t R, int64_t C, A gamma, A alpha, FocalGrad<T, A> grad,
                   T* __restrict__ gx) {
-  const int64_t n = R * C;
+  const int64_t n = R * C, stride = int64_t(gridDim.x) * kBlock;
   const A s = grad.g == nullptr ? grad.scalar() : A(0);
-  for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * kBlock) {
-    const int64_t r = i / C, c = i - r * C;
+  int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x;
+  for (RowColWalk rc(i < n ? i : 0, stride, i < n ? C : 1); i < n; i += stride, rc.step()) {
+    const int64_t r = rc.r, c = rc.c;
     const int64_t t = targets[r * ts0];
     const A wr = w != nullptr ? w[r] : A(1);
     const A ge = grad.at(r, c, s);

@@ -368,6 +368,23 @@ def test_emulated_matches_cpu_bitwise(dtype, reduction):
             assert_bitwise(a, b, "gradient")
 
 
+@requires_emu
+@pytest.mark.emulated
+def test_emulated_sum_over_more_elements_than_the_grid():
+    """"sum"/"mean" take at most 1024 blocks of 256 threads: with 3001 x 91 strided logits each
+    thread steps several times through rows and columns (the walk wraps a row between steps)."""
+    dense, targets, weight = inputs(3001, 91, "cpu", torch.float64)
+    logits = torch.full((3001, 91 * 2), float("nan"), dtype=torch.float64)[:, ::2]  # column stride 2
+    logits.copy_(dense)
+    assert logits.numel() > 1024 * 256
+    w = weight
+    for reduction in ("sum", "mean"):
+        want = ref.sigmoid_focal_loss(logits, targets, w, reduction=reduction)
+        got = all_schedules(lambda: torch.ops.tbd_ops_emu.sigmoid_focal_loss(logits, targets, w, 2.0, 0.25,
+                                                                            reduction), seed=3)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
 @requires_cuda
 def test_no_host_synchronization():
     logits, targets, weight = inputs(300, 9, "cuda", torch.float32)

@@ -178,4 +178,33 @@ TEST(Layout, LoadPriorConvertsType) {
   EXPECT_EQ(out[3], 17.0);
 }
 
+// The walk of a grid-stride loop visits the (r, c) of i = r * C + c for every
+// start, stride and column count, including strides under, equal to and over C
+// and steps that wrap the column several times.
+TEST(Layout, RowColWalkMatchesDivision) {
+  for (int64_t C : {1, 2, 3, 7, 80, 81, 256}) {
+    for (int64_t stride : {1, 2, 5, 79, 80, 81, 255, 256, 257, 1000}) {
+      for (int64_t start : {0, 1, 5, 78, 79, 80, 300}) {
+        const int64_t n = start + 40 * stride + 3;
+        RowColWalk w(start, stride, C);
+        int64_t steps = 0;
+        for (int64_t i = start; i < n; i += stride, w.step(), ++steps) {
+          ASSERT_EQ(w.r, i / C) << "C=" << C << " stride=" << stride << " start=" << start << " i=" << i;
+          ASSERT_EQ(w.c, i % C) << "C=" << C << " stride=" << stride << " start=" << start << " i=" << i;
+          ASSERT_LT(w.c, C);
+        }
+        EXPECT_GT(steps, 40);
+      }
+    }
+  }
+  // A 64-bit index past 2^32 (the grid-stride loops index in int64).
+  const int64_t big = (int64_t(1) << 33) + 12345, C = 91;
+  RowColWalk w(big, (int64_t(1) << 24) + 7, C);
+  for (int k = 0; k < 100; ++k, w.step()) {
+    const int64_t i = big + k * ((int64_t(1) << 24) + 7);
+    ASSERT_EQ(w.r, i / C);
+    ASSERT_EQ(w.c, i % C);
+  }
+}
+
 }  // namespace

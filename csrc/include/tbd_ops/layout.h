@@ -36,4 +36,23 @@ TBD_HD void load_prior(const T* priors, int64_t s0, int64_t s1, int dim, int64_t
   for (int k = 0; k < dim; ++k) out[k] = cvt(priors[p * s0 + k * s1]);
 }
 
+// Row and column of the flat index i = r * C + c of an [R, C] array, stepped by
+// a fixed stride (a grid-stride loop) with additions only: two divisions when
+// it starts instead of a 64-bit division per element. Needs C > 0.
+struct RowColWalk {
+  int64_t r, c;    // the current element
+  int64_t dr, dc;  // the stride as rows and columns, dc < C
+  int64_t C;
+  TBD_HD RowColWalk(int64_t i, int64_t stride, int64_t cols)
+      : r(i / cols), c(i % cols), dr(stride / cols), dc(stride % cols), C(cols) {}
+  TBD_HD void step() {
+    r += dr;
+    c += dc;
+    if (c >= C) {
+      c -= C;
+      ++r;
+    }
+  }
+};
+
 }  // namespace tbd_ops
