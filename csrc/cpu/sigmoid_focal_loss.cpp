@@ -12,8 +12,8 @@
 // Vectorized loops: each row is done in segments of up to kSeg columns, first
 // every element as a background element (a loop of the header's branch-free
 // math with the target bit fixed and gamma = 0, 1 or 2 fixed at compile time,
-// so that the compiler vectorizes it; an AVX2 clone and the baseline ISA,
-// picked at load time), then the target column again as the positive
+// so that the compiler vectorizes it; AVX-512, AVX2 and baseline clones,
+// picked at load time, all with the same results), then the target column again as the positive
 // element. Logits that are not contiguous float32 / float64 (strided, float16,
 // bfloat16) go through a buffer of the accumulation type first. The sums of
 // "sum"/"mean" add the elements of a chunk into kLanes fixed lanes (combined
@@ -45,7 +45,7 @@ void check_targets_cpu(const char* op, const at::Tensor& targets, int64_t C) {
   }
 }
 
-#define TBD_CLONES __attribute__((target_clones("avx2", "default")))
+#define TBD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 // out[i] = loss(x[i], background) * w.
 template <int G, typename A>
