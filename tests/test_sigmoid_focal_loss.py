@@ -80,6 +80,24 @@ class TestContract(OpContract):
             out.append(Sample((strided(logits, "transposed").requires_grad_(), targets,
                                strided(weight[:, None])[:, 0].requires_grad_()), dict(reduction=reduction),
                               name=f"{reduction} strided", opcheck=False))
+            # float32 rows longer than a CPU segment (1024 columns) and not a multiple of the
+            # vector width, the target in the first, a middle and the last column of either
+            # segment, or background; gamma 2 (fixed at compile time on CPU) and 1.5 (pow).
+            logits, _, weight = inputs(7, 1100, device, torch.float32)
+            targets = torch.tensor([0, 1023, 1024, 1099, 1100, 517, 1060], device=device)
+            for gamma in (2.0, 1.5):
+                out.append(Sample((logits.requires_grad_(), targets, weight.float().requires_grad_()),
+                                  dict(gamma=gamma, reduction=reduction), name=f"{reduction} float32 C 1100 gamma {gamma}",
+                                  opcheck=False))
+            # float32 logits where exp(-|x|) is subnormal or underflows, where the log clamp
+            # binds, at the range-reduction boundaries of exp and log1p, and +-0.
+            row = torch.tensor([-110.0, -103.98, -100.0, -90.0, -87.34, -87.3, -50.0, -17.0, -1.0397,
+                                -0.3466, -1e-30, -0.0, 0.0, 1e-30, 0.3466, 0.8814, 1.0397, 17.0, 50.0, 87.3,
+                                87.34, 90.0, 100.0, 103.98, 110.0], dtype=torch.float64)
+            logits = torch.cat([row, -row]).repeat(4, 1).to(device=device, dtype=torch.float32)
+            targets = torch.tensor([0, 11, 37, 50], device=device)
+            out.append(Sample((logits.requires_grad_(), targets, None), dict(gamma=2.0, reduction=reduction),
+                              name=f"{reduction} float32 extreme logits", opcheck=False))
         out.append(Sample((x[:0].detach().requires_grad_(), t[:0], None), dict(reduction="sum"), name="R = 0"))
         return out
 
