@@ -13,6 +13,7 @@
 //
 // Grid: (blocks per image, images of the chunk); grid.y is at most 65535, so
 // larger batches run as several launches of at most max_grid_yz() images.
+#include "channel_max_spatial_softmax.h"
 #include "common.cuh"
 #include "tbd_ops/softmax.h"
 
@@ -124,18 +125,7 @@ cmss_scatter_kernel(int64_t n0, const T* __restrict__ grad, int64_t g0, int64_t 
 
 }  // namespace
 
-int64_t cmss_blocks_per_image(int64_t hw) {
-  const int64_t b = ceil_div(hw, kBlock);
-  return b < 1 ? 1 : (b > kMaxBlocksPerImage ? kMaxBlocksPerImage : b);
-}
-
-template <typename F> void for_each_image_chunk(int64_t N, int64_t bpi, F&& f) {
-  const int64_t per_launch = max_grid_yz();
-  for (int64_t n0 = 0; n0 < N; n0 += per_launch) {
-    const int64_t count = N - n0 < per_launch ? N - n0 : per_launch;
-    f(n0, dim3(static_cast<unsigned>(bpi), static_cast<unsigned>(count)));
-  }
-}
+int64_t cmss_blocks_per_image(int64_t hw) { return grid_blocks(hw, kMaxBlocksPerImage); }
 
 void cmss_forward(DType dt, const void* x, const int64_t xs[4], int64_t N, int64_t K, int64_t H,
                   int64_t W, double temperature, bool scale_by_hw, void* out, void* log_p,
@@ -151,7 +141,7 @@ void cmss_forward(DType dt, const void* x, const int64_t xs[4], int64_t N, int64
     A* ps = pm + N * bpi;
     const A inv_t = A(1) / static_cast<A>(temperature);
     const A scale = scale_by_hw ? static_cast<A>(HW) : A(1);
-    for_each_image_chunk(N, bpi, [&](int64_t n0, dim3 grid) {
+    for_each_grid_chunk(N, bpi, [&](int64_t n0, dim3 grid) {
       launch_kernel((cmss_max_kernel<T, A>), grid, kBlock, 0, s, n0, static_cast<const T*>(x),
                     xs[0], xs[1], xs[2], xs[3], K, W, HW, inv_t, static_cast<A*>(log_p), argmax,
                     pm, ps);
@@ -176,7 +166,7 @@ void cmss_backward(DType dt, const void* grad, const int64_t gs[3], const void* 
     const A* lp = static_cast<const A*>(log_p);
     const A inv_t = A(1) / static_cast<A>(temperature);
     const A scale = scale_by_hw ? static_cast<A>(HW) : A(1);
-    for_each_image_chunk(N, bpi, [&](int64_t n0, dim3 grid) {
+    for_each_grid_chunk(N, bpi, [&](int64_t n0, dim3 grid) {
       launch_kernel((cmss_dot_kernel<T, A>), grid, kBlock, 0, s, n0, static_cast<const T*>(grad),
                     gs[0], gs[1], gs[2], W, HW, lp, part);
       launch_kernel((cmss_scatter_kernel<T, A>), grid, kBlock, 0, s, n0,

@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "../csrc/channel_max_spatial_softmax.h"
+#include "channel_max_spatial_softmax.h"
 #include "glue.h"
 
 namespace tbd_ops {

@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "../csrc/decode_max_iou.h"
+#include "decode_max_iou.h"
 #include "glue.h"
 
 namespace tbd_ops {

@@ -12,7 +12,7 @@
 
 #include <exception>
 
-#include "launchers.h"
+#include "dtype.h"
 #include "torch_backend.h"
 
 namespace tbd_ops {

@@ -26,7 +26,6 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kMaxBlocksPerImage = 256;   // partial sums per (image, mask)
-constexpr int64_t kMaxBlocksElementwise = 1 << 16;
 
 struct Strides4 {
   int64_t s0, s1, s2, s3;
@@ -182,27 +181,6 @@ masked_grad_kernel(int64_t n0, const A* __restrict__ grad, int64_t g0, int64_t g
   }
 }
 
-int64_t elementwise_blocks(int64_t units) {
-  const int64_t b = ceil_div(units, kBlock);
-  return b < 1 ? 1 : (b > kMaxBlocksElementwise ? kMaxBlocksElementwise : b);
-}
-
-template <typename F> void for_each_image_chunk(int64_t N, int64_t blocks, F&& f) {
-  const int64_t per_launch = max_grid_yz();
-  for (int64_t n0 = 0; n0 < N; n0 += per_launch) {
-    const int64_t count = N - n0 < per_launch ? N - n0 : per_launch;
-    f(n0, dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(count)));
-  }
-}
-
-template <typename F> void dispatch_mode(MaskedMode mode, F&& f) {
-  switch (mode) {
-    case MaskedMode::kSqDist: f(std::integral_constant<MaskedMode, MaskedMode::kSqDist>{}); break;
-    case MaskedMode::kL1: f(std::integral_constant<MaskedMode, MaskedMode::kL1>{}); break;
-    default: throw std::invalid_argument("tbd_ops: unknown masked reduction");
-  }
-}
-
 // Vector loads: contiguous H*W planes whose starts (every n, every c) lie on
 // 16-byte boundaries.
 bool vec_ok(const void* p, const int64_t st[4], int64_t N, int64_t C, int64_t W, int64_t vec,
@@ -213,10 +191,7 @@ bool vec_ok(const void* p, const int64_t st[4], int64_t N, int64_t C, int64_t W,
 
 }  // namespace
 
-int64_t masked_reduce_blocks_per_image(int64_t hw) {
-  const int64_t b = ceil_div(hw, kBlock);
-  return b < 1 ? 1 : (b > kMaxBlocksPerImage ? kMaxBlocksPerImage : b);
-}
+int64_t masked_reduce_blocks_per_image(int64_t hw) { return grid_blocks(hw, kMaxBlocksPerImage); }
 
 void masked_reduce_forward(MaskedMode mode, DType dt, const void* a, const int64_t as[4],
                            const void* b, const int64_t bs[4], const void* masks,
@@ -226,7 +201,7 @@ void masked_reduce_forward(MaskedMode mode, DType dt, const void* a, const int64
   if (N == 0 || K == 0) return;
   const int64_t bpi = HW == 0 ? 0 : masked_reduce_blocks_per_image(HW);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  dispatch_mode(mode, [&](auto mtag) {
+  dispatch_masked_mode(mode, [&](auto mtag) {
     constexpr MaskedMode M = decltype(mtag)::value;
     dispatch_dtype(dt, [&](auto tag) {
       using T = typename decltype(tag)::type;
@@ -239,8 +214,8 @@ void masked_reduce_forward(MaskedMode mode, DType dt, const void* a, const int64
       const bool vec = vec_ok(a, as, N, C, W, kVec, sizeof(T)) &&
                        vec_ok(b, bs, N, C, W, kVec, sizeof(T));
       if (HW > 0) {
-        const int64_t term_blocks = elementwise_blocks(vec ? ceil_div(HW, kVec) : HW);
-        for_each_image_chunk(N, term_blocks, [&](int64_t n0, dim3 grid) {
+        const int64_t term_blocks = grid_blocks(vec ? ceil_div(HW, kVec) : HW, kMaxBlocksElementwise);
+        for_each_grid_chunk(N, term_blocks, [&](int64_t n0, dim3 grid) {
           if (vec) {
             launch_kernel((masked_term_vec_kernel<M, T, A>), grid, kBlock, 0, st, n0, pa, as[0],
                           as[1], pb, bs[0], bs[1], C, HW, ps);
@@ -249,14 +224,15 @@ void masked_reduce_forward(MaskedMode mode, DType dt, const void* a, const int64
                           strides_of(as), pb, strides_of(bs), C, W, HW, ps);
           }
         });
-        for_each_image_chunk(N, bpi, [&](int64_t n0, dim3 grid) {
+        for_each_grid_chunk(N, bpi, [&](int64_t n0, dim3 grid) {
           launch_kernel((masked_partial_kernel<T, A>), grid, kBlock, 0, st, n0,
                         static_cast<const A*>(ps), static_cast<const T*>(masks), strides_of(ms),
                         K, W, HW, part);
         });
       }
-      launch_kernel((masked_combine_kernel<A>), dim3(static_cast<unsigned>(elementwise_blocks(N * K))),
-                    kBlock, 0, st, static_cast<const A*>(part), bpi, N * K, static_cast<A*>(out));
+      const dim3 combine_grid(static_cast<unsigned>(grid_blocks(N * K, kMaxBlocksElementwise)));
+      launch_kernel((masked_combine_kernel<A>), combine_grid, kBlock, 0, st, static_cast<const A*>(part),
+                    bpi, N * K, static_cast<A*>(out));
     });
   });
 }
@@ -277,12 +253,12 @@ void masked_reduce_backward(MaskedMode mode, DType dt, const void* grad, const i
   const int64_t* sb = grad_b != nullptr ? gbs : zero;
   const int64_t* sm = grad_masks != nullptr ? gms : zero;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  dispatch_mode(mode, [&](auto mtag) {
+  dispatch_masked_mode(mode, [&](auto mtag) {
     constexpr MaskedMode M = decltype(mtag)::value;
     dispatch_dtype(dt, [&](auto tag) {
       using T = typename decltype(tag)::type;
       using A = acc_t<T>;
-      for_each_image_chunk(N, elementwise_blocks(HW), [&](int64_t n0, dim3 grid) {
+      for_each_grid_chunk(N, grid_blocks(HW, kMaxBlocksElementwise), [&](int64_t n0, dim3 grid) {
         launch_kernel((masked_grad_kernel<M, T, A>), grid, kBlock, 0, st, n0,
                       static_cast<const A*>(grad), gs[0], gs[1], static_cast<const T*>(a),
                       strides_of(as), static_cast<const T*>(b), strides_of(bs),

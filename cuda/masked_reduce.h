@@ -1,12 +1,12 @@
 // Host entry points of the masked reductions (masked_sq_dist, masked_l1;
 // SPEC 1.5). Plain C++ (no PyTorch, no CUDA headers): the registration glue
-// (cuda/masked_reduce_glue.cpp) validates and allocates, these launch on the
+// (csrc/masked_reduce.cpp) validates and allocates, these launch on the
 // given stream and never synchronize.
 #pragma once
 
 #include <cstdint>
 
-#include "launchers.h"
+#include "dtype.h"
 #include "tbd_ops/masked_reduce.h"
 
 namespace tbd_ops {

@@ -5,11 +5,17 @@
 // CUDA kernels so that per-element results (s, the gradients) agree bit for bit.
 #pragma once
 
+#include "tbd_ops/dispatch.h"
 #include "tbd_ops/math.h"
 
 namespace tbd_ops {
 
 enum class MaskedMode : int { kSqDist = 0, kL1 = 1 };
+
+// f(std::integral_constant<MaskedMode, mode>{}) for the code of each mode (host code).
+template <typename F> void dispatch_masked_mode(MaskedMode mode, F&& f) {
+  dispatch_mode<MaskedMode::kSqDist, MaskedMode::kL1>(mode, f);
+}
 
 // term(d): d * d or |d| (NaN stays NaN).
 template <MaskedMode M, typename A> TBD_HD A masked_term(A d) {
