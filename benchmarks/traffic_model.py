@@ -13,22 +13,30 @@ L2 cache may serve them: "actual" is an upper bound of DRAM traffic, and the min
 bound). es is the element size of the inputs, acc = 4 bytes (8 for float64) the size of the
 accumulators, 8 bytes an int64 index. Per level l with HW locations, N images:
 
-p_c (channel_max_spatial_softmax), bpi = min(ceil(HW / 256), 256) blocks per image:
-  forward   cmss_max_kernel        N*K*HW*es + N*HW*(acc + 8) + 2*N*bpi*acc
-            cmss_normalize_kernel  2*N*bpi*bpi*acc + 2*N*HW*acc + N*HW*es
+p_c and the masked reductions take every level of a list in the same launches (one launch
+per kernel for up to 8 levels). Their tile grid: one block per (level, image, tile); the
+channel split rule (cuda/level_table.cuh): below 2^18 locations in the call (N * sum HW) the
+channels of a location are spread over 8 threads (s = 8, 32 locations per block step), else one
+thread per location (s = 1, 256 per step); tiles = min(ceil(HW / step), 256) per image, HW
+summed over the levels below. Values a whole block reads alike (partials, grad[n, k]) count
+once per block; a location's own values read by its s threads count s times.
+p_c (channel_max_spatial_softmax), T = N * tiles blocks, chunks = N * ceil(HW / 2048):
+  forward   cmss_max_kernel        N*K*HW*es + N*HW*(acc + 8) + 2*T*acc
+            cmss_normalize_kernel  2*acc * (per image: chunks x tiles) + N*HW*(2*acc + es)
             minimum                N*K*HW*es + N*HW*es
-  backward  cmss_dot_kernel        N*HW*(es + acc) + N*bpi*acc
-            cmss_scatter_kernel    N*bpi*bpi*acc + N*HW*(es + acc + 8) + N*K*HW*es
+  backward  cmss_dot_kernel        N*HW*(es + acc) + chunks*acc
+            cmss_scatter_kernel    acc * (per image: tiles x chunks) + s*N*HW*(es + acc + 8)
+                                   + N*K*HW*es
             minimum                N*HW*es + N*K*HW*es
-masked_sq_dist / masked_l1 (a, b [N, C, H, W], K masks), bpi as above:
-  forward   masked_term(_vec)_kernel  2*N*C*HW*es + N*HW*acc   (_vec: HW a multiple of 16 / es)
-            masked_partial_kernel     N*K*HW*(es + acc) + N*K*bpi*acc
-            masked_combine_kernel     N*K*bpi*acc + N*K*acc
-            minimum                   2*N*C*HW*es + N*K*HW*es + N*K*acc
-  backward  masked_grad_kernel        N*K*HW*es + 2*N*C*HW*es (a, b) + 2*N*C*HW*es (grad a, grad b)
-                                      + N*bpe*K*acc (bpe: blocks per image)
-            minimum                   N*K*HW*es + 2*N*C*HW*es + N*C*HW*es: TFD's teacher side is
-                                      detached, only the gradient of b is needed
+masked_sq_dist / masked_l1 (a, b [N, C, H, W], K masks), T as above:
+  forward   masked_partial_kernel  2*N*C*HW*es + N*HW*acc (the per-location sums, kept for the
+                                   backward) + N*K*HW*(es + acc) + N*K*T*acc
+            masked_combine_kernel  N*K*T*acc + N*K*acc
+            minimum                2*N*C*HW*es + N*K*HW*es + N*K*acc
+  backward  masked_grad_kernel     s*N*K*HW*es (masks) + T*K*acc (grad) + 2*N*C*HW*es (a, b)
+                                   + N*C*HW*es per gradient asked for (TFD: b only; the teacher
+                                   side is detached)
+            minimum                N*K*HW*es + 2*N*C*HW*es + N*C*HW*es
 decode_max_iou (P = HW*A predictions, G ground truths per image, gb = ceil(P / 256) blocks per
 image), per image chunk of 64:
   forward   _device_values kernel      2*N*acc (per-image clip shapes, once per call)
@@ -59,8 +67,8 @@ ANCHORS, CLASSES, CHANNELS, GTS = 9, 80, 256, 7
 BLOCK = 256
 CHUNK = 64            # images per launch of decode_max_iou
 HD_CHUNK = 2048       # locations per block of harmony_distillation_loss
-MAX_BPI = 256         # partial sums per image of p_c and the masked reductions
-MAX_GRID_YZ = 65535   # images per launch of p_c and the masked reductions
+MAX_BPI = 256         # partial sums per image
+MAX_LEVELS = 8        # levels per launch of p_c, the masked reductions and the HD loss
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -97,60 +105,96 @@ class OpCall:
         return sum(v[1] for v in self.kernels.values())
 
 
+SPLIT_BELOW = 1 << 18  # locations of a call below which the channels of a location are split
+SPLIT = 8              # threads per location when split
+MAX_TILES = 256        # tiles (partial sums) per image
+CHUNK = 2048           # locations per block of the elementwise grid of p_c
+
+
+def _split(N, levels) -> int:
+    """Threads per location of the tile-grid kernels of p_c and the masked reductions (NCHW)."""
+    return SPLIT if N * sum(h * w for h, w in levels) < SPLIT_BELOW else 1
+
+
+def _tiles(hw: int, s: int) -> int:
+    step = 32 if s > 1 else BLOCK
+    tiles = min(_cdiv(hw, step), MAX_TILES)
+    length = _cdiv(_cdiv(hw, tiles), step) * step
+    return _cdiv(hw, length)
+
+
 def p_c_forward(N, levels, K, es=4, acc=4):
     op = OpCall("p_c forward")
-    launches = _cdiv(N, MAX_GRID_YZ)
+    s = _split(N, levels)
+    levels = [(h, w) for h, w in levels if h * w > 0]
+    if N == 0 or not levels:
+        return op
+    launches = _cdiv(len(levels), MAX_LEVELS)
+    mx = norm = 0
     for h, w in levels:
-        hw, b = h * w, _bpi(h * w)
-        if N == 0 or hw == 0:
-            continue
-        op.add("cmss_max_kernel", launches, N * K * hw * es + N * hw * (acc + 8) + 2 * N * b * acc)
-        op.add("cmss_normalize_kernel", launches, 2 * N * b * b * acc + 2 * N * hw * acc + N * hw * es)
+        hw = h * w
+        t, ch = _tiles(hw, s), _cdiv(hw, CHUNK)
+        mx += N * K * hw * es + N * hw * (acc + 8) + 2 * N * t * acc
+        norm += 2 * acc * N * ch * t + N * hw * (2 * acc + es)
         op.minimum += N * K * hw * es + N * hw * es
+    op.add("cmss_max_kernel", launches, mx)
+    op.add("cmss_normalize_kernel", launches, norm)
     return op
 
 
 def p_c_backward(N, levels, K, es=4, acc=4):
     op = OpCall("p_c backward")
-    launches = _cdiv(N, MAX_GRID_YZ)
+    s = _split(N, levels)
+    levels = [(h, w) for h, w in levels if h * w > 0]
+    if N == 0 or not levels:
+        return op
+    launches = _cdiv(len(levels), MAX_LEVELS)
+    dot = scatter = 0
     for h, w in levels:
-        hw, b = h * w, _bpi(h * w)
-        if N == 0 or hw == 0:
-            continue
-        op.add("cmss_dot_kernel", launches, N * hw * (es + acc) + N * b * acc)
-        op.add("cmss_scatter_kernel", launches, N * b * b * acc + N * hw * (es + acc + 8) + N * K * hw * es)
+        hw = h * w
+        t, ch = _tiles(hw, s), _cdiv(hw, CHUNK)
+        dot += N * hw * (es + acc) + N * ch * acc
+        scatter += acc * N * t * ch + s * N * hw * (es + acc + 8) + N * K * hw * es
         op.minimum += N * hw * es + N * K * hw * es
+    op.add("cmss_dot_kernel", launches, dot)
+    op.add("cmss_scatter_kernel", launches, scatter)
     return op
 
 
 def masked_forward(N, levels, C, K, es=4, acc=4, name="masked_sq_dist"):
     op = OpCall(f"{name} forward")
-    launches = _cdiv(N, MAX_GRID_YZ)
-    vec = 16 // es
+    s = _split(N, levels)
+    if N == 0 or not levels:
+        return op
+    launches = _cdiv(len(levels), MAX_LEVELS)
+    partial = combine = 0
     for h, w in levels:
-        hw, b = h * w, _bpi(h * w)
-        if N == 0 or K == 0:
-            continue
-        if hw > 0:
-            term = "masked_term_vec_kernel" if hw % vec == 0 else "masked_term_kernel"
-            op.add(term, launches, 2 * N * C * hw * es + N * hw * acc)
-            op.add("masked_partial_kernel", launches, N * K * hw * (es + acc) + N * K * b * acc)
-        op.add("masked_combine_kernel", 1, N * K * (b if hw else 0) * acc + N * K * acc)
+        hw = h * w
+        t = _tiles(hw, s) if hw else 0
+        partial += 2 * N * C * hw * es + N * hw * acc + N * K * hw * (es + acc) + N * K * t * acc
+        combine += N * K * t * acc + N * K * acc
         op.minimum += 2 * N * C * hw * es + N * K * hw * es + N * K * acc
+    if any(h * w for h, w in levels):
+        op.add("masked_partial_kernel", launches, partial)
+    if K:
+        op.add("masked_combine_kernel", launches, combine)
     return op
 
 
-def masked_backward(N, levels, C, K, es=4, acc=4, name="masked_sq_dist"):
+def masked_backward(N, levels, C, K, es=4, acc=4, name="masked_sq_dist", grads=1):
+    """grads: the gradients of a and b asked for (TFD: 1, b only)."""
     op = OpCall(f"{name} backward")
-    launches = _cdiv(N, MAX_GRID_YZ)
+    s = _split(N, levels)
+    levels = [(h, w) for h, w in levels if h * w > 0]
+    if N == 0 or not levels:
+        return op
+    nbytes = 0
     for h, w in levels:
         hw = h * w
-        if N == 0 or hw == 0:
-            continue
-        blocks = min(_cdiv(hw, BLOCK), 1 << 16)
-        op.add("masked_grad_kernel", launches,
-               N * K * hw * es + 2 * N * C * hw * es + 2 * N * C * hw * es + N * blocks * K * acc)
+        t = _tiles(hw, s)
+        nbytes += s * N * K * hw * es + N * t * K * acc + 2 * N * C * hw * es + grads * N * C * hw * es
         op.minimum += N * K * hw * es + 2 * N * C * hw * es + N * C * hw * es
+    op.add("masked_grad_kernel", _cdiv(len(levels), MAX_LEVELS), nbytes)
     return op
 
 

@@ -7,7 +7,8 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
+#include <string>
+#include <vector>
 
 #include "channel_max_spatial_softmax.h"
 
@@ -18,15 +19,45 @@
 
 namespace tbd_ops {
 
-void cmss_check(const at::Tensor& x, double temperature) {
+void cmss_check(const at::Tensor& x, double temperature, const char* name) {
   constexpr const char* op = "channel_max_spatial_softmax";
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be a 4-D tensor [N, K, H, W], got a ", x.dim(),
-                    "-D tensor of shape ", x.sizes());
-  check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(1) <= INT32_MAX, op,
-                    ": x must have between 1 and 2^31 - 1 channels, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": ", name, " must be a 4-D tensor [N, K, H, W], got a ",
+                    x.dim(), "-D tensor of shape ", x.sizes());
+  check_float(op, name, x);
+  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(1) <= INT32_MAX, op, ": ", name,
+                    " must have between 1 and 2^31 - 1 channels, got shape ", x.sizes());
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
                     ": temperature must be a finite number > 0, got ", temperature);
+}
+
+void cmss_levels_check(at::TensorList x, double temperature) {
+  constexpr const char* op = "channel_max_spatial_softmax";
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": temperature must be a finite number > 0, got ", temperature);
+  for (size_t l = 0; l < x.size(); ++l) {
+    const std::string name = "x[" + std::to_string(l) + "]";
+    cmss_check(x[l], temperature, name.c_str());
+    check_same_dtype(op, name, x[l], "x[0]", x[0]);
+    check_same_device(op, name, x[l], "x[0]", x[0]);
+  }
+}
+
+void cmss_levels_backward_check(at::TensorList grad, at::TensorList log_p, at::TensorList argmax,
+                                at::IntArrayRef channels, double temperature,
+                                const c10::List<bool>& channels_last) {
+  constexpr const char* op = "_channel_max_spatial_softmax_backward";
+  const size_t L = grad.size();
+  TORCH_CHECK_VALUE(log_p.size() == L && argmax.size() == L && channels.size() == L &&
+                        channels_last.size() == L,
+                    op, ": grad, log_p, argmax, channels and channels_last must have one entry per "
+                    "level, got ", L, ", ", log_p.size(), ", ", argmax.size(), ", ",
+                    channels.size(), " and ", channels_last.size());
+  for (size_t l = 0; l < L; ++l) {
+    cmss_backward_check(grad[l], log_p[l], argmax[l], channels[l], temperature);
+    const std::string name = "grad[" + std::to_string(l) + "]";
+    check_same_dtype(op, name, grad[l], "grad[0]", grad[0]);
+    check_same_device(op, name, grad[l], "grad[0]", grad[0]);
+  }
 }
 
 void cmss_backward_check(const at::Tensor& grad, const at::Tensor& log_p,
@@ -53,57 +84,124 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
       "_channel_max_spatial_softmax_backward(Tensor grad, Tensor log_p, Tensor argmax,"
       " int channels, float temperature, bool scale_by_hw, bool channels_last) -> Tensor");
+  // Every level of a list in one call (one launch sequence on CUDA).
+  m.def(
+      "_channel_max_spatial_softmax_levels(Tensor[] x, float temperature=1.0, bool scale_by_hw=False)"
+      " -> (Tensor[] out, Tensor[] log_p, Tensor[] argmax)");
+  m.def(
+      "_channel_max_spatial_softmax_levels_backward(Tensor[] grad, Tensor[] log_p, Tensor[] argmax,"
+      " int[] channels, float temperature, bool scale_by_hw, bool[] channels_last) -> Tensor[]");
 }
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
-// guard and current stream; the kernels are cuda/channel_max_spatial_softmax.cu, the shared pieces csrc/cuda_glue.h.
+// guard and current stream; the kernels are cuda/channel_max_spatial_softmax.cu, the shared
+// pieces csrc/cuda_glue.h. One level and a list of levels take the same launchers (every level
+// of a list in the same launches).
 #if TBD_OPS_CUDA_GLUE
 
 namespace cuda_glue {
 namespace {
 
+using Outputs = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+Outputs forward_levels(at::TensorList x, double temperature, bool scale_by_hw) {
+  std::vector<at::Tensor> out, log_p, argmax;
+  if (x.empty()) return {out, log_p, argmax};
+  const DeviceGuard guard(x[0].device());
+  std::vector<cuda::CmssLevel> lv(x.size());
+  for (size_t l = 0; l < x.size(); ++l) {
+    const at::Tensor& t = x[l];
+    const int64_t N = t.size(0), H = t.size(2), W = t.size(3);
+    out.push_back(cuda_glue::empty({N, H, W}, t.options()));
+    log_p.push_back(cuda_glue::empty({N, H, W}, t.options().dtype(acc_dtype(t.scalar_type()))));
+    argmax.push_back(cuda_glue::empty({N, H, W}, t.options().dtype(at::kLong)));
+    cuda::CmssLevel& v = lv[l];
+    v.x = t.const_data_ptr();
+    for (int d = 0; d < 4; ++d) v.xs[d] = t.stride(d);
+    v.N = N;
+    v.K = t.size(1);
+    v.H = H;
+    v.W = W;
+    v.out = out.back().mutable_data_ptr();
+    v.log_p = log_p.back().mutable_data_ptr();
+    v.argmax = argmax.back().mutable_data_ptr<int64_t>();
+  }
+  const int64_t ws = cuda::cmss_forward_workspace(lv.data(), static_cast<int64_t>(lv.size()));
+  if (ws == 0) return {out, log_p, argmax};
+  auto workspace = cuda_glue::empty({ws}, x[0].options().dtype(acc_dtype(x[0].scalar_type())));
+  launch([&] {
+    cuda::cmss_forward(dtype_of(x[0]), lv.data(), static_cast<int64_t>(lv.size()), temperature,
+                       scale_by_hw, workspace.mutable_data_ptr(), current_stream());
+  });
+  return {out, log_p, argmax};
+}
+
+std::vector<at::Tensor> backward_levels(at::TensorList grad, at::TensorList log_p,
+                                        at::TensorList argmax, at::IntArrayRef channels,
+                                        double temperature, bool scale_by_hw,
+                                        const std::vector<bool>& channels_last) {
+  std::vector<at::Tensor> dx;
+  if (grad.empty()) return dx;
+  const DeviceGuard guard(grad[0].device());
+  std::vector<at::Tensor> keep;  // contiguous copies of log_p / argmax, alive until launched
+  std::vector<cuda::CmssGradLevel> lv(grad.size());
+  for (size_t l = 0; l < grad.size(); ++l) {
+    const at::Tensor& g = grad[l];
+    const int64_t N = g.size(0), H = g.size(1), W = g.size(2);
+    dx.push_back(cuda_glue::empty({N, channels[l], H, W}, g.options(),
+                                  channels_last[l] ? at::MemoryFormat::ChannelsLast
+                                                   : at::MemoryFormat::Contiguous));
+    keep.push_back(log_p[l].contiguous());
+    keep.push_back(argmax[l].contiguous());
+    cuda::CmssGradLevel& v = lv[l];
+    v.grad = g.const_data_ptr();
+    for (int d = 0; d < 3; ++d) v.gs[d] = g.stride(d);
+    v.log_p = keep[2 * l].const_data_ptr();
+    v.argmax = keep[2 * l + 1].const_data_ptr<int64_t>();
+    v.N = N;
+    v.K = channels[l];
+    v.H = H;
+    v.W = W;
+    v.dx = dx.back().mutable_data_ptr();
+    for (int d = 0; d < 4; ++d) v.ds[d] = dx.back().stride(d);
+  }
+  const int64_t ws = cuda::cmss_backward_workspace(lv.data(), static_cast<int64_t>(lv.size()));
+  if (ws == 0) return dx;
+  auto workspace = cuda_glue::empty({ws}, keep[0].options());
+  launch([&] {
+    cuda::cmss_backward(dtype_of(grad[0]), lv.data(), static_cast<int64_t>(lv.size()), temperature,
+                        scale_by_hw, workspace.mutable_data_ptr(), current_stream());
+  });
+  return dx;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cuda(const at::Tensor& x, double temperature,
                                                          bool scale_by_hw) {
   cmss_check(x, temperature);
-  const DeviceGuard guard(x.device());
-  const int64_t N = x.size(0), K = x.size(1), H = x.size(2), W = x.size(3);
-  auto out = cuda_glue::empty({N, H, W}, x.options());
-  auto log_p = cuda_glue::empty({N, H, W}, x.options().dtype(acc_dtype(x.scalar_type())));
-  auto argmax = cuda_glue::empty({N, H, W}, x.options().dtype(at::kLong));
-  if (N == 0 || H * W == 0) return {out, log_p, argmax};
-  const int64_t bpi = cuda::cmss_blocks_per_image(H * W);
-  auto partials = cuda_glue::empty({2 * N * bpi}, log_p.options());
-  const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-  launch([&] {
-    cuda::cmss_forward(dtype_of(x), x.const_data_ptr(), xs, N, K, H, W, temperature, scale_by_hw,
-                       out.mutable_data_ptr(), log_p.mutable_data_ptr(),
-                       argmax.mutable_data_ptr<int64_t>(), partials.mutable_data_ptr(),
-                       current_stream());
-  });
-  return {out, log_p, argmax};
+  auto r = forward_levels({x}, temperature, scale_by_hw);
+  return {std::get<0>(r)[0], std::get<1>(r)[0], std::get<2>(r)[0]};
+}
+
+Outputs cmss_levels_cuda(at::TensorList x, double temperature, bool scale_by_hw) {
+  cmss_levels_check(x, temperature);
+  return forward_levels(x, temperature, scale_by_hw);
 }
 
 at::Tensor cmss_backward_cuda(const at::Tensor& grad, const at::Tensor& log_p,
                               const at::Tensor& argmax, int64_t channels, double temperature,
                               bool scale_by_hw, bool channels_last) {
   cmss_backward_check(grad, log_p, argmax, channels, temperature);
-  const DeviceGuard guard(grad.device());
-  const int64_t N = grad.size(0), H = grad.size(1), W = grad.size(2);
-  auto dx = cuda_glue::empty({N, channels, H, W}, grad.options(),
-                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  if (N == 0 || H * W == 0) return dx;
-  const auto lpc = log_p.contiguous();
-  const auto amc = argmax.contiguous();
-  auto partials = cuda_glue::empty({N * cuda::cmss_blocks_per_image(H * W)}, lpc.options());
-  const int64_t gs[3] = {grad.stride(0), grad.stride(1), grad.stride(2)};
-  const int64_t ds[4] = {dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3)};
-  launch([&] {
-    cuda::cmss_backward(dtype_of(grad), grad.const_data_ptr(), gs, lpc.const_data_ptr(),
-                        amc.const_data_ptr<int64_t>(), N, channels, H, W, temperature,
-                        scale_by_hw, dx.mutable_data_ptr(), ds, partials.mutable_data_ptr(),
-                        current_stream());
-  });
-  return dx;
+  return backward_levels({grad}, {log_p}, {argmax}, {channels}, temperature, scale_by_hw,
+                         {channels_last})[0];
+}
+
+std::vector<at::Tensor> cmss_levels_backward_cuda(at::TensorList grad, at::TensorList log_p,
+                                                  at::TensorList argmax, at::IntArrayRef channels,
+                                                  double temperature, bool scale_by_hw,
+                                                  const c10::List<bool>& channels_last) {
+  cmss_levels_backward_check(grad, log_p, argmax, channels, temperature, channels_last);
+  std::vector<bool> cl(channels_last.begin(), channels_last.end());
+  return backward_levels(grad, log_p, argmax, channels, temperature, scale_by_hw, cl);
 }
 
 }  // namespace
@@ -111,6 +209,8 @@ at::Tensor cmss_backward_cuda(const at::Tensor& grad, const at::Tensor& log_p,
 TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
   m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_cuda));
   m.impl("_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cuda));
+  m.impl("_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_cuda));
+  m.impl("_channel_max_spatial_softmax_levels_backward", TORCH_FN(cmss_levels_backward_cuda));
 }
 
 }  // namespace cuda_glue

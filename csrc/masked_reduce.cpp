@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <string>
+#include <vector>
 
 #include "masked_reduce.h"
 
@@ -49,6 +51,42 @@ void masked_reduce_backward_check(const char* op, const at::Tensor& grad, const 
   check_same_device(op, "grad", grad, "a", a);
 }
 
+void masked_reduce_levels_check(const char* op, at::TensorList a, at::TensorList b,
+                                at::TensorList masks) {
+  TORCH_CHECK_VALUE(a.size() == b.size() && a.size() == masks.size(), op,
+                    ": a, b and masks must have one entry per level, got ", a.size(), ", ",
+                    b.size(), " and ", masks.size(), " levels");
+  for (size_t l = 0; l < a.size(); ++l) {
+    masked_reduce_check(op, a[l], b[l], masks[l]);
+    const std::string name = "a[" + std::to_string(l) + "]";
+    check_same_dtype(op, name, a[l], "a[0]", a[0]);
+    check_same_device(op, name, a[l], "a[0]", a[0]);
+  }
+}
+
+void masked_reduce_levels_backward_check(const char* op, at::TensorList grad, at::TensorList a,
+                                         at::TensorList b, at::TensorList masks,
+                                         at::TensorList term, bool want_masks) {
+  masked_reduce_levels_check(op, a, b, masks);
+  TORCH_CHECK_VALUE(grad.size() == a.size(), op, ": grad must have one entry per level (",
+                    a.size(), "), got ", grad.size());
+  TORCH_CHECK_VALUE(!want_masks || term.size() == a.size(), op,
+                    ": term must have one entry per level (", a.size(),
+                    ") when the gradient of masks is asked for, got ", term.size());
+  for (size_t l = 0; l < a.size(); ++l) {
+    masked_reduce_backward_check(op, grad[l], a[l], b[l], masks[l]);
+    if (!want_masks) continue;
+    const at::Tensor& t = term[l];
+    TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == a[l].size(0) && t.size(1) == a[l].size(2) &&
+                          t.size(2) == a[l].size(3),
+                      op, ": term[", l, "] must be [N, H, W] = [", a[l].size(0), ", ", a[l].size(2),
+                      ", ", a[l].size(3), "], got ", t.sizes());
+    const std::string name = "term[" + std::to_string(l) + "]";
+    check_dtype(op, name, t, acc_dtype(a[l].scalar_type()));
+    check_same_device(op, name, t, "a[" + std::to_string(l) + "]", a[l]);
+  }
+}
+
 namespace {
 
 // ---- autocast: the kernels read 16-bit inputs directly and accumulate in
@@ -62,8 +100,20 @@ at::Tensor masked_autocast(const at::Tensor& a, const at::Tensor& b, const at::T
   return t ? op.call(a.to(*t), b.to(*t), masks.to(*t)) : op.call(a, b, masks);
 }
 
+template <const char* kName>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> masked_levels_autocast(
+    at::TensorList a, at::TensorList b, at::TensorList masks) {
+  const AutocastOff off;
+  static auto op = typed_op<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
+      at::TensorList, at::TensorList, at::TensorList)>(kName);
+  const auto t = promote_dtype(a, b, masks);
+  return t ? op.call(cast_to(a, *t), cast_to(b, *t), cast_to(masks, *t)) : op.call(a, b, masks);
+}
+
 constexpr char kSqDistName[] = TBD_OPS_LIB_NAME "::masked_sq_dist";
 constexpr char kL1Name[] = TBD_OPS_LIB_NAME "::masked_l1";
+constexpr char kSqDistLevelsName[] = TBD_OPS_LIB_NAME "::_masked_sq_dist_levels";
+constexpr char kL1LevelsName[] = TBD_OPS_LIB_NAME "::_masked_l1_levels";
 
 }  // namespace
 
@@ -76,16 +126,30 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
       "_masked_l1_backward(Tensor grad, Tensor a, Tensor b, Tensor masks, bool[3] output_mask)"
       " -> (Tensor grad_a, Tensor grad_b, Tensor grad_masks)");
+  // Every level of a list in one call (one launch sequence on CUDA). term: the per-location
+  // s[n, h, w] = sum_c term(a - b), which the backward reads for the gradient of masks.
+#define TBD_MASKED_LEVELS(name)                                                                 \
+  m.def("_" name "_levels(Tensor[] a, Tensor[] b, Tensor[] masks) -> (Tensor[] out, Tensor[] term)"); \
+  m.def("_" name                                                                                \
+        "_levels_backward(Tensor[] grad, Tensor[] a, Tensor[] b, Tensor[] masks, Tensor[] term,"   \
+        " bool[3] output_mask) -> (Tensor[] grad_a, Tensor[] grad_b, Tensor[] grad_masks)")
+  TBD_MASKED_LEVELS("masked_sq_dist");
+  TBD_MASKED_LEVELS("masked_l1");
+#undef TBD_MASKED_LEVELS
 }
 
 TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
   m.impl("masked_sq_dist", TORCH_FN(masked_autocast<kSqDistName>));
   m.impl("masked_l1", TORCH_FN(masked_autocast<kL1Name>));
+  m.impl("_masked_sq_dist_levels", TORCH_FN(masked_levels_autocast<kSqDistLevelsName>));
+  m.impl("_masked_l1_levels", TORCH_FN(masked_levels_autocast<kL1LevelsName>));
 }
 
 TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
   m.impl("masked_sq_dist", TORCH_FN(masked_autocast<kSqDistName>));
   m.impl("masked_l1", TORCH_FN(masked_autocast<kL1Name>));
+  m.impl("_masked_sq_dist_levels", TORCH_FN(masked_levels_autocast<kSqDistLevelsName>));
+  m.impl("_masked_l1_levels", TORCH_FN(masked_levels_autocast<kL1LevelsName>));
 }
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
@@ -95,96 +159,149 @@ TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
 namespace cuda_glue {
 namespace {
 
+using Lists = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>;
+using Grads = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
 void strides4(const at::Tensor& t, int64_t out[4]) {
   for (int d = 0; d < 4; ++d) out[d] = t.stride(d);
 }
 
-template <MaskedMode M>
-at::Tensor masked_forward_cuda(const char* op, const at::Tensor& a, const at::Tensor& b,
-                               const at::Tensor& masks) {
-  masked_reduce_check(op, a, b, masks);
-  const DeviceGuard guard(a.device());
-  const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), K = masks.size(1);
-  const auto acc_opts = a.options().dtype(acc_dtype(a.scalar_type()));
-  auto out = cuda_glue::empty({N, K}, acc_opts);
-  if (N == 0 || K == 0) return out;
-  const int64_t HW = H * W;
-  auto s = cuda_glue::empty({N * HW}, acc_opts);
-  const int64_t bpi = HW == 0 ? 0 : cuda::masked_reduce_blocks_per_image(HW);
-  auto partials = cuda_glue::empty({N * K * bpi}, acc_opts);
-  int64_t as[4], bs[4], ms[4];
-  strides4(a, as);
-  strides4(b, bs);
-  strides4(masks, ms);
-  launch([&] {
-    cuda::masked_reduce_forward(M, dtype_of(a), a.const_data_ptr(), as, b.const_data_ptr(), bs,
-                                masks.const_data_ptr(), ms, N, C, K, H, W,
-                                out.mutable_data_ptr(), s.mutable_data_ptr(),
-                                partials.mutable_data_ptr(), current_stream());
-  });
-  return out;
+cuda::MaskedLevel level_of(const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks) {
+  cuda::MaskedLevel v{};
+  v.a = a.const_data_ptr();
+  v.b = b.const_data_ptr();
+  v.masks = masks.const_data_ptr();
+  strides4(a, v.as);
+  strides4(b, v.bs);
+  strides4(masks, v.ms);
+  v.N = a.size(0);
+  v.C = a.size(1);
+  v.K = masks.size(1);
+  v.H = a.size(2);
+  v.W = a.size(3);
+  return v;
 }
 
+template <MaskedMode M> Lists forward_levels(at::TensorList a, at::TensorList b, at::TensorList masks) {
+  std::vector<at::Tensor> out, term;
+  if (a.empty()) return {out, term};
+  const DeviceGuard guard(a[0].device());
+  const auto acc_opts = a[0].options().dtype(acc_dtype(a[0].scalar_type()));
+  std::vector<cuda::MaskedLevel> lv;
+  for (size_t l = 0; l < a.size(); ++l) {
+    cuda::MaskedLevel v = level_of(a[l], b[l], masks[l]);
+    out.push_back(cuda_glue::empty({v.N, v.K}, acc_opts));
+    term.push_back(cuda_glue::empty({v.N, v.H, v.W}, acc_opts));
+    v.out = out.back().mutable_data_ptr();
+    v.term = term.back().mutable_data_ptr();
+    lv.push_back(v);
+  }
+  const int64_t L = static_cast<int64_t>(lv.size());
+  auto workspace = cuda_glue::empty({cuda::masked_reduce_forward_workspace(lv.data(), L)}, acc_opts);
+  launch([&] {
+    cuda::masked_reduce_forward(M, dtype_of(a[0]), lv.data(), L, workspace.mutable_data_ptr(),
+                                current_stream());
+  });
+  return {out, term};
+}
+
+// Only the gradients asked for are allocated and written.
+template <MaskedMode M>
+Grads backward_levels(at::TensorList grad, at::TensorList a, at::TensorList b, at::TensorList masks,
+                      at::TensorList term, std::array<bool, 3> output_mask) {
+  std::vector<at::Tensor> ga, gb, gm;
+  if (a.empty() || (!output_mask[0] && !output_mask[1] && !output_mask[2])) return {ga, gb, gm};
+  const DeviceGuard guard(a[0].device());
+  std::vector<cuda::MaskedLevel> lv;
+  for (size_t l = 0; l < a.size(); ++l) {
+    cuda::MaskedLevel v = level_of(a[l], b[l], masks[l]);
+    v.grad = grad[l].const_data_ptr();
+    v.gs[0] = grad[l].stride(0);
+    v.gs[1] = grad[l].stride(1);
+    if (output_mask[0]) {
+      ga.push_back(cuda_glue::empty_like(a[l]));
+      v.grad_a = ga.back().mutable_data_ptr();
+      strides4(ga.back(), v.gas);
+    }
+    if (output_mask[1]) {
+      gb.push_back(cuda_glue::empty_like(b[l]));
+      v.grad_b = gb.back().mutable_data_ptr();
+      strides4(gb.back(), v.gbs);
+    }
+    if (output_mask[2]) {
+      gm.push_back(cuda_glue::empty_like(masks[l]));
+      v.grad_masks = gm.back().mutable_data_ptr();
+      strides4(gm.back(), v.gms);
+    }
+    lv.push_back(v);
+  }
+  std::vector<at::Tensor> keep;  // contiguous terms, alive until launched
+  if (output_mask[2]) {
+    for (size_t l = 0; l < a.size(); ++l) {
+      keep.push_back(term[l].contiguous());
+      lv[l].term = const_cast<void*>(keep.back().const_data_ptr());
+    }
+  }
+  launch([&] {
+    cuda::masked_reduce_backward(M, dtype_of(a[0]), lv.data(), static_cast<int64_t>(lv.size()),
+                                 current_stream());
+  });
+  return {ga, gb, gm};
+}
+
+constexpr const char* kName[2] = {"masked_sq_dist", "masked_l1"};
+constexpr const char* kBackwardName[2] = {"_masked_sq_dist_backward", "_masked_l1_backward"};
+
+template <MaskedMode M>
+at::Tensor masked_forward_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks) {
+  masked_reduce_check(kName[static_cast<int>(M)], a, b, masks);
+  return std::get<0>(forward_levels<M>({a}, {b}, {masks}))[0];
+}
+
+template <MaskedMode M>
+Lists masked_forward_levels_cuda(at::TensorList a, at::TensorList b, at::TensorList masks) {
+  masked_reduce_levels_check(kName[static_cast<int>(M)], a, b, masks);
+  return forward_levels<M>(a, b, masks);
+}
+
+// The single-level backward has no saved term: the gradient of masks runs the
+// forward for it.
 template <MaskedMode M>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_cuda(
-    const char* op, const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
-    const at::Tensor& masks, std::array<bool, 3> output_mask) {
-  masked_reduce_backward_check(op, grad, a, b, masks);
-  const DeviceGuard guard(a.device());
-  const bool want_ab = output_mask[0] || output_mask[1];
-  const bool want_m = output_mask[2];
-  // grad_a and grad_b are computed together (grad_b = -grad_a).
-  auto ga = want_ab ? cuda_glue::empty_like(a) : at::empty({0}, a.options());
-  auto gb = want_ab ? cuda_glue::empty_like(b) : at::empty({0}, b.options());
-  auto gm = want_m ? cuda_glue::empty_like(masks) : at::empty({0}, masks.options());
-  const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), K = masks.size(1);
-  int64_t as[4], bs[4], ms[4], gas[4] = {}, gbs[4] = {}, gms[4] = {};
-  strides4(a, as);
-  strides4(b, bs);
-  strides4(masks, ms);
-  if (want_ab) {
-    strides4(ga, gas);
-    strides4(gb, gbs);
-  }
-  if (want_m) strides4(gm, gms);
-  const int64_t gs[2] = {grad.stride(0), grad.stride(1)};
-  launch([&] {
-    cuda::masked_reduce_backward(M, dtype_of(a), grad.const_data_ptr(), gs, a.const_data_ptr(),
-                                 as, b.const_data_ptr(), bs, masks.const_data_ptr(), ms, N, C, K,
-                                 H, W, want_ab ? ga.mutable_data_ptr() : nullptr, gas,
-                                 want_ab ? gb.mutable_data_ptr() : nullptr, gbs,
-                                 want_m ? gm.mutable_data_ptr() : nullptr, gms, current_stream());
-  });
-  return {output_mask[0] ? ga : at::empty({0}, a.options()),
-          output_mask[1] ? gb : at::empty({0}, b.options()), gm};
+    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks,
+    std::array<bool, 3> output_mask) {
+  masked_reduce_backward_check(kBackwardName[static_cast<int>(M)], grad, a, b, masks);
+  std::vector<at::Tensor> term;
+  if (output_mask[2]) term = std::get<1>(forward_levels<M>({a}, {b}, {masks}));
+  auto r = backward_levels<M>({grad}, {a}, {b}, {masks}, term, output_mask);
+  auto first = [](const std::vector<at::Tensor>& v, const at::Tensor& like) {
+    return v.empty() ? at::empty({0}, like.options()) : v[0];
+  };
+  return {first(std::get<0>(r), a), first(std::get<1>(r), b), first(std::get<2>(r), masks)};
 }
 
-at::Tensor masked_sq_dist_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks) {
-  return masked_forward_cuda<MaskedMode::kSqDist>("masked_sq_dist", a, b, masks);
-}
-at::Tensor masked_l1_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks) {
-  return masked_forward_cuda<MaskedMode::kL1>("masked_l1", a, b, masks);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sq_dist_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks,
-    std::array<bool, 3> output_mask) {
-  return masked_backward_cuda<MaskedMode::kSqDist>("_masked_sq_dist_backward", grad, a, b, masks,
-                                                   output_mask);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_l1_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks,
-    std::array<bool, 3> output_mask) {
-  return masked_backward_cuda<MaskedMode::kL1>("_masked_l1_backward", grad, a, b, masks,
-                                               output_mask);
+template <MaskedMode M>
+Grads masked_backward_levels_cuda(at::TensorList grad, at::TensorList a, at::TensorList b,
+                                  at::TensorList masks, at::TensorList term,
+                                  std::array<bool, 3> output_mask) {
+  masked_reduce_levels_backward_check(kBackwardName[static_cast<int>(M)], grad, a, b, masks, term,
+                                      output_mask[2]);
+  return backward_levels<M>(grad, a, b, masks, term, output_mask);
 }
 
 }  // namespace
 
+// One level and a list of levels take the same launchers (every level of a
+// list in the same launches).
 TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
-  m.impl("masked_sq_dist", TORCH_FN(masked_sq_dist_cuda));
-  m.impl("masked_l1", TORCH_FN(masked_l1_cuda));
-  m.impl("_masked_sq_dist_backward", TORCH_FN(masked_sq_dist_backward_cuda));
-  m.impl("_masked_l1_backward", TORCH_FN(masked_l1_backward_cuda));
+  m.impl("masked_sq_dist", TORCH_FN(masked_forward_cuda<MaskedMode::kSqDist>));
+  m.impl("masked_l1", TORCH_FN(masked_forward_cuda<MaskedMode::kL1>));
+  m.impl("_masked_sq_dist_backward", TORCH_FN(masked_backward_cuda<MaskedMode::kSqDist>));
+  m.impl("_masked_l1_backward", TORCH_FN(masked_backward_cuda<MaskedMode::kL1>));
+  m.impl("_masked_sq_dist_levels", TORCH_FN(masked_forward_levels_cuda<MaskedMode::kSqDist>));
+  m.impl("_masked_l1_levels", TORCH_FN(masked_forward_levels_cuda<MaskedMode::kL1>));
+  m.impl("_masked_sq_dist_levels_backward", TORCH_FN(masked_backward_levels_cuda<MaskedMode::kSqDist>));
+  m.impl("_masked_l1_levels_backward", TORCH_FN(masked_backward_levels_cuda<MaskedMode::kL1>));
 }
 
 }  // namespace cuda_glue

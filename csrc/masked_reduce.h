@@ -14,5 +14,12 @@ void masked_reduce_check(const char* op, const at::Tensor& a, const at::Tensor& 
 // grad: [N, K] in the accumulator dtype of a (float32, or float64 for float64).
 void masked_reduce_backward_check(const char* op, const at::Tensor& grad, const at::Tensor& a,
                                   const at::Tensor& b, const at::Tensor& masks);
+// Lists of levels: every level as above, one dtype and one device; term (the
+// forward's [N, H, W] per-location sums) checked when want_masks.
+void masked_reduce_levels_check(const char* op, at::TensorList a, at::TensorList b,
+                                at::TensorList masks);
+void masked_reduce_levels_backward_check(const char* op, at::TensorList grad, at::TensorList a,
+                                         at::TensorList b, at::TensorList masks,
+                                         at::TensorList term, bool want_masks);
 
 }  // namespace tbd_ops

@@ -1,7 +1,9 @@
-// Host entry points of the channel_max_spatial_softmax (p_c) CUDA kernels.
-// Plain C++ (no PyTorch, no CUDA headers): the registration glue
-// (csrc/channel_max_spatial_softmax.cpp) validates and allocates, these launch
-// on the given stream and never synchronize.
+// Host entry points of channel_max_spatial_softmax (p_c, SPEC 1.1). Plain C++
+// (no PyTorch, no CUDA headers): the registration glue
+// (csrc/channel_max_spatial_softmax.cpp) validates and allocates, these
+// launch on the given stream and never synchronize. Every level of a list is
+// done by the same launches (two for the forward, two for the backward, up to
+// kMaxLevels = 8 levels; one more pair per further 8).
 #pragma once
 
 #include <cstdint>
@@ -11,25 +13,47 @@
 namespace tbd_ops {
 namespace cuda {
 
-// Blocks per image of the forward/backward grid; the caller allocates
-// `partials` of 2 * N * blocks (forward) / N * blocks (backward) accumulator
-// values (float, or double for kDouble).
-int64_t cmss_blocks_per_image(int64_t hw);
+// One level of the forward: logits x [N, K, H, W] (element strides xs) ->
+// out (dtype of x), log_p (accumulator dtype) and argmax (int64), each a
+// contiguous [N, H, W].
+struct CmssLevel {
+  const void* x;
+  int64_t xs[4];
+  int64_t N, K, H, W;
+  void* out;
+  void* log_p;
+  int64_t* argmax;
+};
 
-// x: logits [N, K, H, W] with element strides xs[4]. Writes out (dtype of x,
-// contiguous [N, H, W]), log_p (accumulator dtype, [N, H, W]) and argmax
-// (int64, [N, H, W]).
-void cmss_forward(DType dt, const void* x, const int64_t xs[4], int64_t N, int64_t K,
-                  int64_t H, int64_t W, double temperature, bool scale_by_hw, void* out,
-                  void* log_p, int64_t* argmax, void* partials, void* stream);
+// One level of the backward: grad [N, H, W] (strides gs), the forward's
+// log_p and argmax (contiguous) -> dx [N, K, H, W] with element strides ds
+// (every element written: the argmax channel gets the gradient, the others 0).
+struct CmssGradLevel {
+  const void* grad;
+  int64_t gs[3];
+  const void* log_p;
+  const int64_t* argmax;
+  int64_t N, K, H, W;
+  void* dx;
+  int64_t ds[4];
+};
 
-// grad: [N, H, W] (dtype dt) with strides gs[3]; writes dx [N, K, H, W] with
-// element strides ds[4] (every element: the argmax channel gets the gradient,
-// the others 0).
-void cmss_backward(DType dt, const void* grad, const int64_t gs[3], const void* log_p,
-                   const int64_t* argmax, int64_t N, int64_t K, int64_t H, int64_t W,
-                   double temperature, bool scale_by_hw, void* dx, const int64_t ds[4],
-                   void* partials, void* stream);
+// Accumulator values (float, or double for kDouble) of scratch memory.
+int64_t cmss_forward_workspace(const CmssLevel* levels, int64_t L);
+int64_t cmss_backward_workspace(const CmssGradLevel* levels, int64_t L);
+
+void cmss_forward(DType dt, const CmssLevel* levels, int64_t L, double temperature,
+                  bool scale_by_hw, void* workspace, void* stream);
+void cmss_backward(DType dt, const CmssGradLevel* levels, int64_t L, double temperature,
+                   bool scale_by_hw, void* workspace, void* stream);
+
+// How the kernels of p_c and of the masked reductions spread the channels of
+// a location over threads: 0 = by the rule on the launch's location count
+// (cuda/level_table.cuh), 1 = always one thread per location, 2 = always
+// split (channels_last inputs split over lanes in every case). For tests;
+// returns the previous policy.
+int set_channel_split_policy(int policy);
+int channel_split_policy();
 
 }  // namespace cuda
 }  // namespace tbd_ops

@@ -1,270 +1,448 @@
 // Masked reductions (SPEC 1.5): out[n, k] = sum_hw masks[n, k, hw] * s[n, hw],
-// s[n, hw] = sum_c term(a - b), term = d^2 (masked_sq_dist) or |d| (masked_l1).
+// s[n, hw] = sum_c term(a - b), term = d^2 (masked_sq_dist) or |d| (masked_l1),
+// every level of a list in the same launches (a level table by value,
+// cuda/level_table.cuh).
 //
-// Forward, three launches:
-//   1. masked_term_kernel: one thread per location (or per kVec consecutive
-//      locations with vector loads where the H*W planes are contiguous and
-//      aligned) reads a and b once, sums term(a - b) over the channels in
-//      order and stores s into an [N, H*W] accumulator buffer. Threads run
-//      along H*W: coalesced in NCHW.
-//   2. masked_partial_kernel: per (block of locations, image), one partial
-//      sum_hw masks[k] * s per mask k (block reduction, fixed order).
-//   3. masked_combine_kernel: one thread per (n, k) sums the partials of its
-//      image in block order (deterministic; no atomics).
-// Backward, one launch (masked_grad_kernel): one thread per location
-// recomputes a - b (nothing of size [N, C, H, W] is saved), with
-// w = sum_k grad[n, k] * masks[n, k, hw]: grad_a = term'(a - b) * w,
-// grad_b = -grad_a, grad_masks[n, k, hw] = grad[n, k] * s[n, hw].
-//
-// Grid: (blocks, images of the chunk); grid.y is at most max_grid_yz(), so
-// larger batches run as several launches. Indices are 64-bit.
-#include "common.cuh"
+// Forward, two launches:
+//   1. masked_partial_kernel<split>: the tile grid, one block per (level,
+//      image, tile of locations). s of each location of the tile is summed in
+//      the 8 channel groups of tbd_ops/masked_reduce.h (one thread per
+//      location, or a warp per group for NCHW grids too small for the GPU, or
+//      a lane per group for channels_last: coalesced loads in each layout) and
+//      written to the term output; then, per mask k, one partial
+//      sum masks[k] * s over the tile (block reduction, fixed order).
+//   2. masked_combine_kernel: one thread per (level, image, mask) sums its
+//      partials in tile order (deterministic; no atomics).
+// Backward, one launch (masked_grad_kernel<split>, the tile grid): per
+// location w = sum_k grad[n, k] * masks[n, k, hw]; the channels recompute
+// a - b (nothing of size [N, C, H, W] is saved) and write only the gradients
+// asked for: grad_a = term'(a - b) * w, grad_b = -grad_a; grad_masks[n, k, hw]
+// = grad[n, k] * s[n, hw] from the forward's term (a and b are not read for
+// it). Indices are 64-bit.
 #include "masked_reduce.h"
+
+#include "channel_max_spatial_softmax.h"  // channel_split_policy()
+#include "common.cuh"
+#include "level_table.cuh"
 
 namespace tbd_ops {
 namespace cuda {
 namespace {
 
-constexpr int64_t kMaxBlocksPerImage = 256;   // partial sums per (image, mask)
+constexpr int64_t kMaxTiles = 256;  // partial sums per (image, mask)
 
-struct Strides4 {
-  int64_t s0, s1, s2, s3;
+template <typename T, typename A> struct MaskedFwdTable {
+  LevelBlocks tiles;
+  const T* a[kMaxLevels];
+  const T* b[kMaxLevels];
+  const T* m[kMaxLevels];
+  int64_t as[kMaxLevels][4], bs[kMaxLevels][4], ms[kMaxLevels][4];
+  int C[kMaxLevels], K[kMaxLevels], W[kMaxLevels], HW[kMaxLevels], tile_len[kMaxLevels];
+  A* term[kMaxLevels];
+  int64_t part0[kMaxLevels];  // first partial of the level: part0 + (n * K + k) * tiles + tile
 };
 
-inline Strides4 strides_of(const int64_t s[4]) { return {s[0], s[1], s[2], s[3]}; }
-
-// kVec consecutive elements of one 16-byte vector load.
-template <typename T> struct VecOf {
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-  struct alignas(16) type {
-    T v[kVec];
-  };
+template <typename A> struct MaskedCombineTable {
+  int count;
+  int64_t e0[kMaxLevels + 1];  // first (image, mask) entry of each level
+  int64_t tiles[kMaxLevels];
+  int64_t part0[kMaxLevels];
+  A* out[kMaxLevels];
 };
 
-__device__ __forceinline__ int64_t loc_offset(const Strides4& s, int64_t i, int64_t W) {
-  const int64_t h = i / W;
-  return h * s.s2 + (i - h * W) * s.s3;
-}
+template <typename T, typename A> struct MaskedGradTable {
+  LevelBlocks tiles;
+  const T* a[kMaxLevels];
+  const T* b[kMaxLevels];
+  const T* m[kMaxLevels];
+  int64_t as[kMaxLevels][4], bs[kMaxLevels][4], ms[kMaxLevels][4];
+  int C[kMaxLevels], K[kMaxLevels], W[kMaxLevels], HW[kMaxLevels], tile_len[kMaxLevels];
+  const A* term[kMaxLevels];
+  const A* grad[kMaxLevels];
+  int64_t gs[kMaxLevels][2];
+  T* ga[kMaxLevels];
+  T* gb[kMaxLevels];
+  T* gm[kMaxLevels];
+  int64_t gas[kMaxLevels][4], gbs[kMaxLevels][4], gms[kMaxLevels][4];
+};
 
-// s[n, i] = sum_c term(a - b), scalar loads, any strides.
+// (h, w) of location i of an H*W plane (below 2^31 locations: 32-bit division).
+struct Loc {
+  int h, w;
+  __device__ __forceinline__ Loc(int i, int W) : h(i / W), w(i - (i / W) * W) {}
+  __device__ __forceinline__ int64_t off(const int64_t* s) const { return h * s[2] + w * s[3]; }
+};
+
+// Group g of a location: sum over c = g, g + 8, ... of term(a - b), in order from +0.
 template <MaskedMode M, typename T, typename A>
-__global__ void __launch_bounds__(kBlock)
-masked_term_kernel(int64_t n0, const T* __restrict__ a, Strides4 as, const T* __restrict__ b,
-                   Strides4 bs, int64_t C, int64_t W, int64_t HW, A* __restrict__ s) {
-  const int64_t n = n0 + blockIdx.y;
-  for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < HW;
-       i += int64_t(gridDim.x) * kBlock) {
-    const T* pa = a + n * as.s0 + loc_offset(as, i, W);
-    const T* pb = b + n * bs.s0 + loc_offset(bs, i, W);
-    A acc = A(0);
+__device__ __forceinline__ A group_sum(const T* pa, int64_t as1, const T* pb, int64_t bs1, int C, int g) {
+  A acc = A(0);
+  pa += g * as1;
+  pb += g * bs1;
 #pragma unroll 4
-    for (int64_t c = 0; c < C; ++c) {
-      acc += masked_term<M>(to_acc(pa[c * as.s1]) - to_acc(pb[c * bs.s1]));  // loads in flight
-    }
-    s[n * HW + i] = acc;
+  for (int c = g; c < C; c += kGroups, pa += kGroups * as1, pb += kGroups * bs1) {
+    acc += masked_term<M>(to_acc(*pa) - to_acc(*pb));
   }
+  return acc;
 }
 
-// The same with 16-byte loads: the H*W planes of a and b are contiguous and
-// every plane starts on a 16-byte boundary; thread t handles locations
-// [t * kVec, t * kVec + kVec) (scalar loads for the last, partial group).
-// Each location sums its channels in the same order as masked_term_kernel.
+// All 8 groups of a location in one thread (16 loads in flight), combined by the tree.
 template <MaskedMode M, typename T, typename A>
-__global__ void __launch_bounds__(kBlock)
-masked_term_vec_kernel(int64_t n0, const T* __restrict__ a, int64_t as0, int64_t as1,
-                       const T* __restrict__ b, int64_t bs0, int64_t bs1, int64_t C, int64_t HW,
-                       A* __restrict__ s) {
-  using V = typename VecOf<T>::type;
-  constexpr int kVec = VecOf<T>::kVec;
-  const int64_t n = n0 + blockIdx.y;
-  const int64_t groups = (HW + kVec - 1) / kVec;
-  for (int64_t g = blockIdx.x * int64_t(kBlock) + threadIdx.x; g < groups;
-       g += int64_t(gridDim.x) * kBlock) {
-    const int64_t i0 = g * kVec;
-    const T* pa = a + n * as0 + i0;
-    const T* pb = b + n * bs0 + i0;
-    A acc[kVec];
+__device__ __forceinline__ A serial_sum(const T* pa, int64_t as1, const T* pb, int64_t bs1, int C) {
+  A acc[kGroups];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) acc[j] = A(0);
-    if (i0 + kVec <= HW) {
-      for (int64_t c = 0; c < C; ++c) {
-        const V va = load_vec(reinterpret_cast<const V*>(pa + c * as1));
-        const V vb = load_vec(reinterpret_cast<const V*>(pb + c * bs1));
+  for (int g = 0; g < kGroups; ++g) acc[g] = A(0);
+  int c0 = 0;
+  for (; c0 + kGroups <= C; c0 += kGroups, pa += kGroups * as1, pb += kGroups * bs1) {
+    A d[kGroups];
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) acc[j] += masked_term<M>(to_acc(va.v[j]) - to_acc(vb.v[j]));
-      }
+    for (int g = 0; g < kGroups; ++g) d[g] = to_acc(pa[g * as1]) - to_acc(pb[g * bs1]);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) s[n * HW + i0 + j] = acc[j];
-    } else {
-      const int64_t len = HW - i0;
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t j = 0; j < len; ++j) {
-          acc[j] += masked_term<M>(to_acc(pa[c * as1 + j]) - to_acc(pb[c * bs1 + j]));
-        }
-      }
-      for (int64_t j = 0; j < len; ++j) s[n * HW + i0 + j] = acc[j];
-    }
+    for (int g = 0; g < kGroups; ++g) acc[g] += masked_term<M>(d[g]);
   }
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+    if (c0 + g < C) acc[g] += masked_term<M>(to_acc(pa[g * as1]) - to_acc(pb[g * bs1]));
+  }
+  return masked_group_tree(acc);
 }
 
-// partial[(n * K + k) * bpi + blockIdx.x] = sum over the block's locations of
-// masks[n, k, i] * s[n, i].
-template <typename T, typename A>
+template <MaskedMode M, ChannelSplit S, typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
-masked_partial_kernel(int64_t n0, const A* __restrict__ s, const T* __restrict__ masks,
-                      Strides4 ms, int64_t K, int64_t W, int64_t HW, A* __restrict__ partial) {
-  const int64_t n = n0 + blockIdx.y;
-  const int64_t bpi = gridDim.x;
-  for (int64_t k = 0; k < K; ++k) {
-    const T* pm = masks + n * ms.s0 + k * ms.s1;
+masked_partial_kernel(MaskedFwdTable<T, A> t, A* __restrict__ partial) {
+  const BlockPos p = t.tiles.pos(blockIdx.x);
+  const int l = p.l;
+  const int C = t.C[l], K = t.K[l], W = t.W[l], HW = t.HW[l];
+  const int64_t* as = t.as[l];
+  const int64_t* bs = t.bs[l];
+  const T* a = t.a[l] + p.n * as[0];
+  const T* b = t.b[l] + p.n * bs[0];
+  A* term = t.term[l] + p.n * HW;
+  const int i0 = static_cast<int>(p.unit) * t.tile_len[l];
+  const int i1 = i0 + t.tile_len[l] < HW ? i0 + t.tile_len[l] : HW;
+  // 1. s of every location of the tile into term.
+  if constexpr (S == ChannelSplit::kSerial) {
+    for (int i = i0 + threadIdx.x; i < i1; i += kBlock) {
+      const Loc q(i, W);
+      term[i] = serial_sum<M, T, A>(a + q.off(as), as[1], b + q.off(bs), bs[1], C);
+    }
+  } else if constexpr (S == ChannelSplit::kWarpSplit) {
+    __shared__ SharedArray<A, kGroups * kSplitLocations> part;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int s0 = i0; s0 < i1; s0 += kSplitLocations) {
+      const int i = s0 + lane;
+      A acc = A(0);
+      if (i < i1) {
+        const Loc q(i, W);
+        acc = group_sum<M, T, A>(a + q.off(as), as[1], b + q.off(bs), bs[1], C, warp);
+      }
+      part[warp * kSplitLocations + lane] = acc;
+      __syncthreads();
+      if (warp == 0 && i < i1) {
+        A g[kGroups];
+#pragma unroll
+        for (int k = 0; k < kGroups; ++k) g[k] = part[k * kSplitLocations + lane];
+        term[i] = masked_group_tree(g);
+      }
+      __syncthreads();  // part is reused by the next step
+    }
+  } else {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane & (kGroups - 1);
+    for (int s0 = i0; s0 < i1; s0 += kSplitLocations) {
+      const int i = s0 + warp * (32 / kGroups) + (lane >> 3);
+      A acc = A(0);
+      if (i < i1) {
+        const Loc q(i, W);
+        acc = group_sum<M, T, A>(a + q.off(as), as[1], b + q.off(bs), bs[1], C, g);
+      }
+      acc = lane_group_tree(acc, SumOp());
+      if (g == 0 && i < i1) term[i] = acc;
+    }
+  }
+  __syncthreads();  // the tile's term values (global memory) are visible to the block
+  // 2. One partial per mask over the tile.
+  const int64_t* ms = t.ms[l];
+  const T* m = t.m[l] + p.n * ms[0];
+  const int64_t tiles = t.tiles.units[l];
+  for (int k = 0; k < K; ++k) {
+    const T* mk = m + k * ms[1];
     A acc = A(0);
-    for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < HW; i += bpi * kBlock) {
-      acc += to_acc(pm[loc_offset(ms, i, W)]) * s[n * HW + i];
-    }
+    for (int i = i0 + threadIdx.x; i < i1; i += kBlock) acc += to_acc(mk[Loc(i, W).off(ms)]) * term[i];
     acc = block_sum<kBlock>(acc);
-    if (threadIdx.x == 0) partial[(n * K + k) * bpi + blockIdx.x] = acc;
+    if (threadIdx.x == 0) partial[t.part0[l] + (p.n * K + k) * tiles + p.unit] = acc;
   }
 }
 
-// out[j] = sum_b partial[j * bpi + b], j = n * K + k, in block order.
+// out[n, k] of every level = sum of its partials in tile order.
 template <typename A>
 __global__ void __launch_bounds__(kBlock)
-masked_combine_kernel(const A* __restrict__ partial, int64_t bpi, int64_t NK, A* __restrict__ out) {
-  for (int64_t j = blockIdx.x * int64_t(kBlock) + threadIdx.x; j < NK;
-       j += int64_t(gridDim.x) * kBlock) {
-    A total = A(0);
-    for (int64_t b = 0; b < bpi; ++b) total += partial[j * bpi + b];
-    out[j] = total;
+masked_combine_kernel(MaskedCombineTable<A> t, const A* __restrict__ partial) {
+  const int64_t total = t.e0[t.count];
+  for (int64_t j = blockIdx.x * int64_t(kBlock) + threadIdx.x; j < total; j += int64_t(gridDim.x) * kBlock) {
+    int l = 0;
+    while (l + 1 < t.count && t.e0[l + 1] <= j) ++l;
+    const int64_t e = j - t.e0[l];
+    const A* part = partial + t.part0[l] + e * t.tiles[l];
+    A s = A(0);
+    for (int64_t c = 0; c < t.tiles[l]; ++c) s += part[c];
+    t.out[l][e] = s;
   }
 }
 
-template <MaskedMode M, typename T, typename A>
+template <MaskedMode M, ChannelSplit S, typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
-masked_grad_kernel(int64_t n0, const A* __restrict__ grad, int64_t g0, int64_t g1,
-                   const T* __restrict__ a, Strides4 as, const T* __restrict__ b, Strides4 bs,
-                   const T* __restrict__ masks, Strides4 ms, int64_t C, int64_t K, int64_t W,
-                   int64_t HW, T* __restrict__ ga, Strides4 gas, T* __restrict__ gb, Strides4 gbs,
-                   T* __restrict__ gm, Strides4 gms) {
-  const int64_t n = n0 + blockIdx.y;
-  const bool want_ab = ga != nullptr;
-  const bool want_m = gm != nullptr;
-  const A* pg = grad + n * g0;
-  for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < HW;
-       i += int64_t(gridDim.x) * kBlock) {
-    A w = A(0);
+masked_grad_kernel(MaskedGradTable<T, A> t) {
+  const BlockPos p = t.tiles.pos(blockIdx.x);
+  const int l = p.l;
+  const int C = t.C[l], K = t.K[l], W = t.W[l], HW = t.HW[l];
+  const A* grad = t.grad[l] + p.n * t.gs[l][0];
+  const int64_t g1 = t.gs[l][1];
+  T* ga = t.ga[l];
+  T* gb = t.gb[l];
+  T* gm = t.gm[l];
+  const bool want_ab = ga != nullptr || gb != nullptr;
+  const int i0 = static_cast<int>(p.unit) * t.tile_len[l];
+  const int i1 = i0 + t.tile_len[l] < HW ? i0 + t.tile_len[l] : HW;
+  // The channels c0, c0 + step, ... of location i; grad_masks by the thread with c0 == 0.
+  auto run = [&](int i, int c0, int step) {
+    const Loc q(i, W);
     if (want_ab) {
-      const T* pm = masks + n * ms.s0 + loc_offset(ms, i, W);
-      for (int64_t k = 0; k < K; ++k) w += pg[k * g1] * to_acc(pm[k * ms.s1]);
-    }
-    const T* pa = a + n * as.s0 + loc_offset(as, i, W);
-    const T* pb = b + n * bs.s0 + loc_offset(bs, i, W);
-    A acc = A(0);
-    if (want_ab) {
-      T* pga = ga + n * gas.s0 + loc_offset(gas, i, W);
-      T* pgb = gb + n * gbs.s0 + loc_offset(gbs, i, W);
-      for (int64_t c = 0; c < C; ++c) {
-        const A d = to_acc(pa[c * as.s1]) - to_acc(pb[c * bs.s1]);
-        const A g = masked_grad_a<M>(d, w);
-        pga[c * gas.s1] = from_acc<T>(g);
-        pgb[c * gbs.s1] = from_acc<T>(-g);
-        acc += masked_term<M>(d);
+      const int64_t* ms = t.ms[l];
+      const T* pm = t.m[l] + p.n * ms[0] + q.off(ms);
+      A w = A(0);
+      for (int k = 0; k < K; ++k) w += grad[k * g1] * to_acc(pm[k * ms[1]]);
+      const int64_t as1 = t.as[l][1], bs1 = t.bs[l][1];
+      const T* pa = t.a[l] + p.n * t.as[l][0] + q.off(t.as[l]) + c0 * as1;
+      const T* pb = t.b[l] + p.n * t.bs[l][0] + q.off(t.bs[l]) + c0 * bs1;
+      if (ga != nullptr && gb != nullptr) {
+        const int64_t ga1 = t.gas[l][1], gb1 = t.gbs[l][1];
+        T* pga = ga + p.n * t.gas[l][0] + q.off(t.gas[l]) + c0 * ga1;
+        T* pgb = gb + p.n * t.gbs[l][0] + q.off(t.gbs[l]) + c0 * gb1;
+#pragma unroll 4
+        for (int c = c0; c < C; c += step) {
+          const A g = masked_grad_a<M>(to_acc(*pa) - to_acc(*pb), w);
+          *pga = from_acc<T>(g);
+          *pgb = from_acc<T>(-g);
+          pa += step * as1;
+          pb += step * bs1;
+          pga += step * ga1;
+          pgb += step * gb1;
+        }
+      } else {
+        // One of the two (TFD: the teacher side is detached): sign 1 for a, -1 for b.
+        const bool is_a = ga != nullptr;
+        const int64_t o1 = is_a ? t.gas[l][1] : t.gbs[l][1];
+        T* po = is_a ? ga + p.n * t.gas[l][0] + q.off(t.gas[l]) : gb + p.n * t.gbs[l][0] + q.off(t.gbs[l]);
+        po += c0 * o1;
+#pragma unroll 4
+        for (int c = c0; c < C; c += step) {
+          const A g = masked_grad_a<M>(to_acc(*pa) - to_acc(*pb), w);
+          *po = from_acc<T>(is_a ? g : -g);
+          pa += step * as1;
+          pb += step * bs1;
+          po += step * o1;
+        }
       }
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        acc += masked_term<M>(to_acc(pa[c * as.s1]) - to_acc(pb[c * bs.s1]));
-      }
     }
-    if (want_m) {
-      T* pgm = gm + n * gms.s0 + loc_offset(gms, i, W);
-      for (int64_t k = 0; k < K; ++k) pgm[k * gms.s1] = from_acc<T>(pg[k * g1] * acc);
+    if (gm != nullptr && c0 == 0) {
+      const A s = t.term[l][p.n * HW + i];
+      const int64_t* gms = t.gms[l];
+      T* pgm = gm + p.n * gms[0] + q.off(gms);
+      for (int k = 0; k < K; ++k) pgm[k * gms[1]] = from_acc<T>(grad[k * g1] * s);
+    }
+  };
+  if constexpr (S == ChannelSplit::kSerial) {
+    for (int i = i0 + threadIdx.x; i < i1; i += kBlock) run(i, 0, 1);
+  } else if constexpr (S == ChannelSplit::kWarpSplit) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i = i0 + lane; i < i1; i += kSplitLocations) run(i, warp, kGroups);
+  } else {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int s0 = i0; s0 < i1; s0 += kSplitLocations) {
+      const int i = s0 + warp * (32 / kGroups) + (lane >> 3);
+      if (i < i1) run(i, lane & (kGroups - 1), kGroups);
     }
   }
 }
 
-// Vector loads: contiguous H*W planes whose starts (every n, every c) lie on
-// 16-byte boundaries.
-bool vec_ok(const void* p, const int64_t st[4], int64_t N, int64_t C, int64_t W, int64_t vec,
-            int64_t elem_bytes) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && st[3] == 1 && st[2] == W &&
-         (N == 1 || st[0] % vec == 0) && (C == 1 || st[1] % vec == 0) && vec * elem_bytes == 16;
+bool has_work(const MaskedLevel& v) { return v.N > 0 && v.H * v.W > 0; }
+
+// Sizes the kernels index with 32 bits (a level's H*W locations, C, K).
+void check_sizes(const MaskedLevel* lv, int64_t L) {
+  for (int64_t l = 0; l < L; ++l) {
+    if (lv[l].H * lv[l].W > 0x7fffffff || lv[l].C > 0x7fffffff || lv[l].K > 0x7fffffff) {
+      throw std::invalid_argument("tbd_ops: masked reduction: H * W, C and K must each be below 2^31");
+    }
+  }
+}
+
+int64_t locations_of(const MaskedLevel* lv, int64_t L) {
+  check_sizes(lv, L);
+  int64_t n = 0;
+  for (int64_t l = 0; l < L; ++l) n += lv[l].N * lv[l].H * lv[l].W;
+  return n;
+}
+
+// Lanes along channels when every level with work reads its channels with
+// stride 1 (channels_last); the call's location count decides the rest.
+template <typename Stride>
+ChannelSplit split_of(const MaskedLevel* lv, int64_t g0, int count, int64_t locations, Stride&& fast) {
+  bool channel_fast = true;
+  for (int j = 0; j < count; ++j) {
+    const MaskedLevel& v = lv[g0 + j];
+    if (has_work(v)) channel_fast = channel_fast && v.C > 1 && fast(v);
+  }
+  return choose_split(channel_fast, locations, channel_split_policy());
+}
+
+int64_t tiles_of(const MaskedLevel& v, ChannelSplit split) {
+  return has_work(v) ? tiling(v.H * v.W, locations_per_step(split), kMaxTiles).tiles : 0;
+}
+
+// Fills the tile grid and the level sizes of a table; returns its blocks.
+template <typename Table>
+int64_t fill_tiles(Table& t, const MaskedLevel* lv, int64_t g0, int count, ChannelSplit split) {
+  t.tiles.count = count;
+  int64_t blocks = 0;
+  for (int j = 0; j < count; ++j) {
+    const MaskedLevel& v = lv[g0 + j];
+    const Tiling ti = tiling(has_work(v) ? v.H * v.W : 0, locations_per_step(split), kMaxTiles);
+    t.tiles.block0[j] = blocks;
+    t.tiles.units[j] = ti.tiles > 0 ? ti.tiles : 1;
+    t.tile_len[j] = static_cast<int>(ti.len);
+    if (has_work(v)) blocks += v.N * ti.tiles;
+    t.C[j] = static_cast<int>(v.C);
+    t.K[j] = static_cast<int>(v.K);
+    t.W[j] = static_cast<int>(v.W);
+    t.HW[j] = static_cast<int>(v.H * v.W);
+    for (int d = 0; d < 4; ++d) {
+      t.as[j][d] = v.as[d];
+      t.bs[j][d] = v.bs[d];
+      t.ms[j][d] = v.ms[d];
+    }
+  }
+  t.tiles.block0[count] = blocks;
+  check_blocks(blocks, "masked reduction");
+  return blocks;
 }
 
 }  // namespace
 
-int64_t masked_reduce_blocks_per_image(int64_t hw) { return grid_blocks(hw, kMaxBlocksPerImage); }
+int64_t masked_reduce_forward_workspace(const MaskedLevel* levels, int64_t L) {
+  int64_t n = 0;  // the tiles of the split variants: an upper bound for any split
+  for (int64_t l = 0; l < L; ++l) n += levels[l].N * levels[l].K * tiles_of(levels[l], ChannelSplit::kWarpSplit);
+  return n;
+}
 
-void masked_reduce_forward(MaskedMode mode, DType dt, const void* a, const int64_t as[4],
-                           const void* b, const int64_t bs[4], const void* masks,
-                           const int64_t ms[4], int64_t N, int64_t C, int64_t K, int64_t H,
-                           int64_t W, void* out, void* s, void* partials, void* stream) {
-  const int64_t HW = H * W;
-  if (N == 0 || K == 0) return;
-  const int64_t bpi = HW == 0 ? 0 : masked_reduce_blocks_per_image(HW);
+void masked_reduce_forward(MaskedMode mode, DType dt, const MaskedLevel* levels, int64_t L,
+                           void* workspace, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int64_t locations = locations_of(levels, L);
   dispatch_masked_mode(mode, [&](auto mtag) {
     constexpr MaskedMode M = decltype(mtag)::value;
     dispatch_dtype(dt, [&](auto tag) {
       using T = typename decltype(tag)::type;
       using A = acc_t<T>;
-      A* ps = static_cast<A*>(s);
-      A* part = static_cast<A*>(partials);
-      const T* pa = static_cast<const T*>(a);
-      const T* pb = static_cast<const T*>(b);
-      constexpr int64_t kVec = VecOf<T>::kVec;
-      const bool vec = vec_ok(a, as, N, C, W, kVec, sizeof(T)) &&
-                       vec_ok(b, bs, N, C, W, kVec, sizeof(T));
-      if (HW > 0) {
-        const int64_t term_blocks = grid_blocks(vec ? ceil_div(HW, kVec) : HW, kMaxBlocksElementwise);
-        for_each_grid_chunk(N, term_blocks, [&](int64_t n0, dim3 grid) {
-          if (vec) {
-            launch_kernel((masked_term_vec_kernel<M, T, A>), grid, kBlock, 0, st, n0, pa, as[0],
-                          as[1], pb, bs[0], bs[1], C, HW, ps);
-          } else {
-            launch_kernel((masked_term_kernel<M, T, A>), grid, kBlock, 0, st, n0, pa,
-                          strides_of(as), pb, strides_of(bs), C, W, HW, ps);
-          }
+      A* partial = static_cast<A*>(workspace);
+      int64_t part = 0;
+      for_each_level_group(L, [&](int64_t g0, int count) {
+        const ChannelSplit split = split_of(levels, g0, count, locations, [](const MaskedLevel& v) {
+          return v.as[1] == 1 && v.bs[1] == 1;
         });
-        for_each_grid_chunk(N, bpi, [&](int64_t n0, dim3 grid) {
-          launch_kernel((masked_partial_kernel<T, A>), grid, kBlock, 0, st, n0,
-                        static_cast<const A*>(ps), static_cast<const T*>(masks), strides_of(ms),
-                        K, W, HW, part);
-        });
-      }
-      const dim3 combine_grid(static_cast<unsigned>(grid_blocks(N * K, kMaxBlocksElementwise)));
-      launch_kernel((masked_combine_kernel<A>), combine_grid, kBlock, 0, st, static_cast<const A*>(part),
-                    bpi, N * K, static_cast<A*>(out));
+        MaskedFwdTable<T, A> t{};
+        const int64_t blocks = fill_tiles(t, levels, g0, count, split);
+        MaskedCombineTable<A> c{};
+        c.count = count;
+        for (int j = 0; j < count; ++j) {
+          const MaskedLevel& v = levels[g0 + j];
+          t.a[j] = static_cast<const T*>(v.a);
+          t.b[j] = static_cast<const T*>(v.b);
+          t.m[j] = static_cast<const T*>(v.masks);
+          t.term[j] = static_cast<A*>(v.term);
+          t.part0[j] = part;
+          c.e0[j + 1] = c.e0[j] + v.N * v.K;
+          c.tiles[j] = tiles_of(v, split);
+          c.part0[j] = part;
+          c.out[j] = static_cast<A*>(v.out);
+          part += v.N * v.K * c.tiles[j];
+        }
+        if (blocks > 0) {
+          dispatch_split(split, [&](auto stag) {
+            constexpr ChannelSplit S = decltype(stag)::value;
+            launch_kernel((masked_partial_kernel<M, S, T, A>), dim3(static_cast<unsigned>(blocks)), kBlock,
+                          0, st, t, partial);
+          });
+        }
+        const int64_t entries = c.e0[count];
+        if (entries > 0) {
+          const int64_t cblocks = ceil_div(entries, kBlock);
+          launch_kernel((masked_combine_kernel<A>),
+                        dim3(static_cast<unsigned>(cblocks < 1024 ? cblocks : 1024)), kBlock, 0, st, c,
+                        static_cast<const A*>(partial));
+        }
+      });
     });
   });
 }
 
-void masked_reduce_backward(MaskedMode mode, DType dt, const void* grad, const int64_t gs[2],
-                            const void* a, const int64_t as[4], const void* b,
-                            const int64_t bs[4], const void* masks, const int64_t ms[4],
-                            int64_t N, int64_t C, int64_t K, int64_t H, int64_t W, void* grad_a,
-                            const int64_t gas[4], void* grad_b, const int64_t gbs[4],
-                            void* grad_masks, const int64_t gms[4], void* stream) {
-  const int64_t HW = H * W;
-  if (N == 0 || HW == 0 || (grad_a == nullptr && grad_masks == nullptr)) return;
-  if ((grad_a == nullptr) != (grad_b == nullptr)) {
-    throw std::invalid_argument("tbd_ops: masked_reduce_backward writes grad_a and grad_b together");
+void masked_reduce_backward(MaskedMode mode, DType dt, const MaskedLevel* levels, int64_t L,
+                            void* stream) {
+  for (int64_t l = 0; l < L; ++l) {
+    if (levels[l].grad_masks != nullptr && levels[l].term == nullptr && has_work(levels[l])) {
+      throw std::invalid_argument("tbd_ops: masked_reduce_backward: grad_masks needs the forward's term");
+    }
   }
-  const int64_t zero[4] = {0, 0, 0, 0};
-  const int64_t* sa = grad_a != nullptr ? gas : zero;
-  const int64_t* sb = grad_b != nullptr ? gbs : zero;
-  const int64_t* sm = grad_masks != nullptr ? gms : zero;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int64_t locations = locations_of(levels, L);
   dispatch_masked_mode(mode, [&](auto mtag) {
     constexpr MaskedMode M = decltype(mtag)::value;
     dispatch_dtype(dt, [&](auto tag) {
       using T = typename decltype(tag)::type;
       using A = acc_t<T>;
-      for_each_grid_chunk(N, grid_blocks(HW, kMaxBlocksElementwise), [&](int64_t n0, dim3 grid) {
-        launch_kernel((masked_grad_kernel<M, T, A>), grid, kBlock, 0, st, n0,
-                      static_cast<const A*>(grad), gs[0], gs[1], static_cast<const T*>(a),
-                      strides_of(as), static_cast<const T*>(b), strides_of(bs),
-                      static_cast<const T*>(masks), strides_of(ms), C, K, W, HW,
-                      static_cast<T*>(grad_a), strides_of(sa), static_cast<T*>(grad_b),
-                      strides_of(sb), static_cast<T*>(grad_masks), strides_of(sm));
+      for_each_level_group(L, [&](int64_t g0, int count) {
+        bool want_ab = false;
+        for (int j = 0; j < count; ++j) {
+          want_ab = want_ab || levels[g0 + j].grad_a != nullptr || levels[g0 + j].grad_b != nullptr;
+        }
+        // Lanes along channels where the channels are read and written with
+        // stride 1; grad_masks alone needs one thread per location.
+        const ChannelSplit split =
+            want_ab ? split_of(levels, g0, count, locations,
+                               [](const MaskedLevel& v) {
+                                 return v.as[1] == 1 && v.bs[1] == 1 &&
+                                        (v.grad_a == nullptr || v.gas[1] == 1) &&
+                                        (v.grad_b == nullptr || v.gbs[1] == 1);
+                               })
+                    : ChannelSplit::kSerial;
+        MaskedGradTable<T, A> t{};
+        const int64_t blocks = fill_tiles(t, levels, g0, count, split);
+        bool any = false;
+        for (int j = 0; j < count; ++j) {
+          const MaskedLevel& v = levels[g0 + j];
+          t.a[j] = static_cast<const T*>(v.a);
+          t.b[j] = static_cast<const T*>(v.b);
+          t.m[j] = static_cast<const T*>(v.masks);
+          t.term[j] = static_cast<const A*>(v.term);
+          t.grad[j] = static_cast<const A*>(v.grad);
+          t.gs[j][0] = v.gs[0];
+          t.gs[j][1] = v.gs[1];
+          t.ga[j] = static_cast<T*>(v.grad_a);
+          t.gb[j] = static_cast<T*>(v.grad_b);
+          t.gm[j] = static_cast<T*>(v.grad_masks);
+          for (int d = 0; d < 4; ++d) {
+            t.gas[j][d] = v.gas[d];
+            t.gbs[j][d] = v.gbs[d];
+            t.gms[j][d] = v.gms[d];
+          }
+          any = any || v.grad_a != nullptr || v.grad_b != nullptr || v.grad_masks != nullptr;
+        }
+        if (blocks == 0 || !any) return;
+        dispatch_split(split, [&](auto stag) {
+          constexpr ChannelSplit S = decltype(stag)::value;
+          launch_kernel((masked_grad_kernel<M, S, T, A>), dim3(static_cast<unsigned>(blocks)), kBlock, 0,
+                        st, t);
+        });
       });
     });
   });

@@ -27,6 +27,19 @@ template <typename T> __device__ __forceinline__ T shfl_down_any(T v, int delta)
   return out;
 }
 
+// __shfl_xor_sync for any trivially copyable value (moved as 32-bit words).
+template <typename T> __device__ __forceinline__ T shfl_xor_any(T v, int lane_mask) {
+  static_assert(std::is_trivially_copyable<T>::value, "shuffled values must be trivially copyable");
+  constexpr int kWords = (sizeof(T) + 3) / 4;
+  unsigned w[kWords] = {};
+  memcpy(w, &v, sizeof(T));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) w[i] = __shfl_xor_sync(kFullMask, w[i], lane_mask);
+  T out;
+  memcpy(&out, w, sizeof(T));
+  return out;
+}
+
 // Reduction over the 32 lanes of a full warp; lane 0 holds the result.
 template <typename T, typename Op> __device__ __forceinline__ T warp_reduce(T v, Op op) {
 #pragma unroll

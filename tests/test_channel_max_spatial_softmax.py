@@ -6,7 +6,8 @@ import tbd_ops
 from tbd_ops import reference as ref
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from op_testing import (DEVICES, DTYPES, GRAD_TOL, RED_TOL, TOL, OpContract, Sample, all_schedules, emu_dispatch,
+from op_testing import (DEVICES, DTYPES, GRAD_TOL, RED_TOL, TOL, OpContract, Sample, all_schedules, bitwise_equal,
+                        emu_dispatch,
                         requires_cuda, requires_emu, run_single_threaded, strided)
 
 OP = torch.ops.tbd_ops.channel_max_spatial_softmax.default
@@ -391,13 +392,136 @@ def test_channel_max_spatial_softmax_many_blocks_per_image():
 @requires_emu
 @pytest.mark.emulated
 def test_channel_max_spatial_softmax_more_images_than_grid_y(grid_yz_limit):
-    """More images than grid.y allows (65535 on the GPU; 7 here): several launches."""
+    """More images than grid.y allows (65535 on the GPU; 7 here): the images lie along grid.x
+    (a 1-D grid over (level, image, tile)), so the launches do not depend on the batch."""
     assert grid_yz_limit(7) == 7
     x = torch.randn(20, 5, 9, 31) * 3
-    x[-1] = x[0]  # the last image, in the third launch, equals the first
+    x[-1] = x[0]  # the last image equals the first
     before = emu_dispatch.emu.launch_count()
     cmss_compare(x)
-    # 3 schedules x (forward: 3 chunks x 2 kernels + backward: 3 chunks x 2 kernels)
-    assert emu_dispatch.emu.launch_count() - before == 3 * 12
+    # 3 schedules x (forward: 2 kernels + backward: 2 kernels)
+    assert emu_dispatch.emu.launch_count() - before == 3 * 4
     out = EMU.channel_max_spatial_softmax(x, 1.0, False)[0]
     assert torch.equal(out[-1], out[0])
+
+
+# ---- p_c: every level of a list in the same launches, both sides of the split rule ------
+
+def cmss_levels_compare(xs, temperature=1.0, scale_by_hw=False):
+    """The emulated levels op against the CPU's, level by level: argmax equal, values and
+    gradients to rounding (the softmax normalizer is a sum in another order)."""
+    L = len(xs)
+    out_c, lp_c, am_c = CPU._channel_max_spatial_softmax_levels(xs, temperature, scale_by_hw)
+    flat = all_schedules(
+        lambda: tuple(t for r in EMU._channel_max_spatial_softmax_levels(xs, temperature, scale_by_hw) for t in r))
+    out_e, lp_e, am_e = flat[:L], flat[L:2 * L], flat[2 * L:]
+    for l, x in enumerate(xs):
+        assert torch.equal(am_e[l], am_c[l]), f"argmax of level {l}"
+        for a, b, dt in ((out_e[l], out_c[l], x.dtype), (lp_e[l], lp_c[l], lp_c[l].dtype)):
+            rtol = RED_TOL[dt]["rtol"]
+            torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+    grads = [torch.randn(o.shape, dtype=torch.float64).to(x.dtype) for o, x in zip(out_c, xs)]
+    cl = [x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in xs]
+    bw = (grads, lp_c, am_c, [x.shape[1] for x in xs], temperature, scale_by_hw, cl)
+    dx_c = CPU._channel_max_spatial_softmax_levels_backward(*bw)
+    dx_e = all_schedules(lambda: tuple(EMU._channel_max_spatial_softmax_levels_backward(*bw)))
+    for l, x in enumerate(xs):
+        assert dx_e[l].stride() == dx_c[l].stride()
+        assert not dx_e[l].scatter(1, am_c[l].unsqueeze(1), 0).any(), "gradient outside the argmax channel"
+        rtol = RED_TOL[x.dtype]["rtol"]
+        torch.testing.assert_close(dx_e[l], dx_c[l], rtol=rtol, atol=rtol * float(dx_c[l].abs().max()))
+    return out_e, am_e, dx_e
+
+
+@requires_emu
+@pytest.mark.emulated
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    policy=st.sampled_from([1, 2]),
+    K=st.sampled_from([1, 3, 8, 9, 80]),
+    shapes=st.lists(st.tuples(st.integers(1, 2), st.integers(1, 9), st.sampled_from([1, 7, 40, 70])),
+                    min_size=1, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["contiguous", "channels_last", "padded_rows"]),
+    scale_by_hw=st.booleans(),
+)
+def test_channel_max_spatial_softmax_levels_on_both_sides_of_the_split_rule(policy, K, shapes, dtype, layout,
+                                                                            scale_by_hw):
+    xs = []
+    for n, h, w in shapes:
+        x = (torch.randn(n, K, h, w + 2, dtype=torch.float64) * 3).to(dtype)
+        x = x[..., :w] if layout == "padded_rows" else x[..., :w].contiguous()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        xs.append(x)
+    emu_dispatch.emu.set_channel_split_policy(policy)
+    try:
+        cmss_levels_compare(xs, 0.5, scale_by_hw)
+    finally:
+        emu_dispatch.emu.set_channel_split_policy(0)
+
+
+@pytest.fixture
+def split_policy():
+    """Forces the channel split of the CUDA kernels (1: one thread per location, 2: 8 threads
+    per location); the rule (0) chooses by the launch's location count."""
+    yield emu_dispatch.emu.set_channel_split_policy
+    emu_dispatch.emu.set_channel_split_policy(0)
+
+
+@requires_emu
+@pytest.mark.emulated
+def test_channel_max_spatial_softmax_split_variants_agree(split_policy):
+    """One thread per location, a warp per channel group, a lane per channel group: the same
+    argmax (ties and NaN included) and the same values to rounding."""
+    x = torch.randint(-3, 3, (2, 37, 9, 13)).float()  # many ties across the channel groups
+    x[1, 20, 4, 5] = float("nan")
+    x[1, 29, 4, 5] = float("nan")
+    split_policy(1)
+    out_s, _, am_s = EMU.channel_max_spatial_softmax(x, 1.0, False)
+    split_policy(2)
+    out_w, _, am_w = EMU.channel_max_spatial_softmax(x, 1.0, False)
+    out_l, _, am_l = EMU.channel_max_spatial_softmax(x.contiguous(memory_format=torch.channels_last), 1.0, False)
+    k = torch.arange(37).view(1, 37, 1, 1)
+    lowest = torch.where(x == x.amax(1, keepdim=True), k, 37).amin(1)
+    lowest[1, 4, 5] = 20  # the first NaN
+    for am in (am_s, am_w, am_l):
+        assert torch.equal(am, lowest)
+    for out in (out_w, out_l):
+        torch.testing.assert_close(out, out_s, rtol=1e-6, atol=0, equal_nan=True)
+    assert torch.isnan(out_s[1]).all() and not torch.isnan(out_s[0]).any()
+
+
+@requires_emu
+@pytest.mark.emulated
+def test_channel_max_spatial_softmax_rule_picks_the_split_for_small_grids(split_policy):
+    """Under the rule (policy 0) a small call splits and gives the split variant's bits."""
+    x = torch.randn(2, 11, 6, 7)
+    split_policy(2)
+    forced = EMU.channel_max_spatial_softmax(x, 1.0, False)
+    split_policy(0)
+    ruled = EMU.channel_max_spatial_softmax(x, 1.0, False)
+    assert all(bitwise_equal(a, b) for a, b in zip(forced, ruled))
+
+
+@requires_emu
+@pytest.mark.emulated
+def test_channel_max_spatial_softmax_more_levels_than_one_launch_takes():
+    """Eleven levels: two launch groups of up to eight per kernel; each level as alone."""
+    xs = [torch.randn(2, 5, 1 + l % 3, 2 + l) * 3 for l in range(11)]
+    before = emu_dispatch.emu.launch_count()
+    out, _, am = EMU._channel_max_spatial_softmax_levels(xs, 1.0, True)
+    assert emu_dispatch.emu.launch_count() - before == 2 * 2
+    for l, x in enumerate(xs):
+        o1, _, a1 = EMU.channel_max_spatial_softmax(x, 1.0, True)
+        assert bitwise_equal(out[l], o1) and torch.equal(am[l], a1)
+    cmss_levels_compare(xs, 2.0, True)
+
+
+@requires_emu
+@pytest.mark.emulated
+def test_channel_max_spatial_softmax_split_blocks_take_several_steps(split_policy):
+    """H*W = 9000 > 256 tiles x 32 locations: each block of the split variants loops over several
+    steps of 32 locations (the shared memory of one step is reused by the next)."""
+    split_policy(2)
+    cmss_levels_compare([torch.randn(1, 3, 100, 90) * 3, torch.randn(1, 3, 7, 5)])

@@ -12,10 +12,9 @@ not depend on the spatial size (the launchers loop over images only past 65535 o
 the levels are small.
 
 BUDGETS are today's counts, as upper bounds: a change that launches more fails, one that
-launches fewer passes (then lower the budget to the new count). The kernel rework for
-p_c and the masked reductions must make their counts independent of the level count:
-``test_launches_do_not_grow_with_levels`` says so and is an expected failure until then
-(strict: once it passes, remove the xfail and lower the budgets).
+launches fewer passes (then lower the budget to the new count). p_c, the masked reductions
+and the HD loss take every level of a list in the same launches:
+``test_launches_do_not_grow_with_levels`` holds their counts independent of the level count.
 
 On a real GPU the same is checked with ``torch.cuda.set_sync_debug_mode("error")`` and by
 capturing the loss's forward and backward in a CUDA graph.
@@ -42,16 +41,16 @@ LEVELS = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]  # a 96 x 128 image
 
 # Budgets: (device operations of the tbd_ops calls, other ATen ops), per call on the pyramid.
 BUDGETS = {
-    # p_c: two kernels per level (channel max + partial sums, normalize). Kernel rework: one
-    # launch sequence for all levels (a count independent of the level count).
-    "p_c forward": (10, 0),
-    "p_c backward": (10, None),
-    # masked_sq_dist / masked_l1: per level a term kernel, partial sums and their combination;
-    # the backward one kernel per level. Kernel rework: all levels in one launch sequence.
-    "masked_sq_dist forward": (15, 0),
-    "masked_sq_dist backward": (5, None),
-    "masked_l1 forward": (15, 0),
-    "masked_l1 backward": (5, None),
+    # p_c: every level in the same two kernels (channel max + partial sums, normalize); the
+    # backward two (partial dot products, gradient).
+    "p_c forward": (2, 0),
+    "p_c backward": (2, None),
+    # masked_sq_dist / masked_l1: every level in one partial-sum kernel and one combination;
+    # the backward one kernel.
+    "masked_sq_dist forward": (2, 0),
+    "masked_sq_dist backward": (1, None),
+    "masked_l1 forward": (2, 0),
+    "masked_l1 backward": (1, None),
     # p_r: the per-image clip shapes written once for all levels, then one kernel per level;
     # the ATen ops are the concatenation of the ground truths, once per level.
     "decode_max_iou forward": (6, 5),
@@ -59,10 +58,12 @@ BUDGETS = {
     # HD: all levels in one launch already (partials + combination; one backward kernel).
     "harmony_distillation_loss forward": (2, 0),
     "harmony_distillation_loss backward": (1, None),
-    # The whole loss: student and teacher p_c and p_r, HD, TFD. The ATen ops are TBDLoss's own
-    # (per level: adapter convolution, mask normalization, TWG, p_r's max over anchors).
-    "TBDLoss forward": (49, 181),
-    "TBDLoss backward": (21, 94),  # gradients of the student inputs and of the adapters and TWG
+    # The whole loss: student and teacher p_c (2 + 2) and p_r (2 x 6), HD (2), TFD's masked_sq_dist
+    # for all levels (2). The ATen ops are TBDLoss's own (per level: adapter convolution, mask
+    # normalization, TWG, p_r's max over anchors).
+    "TBDLoss forward": (20, 181),
+    # p_c (2), p_r (5), HD (1), TFD (1); gradients of the student inputs and of the adapters and TWG.
+    "TBDLoss backward": (9, 94),
 }
 
 
@@ -195,8 +196,6 @@ def _masked(op):
 
 
 @emulated
-@pytest.mark.xfail(strict=True, reason="one launch sequence per level today; the multi-level kernels of "
-                                       "p_c and the masked reductions make the count independent of it")
 @pytest.mark.parametrize("op", ["p_c", "masked_sq_dist", "masked_l1"])
 def test_launches_do_not_grow_with_levels(op):
     fn = _p_c if op == "p_c" else _masked(op)

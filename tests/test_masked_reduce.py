@@ -6,8 +6,8 @@ from torch.library import opcheck
 
 import tbd_ops
 from tbd_ops import reference as ref
-from op_testing import (DEVICES, RED_TOL, TOL, OpContract, Sample, acc_dtype, assert_bitwise, emu_dispatch,
-                        requires_cuda, requires_emu, run_single_threaded, strided)
+from op_testing import (DEVICES, RED_TOL, TOL, OpContract, Sample, acc_dtype, all_schedules, assert_bitwise,
+                        bitwise_equal, emu_dispatch, requires_cuda, requires_emu, run_single_threaded, strided)
 
 OPS = ["masked_sq_dist", "masked_l1"]
 # N, C, H, W: odd sizes, C = 1, H*W across the 256-thread block and the
@@ -406,3 +406,225 @@ def test_emulated_more_images_than_grid_y(op):
         assert torch.equal(y[-1], y[0])
     finally:
         emu_dispatch.emu.set_grid_yz_limit(0)
+
+
+# ---- lists of levels in one call; only the gradients asked for --------------------------
+
+def pyramid_levels(device, dtype=torch.float64, n=2, c=5, k=2, shapes=((9, 11), (5, 6), (3, 3), (1, 2))):
+    a = [rand((n, c, h, w), device, dtype) for h, w in shapes]
+    b = [rand((n, c, h, w), device, dtype) for h, w in shapes]
+    m = [masks_for(n, k, h, w, device, dtype) for h, w in shapes]
+    return a, b, m
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_levels_match_single_calls_and_reference(device, op):
+    """A list is one call; every level's value and gradients are those of the reference."""
+    a, b, m = pyramid_levels(device)
+    ins = [[t.detach().clone().requires_grad_() for t in lst] for lst in (a, b, m)]
+    outs = getattr(tbd_ops, op)(*ins)
+    total = sum((o * (i + 1)).sum() for i, o in enumerate(outs))
+    grads = torch.autograd.grad(total, [t for lst in ins for t in lst])
+    L = len(a)
+    for l in range(L):
+        y_ref, g_ref = value_and_grads(fn(op, ref), a[l], b[l], m[l], torch.full_like(outs[l], l + 1.0))
+        torch.testing.assert_close(outs[l], y_ref, **TOL[torch.float64])
+        for j, want in enumerate(g_ref):
+            torch.testing.assert_close(grads[j * L + l], want, **TOL[torch.float64])
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "tbd_ops":
+            self.calls.append((func._schema.name.split("::")[1], args, out))
+        return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_backward_computes_only_the_gradients_asked_for(device, op):
+    """TFD's teacher side is detached: the backward is asked for the gradient of b alone and
+    makes no tensor for a or the masks."""
+    a, b, m = pyramid_levels(device, torch.float32)
+    b = [t.requires_grad_() for t in b]
+    outs = getattr(tbd_ops, op)(a, b, m)
+    with _OpLog() as log:
+        torch.autograd.grad(sum(o.sum() for o in outs), b)
+    (name, args, (ga, gb, gm)), = [c for c in log.calls if c[0].endswith("backward")]
+    assert name == f"_{op}_levels_backward"
+    assert list(args[-1]) == [False, True, False] and args[-2] == []  # no term kept or passed
+    assert ga == [] and gm == [] and len(gb) == len(b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_mask_gradient_uses_the_forward_term(device, op):
+    """The gradient of masks is grad[n, k] * term[n, hw] from the forward's per-location sums
+    (a and b are not read again for it): a planted term shows in it."""
+    a, b, m = pyramid_levels(device, torch.float32)
+    lv = getattr(torch.ops.tbd_ops, f"_{op}_levels").default
+    bw = getattr(torch.ops.tbd_ops, f"_{op}_levels_backward").default
+    out, term = lv(a, b, m)
+    d = [x - y for x, y in zip(a, b)]
+    for t, dd in zip(term, d):  # term is sum_c term(a - b) per location
+        want = (dd * dd if op == "masked_sq_dist" else dd.abs()).sum(1)
+        torch.testing.assert_close(t, want, rtol=1e-5, atol=1e-6)
+    grad = [torch.randn_like(o) for o in out]
+    planted = [torch.rand_like(t) for t in term]
+    _, _, gm = bw(grad, a, b, m, planted, [False, False, True])
+    for g, t, gml in zip(grad, planted, gm):
+        torch.testing.assert_close(gml, g[:, :, None, None] * t[:, None], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_levels_of_mixed_dtypes_fall_back_to_one_call_per_level(device):
+    a, b, m = pyramid_levels(device, torch.float32)
+    a[1], b[1], m[1] = a[1].double(), b[1].double(), m[1].double()
+    outs = tbd_ops.masked_sq_dist(a, b, m)
+    assert [o.dtype for o in outs] == [torch.float32, torch.float64, torch.float32, torch.float32]
+    for o, x, y, mm in zip(outs, a, b, m):
+        torch.testing.assert_close(o, tbd_ops.masked_sq_dist(x, y, mm))
+
+
+class TestLevelsBadInput:
+    @pytest.mark.parametrize("op", OPS)
+    def test_level_dtypes_in_one_call(self, op):
+        a, b, m = pyramid_levels("cpu", torch.float32)
+        a[2], b[2], m[2] = a[2].double(), b[2].double(), m[2].double()
+        with pytest.raises(TypeError, match=r"a\[2\] must have the dtype of a\[0\] \(Float\), got Double"):
+            getattr(torch.ops.tbd_ops, f"_{op}_levels")(a, b, m)
+
+    @pytest.mark.parametrize("op", OPS)
+    def test_level_count(self, op):
+        a, b, m = pyramid_levels("cpu", torch.float32)
+        with pytest.raises(ValueError, match="a, b and masks must have one entry per level, got 4, 3 and 4"):
+            getattr(torch.ops.tbd_ops, f"_{op}_levels")(a, b[:3], m)
+
+    @pytest.mark.parametrize("op", OPS)
+    def test_term_for_the_mask_gradient(self, op):
+        a, b, m = pyramid_levels("cpu", torch.float32)
+        out, term = getattr(torch.ops.tbd_ops, f"_{op}_levels")(a, b, m)
+        bw = getattr(torch.ops.tbd_ops, f"_{op}_levels_backward")
+        with pytest.raises(ValueError, match=r"term must have one entry per level \(4\) when the gradient of "
+                                             r"masks is asked for, got 0"):
+            bw(out, a, b, m, [], [False, False, True])
+        with pytest.raises(ValueError, match=r"term\[1\] must be \[N, H, W\] = \[2, 5, 6\], got \[2, 5, 5\]"):
+            bw(out, a, b, m, [term[0], term[1][..., :5], *term[2:]], [False, False, True])
+
+
+# ---- the emulated CUDA kernels: both sides of the channel-split rule ---------------------
+
+@pytest.fixture
+def split_policy():
+    """Forces the channel split of the CUDA kernels (1: one thread per location, 2: 8 threads
+    per location); the rule (0) chooses by the launch's location count."""
+    yield emu_dispatch.emu.set_channel_split_policy
+    emu_dispatch.emu.set_channel_split_policy(0)
+
+
+def emu_compare_levels(op, a, b, m):
+    """The emulated levels op against the CPU's: out to rounding, the per-location term and
+    every gradient bit for bit, under the three schedules."""
+    emu, cpu = torch.ops.tbd_ops_emu, torch.ops.tbd_ops
+    fwd = f"_{op}_levels"
+    out_c, term_c = getattr(cpu, fwd)(a, b, m)
+    out_e, term_e = all_schedules(lambda: tuple(getattr(emu, fwd)(a, b, m)))
+    for l, (x, y) in enumerate(zip(term_e, term_c)):
+        assert bitwise_equal(x, y), f"{op} term of level {l} differs"
+    for x, y in zip(out_e, out_c):
+        tol = RED_TOL[y.dtype]
+        torch.testing.assert_close(x, y, rtol=tol["rtol"], atol=tol["rtol"] * float(y.abs().max()))
+    grad = [torch.randn(o.shape, dtype=o.dtype) for o in out_c]
+    for mask in ([True, True, True], [False, True, False], [True, False, False], [False, False, True]):
+        args = (grad, a, b, m, term_c if mask[2] else [], mask)
+        got = all_schedules(lambda: tuple(getattr(emu, f"_{op}_levels_backward")(*args)))
+        want = getattr(cpu, f"_{op}_levels_backward")(*args)
+        for i, (xs, zs) in enumerate(zip(got, want)):
+            assert len(xs) == (len(a) if mask[i] else 0)
+            for l, (x, z) in enumerate(zip(xs, zs)):
+                assert bitwise_equal(x, z), f"{op} backward output {i} of level {l} (mask {mask}) differs"
+    return out_e, term_e
+
+
+@requires_emu
+@pytest.mark.emulated
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    op=st.sampled_from(OPS),
+    policy=st.sampled_from([1, 2]),
+    C=st.sampled_from([1, 3, 8, 13, 40]),  # fewer channels than groups, a multiple, a tail
+    K=st.integers(1, 2),
+    shapes=st.lists(st.tuples(st.integers(1, 9), st.sampled_from([1, 5, 33, 70])), min_size=1, max_size=3),
+    dtype=st.sampled_from(EMU_DTYPES),
+    layout=st.sampled_from(["contiguous", "channels_last", "padded_rows"]),
+)
+def test_emulated_levels_match_cpu_on_both_sides_of_the_split_rule(op, policy, C, K, shapes, dtype, layout):
+    N = 2
+    a, b, m = [], [], []
+    for h, w in shapes:
+        x = rand((N, C, h, w + 2), "cpu", dtype)[..., :w]
+        y = rand((N, C, h, w + 2), "cpu", dtype)[..., :w]
+        mm = masks_for(N, K, h, w, "cpu", dtype)
+        if layout != "padded_rows":
+            x, y = x.contiguous(), y.contiguous()
+        if layout == "channels_last":
+            x, y, mm = (t.contiguous(memory_format=torch.channels_last) for t in (x, y, mm))
+        a.append(x)
+        b.append(y)
+        m.append(mm)
+    emu_dispatch.emu.set_channel_split_policy(policy)
+    try:
+        emu_compare_levels(op, a, b, m)
+    finally:
+        emu_dispatch.emu.set_channel_split_policy(0)
+
+
+@requires_emu
+@pytest.mark.emulated
+@pytest.mark.parametrize("op", OPS)
+def test_emulated_split_variants_give_the_same_terms(split_policy, op):
+    """One thread per location, a warp per channel group and a lane per channel group sum each
+    location's channels in the same 8 groups and tree: the same bits."""
+    a, b, m = pyramid_levels("cpu", torch.float32, c=37)
+    lv = getattr(torch.ops.tbd_ops_emu, f"_{op}_levels")
+    split_policy(1)
+    serial = lv(a, b, m)[1]
+    split_policy(2)
+    warps = lv(a, b, m)[1]
+    lanes = lv(*[[t.contiguous(memory_format=torch.channels_last) for t in x] for x in (a, b, m)])[1]
+    for s, w, c in zip(serial, warps, lanes):
+        assert bitwise_equal(s, w) and bitwise_equal(s, c.contiguous())
+
+
+@requires_emu
+@pytest.mark.emulated
+@pytest.mark.parametrize("op", OPS)
+def test_emulated_more_levels_than_one_launch_takes(op):
+    """Eleven levels: two launch groups of up to eight; each level as alone."""
+    shapes = [(1 + l % 4, 2 + l) for l in range(11)]
+    a, b, m = pyramid_levels("cpu", torch.float32, c=3, shapes=shapes)
+    before = emu_dispatch.emu.launch_count()
+    out, term = getattr(torch.ops.tbd_ops_emu, f"_{op}_levels")(a, b, m)
+    assert emu_dispatch.emu.launch_count() - before == 2 * 2
+    for l in range(len(shapes)):
+        o1, t1 = getattr(torch.ops.tbd_ops_emu, f"_{op}_levels")([a[l]], [b[l]], [m[l]])
+        assert bitwise_equal(term[l], t1[0])
+        torch.testing.assert_close(out[l], o1[0], rtol=1e-6, atol=0)
+    emu_compare_levels(op, a, b, m)
+
+
+@requires_emu
+@pytest.mark.emulated
+@pytest.mark.parametrize("op", OPS)
+def test_emulated_split_blocks_take_several_steps(split_policy, op):
+    """H*W = 9000 > 256 tiles x 32 locations: each block of the split variants loops over several
+    steps of 32 locations (the shared memory of one step is reused by the next)."""
+    split_policy(2)
+    a, b, m = pyramid_levels("cpu", torch.float32, n=1, c=2, k=1, shapes=((100, 90), (3, 4)))
+    emu_compare_levels(op, a, b, m)

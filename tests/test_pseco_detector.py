@@ -170,13 +170,21 @@ def write_semi_config(path, labeled, unlabeled, work_dir, max_iters, momentum, *
     cfg = rh.semi_runtime(labeled, unlabeled, work_dir, max_iters=max_iters, batch_size=3, source_ratio=(1, 2),
                           checkpoint_interval=2, lr=0.01, ema_momentum=momentum, scale=(128, 96),
                           student_scales=((112, 80), (144, 112)))
-    cfg["model"] = pseco(detector(), **semi_train_cfg)
+    det = detector()
+    # mmdet's init of the classifier (bias 0: every class scores sigmoid(0) = 0.5) instead of PseCo's prior
+    # 0.01, so that the fresh teacher of a 2-iteration run gives pseudo boxes from the first iteration on.
+    det["roi_head"]["bbox_head"]["init_cfg"] = [
+        dict(type="Normal", std=0.01, bias=0.0, override=dict(name="fc_cls")),
+        dict(type="Normal", std=0.001, override=dict(name="fc_reg")),
+        dict(type="Xavier", distribution="uniform", override=[dict(name="shared_fcs"), dict(name="cls_fcs"),
+                                                               dict(name="reg_fcs")])]
+    cfg["model"] = pseco(det, **semi_train_cfg)
     header = 'custom_imports = dict(imports=["tbd_ops.mmdet"], allow_failed_imports=False)'
     return rh.write_config(path, cfg, header)
 
 
 # Thresholds low enough that the freshly initialized teacher (its focal classifier scores every
-# class about sigmoid(0) = 0.5) gives pseudo boxes from the first iteration on.
+# class about sigmoid(0) = 0.5, see write_semi_config) gives pseudo boxes from the first iteration on.
 LOW_THRESHOLDS = dict(pseudo_label_initial_score_thr=0.2, rpn_pseudo_thr=0.3, cls_pseudo_thr=0.3)
 SUP_KEYS = ["sup_loss_rpn_cls", "sup_loss_rpn_bbox", "sup_loss_cls", "sup_loss_bbox"]
 UNSUP_KEYS = ["unsup_loss_rpn_cls", "unsup_loss_rpn_bbox", "unsup_loss_cls", "unsup_loss_bbox"]
@@ -487,6 +495,10 @@ def test_project_boxes_matches_mmdet_bbox_project():
         want = bbox_project(b, mat, (90, 140))
         got = project_boxes(b, mat.expand(50, 3, 3), torch.tensor([90.0, 140.0]).expand(50, 2))
         torch.testing.assert_close(got, want)
+        # Under autocast (AMP training) in float32 all the same: a 16-bit matmul is pixels off.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = project_boxes(b, mat.expand(50, 3, 3), torch.tensor([90.0, 140.0]).expand(50, 2))
+        assert amp.dtype == torch.float32 and torch.equal(amp, got)
 
 
 def test_teacher_predictions_follow_the_views():
@@ -518,6 +530,24 @@ def test_teacher_predictions_follow_the_views():
         assert len(pa) > 0 and (pa.scores > 0.2).all()
         torch.testing.assert_close(pb.bboxes, flip(pa.bboxes), rtol=0, atol=1e-4)
         assert torch.equal(pa.labels, pb.labels)
+
+
+def test_a_fresh_focal_classifier_starts_at_the_prior():
+    """As the official PseCo BBoxHead (bias_prob=0.01): a freshly initialized teacher gives no pseudo boxes
+    at the default thresholds, instead of up to max_per_img random ones per image (sigmoid(0) = 0.5)."""
+    model = build()
+    model.init_weights()
+    prior_bias = -math.log((1 - 0.01) / 0.01)
+    for m in (model.student, model.teacher):
+        bias = m.roi_head.bbox_head.fc_cls.bias
+        torch.testing.assert_close(bias, torch.full_like(bias, prior_bias))
+    inputs, samples = unsup_batch(model)
+    info = model.teacher_predictions(inputs["unsup_teacher"], samples["unsup_teacher"], samples["unsup_student"])
+    assert all(len(p) == 0 for p in info["pseudo"])
+    # A softmax head keeps mmdet's init; an explicit bias in the config is kept too.
+    ce = build(detector(focal=False))
+    ce.init_weights()
+    assert ce.student.roi_head.bbox_head.fc_cls.bias.abs().max() == 0
 
 
 def test_student_proposals_scored_by_the_teacher():

@@ -188,6 +188,14 @@ def test_mismatched_teachers_raise():
 
     with pytest.raises(ValueError, match="same priors per location"):
         MODELS.build(distiller_cfg("retinanet", teacher=mmdet_model("atss")))
+    # As many anchors per location, but of other sizes: the teacher's deltas would be decoded wrongly.
+    bigger = mmdet_model("retinanet")
+    bigger["bbox_head"]["anchor_generator"]["octave_base_scale"] = 8
+    with pytest.raises(ValueError, match=r"same priors \(anchor sizes"):
+        MODELS.build(distiller_cfg("retinanet", teacher=bigger))
+    offset = mmdet_model("fcos")
+    offset["bbox_head"]["center_sample_radius"] = 1.0  # not a prior setting: builds
+    MODELS.build(distiller_cfg("fcos", teacher=offset))
     with pytest.raises(TypeError, match="must be a TwoStageDetector"):
         MODELS.build(distiller_cfg("faster_rcnn", teacher=mmdet_model("retinanet")))
 
@@ -205,3 +213,23 @@ def test_unsupported_head_raises():
     cfg = ConfigDict(dict(gfl, type="TBDSingleStageDetector", teacher_config=dict(model=copy.deepcopy(gfl))))
     with pytest.raises(NotImplementedError, match="does not support GFLHead"):
         MODELS.build(cfg)
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
+def test_autocast_decodes_in_float32(arch):
+    """Under autocast (AMP training) the heads' boxes are 16-bit; the distiller decodes them in float32 on
+    float32 priors, as mmdet does: the losses stay close to the float32 ones."""
+    torch.manual_seed(3)
+    model = MODELS.build(distiller_cfg(arch))
+    model.init_weights()
+    model.train()
+    inputs, samples = detection_batch(model)
+    torch.manual_seed(4)
+    full = model.loss(inputs, samples)
+    torch.manual_seed(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = model.loss(inputs, samples)
+    assert model._tbd_priors_cache and all(key[1] == torch.float32 for key in model._tbd_priors_cache)
+    for key in ("loss_hd", "loss_tfd"):
+        assert amp[key].dtype == torch.float32 and torch.isfinite(amp[key])
+        torch.testing.assert_close(amp[key], full[key], rtol=0.1, atol=1e-3)

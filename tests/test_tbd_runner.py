@@ -159,3 +159,19 @@ def test_train_command(data, tmp_path):
     assert not (tmp_path / "unused").exists()
     with pytest.raises(FileNotFoundError, match="tbd_ops ships no tbd/nope.py"):
         train_main(["tbd_ops::tbd/nope.py"])
+
+
+def test_command_line_lists_the_shipped_configs():
+    """``python -m tbd_ops.mmdet.train --list-configs`` (with mmcv-lite: TBD_OPS_MMCV_LITE=1)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TBD_OPS_MMCV_LITE="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, "-m", "tbd_ops.mmdet.train", "--list-configs"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listed = dict(line.split() for line in out.stdout.splitlines())
+    for name in SHIPPED.values():
+        assert listed[name] == config_path(name)
+    assert any(name.startswith("tbd_ops::pseco/") for name in listed)

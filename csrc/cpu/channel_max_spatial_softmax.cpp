@@ -538,11 +538,40 @@ at::Tensor cmss_backward_cpu(const at::Tensor& grad, const at::Tensor& log_p,
   return dx;
 }
 
+// A list of levels: level by level (each level's work items run in parallel).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+cmss_levels_cpu(at::TensorList x, double temperature, bool scale_by_hw) {
+  cmss_levels_check(x, temperature);
+  std::vector<at::Tensor> out, log_p, argmax;
+  for (const at::Tensor& t : x) {
+    auto r = cmss_cpu(t, temperature, scale_by_hw);
+    out.push_back(std::get<0>(r));
+    log_p.push_back(std::get<1>(r));
+    argmax.push_back(std::get<2>(r));
+  }
+  return {out, log_p, argmax};
+}
+
+std::vector<at::Tensor> cmss_levels_backward_cpu(at::TensorList grad, at::TensorList log_p,
+                                                 at::TensorList argmax, at::IntArrayRef channels,
+                                                 double temperature, bool scale_by_hw,
+                                                 const c10::List<bool>& channels_last) {
+  cmss_levels_backward_check(grad, log_p, argmax, channels, temperature, channels_last);
+  std::vector<at::Tensor> dx;
+  for (size_t l = 0; l < grad.size(); ++l) {
+    dx.push_back(cmss_backward_cpu(grad[l], log_p[l], argmax[l], channels[l], temperature,
+                                   scale_by_hw, channels_last.get(l)));
+  }
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tbd_ops, CPU, m) {
   m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_cpu));
   m.impl("_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cpu));
+  m.impl("_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_cpu));
+  m.impl("_channel_max_spatial_softmax_levels_backward", TORCH_FN(cmss_levels_backward_cpu));
 }
 
 }  // namespace tbd_ops

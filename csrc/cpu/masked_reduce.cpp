@@ -3,14 +3,16 @@
 // kernels.
 //
 // Forward: work items are (image, chunk of kChunk locations). Each item reads
-// a and b once: s[i] = sum_c term(a - b) per location (channels in order),
+// a and b once: s[i] = sum_c term(a - b) per location (in the 8 channel groups
+// of tbd_ops/masked_reduce.h, as the CUDA kernels), kept as the term output,
 // then one partial per mask, sum_i masks[k, i] * s[i], in kLanes interleaved
 // lanes combined in a fixed order. The partials of an image are summed in
 // chunk order, so results do not depend on the number of threads.
 // Backward: the same items recompute a - b (nothing of size [N, C, H, W] is
-// saved): w[i] = sum_k grad[k] * masks[k, i], grad_a = term'(a - b) * w,
-// grad_b = -grad_a, grad_masks[k, i] = grad[k] * s[i]. Every gradient element
-// is computed in the same order as on the GPU: equal bit for bit.
+// saved) for the gradients asked for only: w[i] = sum_k grad[k] * masks[k, i],
+// grad_a = term'(a - b) * w, grad_b = -grad_a; grad_masks[k, i] =
+// grad[k] * s[i] from the forward's term. Every gradient element is computed
+// in the same order as on the GPU: equal bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -27,7 +29,6 @@ namespace tbd_ops {
 namespace {
 
 constexpr int64_t kChunk = 512;  // locations per work item
-constexpr int64_t kGroup = 8;    // locations interleaved on the strided paths
 constexpr int kLanes = 8;        // interleaved partial sums of the mask products
 
 struct Strides4 {
@@ -41,49 +42,50 @@ struct Strides4 {
 };
 
 // s[i] = sum_c term(a[c, i] - b[c, i]) over `len` contiguous locations (planes
-// contiguous). Compiled for AVX2 and the baseline ISA, picked at load time.
+// contiguous), in the 8 channel groups of tbd_ops/masked_reduce.h: channel c
+// adds to row c % 8 of `groups` ([8][kChunk] scratch), the rows are combined by
+// masked_group_tree. Compiled for AVX2 and the baseline ISA, picked at load time.
 template <MaskedMode M, typename T, typename A>
 __attribute__((target_clones("avx2", "default"))) void term_rows(
-    const T* pa, int64_t as1, const T* pb, int64_t bs1, int64_t C, int64_t len, A* s) {
-  for (int64_t i = 0; i < len; ++i) s[i] = A(0);
+    const T* pa, int64_t as1, const T* pb, int64_t bs1, int64_t C, int64_t len, A* groups, A* s) {
+  for (int g = 0; g < kMaskedGroups; ++g) {
+    A* row = groups + g * kChunk;
+    for (int64_t i = 0; i < len; ++i) row[i] = A(0);
+  }
   for (int64_t c = 0; c < C; ++c) {
     const T* ra = pa + c * as1;
     const T* rb = pb + c * bs1;
+    A* row = groups + (c % kMaskedGroups) * kChunk;
     for (int64_t i = 0; i < len; ++i) {
-      s[i] += masked_term<M>(static_cast<A>(ra[i]) - static_cast<A>(rb[i]));
+      row[i] += masked_term<M>(static_cast<A>(ra[i]) - static_cast<A>(rb[i]));
     }
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    A g[kMaskedGroups];
+    for (int j = 0; j < kMaskedGroups; ++j) g[j] = groups[j * kChunk + i];
+    s[i] = masked_group_tree(g);
   }
 }
 
-// The same for any strides (channels_last, views): kGroup locations at a time,
-// each summing its channels in order (independent chains, so the adds overlap).
+// The same for any strides (channels_last, views), one location at a time with
+// its 8 group sums side by side.
 template <MaskedMode M, typename T, typename A>
 void term_strided(const T* a, const Strides4& as, const T* b, const Strides4& bs, int64_t n,
                   int64_t i0, int64_t C, int64_t W, int64_t len, A* s) {
-  for (int64_t g0 = 0; g0 < len; g0 += kGroup) {
-    const int64_t g = std::min(kGroup, len - g0);
-    const T* la[kGroup] = {};
-    const T* lb[kGroup] = {};
-    A acc[kGroup];
-    for (int64_t j = 0; j < g; ++j) {
-      la[j] = a + as.at(n, 0, i0 + g0 + j, W);
-      lb[j] = b + bs.at(n, 0, i0 + g0 + j, W);
-      acc[j] = A(0);
-    }
-    if (g == kGroup) {
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t j = 0; j < kGroup; ++j) {
-          acc[j] += masked_term<M>(static_cast<A>(la[j][c * as.s1]) - static_cast<A>(lb[j][c * bs.s1]));
-        }
-      }
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t j = 0; j < g; ++j) {
-          acc[j] += masked_term<M>(static_cast<A>(la[j][c * as.s1]) - static_cast<A>(lb[j][c * bs.s1]));
-        }
+  for (int64_t i = 0; i < len; ++i) {
+    const T* la = a + as.at(n, 0, i0 + i, W);
+    const T* lb = b + bs.at(n, 0, i0 + i, W);
+    A g[kMaskedGroups] = {};
+    int64_t c0 = 0;
+    for (; c0 + kMaskedGroups <= C; c0 += kMaskedGroups) {
+      for (int j = 0; j < kMaskedGroups; ++j) {
+        g[j] += masked_term<M>(static_cast<A>(la[(c0 + j) * as.s1]) - static_cast<A>(lb[(c0 + j) * bs.s1]));
       }
     }
-    for (int64_t j = 0; j < g; ++j) s[g0 + j] = acc[j];
+    for (int j = 0; c0 + j < C; ++j) {
+      g[j] += masked_term<M>(static_cast<A>(la[(c0 + j) * as.s1]) - static_cast<A>(lb[(c0 + j) * bs.s1]));
+    }
+    s[i] = masked_group_tree(g);
   }
 }
 
@@ -113,15 +115,17 @@ void load_mask_row(const T* m, const Strides4& ms, int64_t n, int64_t k, int64_t
   }
 }
 
+// out [N, K] and term [N, H, W] (the per-location sums, which the backward
+// reads for the gradient of masks) of one level.
 template <MaskedMode M>
-at::Tensor masked_forward_cpu(const char* op, const at::Tensor& a, const at::Tensor& b,
-                              const at::Tensor& masks) {
-  masked_reduce_check(op, a, b, masks);
+std::tuple<at::Tensor, at::Tensor> masked_forward_level(const at::Tensor& a, const at::Tensor& b,
+                                                        const at::Tensor& masks) {
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), HW = H * W;
   const int64_t K = masks.size(1);
-  auto out = at::empty({N, K}, a.options().dtype(acc_dtype(a.scalar_type())));
-  if (N == 0 || K == 0) return out;
-  if (HW == 0) return out.zero_();
+  const auto acc_opts = a.options().dtype(acc_dtype(a.scalar_type()));
+  auto out = at::empty({N, K}, acc_opts);
+  auto term = at::empty({N, H, W}, acc_opts);
+  if (N == 0 || HW == 0) return {out.zero_(), term};
   const int64_t chunks = (HW + kChunk - 1) / kChunk;
   const Strides4 as(a), bs(b), ms(masks);
   const bool rows = as.plane_contiguous(W) && bs.plane_contiguous(W);
@@ -131,15 +135,17 @@ at::Tensor masked_forward_cpu(const char* op, const at::Tensor& a, const at::Ten
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
     const scalar_t* pm = masks.const_data_ptr<scalar_t>();
+    A* pt = term.mutable_data_ptr<A>();
     std::vector<A> partial(N * chunks * K);  // [N, chunks, K]
     at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-      A s[kChunk];
+      std::vector<A> groups(rows ? kMaskedGroups * kChunk : 0);
       A mrow[kChunk];
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / chunks, i0 = (item % chunks) * kChunk;
         const int64_t len = std::min(kChunk, HW - i0);
+        A* s = pt + n * HW + i0;
         if (rows) {
-          term_rows<M>(pa + n * as.s0 + i0, as.s1, pb + n * bs.s0 + i0, bs.s1, C, len, s);
+          term_rows<M>(pa + n * as.s0 + i0, as.s1, pb + n * bs.s0 + i0, bs.s1, C, len, groups.data(), s);
         } else {
           term_strided<M>(pa, as, pb, bs, n, i0, C, W, len, s);
         }
@@ -158,29 +164,24 @@ at::Tensor masked_forward_cpu(const char* op, const at::Tensor& a, const at::Ten
       }
     }
   });
-  return out;
+  return {out, term};
 }
 
-// Gradients of a and b over `len` contiguous locations (every plane
-// contiguous), and s when kS.
-template <MaskedMode M, bool kS, typename T, typename A>
+// Gradients of a and/or b (kA, kB) over `len` contiguous locations (every
+// plane contiguous): term'(a - b) * w and its negation.
+template <MaskedMode M, bool kA, bool kB, typename T, typename A>
 __attribute__((target_clones("avx2", "default"))) void grad_rows(
     const T* pa, int64_t as1, const T* pb, int64_t bs1, T* da, int64_t das1, T* db,
-    int64_t dbs1, int64_t C, int64_t len, const A* w, A* s) {
-  if (kS) {
-    for (int64_t i = 0; i < len; ++i) s[i] = A(0);
-  }
+    int64_t dbs1, int64_t C, int64_t len, const A* w) {
   for (int64_t c = 0; c < C; ++c) {
     const T* ra = pa + c * as1;
     const T* rb = pb + c * bs1;
-    T* rda = da + c * das1;
-    T* rdb = db + c * dbs1;
+    T* rda = kA ? da + c * das1 : nullptr;
+    T* rdb = kB ? db + c * dbs1 : nullptr;
     for (int64_t i = 0; i < len; ++i) {
-      const A d = static_cast<A>(ra[i]) - static_cast<A>(rb[i]);
-      const A g = masked_grad_a<M>(d, w[i]);
-      rda[i] = static_cast<T>(g);
-      rdb[i] = static_cast<T>(-g);
-      if (kS) s[i] += masked_term<M>(d);
+      const A g = masked_grad_a<M>(static_cast<A>(ra[i]) - static_cast<A>(rb[i]), w[i]);
+      if (kA) rda[i] = static_cast<T>(g);
+      if (kB) rdb[i] = static_cast<T>(-g);
     }
   }
 }
@@ -189,93 +190,82 @@ __attribute__((target_clones("avx2", "default"))) void grad_rows(
 template <MaskedMode M, typename T, typename A>
 void grad_strided(const T* a, const Strides4& as, const T* b, const Strides4& bs, T* da,
                   const Strides4& das, T* db, const Strides4& dbs, int64_t n, int64_t i0,
-                  int64_t C, int64_t W, int64_t len, const A* w, A* s) {
+                  int64_t C, int64_t W, int64_t len, const A* w) {
   for (int64_t i = 0; i < len; ++i) {
     const T* la = a + as.at(n, 0, i0 + i, W);
     const T* lb = b + bs.at(n, 0, i0 + i, W);
-    T* lda = da + das.at(n, 0, i0 + i, W);
-    T* ldb = db + dbs.at(n, 0, i0 + i, W);
-    A acc = A(0);
+    T* lda = da ? da + das.at(n, 0, i0 + i, W) : nullptr;
+    T* ldb = db ? db + dbs.at(n, 0, i0 + i, W) : nullptr;
     for (int64_t c = 0; c < C; ++c) {
-      const A d = static_cast<A>(la[c * as.s1]) - static_cast<A>(lb[c * bs.s1]);
-      const A g = masked_grad_a<M>(d, w[i]);
-      lda[c * das.s1] = static_cast<T>(g);
-      ldb[c * dbs.s1] = static_cast<T>(-g);
-      acc += masked_term<M>(d);
+      const A g = masked_grad_a<M>(static_cast<A>(la[c * as.s1]) - static_cast<A>(lb[c * bs.s1]), w[i]);
+      if (lda) lda[c * das.s1] = static_cast<T>(g);
+      if (ldb) ldb[c * dbs.s1] = static_cast<T>(-g);
     }
-    if (s != nullptr) s[i] = acc;
   }
 }
 
+// The gradients asked for (output_mask) of one level; term: the forward's
+// per-location sums (read for the gradient of masks only).
 template <MaskedMode M>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_cpu(
-    const char* op, const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
-    const at::Tensor& masks, std::array<bool, 3> output_mask) {
-  masked_reduce_backward_check(op, grad, a, b, masks);
-  const bool want_ab = output_mask[0] || output_mask[1];
-  const bool want_m = output_mask[2];
-  // grad_a and grad_b are computed together (grad_b = -grad_a).
-  auto ga = want_ab ? at::empty_like(a) : at::empty({0}, a.options());
-  auto gb = want_ab ? at::empty_like(b) : at::empty({0}, b.options());
-  auto gm = want_m ? at::empty_like(masks) : at::empty({0}, masks.options());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_level(
+    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks,
+    const at::Tensor& term, std::array<bool, 3> output_mask) {
+  const bool want_a = output_mask[0], want_b = output_mask[1], want_m = output_mask[2];
+  auto ga = want_a ? at::empty_like(a) : at::Tensor();
+  auto gb = want_b ? at::empty_like(b) : at::Tensor();
+  auto gm = want_m ? at::empty_like(masks) : at::Tensor();
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), HW = H * W;
   const int64_t K = masks.size(1);
-  if (N == 0 || HW == 0 || (!want_ab && !want_m)) {
-    return {output_mask[0] ? ga : at::empty({0}, a.options()),
-            output_mask[1] ? gb : at::empty({0}, b.options()), gm};
-  }
+  if (N == 0 || HW == 0 || (!want_a && !want_b && !want_m)) return {ga, gb, gm};
   const int64_t chunks = (HW + kChunk - 1) / kChunk;
   const Strides4 as(a), bs(b), ms(masks);
+  const auto tc = want_m ? term.contiguous() : term;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "masked_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
     const scalar_t* pm = masks.const_data_ptr<scalar_t>();
+    const A* pt = want_m ? tc.const_data_ptr<A>() : nullptr;
     const auto gacc = grad.accessor<A, 2>();
-    scalar_t* pga = want_ab ? ga.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* pgb = want_ab ? gb.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* pga = want_a ? ga.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* pgb = want_b ? gb.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* pgm = want_m ? gm.mutable_data_ptr<scalar_t>() : nullptr;
-    const Strides4 gas = want_ab ? Strides4(ga) : as, gbs = want_ab ? Strides4(gb) : bs;
+    const Strides4 gas = want_a ? Strides4(ga) : as, gbs = want_b ? Strides4(gb) : bs;
     const Strides4 gms = want_m ? Strides4(gm) : ms;
-    const bool rows = as.plane_contiguous(W) && bs.plane_contiguous(W);
-    const bool grad_rows_ok = rows && gas.plane_contiguous(W) && gbs.plane_contiguous(W);
+    const bool rows = as.plane_contiguous(W) && bs.plane_contiguous(W) &&
+                      gas.plane_contiguous(W) && gbs.plane_contiguous(W);
     at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-      A s[kChunk];
       A w[kChunk];
       A mrow[kChunk];
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / chunks, i0 = (item % chunks) * kChunk;
         const int64_t len = std::min(kChunk, HW - i0);
-        if (want_ab) {
+        if (want_a || want_b) {
           for (int64_t i = 0; i < len; ++i) w[i] = A(0);
           for (int64_t k = 0; k < K; ++k) {
             const A g = gacc[n][k];
             load_mask_row(pm, ms, n, k, i0, W, len, mrow);
             for (int64_t i = 0; i < len; ++i) w[i] += g * mrow[i];
           }
-          if (grad_rows_ok) {
-            const int64_t oa = n * as.s0 + i0, ob = n * bs.s0 + i0;
-            const int64_t oga = n * gas.s0 + i0, ogb = n * gbs.s0 + i0;
-            if (want_m) {
-              grad_rows<M, true>(pa + oa, as.s1, pb + ob, bs.s1, pga + oga, gas.s1, pgb + ogb,
-                                 gbs.s1, C, len, w, s);
+          if (rows) {
+            const scalar_t* ra = pa + n * as.s0 + i0;
+            const scalar_t* rb = pb + n * bs.s0 + i0;
+            scalar_t* da = want_a ? pga + n * gas.s0 + i0 : nullptr;
+            scalar_t* db = want_b ? pgb + n * gbs.s0 + i0 : nullptr;
+            if (want_a && want_b) {
+              grad_rows<M, true, true>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, C, len, w);
+            } else if (want_a) {
+              grad_rows<M, true, false>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, C, len, w);
             } else {
-              grad_rows<M, false>(pa + oa, as.s1, pb + ob, bs.s1, pga + oga, gas.s1, pgb + ogb,
-                                  gbs.s1, C, len, w, s);
+              grad_rows<M, false, true>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, C, len, w);
             }
           } else {
-            grad_strided<M>(pa, as, pb, bs, pga, gas, pgb, gbs, n, i0, C, W, len, w,
-                            want_m ? s : nullptr);
-          }
-        } else if (want_m) {
-          if (rows) {
-            term_rows<M>(pa + n * as.s0 + i0, as.s1, pb + n * bs.s0 + i0, bs.s1, C, len, s);
-          } else {
-            term_strided<M>(pa, as, pb, bs, n, i0, C, W, len, s);
+            grad_strided<M>(pa, as, pb, bs, pga, gas, pgb, gbs, n, i0, C, W, len, w);
           }
         }
         if (want_m) {
+          const A* s = pt + n * HW + i0;
           for (int64_t k = 0; k < K; ++k) {
             const A g = gacc[n][k];
             if (gms.plane_contiguous(W)) {
@@ -291,36 +281,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_cpu(
       }
     });
   });
-  return {output_mask[0] ? ga : at::empty({0}, a.options()),
-          output_mask[1] ? gb : at::empty({0}, b.options()), gm};
+  return {ga, gb, gm};
 }
 
-at::Tensor masked_sq_dist_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks) {
-  return masked_forward_cpu<MaskedMode::kSqDist>("masked_sq_dist", a, b, masks);
+constexpr const char* kName[2] = {"masked_sq_dist", "masked_l1"};
+constexpr const char* kBackwardName[2] = {"_masked_sq_dist_backward", "_masked_l1_backward"};
+
+template <MaskedMode M>
+at::Tensor masked_forward_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks) {
+  masked_reduce_check(kName[static_cast<int>(M)], a, b, masks);
+  return std::get<0>(masked_forward_level<M>(a, b, masks));
 }
-at::Tensor masked_l1_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks) {
-  return masked_forward_cpu<MaskedMode::kL1>("masked_l1", a, b, masks);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_sq_dist_backward_cpu(
+
+// The single-level backward has no saved term: the gradient of masks runs the forward for it.
+template <MaskedMode M>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_cpu(
     const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks,
     std::array<bool, 3> output_mask) {
-  return masked_backward_cpu<MaskedMode::kSqDist>("_masked_sq_dist_backward", grad, a, b, masks,
-                                                  output_mask);
+  masked_reduce_backward_check(kBackwardName[static_cast<int>(M)], grad, a, b, masks);
+  const at::Tensor term = output_mask[2] ? std::get<1>(masked_forward_level<M>(a, b, masks)) : at::Tensor();
+  auto r = masked_backward_level<M>(grad, a, b, masks, term, output_mask);
+  auto or_empty = [](const at::Tensor& t, const at::Tensor& like) {
+    return t.defined() ? t : at::empty({0}, like.options());
+  };
+  return {or_empty(std::get<0>(r), a), or_empty(std::get<1>(r), b), or_empty(std::get<2>(r), masks)};
 }
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_l1_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks,
-    std::array<bool, 3> output_mask) {
-  return masked_backward_cpu<MaskedMode::kL1>("_masked_l1_backward", grad, a, b, masks,
-                                              output_mask);
+
+// Lists of levels: level by level (each level's work items run in parallel).
+template <MaskedMode M>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> masked_forward_levels_cpu(
+    at::TensorList a, at::TensorList b, at::TensorList masks) {
+  masked_reduce_levels_check(kName[static_cast<int>(M)], a, b, masks);
+  std::vector<at::Tensor> out, term;
+  for (size_t l = 0; l < a.size(); ++l) {
+    auto r = masked_forward_level<M>(a[l], b[l], masks[l]);
+    out.push_back(std::get<0>(r));
+    term.push_back(std::get<1>(r));
+  }
+  return {out, term};
+}
+
+template <MaskedMode M>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+masked_backward_levels_cpu(at::TensorList grad, at::TensorList a, at::TensorList b,
+                           at::TensorList masks, at::TensorList term, std::array<bool, 3> output_mask) {
+  masked_reduce_levels_backward_check(kBackwardName[static_cast<int>(M)], grad, a, b, masks, term,
+                                      output_mask[2]);
+  std::vector<at::Tensor> ga, gb, gm;
+  for (size_t l = 0; l < a.size(); ++l) {
+    auto r = masked_backward_level<M>(grad[l], a[l], b[l], masks[l],
+                                      output_mask[2] ? term[l] : at::Tensor(), output_mask);
+    if (output_mask[0]) ga.push_back(std::get<0>(r));
+    if (output_mask[1]) gb.push_back(std::get<1>(r));
+    if (output_mask[2]) gm.push_back(std::get<2>(r));
+  }
+  return {ga, gb, gm};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tbd_ops, CPU, m) {
-  m.impl("masked_sq_dist", TORCH_FN(masked_sq_dist_cpu));
-  m.impl("masked_l1", TORCH_FN(masked_l1_cpu));
-  m.impl("_masked_sq_dist_backward", TORCH_FN(masked_sq_dist_backward_cpu));
-  m.impl("_masked_l1_backward", TORCH_FN(masked_l1_backward_cpu));
+  m.impl("masked_sq_dist", TORCH_FN(masked_forward_cpu<MaskedMode::kSqDist>));
+  m.impl("masked_l1", TORCH_FN(masked_forward_cpu<MaskedMode::kL1>));
+  m.impl("_masked_sq_dist_backward", TORCH_FN(masked_backward_cpu<MaskedMode::kSqDist>));
+  m.impl("_masked_l1_backward", TORCH_FN(masked_backward_cpu<MaskedMode::kL1>));
+  m.impl("_masked_sq_dist_levels", TORCH_FN(masked_forward_levels_cpu<MaskedMode::kSqDist>));
+  m.impl("_masked_l1_levels", TORCH_FN(masked_forward_levels_cpu<MaskedMode::kL1>));
+  m.impl("_masked_sq_dist_levels_backward", TORCH_FN(masked_backward_levels_cpu<MaskedMode::kSqDist>));
+  m.impl("_masked_l1_levels_backward", TORCH_FN(masked_backward_levels_cpu<MaskedMode::kL1>));
 }
 
 }  // namespace tbd_ops

@@ -27,6 +27,23 @@ template <typename T> TBD_HD void argmax_update(ArgMax<T>& a, T v, int64_t idx) 
   if (a.index < 0 || argmax_takes(a.value, v)) { a.value = v; a.index = idx; }
 }
 
+// The argmax of two disjoint sets of candidates, each found by argmax_update:
+// the same result as feeding every candidate in index order (the first NaN,
+// else the largest value, the lowest index on ties), whatever the grouping of
+// the candidates and the order of the merges (commutative and associative).
+template <typename T> TBD_HD ArgMax<T> argmax_merge(const ArgMax<T>& a, const ArgMax<T>& b) {
+  if (a.index < 0) return b;
+  if (b.index < 0) return a;
+  const bool an = is_nan(a.value), bn = is_nan(b.value);
+  bool take_b;
+  if (an || bn) {
+    take_b = (an && bn) ? b.index < a.index : bn;
+  } else {
+    take_b = b.value > a.value || (b.value == a.value && b.index < a.index);
+  }
+  return take_b ? b : a;
+}
+
 // The argmax of v[0, n) (index -1 when n is 0).
 template <typename T> TBD_HD ArgMax<T> argmax_of(const T* v, int64_t n) {
   ArgMax<T> a = argmax_empty<T>();

@@ -33,14 +33,21 @@ else:
 
     # Runner resume and teacher checkpoints under torch >= 2.6 (weights_only=True); see checkpoint.py.
     allow_mmengine_checkpoints()
+    import os as _os
+
+    if _os.environ.get("TBD_OPS_MMCV_LITE", "0") == "1":
+        # mmcv-lite (no compiled ops), e.g. CPU runs of python -m tbd_ops.mmdet.train: tbd_ops.mmcv_lite.
+        from ..mmcv_lite import install as _install_mmcv_lite
+
+        _install_mmcv_lite()
     try:
         import mmdet.models  # noqa: F401
     except ModuleNotFoundError as e:
         if e.name != "mmcv._ext":
             raise
         raise ImportError("tbd_ops.mmdet: mmdet cannot import mmcv's compiled ops (mmcv._ext): install the full "
-                          "mmcv, or with mmcv-lite (no compiled ops, e.g. for CPU runs) call "
-                          "tbd_ops.mmcv_lite.install() before importing mmdet") from e
+                          "mmcv, or with mmcv-lite (no compiled ops, e.g. for CPU runs) set TBD_OPS_MMCV_LITE=1 or "
+                          "call tbd_ops.mmcv_lite.install() before importing mmdet") from e
     from .detector import TBDSingleStageDetector, TBDTwoStageDetector, coder_from_head  # noqa: F401  (registers)
     from .pseco import PredictionGuidedAssigner  # noqa: F401
     from .pseco_detector import PseCoDetector, RoIFocalLoss  # noqa: F401

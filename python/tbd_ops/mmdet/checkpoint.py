@@ -75,14 +75,24 @@ def _allowed_globals() -> list:
     return _ALLOWED
 
 
+def _weights_only_by_default() -> bool:
+    """torch >= 2.6: ``torch.load`` defaults to ``weights_only=True`` (and its allow-list takes
+    ``(object, "module.name")`` pairs); before, it unpickles anything and needs no allow-list."""
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 6)
+
+
 def allow_mmengine_checkpoints() -> None:
     """Lets ``torch.load(weights_only=True)`` read checkpoints written by mmengine's ``CheckpointHook``.
 
     Adds ``HistoryBuffer``, numpy arrays/dtypes/scalars and a ``getattr``
     restricted to ``HistoryBuffer``'s statistics methods to torch's allow-list
-    (``torch.serialization.add_safe_globals``); nothing else. Idempotent.
+    (``torch.serialization.add_safe_globals``); nothing else. Idempotent. With
+    torch < 2.6, whose ``torch.load`` does not default to weights-only loading,
+    it does nothing.
     """
-    torch.serialization.add_safe_globals(_allowed_globals())
+    if _weights_only_by_default():
+        torch.serialization.add_safe_globals(_allowed_globals())
 
 
 class CheckpointMismatchError(ValueError):

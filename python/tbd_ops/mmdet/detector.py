@@ -29,6 +29,7 @@ from mmdet.models.detectors.two_stage import TwoStageDetector
 from mmdet.models.utils import unpack_gt_instances
 from mmdet.registry import MODELS
 from mmdet.structures import SampleList
+from mmdet.structures.bbox import get_box_tensor
 
 from ..nn import HarmonyDistillationLoss, TaskDecoupledFeatureLoss, TaskWeightGenerator, TBDLoss
 from .teacher import InputConverter, build_teacher, coder_from_head, head_strides
@@ -54,6 +55,15 @@ def _outputs_of(module: nn.Module):
 
 def _clips(head: nn.Module) -> bool:
     return bool(getattr(getattr(head, "bbox_coder", None), "clip_border", True))
+
+
+def _prior_signature(generator) -> tuple:
+    """What decides the priors of a prior generator besides the feature sizes: the base anchors of
+    every level and the center offset (anchors), or the offset (points)."""
+    base = getattr(generator, "base_anchors", None)
+    anchors = tuple(tuple(round(float(v), 4) for v in a.flatten().tolist()) for a in base) if base is not None else None
+    return (type(generator).__name__, anchors, float(getattr(generator, "center_offset", 0.0)),
+            float(getattr(generator, "offset", 0.0)))
 
 
 def _num_classes(head: nn.Module) -> int:
@@ -133,6 +143,12 @@ class TBDDistillerMixin:
         if s_a != t_a:
             raise ValueError(f"{owner}: student and teacher heads must have the same priors per location, got "
                              f"{s_a} and {t_a}")
+        # The teacher's boxes are decoded on the student's priors: they must be the same anchors (sizes,
+        # ratios, scales, center offset) or points (offset), not only as many.
+        s_sig, t_sig = _prior_signature(s_head.prior_generator), _prior_signature(t_head.prior_generator)
+        if s_sig != t_sig:
+            raise ValueError(f"{owner}: student and teacher heads must have the same priors (anchor sizes, ratios, "
+                             f"scales and offsets), got {s_sig} and {t_sig}")
         s_c, t_c = _num_classes(s_head), _num_classes(t_head)
         if s_c != t_c and not allow_class_mismatch:
             raise ValueError(f"{owner}: student and teacher heads predict different numbers of classes ({s_c} and "
@@ -183,11 +199,15 @@ class TBDDistillerMixin:
                 raise ValueError(f"{type(self).__name__}: bbox_pred of level {l} has {b.shape[1]} channels, "
                                  f"TBD needs 4 per prior ({4 * head.num_base_priors}); {type(head).__name__} "
                                  "does not predict one box per prior")
+        # Boxes are decoded in float32 on float32 priors, as mmdet does, also when the head runs in
+        # float16/bfloat16 under autocast (16-bit anchors are off by pixels on large images).
+        bbox_preds = [b.float() for b in bbox_preds]
+        t_bbox_preds = [b.float() for b in t_outs[1]]
         sizes = [c.shape[-2:] for c in cls_scores]
-        priors = self._grid_priors(head, sizes, bbox_preds[0].dtype, bbox_preds[0].device)
-        gt_bboxes = [g.bboxes for g in batch_gt_instances]
+        priors = self._grid_priors(head, sizes, torch.float32, bbox_preds[0].device)
+        gt_bboxes = [get_box_tensor(g.bboxes).float() for g in batch_gt_instances]
         img_shapes = [tuple(m["img_shape"][:2]) for m in batch_img_metas] if self._clip_to_image else None
-        return self.tbd_loss(cls_scores, bbox_preds, list(feats), list(t_outs[0]), list(t_outs[1]), list(t_feats),
+        return self.tbd_loss(cls_scores, bbox_preds, list(feats), list(t_outs[0]), t_bbox_preds, list(t_feats),
                              priors, gt_bboxes, img_shapes)
 
     def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> Union[dict, list]:

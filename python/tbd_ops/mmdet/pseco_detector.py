@@ -224,6 +224,25 @@ class RoIFocalLoss(nn.Module):
         return self.loss_weight * loss
 
 
+def focal_prior_init(head: nn.Module, prior: float = 0.01) -> None:
+    """A sigmoid RoI classifier starts at the probability ``prior`` for every class (bias -4.6), as
+    RetinaNet's and the official PseCo's ``BBoxHead`` (``bias_prob=0.01``): mmdet's default (bias 0)
+    would score every class 0.5, and the teacher, a copy of the student at the start, would hand out
+    up to ``max_per_img`` random pseudo boxes per image until its classifier has moved. Changes the
+    ``Normal`` init of ``fc_cls`` in ``head.init_cfg`` (applied by ``init_weights()``) unless it sets
+    a bias itself."""
+    cfgs = head.init_cfg if isinstance(head.init_cfg, list) else [head.init_cfg] if head.init_cfg else []
+    out = []
+    for cfg in cfgs:
+        cfg = copy.deepcopy(cfg)
+        override = cfg.get("override") if isinstance(cfg, dict) else None
+        names = [o.get("name") for o in (override if isinstance(override, list) else [override] if override else [])]
+        if cfg.get("type") == "Normal" and names == ["fc_cls"] and "bias" not in cfg and "bias_prob" not in cfg:
+            cfg["bias_prob"] = float(prior)
+        out.append(cfg)
+    head.init_cfg = out
+
+
 # ---- the V1/V2 level scheme -------------------------------------------------------------------------
 _RPN_STRIDES = [8, 16, 32, 64, 128]
 
@@ -282,16 +301,19 @@ def project_boxes(boxes: Tensor, mats: Tensor, shapes: Tensor) -> Tensor:
     mmdet's ``bbox_project`` for a batch: the four corners are transformed and the
     enclosing axis-aligned box is clipped to ``[0, w] x [0, h]``.
     """
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    corners = torch.stack([torch.stack([x1, y1], -1), torch.stack([x2, y1], -1),
-                           torch.stack([x1, y2], -1), torch.stack([x2, y2], -1)], 1)  # [R, 4, 2]
-    corners = torch.cat([corners, corners.new_ones(corners.shape[:2] + (1,))], -1)
-    out = torch.matmul(corners, mats.transpose(1, 2))  # [R, 4, 3]
-    xy = out[..., :2] / out[..., 2:3]
-    lo, hi = xy.amin(1), xy.amax(1)
-    h, w = shapes[:, 0], shapes[:, 1]
-    return torch.stack([lo[:, 0].clamp(min=0).minimum(w), lo[:, 1].clamp(min=0).minimum(h),
-                        hi[:, 0].clamp(min=0).minimum(w), hi[:, 1].clamp(min=0).minimum(h)], -1)
+    # float32 also under autocast: matmul would run in float16/bfloat16 there, pixels off on large images.
+    with torch.autocast(boxes.device.type, enabled=False):
+        boxes, mats, shapes = boxes.float(), mats.float(), shapes.float()
+        x1, y1, x2, y2 = boxes.unbind(-1)
+        corners = torch.stack([torch.stack([x1, y1], -1), torch.stack([x2, y1], -1),
+                               torch.stack([x1, y2], -1), torch.stack([x2, y2], -1)], 1)  # [R, 4, 2]
+        corners = torch.cat([corners, corners.new_ones(corners.shape[:2] + (1,))], -1)
+        out = torch.matmul(corners, mats.transpose(1, 2))  # [R, 4, 3]
+        xy = out[..., :2] / out[..., 2:3]
+        lo, hi = xy.amin(1), xy.amax(1)
+        h, w = shapes[:, 0], shapes[:, 1]
+        return torch.stack([lo[:, 0].clamp(min=0).minimum(w), lo[:, 1].clamp(min=0).minimum(h),
+                            hi[:, 0].clamp(min=0).minimum(w), hi[:, 1].clamp(min=0).minimum(h)], -1)
 
 
 def _at_label(bbox_pred: Tensor, labels: Tensor, num_classes: int, agnostic: bool) -> Tensor:
@@ -339,6 +361,9 @@ class PseCoDetector(SemiBaseDetector):
         head = self.student.roi_head.bbox_head
         self.num_classes = int(head.num_classes)
         self.focal_head = isinstance(head.loss_cls, RoIFocalLoss)
+        if self.focal_head:
+            for model in (self.student, self.teacher):
+                focal_prior_init(model.roi_head.bbox_head)
 
     # ---- features --------------------------------------------------------------------------------
     @staticmethod

@@ -4,8 +4,10 @@
                                          [--cfg-options key=value ...] [--launcher pytorch]
 
 ``CONFIG`` is a path, or ``tbd_ops::<dir>/<file>.py`` for a config shipped with
-tbd_ops (``tbd/`` TBD distillers, ``pseco/`` PseCo); ``tbd_ops.mmdet`` is
-imported before the config is read, so its modules are registered either way.
+tbd_ops (``tbd/`` TBD distillers, ``pseco/`` PseCo; ``--list-configs`` prints them
+with their paths: a config of your own names one as ``_base_`` by its path, since
+mmengine resolves ``pkg::`` names only for OpenMMLab packages); ``tbd_ops.mmdet``
+is imported before the config is read, so its modules are registered either way.
 Distributed: ``torchrun --nproc-per-node 8 -m tbd_ops.mmdet.train CONFIG --launcher pytorch``.
 """
 import argparse
@@ -13,7 +15,7 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["config_path", "main"]
+__all__ = ["config_path", "shipped_configs", "main"]
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -23,9 +25,8 @@ def config_path(name: str) -> str:
     if name.startswith("tbd_ops::"):
         path = CONFIG_ROOT / name[len("tbd_ops::"):]
         if not path.is_file():
-            shipped = sorted(str(p.relative_to(CONFIG_ROOT)) for p in CONFIG_ROOT.glob("*/*.py"))
             raise FileNotFoundError(f"config {name!r}: tbd_ops ships no {path.relative_to(CONFIG_ROOT)}; "
-                                    f"shipped configs: {', '.join(shipped)}")
+                                    f"shipped configs: {', '.join(shipped_configs())}")
         return str(path)
     if not os.path.isfile(name):
         raise FileNotFoundError(f"config {name!r}: no such file")
@@ -36,7 +37,10 @@ def parse_args(argv: Optional[List[str]] = None):
     from mmengine.config import DictAction
 
     parser = argparse.ArgumentParser(prog="python -m tbd_ops.mmdet.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="config file path, or tbd_ops::<dir>/<file>.py for a shipped config")
+    parser.add_argument("config", nargs="?",
+                        help="config file path, or tbd_ops::<dir>/<file>.py for a shipped config")
+    parser.add_argument("--list-configs", action="store_true",
+                        help="print the shipped configs (tbd_ops::<dir>/<file>.py) and their paths, then exit")
     parser.add_argument("--work-dir", help="where logs and checkpoints go (default: ./work_dirs/<config name>)")
     parser.add_argument("--resume", nargs="?", type=str, const="auto",
                         help="resume from this checkpoint, or (no value) from the latest one in the work dir")
@@ -46,12 +50,24 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.config is None and not args.list_configs:
+        parser.error("the config is required (or --list-configs)")
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     return args
 
 
+def shipped_configs() -> List[str]:
+    """The ``tbd_ops::<dir>/<file>.py`` names of the configs shipped with tbd_ops."""
+    return sorted(f"tbd_ops::{p.relative_to(CONFIG_ROOT).as_posix()}" for p in CONFIG_ROOT.glob("*/*.py"))
+
+
 def main(argv: Optional[List[str]] = None):
     args = parse_args(argv)
+    if args.list_configs:
+        # A config of your own starts from one of these by its path: _base_ = "<path>"
+        for name in shipped_configs():
+            print(f"{name}  {config_path(name)}")
+        return None
     import tbd_ops.mmdet  # noqa: F401  (registers the detectors, losses and assigners)
     from mmengine.config import Config
     from mmengine.registry import RUNNERS

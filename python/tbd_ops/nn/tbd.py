@@ -165,7 +165,7 @@ class TaskDecoupledFeatureLoss(nn.Module):
         teacher_feats = _check_list("TaskDecoupledFeatureLoss: teacher_feats", teacher_feats, L)
         maps = [_check_list(f"TaskDecoupledFeatureLoss: {name}", m, L)
                 for name, m in (("pc_t", pc_t), ("pr_t", pr_t), ("pc_s", pc_s), ("pr_s", pr_s))]
-        total = None
+        teachers, adapted, masks, level_maps = [], [], [], []
         for l in range(L):
             fs, ft = student_feats[l], teacher_feats[l].detach()
             if fs.dim() != 4 or fs.shape[1] != self.in_channels:
@@ -182,13 +182,19 @@ class TaskDecoupledFeatureLoss(nn.Module):
                 if m.shape != (n, h, w):
                     raise ValueError(f"TaskDecoupledFeatureLoss: {name}[{l}] must be [{n}, {h}, {w}] (the feature "
                                      f"map of level {l}), got {tuple(m.shape)}")
-            adapted = self.adapters[l](fs)
-            acc = acc_dtype(adapted.dtype)
-            masks = torch.stack([_normalize_maps(lv[0].detach().to(acc)),
-                                 _normalize_maps(lv[1].detach().to(acc))], dim=1).to(adapted.dtype)
-            dist = tbd_ops.masked_sq_dist(ft.to(adapted.dtype), adapted, masks)  # [N, 2]
+            a = self.adapters[l](fs)
+            acc = acc_dtype(a.dtype)
+            masks.append(torch.stack([_normalize_maps(lv[0].detach().to(acc)),
+                                      _normalize_maps(lv[1].detach().to(acc))], dim=1).to(a.dtype))
+            teachers.append(ft.to(a.dtype))
+            adapted.append(a)
+            level_maps.append(lv)
+        # Every level in one call: [N, 2] per level (one launch sequence on CUDA).
+        dists = tbd_ops.masked_sq_dist(teachers, adapted, masks)
+        total = None
+        for dist, lv in zip(dists, level_maps):
             weights = self.task_weights(*lv, dtype=dist.dtype)
-            term = (weights * dist).sum(dim=1).sum() / max(n, 1)
+            term = (weights * dist).sum(dim=1).sum() / max(dist.shape[0], 1)
             total = term if total is None else total + term
         return total * self.loss_weight
 

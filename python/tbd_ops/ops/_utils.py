@@ -106,3 +106,8 @@ def input_grads(ctx, grads: Dict[int, Any]) -> tuple:
         else:
             out.append(g if need else None)
     return tuple(out)
+
+
+def same_dtype_and_device(tensors) -> bool:
+    """Whether the tensors share one dtype and one device (a list of levels one call can take)."""
+    return all(t.dtype == tensors[0].dtype and t.device == tensors[0].device for t in tensors)

@@ -3,7 +3,8 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import acc_dtype, check_tensor, input_grads, is_channels_last, levels, schema_defaults
+from ._utils import (acc_dtype, check_tensor, input_grads, is_channels_last, levels, same_dtype_and_device,
+                     schema_defaults)
 
 _OP = "channel_max_spatial_softmax"
 DEFAULTS = schema_defaults(_OP)  # temperature, scale_by_hw
@@ -26,10 +27,21 @@ def channel_max_spatial_softmax(
     Returns:
         ``[N, H, W]`` in the dtype of ``x`` (a list for list input). Only the
         argmax channel of each location receives gradient.
+
+    The levels of a list (of one dtype and device) are computed by one call,
+    on CUDA in the same kernel launches.
     """
     per_level, is_list = levels(_OP, ("x",), x)
     if is_list:
-        return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for (t,) in per_level]
+        xs = [t for (t,) in per_level]
+        for i, t in enumerate(xs):
+            check_tensor(_OP, f"x[{i}]", t)
+        if not xs:
+            return []
+        if not same_dtype_and_device(xs):
+            return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for t in xs]
+        return list(torch.ops.tbd_ops._channel_max_spatial_softmax_levels.default(
+            xs, float(temperature), bool(scale_by_hw))[0])
     check_tensor(_OP, "x", x)
     return torch.ops.tbd_ops.channel_max_spatial_softmax.default(x, float(temperature), bool(scale_by_hw))[0]
 
@@ -44,6 +56,12 @@ def _fake(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by
         x.new_empty((n, h, w), dtype=acc_dtype(x.dtype)),
         x.new_empty((n, h, w), dtype=torch.long),
     )
+
+
+@torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_levels")
+def _fake_levels(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by_hw"]):
+    outs = [_fake(t, temperature, scale_by_hw) for t in x]
+    return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
 
 
 @torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_backward")
@@ -76,3 +94,44 @@ def _backward(ctx, grad_out, _grad_log_p, _grad_argmax):
 
 
 torch.library.register_autograd("tbd_ops::channel_max_spatial_softmax", _backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_levels_backward")
+def _fake_backward_levels(grad, log_p, argmax, channels, temperature, scale_by_hw, channels_last):
+    return [_fake_backward(g, lp, am, k, temperature, scale_by_hw, cl)
+            for g, lp, am, k, cl in zip(grad, log_p, argmax, channels, channels_last)]
+
+
+def _setup_context_levels(ctx, inputs, output):
+    x, temperature, scale_by_hw = inputs
+    _, log_p, argmax = output
+    ctx.mark_non_differentiable(*log_p, *argmax)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*log_p, *argmax)
+    ctx.levels = len(x)
+    ctx.channels = [t.shape[1] for t in x]
+    ctx.temperature = temperature
+    ctx.scale_by_hw = scale_by_hw
+    ctx.channels_last = [is_channels_last(t) for t in x]
+
+
+def _backward_levels(ctx, grad_out, _grad_log_p, _grad_argmax):
+    L = ctx.levels
+    need = ctx.needs_input_grad[0]
+    need = list(need) if isinstance(need, (list, tuple)) else [need] * L
+    # The levels with an incoming gradient whose input needs one, in one call.
+    todo = [l for l in range(L) if grad_out is not None and grad_out[l] is not None and need[l]]
+    dx = [None] * L
+    if todo:
+        saved = ctx.saved_tensors
+        got = torch.ops.tbd_ops._channel_max_spatial_softmax_levels_backward.default(
+            [grad_out[l] for l in todo], [saved[l] for l in todo], [saved[L + l] for l in todo],
+            [ctx.channels[l] for l in todo], ctx.temperature, ctx.scale_by_hw,
+            [ctx.channels_last[l] for l in todo])
+        for l, g in zip(todo, got):
+            dx[l] = g
+    return input_grads(ctx, {0: dx})
+
+
+torch.library.register_autograd("tbd_ops::_channel_max_spatial_softmax_levels", _backward_levels,
+                                setup_context=_setup_context_levels)

@@ -1,14 +1,14 @@
 """PseCo multi-view scale consistency (SPEC 2.3) on the masked-L2 kernel.
 
 ``torch.ops.tbd_ops.scale_consistency_loss`` is a composite operator: it calls
-``masked_sq_dist`` once per aligned level pair, so autograd, the fake kernels,
-AMP and ``torch.compile`` come from that op.
+``masked_sq_dist`` once for all aligned level pairs (one launch sequence on
+CUDA), so autograd, the fake kernels, AMP and ``torch.compile`` come from that op.
 """
 from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ._utils import check_tensor, levels
+from ._utils import check_tensor, levels, same_dtype_and_device
 
 _OP = "scale_consistency_loss"
 
@@ -18,12 +18,17 @@ torch.library.define(
 
 @torch.library.impl("tbd_ops::scale_consistency_loss", "CompositeImplicitAutograd")
 def _scale_consistency_loss(feats_v1, feats_v2, mask):
-    total = None
-    for l, (f1, f2, m) in enumerate(zip(feats_v1, feats_v2, mask)):
+    masks = []
+    for f1, m in zip(feats_v1, mask):
         n, _, h, w = f1.shape
-        if m is None:
-            m = f1.new_ones(()).expand(n, 1, h, w)
-        d = torch.ops.tbd_ops.masked_sq_dist.default(f1, f2, m.to(f1.dtype))  # [N, 1]
+        masks.append(f1.new_ones(()).expand(n, 1, h, w) if m is None else m.to(f1.dtype))
+    if same_dtype_and_device(list(feats_v1)):
+        dists = torch.ops.tbd_ops._masked_sq_dist_levels.default(list(feats_v1), list(feats_v2), masks)[0]
+    else:
+        dists = [torch.ops.tbd_ops.masked_sq_dist.default(f1, f2, m) for f1, f2, m in zip(feats_v1, feats_v2, masks)]
+    total = None
+    for f1, d in zip(feats_v1, dists):  # d: [N, 1]
+        n, _, h, w = f1.shape
         term = d.sum() / (max(n, 1) * max(h * w, 1))
         total = term if total is None else total + term
     return total
