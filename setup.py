@@ -112,7 +112,6 @@ def build_extension():
     extra["cxx"] += build_fact_flags(torch.__version__, debug, nv, sass, ptx)
     if with_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*.cu"))
-        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*_glue.cpp"))
         extra["cxx"].append("-DTBD_OPS_WITH_CUDA")
         extra["nvcc"] = opt + ["-lineinfo", "-fmad=false", "-DTBD_OPS_WITH_CUDA"] + arch_flags(sass, ptx)
         ext = cpp_extension.CUDAExtension

@@ -25,6 +25,15 @@
 #define TBD_OPS_STR(x) TBD_OPS_STR2(x)
 #define TBD_OPS_LIB_NAME TBD_OPS_STR(TBD_OPS_LIB)
 
+// Whether this build registers the CUDA kernels: the extension built with them
+// (-DTBD_OPS_WITH_CUDA) or the test-only emulated build (-DTBD_OPS_CUDA_EMU).
+// Each csrc/<op>.cpp then ends with its CUDA registration (csrc/cuda_glue.h).
+#if defined(TBD_OPS_WITH_CUDA) || defined(TBD_OPS_CUDA_EMU)
+#define TBD_OPS_CUDA_GLUE 1
+#else
+#define TBD_OPS_CUDA_GLUE 0
+#endif
+
 namespace tbd_ops {
 
 constexpr double kIouEps = 1e-6;

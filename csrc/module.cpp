@@ -1,6 +1,6 @@
 // The Python module tbd_ops._C. Importing it loads the shared library, which
-// runs the static operator registrations of csrc/<op>.cpp, csrc/cpu/*.cpp and
-// cuda/<op>_glue.cpp: the ops themselves are dispatcher operators
+// runs the static operator registrations of csrc/<op>.cpp (with their CUDA
+// registrations in CUDA builds) and csrc/cpu/*.cpp: the ops themselves are dispatcher operators
 // (torch.ops.tbd_ops.*), which autograd, autocast, torch.compile and FX see.
 // This pybind11 module holds the rest of the native API, which is not an
 // operator: how this build was made.

@@ -290,14 +290,6 @@ cmss_scatter_kernel(CmssGradTable<T, A> t, A inv_t, const A* __restrict__ part) 
   }
 }
 
-template <typename F> void dispatch_split(ChannelSplit s, F&& f) {
-  switch (s) {
-    case ChannelSplit::kSerial: f(std::integral_constant<ChannelSplit, ChannelSplit::kSerial>{}); break;
-    case ChannelSplit::kWarpSplit: f(std::integral_constant<ChannelSplit, ChannelSplit::kWarpSplit>{}); break;
-    default: f(std::integral_constant<ChannelSplit, ChannelSplit::kLaneSplit>{}); break;
-  }
-}
-
 bool empty_level(int64_t N, int64_t H, int64_t W) { return N == 0 || H * W == 0; }
 
 // The split of a launch: lanes along channels when every level of the group

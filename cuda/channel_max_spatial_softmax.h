@@ -1,6 +1,6 @@
 // Host entry points of channel_max_spatial_softmax (p_c, SPEC 1.1). Plain C++
 // (no PyTorch, no CUDA headers): the registration glue
-// (cuda/channel_max_spatial_softmax_glue.cpp) validates and allocates, these
+// (csrc/channel_max_spatial_softmax.cpp) validates and allocates, these
 // launch on the given stream and never synchronize. Every level of a list is
 // done by the same launches (two for the forward, two for the backward, up to
 // kMaxLevels = 8 levels; one more pair per further 8).
@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "launchers.h"
+#include "dtype.h"
 
 namespace tbd_ops {
 namespace cuda {

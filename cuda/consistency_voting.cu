@@ -1,7 +1,7 @@
 // consistency_voting (SPEC 2.2): the whole batch in a fixed number of
 // launches, no host synchronization. The images travel concatenated; their
-// offsets are host metadata, passed as kernel parameters (kVotingChunk images
-// per launch).
+// offsets are host metadata, passed as kernel parameters (ImageChunk,
+// kChunkImages images per launch).
 //
 //   1. voting_sigma_kernel, one block per pseudo box j of image n: the threads
 //      scan the image's RoIs (strided), add IoU(pred_boxes[r], pseudo_boxes[j])
@@ -16,8 +16,6 @@
 //      ("pseco") or 1 ("paper").
 // A gt_inds value outside [0, M_n] (not checked on the host: that would
 // synchronize) counts as background: it is never used as an index.
-#include <algorithm>
-
 #include "common.cuh"
 #include "consistency_voting.h"
 #include "tbd_ops/box.h"
@@ -26,24 +24,22 @@ namespace tbd_ops {
 namespace cuda {
 namespace {
 
-struct VotingChunk {
-  int count;                        // images in the chunk
-  int64_t r_off[kVotingChunk + 1];  // RoI offsets (absolute)
-  int64_t m_off[kVotingChunk + 1];  // pseudo-box offsets (absolute)
-};
+// The RoI (table kR) and pseudo-box (table kM) offsets of a chunk of images.
+using VotingChunk = ImageChunk<2>;
+constexpr int kR = 0, kM = 1;
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
 voting_sigma_kernel(const T* __restrict__ boxes, int64_t bs0, int64_t bs1,
                     const int64_t* __restrict__ gt_inds, int64_t gs0, const T* __restrict__ gts,
                     VotingChunk chunk, A eps, A* __restrict__ sigma) {
-  const int64_t g = chunk.m_off[0] + blockIdx.x;
-  const int n = image_of(chunk.m_off, chunk.count, g);
-  const int64_t j = g - chunk.m_off[n];
+  const int64_t g = chunk.off[kM][0] + blockIdx.x;
+  const int n = image_of(chunk.off[kM], chunk.count, g);
+  const int64_t j = g - chunk.off[kM][n];
   const Box<A> gt = load_box<A>(gts, g, ToAcc());
   A sum = A(0);
   int64_t count = 0;
-  for (int64_t r = chunk.r_off[n] + threadIdx.x; r < chunk.r_off[n + 1]; r += kBlock) {
+  for (int64_t r = chunk.off[kR][n] + threadIdx.x; r < chunk.off[kR][n + 1]; r += kBlock) {
     if (gt_inds[r * gs0] != j + 1) continue;
     sum += box_iou(load_box<A>(boxes, r, bs0, bs1, ToAcc()), gt, eps);
     ++count;
@@ -58,10 +54,10 @@ __global__ void __launch_bounds__(kBlock)
 voting_weight_kernel(const int64_t* __restrict__ gt_inds, int64_t gs0, VotingChunk chunk,
                      VotingMode mode, const A* __restrict__ sigma, A* __restrict__ w,
                      A* __restrict__ sigma_r) {
-  const int64_t r = chunk.r_off[0] + blockIdx.x * int64_t(kBlock) + threadIdx.x;
-  if (r >= chunk.r_off[chunk.count]) return;
-  const int n = image_of(chunk.r_off, chunk.count, r);
-  const int64_t m0 = chunk.m_off[n], M = chunk.m_off[n + 1] - m0;
+  const int64_t r = chunk.off[kR][0] + blockIdx.x * int64_t(kBlock) + threadIdx.x;
+  if (r >= chunk.off[kR][chunk.count]) return;
+  const int n = image_of(chunk.off[kR], chunk.count, r);
+  const int64_t m0 = chunk.off[kM][n], M = chunk.off[kM][n + 1] - m0;
   const int64_t gt = gt_inds[r * gs0];
   if (voting_positive(gt, M)) {
     const A s = sigma[m0 + gt - 1];
@@ -100,15 +96,10 @@ void consistency_voting(DType dt, const VotingArgs& a, void* sigma, void* w, voi
     A* ps = static_cast<A*>(sigma);
     A* pw = static_cast<A*>(w);
     A* psr = static_cast<A*>(sigma_r);
-    for (int64_t n0 = 0; n0 < a.N; n0 += kVotingChunk) {
-      VotingChunk c;
-      c.count = static_cast<int>(std::min<int64_t>(kVotingChunk, a.N - n0));
-      for (int i = 0; i <= c.count; ++i) {
-        c.r_off[i] = a.r_offsets[n0 + i];
-        c.m_off[i] = a.m_offsets[n0 + i];
-      }
-      const int64_t chunk_m = c.m_off[c.count] - c.m_off[0];
-      const int64_t chunk_r = c.r_off[c.count] - c.r_off[0];
+    const int64_t* const tables[2] = {a.r_offsets, a.m_offsets};
+    for_each_offset_chunk<2>(a.N, tables, [&](const VotingChunk& c) {
+      const int64_t chunk_m = c.off[kM][c.count] - c.off[kM][0];
+      const int64_t chunk_r = c.off[kR][c.count] - c.off[kR][0];
       if (chunk_m > 0) {
         launch_kernel((voting_sigma_kernel<T, A>), dim3(static_cast<unsigned>(chunk_m)), kBlock, 0,
                       s, static_cast<const T*>(a.pred_boxes), a.bs0, a.bs1, a.gt_inds, a.gs0,
@@ -119,7 +110,7 @@ void consistency_voting(DType dt, const VotingArgs& a, void* sigma, void* w, voi
                       dim3(static_cast<unsigned>(ceil_div(chunk_r, kBlock))), kBlock, 0, s,
                       a.gt_inds, a.gs0, c, a.mode, static_cast<const A*>(ps), pw, psr);
       }
-    }
+    });
     launch_kernel((voting_scale_kernel<A>), dim3(1), kBlock, 0, s, static_cast<const A*>(psr), R,
                   a.mode, static_cast<A*>(reg_scale));
   });

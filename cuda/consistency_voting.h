@@ -6,7 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "launchers.h"
+#include "dtype.h"
 #include "tbd_ops/voting.h"
 
 namespace tbd_ops {
@@ -24,10 +24,6 @@ struct VotingArgs {
   double eps;                 // of the IoU
   VotingMode mode;
 };
-
-// Images per launch of the per-image kernels (their offsets travel as kernel
-// parameters); larger batches take several launches.
-constexpr int kVotingChunk = 64;
 
 // Writes sigma ([M]), w ([R]) and reg_scale (one value), all contiguous in the
 // accumulation dtype (float, or double for kDouble); `sigma_r` is scratch of R

@@ -2,8 +2,8 @@
 // ground truths, which are staged in shared memory tile by tile. Memory is
 // O(P + G): the P x G IoU matrix never exists.
 //
-// Ground-truth offsets travel as kernel parameters (chunks of up to
-// kChunk images), so nothing is copied or synchronized with the host and the
+// Ground-truth offsets travel as kernel parameters (ImageChunk, up to
+// kChunkImages images per launch), so nothing is copied or synchronized with the host and the
 // launches can be captured in a CUDA graph. Per-image clip shapes ([N, 2]) are
 // read by the kernels from device memory, for the same reason.
 //
@@ -15,9 +15,8 @@
 //     ground-truth row it matched, a stable radix sort groups the predictions
 //     by row (in increasing prediction order), and one block per row sums its
 //     segment in a fixed order.
-#include <algorithm>
-
 #include "common.cuh"
+#include "decode_max_iou.h"
 #include "tbd_ops/argmax.h"
 #include "tbd_ops/box.h"
 #include "tbd_ops/layout.h"
@@ -26,14 +25,10 @@ namespace tbd_ops {
 namespace cuda {
 namespace {
 
-constexpr int kChunk = 64;     // images per launch
 constexpr int kTile = 1024;    // ground-truth boxes per shared-memory tile (dynamic)
 
-struct ImageChunk {
-  int64_t n0;                 // first image of the chunk
-  int count;                  // images in the chunk
-  int64_t off[kChunk + 1];    // ground-truth offsets (absolute rows of gts)
-};
+// The ground-truth offsets (absolute rows of gts) of a chunk of images.
+using GtChunk = ImageChunk<1>;
 
 template <typename T, typename A>
 __device__ __forceinline__ Box<A> decode_at(const T* pred, const PredLayout& pl, const T* priors,
@@ -48,15 +43,15 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
 decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __restrict__ priors,
                           int64_t ps0, int64_t ps1, int pdim, const T* __restrict__ gts,
-                          ImageChunk chunk, int64_t P, CoderParams<A> cp,
+                          GtChunk chunk, int64_t P, CoderParams<A> cp,
                           const A* __restrict__ shapes, A eps, T* __restrict__ iou,
                           int64_t* __restrict__ arg) {
   Box<A>* tile = dynamic_smem<Box<A>>();  // kTile boxes
   const int64_t n = chunk.n0 + blockIdx.y;
   const int64_t p = blockIdx.x * int64_t(kBlock) + threadIdx.x;
   const bool active = p < P;
-  const int64_t g0 = chunk.off[blockIdx.y];
-  const int64_t G = chunk.off[blockIdx.y + 1] - g0;
+  const int64_t g0 = chunk.off[0][blockIdx.y];
+  const int64_t G = chunk.off[0][blockIdx.y + 1] - g0;
   Box<A> b{};
   if (active) {
     A d[4], r[4];
@@ -87,7 +82,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
 decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __restrict__ priors,
                           int64_t ps0, int64_t ps1, int pdim, const T* __restrict__ gts,
-                          ImageChunk chunk, int64_t P, CoderParams<A> cp,
+                          GtChunk chunk, int64_t P, CoderParams<A> cp,
                           const A* __restrict__ shapes, A eps, const T* __restrict__ grad,
                           int64_t gs0, int64_t gs1, const int64_t* __restrict__ arg,
                           T* __restrict__ grad_pred,
@@ -103,12 +98,12 @@ decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
     const int64_t n = chunk.n0 + i;
     const int64_t a = arg[n * P + p];
     A dp[4] = {A(0), A(0), A(0), A(0)};
-    if (a >= 0 && a < chunk.off[i + 1] - chunk.off[i]) {
+    if (a >= 0 && a < chunk.off[0][i + 1] - chunk.off[0][i]) {
       A d[4], r[4], dr[4] = {A(0), A(0), A(0), A(0)};
       const CoderParams<A> cpn = image_params(cp, shapes, n);
       const Box<A> b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, cpn, d, r);
       Box<A> gb, gg;
-      box_iou_backward(b, load_box<A>(gts, chunk.off[i] + a, ToAcc()), eps,
+      box_iou_backward(b, load_box<A>(gts, chunk.off[0][i] + a, ToAcc()), eps,
                        to_acc(grad[n * gs0 + p * gs1]), gb, gg);
       decode_box_backward(d, r, cpn, gb, dp, grad_priors ? dr : nullptr);
       for (int k = 0; k < 4; ++k) acc[k] += dr[k];
@@ -132,15 +127,15 @@ decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
 // key[n*P + p] = row of gts matched by prediction (n, p), or `none` (sorts
 // last) when it matched nothing; val = n*P + p.
 __global__ void __launch_bounds__(kBlock)
-decode_max_iou_gt_keys_kernel(ImageChunk chunk, int64_t P, const int64_t* __restrict__ arg,
+decode_max_iou_gt_keys_kernel(GtChunk chunk, int64_t P, const int64_t* __restrict__ arg,
                               int32_t none, int32_t* __restrict__ keys,
                               int64_t* __restrict__ vals) {
   const int64_t p = blockIdx.x * int64_t(kBlock) + threadIdx.x;
   if (p >= P) return;
   const int64_t n = chunk.n0 + blockIdx.y;
-  const int64_t g0 = chunk.off[blockIdx.y];
+  const int64_t g0 = chunk.off[0][blockIdx.y];
   const int64_t a = arg[n * P + p];
-  const bool hit = a >= 0 && a < chunk.off[blockIdx.y + 1] - g0;
+  const bool hit = a >= 0 && a < chunk.off[0][blockIdx.y + 1] - g0;
   keys[n * P + p] = hit ? static_cast<int32_t>(g0 + a) : none;
   vals[n * P + p] = n * P + p;
 }
@@ -188,49 +183,31 @@ decode_max_iou_bwd_gt_kernel(const T* __restrict__ pred, PredLayout pl,
 }
 
 template <typename F> void for_each_chunk(const DecodeIouArgs& a, F&& f) {
-  for (int64_t n0 = 0; n0 < a.N; n0 += kChunk) {
-    ImageChunk c;
-    c.n0 = n0;
-    c.count = static_cast<int>(std::min<int64_t>(kChunk, a.N - n0));
-    for (int i = 0; i <= c.count; ++i) c.off[i] = a.gt_offsets[n0 + i];
-    f(c);
-  }
+  const int64_t* const tables[1] = {a.gt_offsets};
+  for_each_offset_chunk<1>(a.N, tables, f);
 }
 
-int bits_for(int64_t v) {
-  int b = 1;
-  while (b < 31 && (int64_t(1) << b) <= v) ++b;
-  return b;
-}
-
-size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
-
-// Workspace layout of the backward: prior accumulators, then the sort's
-// keys/values (in and out) and its temporary storage.
+// Workspace layout of the backward: prior accumulators (when the images take
+// more than one chunk), then the sort's keys/values (in and out) and its
+// temporary storage.
 struct BackwardWorkspace {
   size_t prior_acc = 0, keys_in = 0, keys_out = 0, vals_in = 0, vals_out = 0, temp = 0;
   size_t temp_bytes = 0, total = 0;
   BackwardWorkspace(DType dt, int64_t N, int64_t P, int prior_dim, int64_t total_g,
                     bool want_priors, bool want_gts) {
     const size_t acc = dt == DType::kDouble ? sizeof(double) : sizeof(float);
-    size_t o = 0;
-    prior_acc = o;
-    if (want_priors && N > kChunk) o += align_up(acc * P * prior_dim);
+    WorkspaceLayout w;
+    if (want_priors && N > kChunkImages) prior_acc = w.take(acc * P * prior_dim);
     if (want_gts && total_g > 0 && N * P > 0) {
       const int64_t np = N * P;
-      keys_in = o;
-      o += align_up(sizeof(int32_t) * np);
-      keys_out = o;
-      o += align_up(sizeof(int32_t) * np);
-      vals_in = o;
-      o += align_up(sizeof(int64_t) * np);
-      vals_out = o;
-      o += align_up(sizeof(int64_t) * np);
-      temp = o;
+      keys_in = w.take_array<int32_t>(np);
+      keys_out = w.take_array<int32_t>(np);
+      vals_in = w.take_array<int64_t>(np);
+      vals_out = w.take_array<int64_t>(np);
       temp_bytes = sort_pairs_temp_bytes(np, bits_for(total_g));
-      o += align_up(temp_bytes);
+      temp = w.take(temp_bytes);
     }
-    total = o;
+    total = w.total();
   }
 };
 
@@ -245,7 +222,7 @@ void decode_max_iou_forward(DType dt, const DecodeIouArgs& a, void* iou, int64_t
     using A = acc_t<T>;
     const CoderParams<A> cp = cast_params<A>(a.params);
     const A* shapes = static_cast<const A*>(a.max_shapes);
-    for_each_chunk(a, [&](const ImageChunk& c) {
+    for_each_chunk(a, [&](const GtChunk& c) {
       const dim3 grid(static_cast<unsigned>(ceil_div(a.P, kBlock)), static_cast<unsigned>(c.count));
       launch_kernel((decode_max_iou_fwd_kernel<T, A>), grid, kBlock, kTile * sizeof(Box<A>), s,
                     static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors),
@@ -269,7 +246,6 @@ void decode_max_iou_backward(DType dt, const DecodeIouArgs& a, const void* grad_
   const int64_t total_g = a.gt_offsets[a.N];
   const BackwardWorkspace ws(dt, a.N, a.P, a.prior_dim, total_g, grad_priors != nullptr,
                              grad_gts != nullptr);
-  char* wsp = static_cast<char*>(workspace);
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -284,8 +260,8 @@ void decode_max_iou_backward(DType dt, const DecodeIouArgs& a, const void* grad_
     if (a.P == 0 || a.N == 0) return;
     const unsigned pblocks = static_cast<unsigned>(ceil_div(a.P, kBlock));
     if (grad_pred || grad_priors) {
-      A* prior_acc = reinterpret_cast<A*>(wsp + ws.prior_acc);
-      for_each_chunk(a, [&](const ImageChunk& c) {
+      A* prior_acc = workspace_at<A>(workspace, ws.prior_acc);
+      for_each_chunk(a, [&](const GtChunk& c) {
         launch_kernel((decode_max_iou_bwd_kernel<T, A>), dim3(pblocks), kBlock, 0, s,
                       static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors),
                       a.prior_s0, a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P,
@@ -297,15 +273,15 @@ void decode_max_iou_backward(DType dt, const DecodeIouArgs& a, const void* grad_
     }
     if (grad_gts && total_g > 0) {
       const int64_t np = a.N * a.P;
-      int32_t* keys_in = reinterpret_cast<int32_t*>(wsp + ws.keys_in);
-      int32_t* keys_out = reinterpret_cast<int32_t*>(wsp + ws.keys_out);
-      int64_t* vals_in = reinterpret_cast<int64_t*>(wsp + ws.vals_in);
-      int64_t* vals_out = reinterpret_cast<int64_t*>(wsp + ws.vals_out);
-      for_each_chunk(a, [&](const ImageChunk& c) {
+      int32_t* keys_in = workspace_at<int32_t>(workspace, ws.keys_in);
+      int32_t* keys_out = workspace_at<int32_t>(workspace, ws.keys_out);
+      int64_t* vals_in = workspace_at<int64_t>(workspace, ws.vals_in);
+      int64_t* vals_out = workspace_at<int64_t>(workspace, ws.vals_out);
+      for_each_chunk(a, [&](const GtChunk& c) {
         launch_kernel(decode_max_iou_gt_keys_kernel, dim3(pblocks, static_cast<unsigned>(c.count)),
                       kBlock, 0, s, c, a.P, arg, static_cast<int32_t>(total_g), keys_in, vals_in);
       });
-      sort_pairs(keys_in, keys_out, vals_in, vals_out, np, bits_for(total_g), wsp + ws.temp,
+      sort_pairs(keys_in, keys_out, vals_in, vals_out, np, bits_for(total_g), workspace_at<char>(workspace, ws.temp),
                  ws.temp_bytes, s);
       launch_kernel((decode_max_iou_bwd_gt_kernel<T, A>), dim3(static_cast<unsigned>(total_g)),
                     kBlock, 0, s, static_cast<const T*>(a.pred), a.pl,

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "launchers.h"
+#include "dtype.h"
 
 namespace tbd_ops {
 namespace cuda {

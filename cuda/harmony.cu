@@ -26,12 +26,6 @@ namespace tbd_ops {
 namespace cuda {
 namespace {
 
-constexpr int64_t kMaxBlocksElementwise = 1 << 16;
-
-int64_t elementwise_blocks(int64_t units) {
-  const int64_t b = ceil_div(units, kBlock);
-  return b < 1 ? 1 : (b > kMaxBlocksElementwise ? kMaxBlocksElementwise : b);
-}
 
 // ---- harmony_score ----------------------------------------------------------------
 
@@ -296,14 +290,6 @@ template <typename T, typename F> void for_each_group(const HarmonyArgs& a, F&& 
   }
 }
 
-template <typename F> void dispatch_mode(HarmonyMode mode, F&& f) {
-  switch (mode) {
-    case HarmonyMode::kIouGuided: f(std::integral_constant<HarmonyMode, HarmonyMode::kIouGuided>{}); break;
-    case HarmonyMode::kPlain: f(std::integral_constant<HarmonyMode, HarmonyMode::kPlain>{}); break;
-    default: throw std::invalid_argument("tbd_ops: unknown harmony distillation mode");
-  }
-}
-
 }  // namespace
 
 void harmony_score_forward(DType dt, const NdShape& shape, const void* p_c, const NdStrides& cs,
@@ -313,7 +299,7 @@ void harmony_score_forward(DType dt, const NdShape& shape, const void* p_c, cons
   if (numel == 0) return;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool flat = is_flat(shape, cs) && is_flat(shape, rs) && is_flat(shape, os);
-  const dim3 grid(static_cast<unsigned>(elementwise_blocks(numel)));
+  const dim3 grid(static_cast<unsigned>(grid_blocks(numel, kMaxBlocksElementwise)));
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* pc = static_cast<const T*>(p_c);
@@ -338,9 +324,10 @@ void harmony_score_backward(DType dt, const NdShape& shape, const void* grad, co
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_kernel((harmony_score_grad_kernel<T>), dim3(static_cast<unsigned>(elementwise_blocks(numel))),
-                  kBlock, 0, st, shape, numel, static_cast<const T*>(grad), gs,
-                  static_cast<const T*>(p_c), cs, static_cast<const T*>(p_r), rs,
+    const dim3 grid(static_cast<unsigned>(grid_blocks(numel, kMaxBlocksElementwise)));
+    launch_kernel((harmony_score_grad_kernel<T>), grid, kBlock, 0, st, shape, numel,
+                  static_cast<const T*>(grad), gs, static_cast<const T*>(p_c), cs,
+                  static_cast<const T*>(p_r), rs,
                   static_cast<T*>(grad_p_c), gcs, static_cast<T*>(grad_p_r), grs);
   });
 }
@@ -356,7 +343,7 @@ void harmony_loss_forward(DType dt, const HarmonyArgs& a, void* loss, void* norm
                           void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int64_t pairs2 = harmony_loss_workspace(a) - a.L * a.N;
-  dispatch_mode(a.mode, [&](auto mtag) {
+  dispatch_harmony_mode(a.mode, [&](auto mtag) {
     constexpr HarmonyMode M = decltype(mtag)::value;
     dispatch_dtype(dt, [&](auto tag) {
       using T = typename decltype(tag)::type;
@@ -379,7 +366,7 @@ void harmony_loss_forward(DType dt, const HarmonyArgs& a, void* loss, void* norm
 void harmony_loss_backward(DType dt, const HarmonyArgs& a, const void* grad, const void* norm,
                            int64_t ns0, int64_t ns1, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  dispatch_mode(a.mode, [&](auto mtag) {
+  dispatch_harmony_mode(a.mode, [&](auto mtag) {
     constexpr HarmonyMode M = decltype(mtag)::value;
     dispatch_dtype(dt, [&](auto tag) {
       using T = typename decltype(tag)::type;

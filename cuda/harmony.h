@@ -1,12 +1,12 @@
 // Host entry points of the harmony family (harmony_score,
 // harmony_distillation_loss; SPEC 1.3, 1.4). Plain C++ (no PyTorch, no CUDA
-// headers): the registration glue (cuda/harmony_glue.cpp) validates and
+// headers): the registration glue (csrc/harmony.cpp) validates and
 // allocates, these launch on the given stream and never synchronize.
 #pragma once
 
 #include <cstdint>
 
-#include "launchers.h"
+#include "dtype.h"
 #include "tbd_ops/harmony.h"
 
 namespace tbd_ops {

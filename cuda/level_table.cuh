@@ -14,6 +14,7 @@
 #include <stdexcept>
 
 #include "common.cuh"
+#include "tbd_ops/dispatch.h"
 
 namespace tbd_ops {
 namespace cuda {
@@ -60,6 +61,11 @@ struct LevelBlocks {
 //               8 consecutive channels (coalesced in channels_last); the groups
 //               meet by warp shuffles; a block takes 32 locations.
 enum class ChannelSplit : int { kSerial = 0, kWarpSplit = 1, kLaneSplit = 2 };
+
+// f(std::integral_constant<ChannelSplit, split>{}) for the code of each variant.
+template <typename F> void dispatch_split(ChannelSplit split, F&& f) {
+  dispatch_mode<ChannelSplit::kSerial, ChannelSplit::kWarpSplit, ChannelSplit::kLaneSplit>(split, f);
+}
 
 constexpr int kGroups = 8;            // channel groups of a location
 constexpr int kSplitLocations = 32;   // locations per block of the split variants

@@ -266,22 +266,6 @@ masked_grad_kernel(MaskedGradTable<T, A> t) {
   }
 }
 
-template <typename F> void dispatch_mode(MaskedMode mode, F&& f) {
-  switch (mode) {
-    case MaskedMode::kSqDist: f(std::integral_constant<MaskedMode, MaskedMode::kSqDist>{}); break;
-    case MaskedMode::kL1: f(std::integral_constant<MaskedMode, MaskedMode::kL1>{}); break;
-    default: throw std::invalid_argument("tbd_ops: unknown masked reduction");
-  }
-}
-
-template <typename F> void dispatch_split(ChannelSplit s, F&& f) {
-  switch (s) {
-    case ChannelSplit::kSerial: f(std::integral_constant<ChannelSplit, ChannelSplit::kSerial>{}); break;
-    case ChannelSplit::kWarpSplit: f(std::integral_constant<ChannelSplit, ChannelSplit::kWarpSplit>{}); break;
-    default: f(std::integral_constant<ChannelSplit, ChannelSplit::kLaneSplit>{}); break;
-  }
-}
-
 bool has_work(const MaskedLevel& v) { return v.N > 0 && v.H * v.W > 0; }
 
 // Sizes the kernels index with 32 bits (a level's H*W locations, C, K).
@@ -355,7 +339,7 @@ void masked_reduce_forward(MaskedMode mode, DType dt, const MaskedLevel* levels,
                            void* workspace, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int64_t locations = locations_of(levels, L);
-  dispatch_mode(mode, [&](auto mtag) {
+  dispatch_masked_mode(mode, [&](auto mtag) {
     constexpr MaskedMode M = decltype(mtag)::value;
     dispatch_dtype(dt, [&](auto tag) {
       using T = typename decltype(tag)::type;
@@ -411,7 +395,7 @@ void masked_reduce_backward(MaskedMode mode, DType dt, const MaskedLevel* levels
   }
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int64_t locations = locations_of(levels, L);
-  dispatch_mode(mode, [&](auto mtag) {
+  dispatch_masked_mode(mode, [&](auto mtag) {
     constexpr MaskedMode M = decltype(mtag)::value;
     dispatch_dtype(dt, [&](auto tag) {
       using T = typename decltype(tag)::type;

@@ -1,6 +1,6 @@
 // Host entry points of the masked reductions (masked_sq_dist, masked_l1;
 // SPEC 1.5). Plain C++ (no PyTorch, no CUDA headers): the registration glue
-// (cuda/masked_reduce_glue.cpp) validates and allocates, these launch on the
+// (csrc/masked_reduce.cpp) validates and allocates, these launch on the
 // given stream and never synchronize. Every level of a list is done by the
 // same launches (two for the forward, one for the backward, up to kMaxLevels =
 // 8 levels; as many more per further 8).
@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "launchers.h"
+#include "dtype.h"
 #include "tbd_ops/masked_reduce.h"
 
 namespace tbd_ops {

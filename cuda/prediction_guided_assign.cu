@@ -17,7 +17,6 @@
 //      first min(|bag|, topk) of them exactly (BagSum of tbd_ops/assign.h, as
 //      the CPU kernel) and k = max(1, floor(sum)); members of q-rank < k
 //      become positives when valid.
-#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -31,15 +30,12 @@ namespace tbd_ops {
 namespace cuda {
 namespace {
 
-constexpr int kChunk = 64;  // images per launch of the match kernel
 // Tiles of more bytes opt in to more than 48 KiB of shared memory per block.
 constexpr size_t kSelectNoOptInSmem = 32 * 1024;
 
-struct AssignChunk {
-  int count;                   // images in the chunk
-  int64_t p_off[kChunk + 1];   // proposal offsets (absolute)
-  int64_t m_off[kChunk + 1];   // pseudo-box offsets (absolute)
-};
+// The proposal (table kP) and pseudo-box (table kM) offsets of a chunk of images.
+using AssignChunk = ImageChunk<2>;
+constexpr int kP = 0, kM = 1;
 
 template <typename A> struct Member {
   A u, q;
@@ -55,10 +51,10 @@ assign_match_kernel(const T* __restrict__ boxes, int64_t bs0, int64_t bs1,
                     int64_t* __restrict__ gt_inds, T* __restrict__ q_out, A* __restrict__ u_buf,
                     A* __restrict__ q_buf, int32_t* __restrict__ jloc, int32_t* __restrict__ keys,
                     int64_t* __restrict__ vals) {
-  const int64_t p = chunk.p_off[0] + blockIdx.x * int64_t(kBlock) + threadIdx.x;
-  if (p >= chunk.p_off[chunk.count]) return;
-  const int lo = image_of(chunk.p_off, chunk.count, p);
-  const int64_t g0 = chunk.m_off[lo], M = chunk.m_off[lo + 1] - g0;
+  const int64_t p = chunk.off[kP][0] + blockIdx.x * int64_t(kBlock) + threadIdx.x;
+  if (p >= chunk.off[kP][chunk.count]) return;
+  const int lo = image_of(chunk.off[kP], chunk.count, p);
+  const int64_t g0 = chunk.off[kM][lo], M = chunk.off[kM][lo + 1] - g0;
   const Box<A> box = load_box<A>(boxes, p, bs0, bs1, ToAcc());
   ArgMax<A> best = argmax_empty<A>();
   for (int64_t j = 0; j < M; ++j) {
@@ -162,40 +158,27 @@ assign_select_kernel(const int32_t* __restrict__ keys, const int64_t* __restrict
   }
 }
 
-int bits_for(int64_t v) {
-  int b = 1;
-  while (b < 31 && (int64_t(1) << b) <= v) ++b;
-  return b;
-}
-
-size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
-
 struct AssignWorkspace {
   size_t u = 0, q = 0, sorted_u = 0, jloc = 0, keys_in = 0, keys_out = 0, vals_in = 0,
          vals_out = 0, qrank = 0, temp = 0, temp_bytes = 0, total = 0;
   AssignWorkspace(DType dt, int64_t P, int64_t M) {
     if (P == 0) return;
     const size_t acc = dt == DType::kDouble ? sizeof(double) : sizeof(float);
-    size_t o = 0;
-    auto take = [&](size_t bytes) {
-      const size_t at = o;
-      o += align_up(bytes);
-      return at;
-    };
-    u = take(acc * P);
-    q = take(acc * P);
-    sorted_u = take(acc * P);
-    jloc = take(sizeof(int32_t) * P);
-    keys_in = take(sizeof(int32_t) * P);
-    keys_out = take(sizeof(int32_t) * P);
-    vals_in = take(sizeof(int64_t) * P);
-    vals_out = take(sizeof(int64_t) * P);
-    qrank = take(sizeof(int32_t) * P);
+    WorkspaceLayout w;
+    u = w.take(acc * P);
+    q = w.take(acc * P);
+    sorted_u = w.take(acc * P);
+    jloc = w.take_array<int32_t>(P);
+    keys_in = w.take_array<int32_t>(P);
+    keys_out = w.take_array<int32_t>(P);
+    vals_in = w.take_array<int64_t>(P);
+    vals_out = w.take_array<int64_t>(P);
+    qrank = w.take_array<int32_t>(P);
     if (M > 0) {
       temp_bytes = sort_pairs_temp_bytes(P, bits_for(M));
-      temp = take(temp_bytes);
+      temp = w.take(temp_bytes);
     }
-    total = o;
+    total = w.total();
   }
 };
 
@@ -217,28 +200,22 @@ void prediction_guided_assign(DType dt, const AssignArgs& a, int64_t* gt_inds, v
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const AssignWorkspace ws(dt, P, M);
-  char* w = static_cast<char*>(workspace);
-  int32_t* jloc = reinterpret_cast<int32_t*>(w + ws.jloc);
-  int32_t* keys_in = reinterpret_cast<int32_t*>(w + ws.keys_in);
-  int32_t* keys_out = reinterpret_cast<int32_t*>(w + ws.keys_out);
-  int64_t* vals_in = reinterpret_cast<int64_t*>(w + ws.vals_in);
-  int64_t* vals_out = reinterpret_cast<int64_t*>(w + ws.vals_out);
-  int32_t* qrank = reinterpret_cast<int32_t*>(w + ws.qrank);
+  int32_t* jloc = workspace_at<int32_t>(workspace, ws.jloc);
+  int32_t* keys_in = workspace_at<int32_t>(workspace, ws.keys_in);
+  int32_t* keys_out = workspace_at<int32_t>(workspace, ws.keys_out);
+  int64_t* vals_in = workspace_at<int64_t>(workspace, ws.vals_in);
+  int64_t* vals_out = workspace_at<int64_t>(workspace, ws.vals_out);
+  int32_t* qrank = workspace_at<int32_t>(workspace, ws.qrank);
+  const int64_t* const tables[2] = {a.p_offsets, a.m_offsets};
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    A* u_buf = reinterpret_cast<A*>(w + ws.u);
-    A* q_buf = reinterpret_cast<A*>(w + ws.q);
-    A* sorted_u = reinterpret_cast<A*>(w + ws.sorted_u);
-    for (int64_t n0 = 0; n0 < a.N; n0 += kChunk) {
-      AssignChunk c;
-      c.count = static_cast<int>(std::min<int64_t>(kChunk, a.N - n0));
-      for (int i = 0; i <= c.count; ++i) {
-        c.p_off[i] = a.p_offsets[n0 + i];
-        c.m_off[i] = a.m_offsets[n0 + i];
-      }
-      const int64_t chunk_p = c.p_off[c.count] - c.p_off[0];
-      if (chunk_p == 0) continue;
+    A* u_buf = workspace_at<A>(workspace, ws.u);
+    A* q_buf = workspace_at<A>(workspace, ws.q);
+    A* sorted_u = workspace_at<A>(workspace, ws.sorted_u);
+    for_each_offset_chunk<2>(a.N, tables, [&](const AssignChunk& c) {
+      const int64_t chunk_p = c.off[kP][c.count] - c.off[kP][0];
+      if (chunk_p == 0) return;
       launch_kernel((assign_match_kernel<T, A>), dim3(static_cast<unsigned>(ceil_div(chunk_p, kBlock))),
                     kBlock, 0, s, static_cast<const T*>(a.boxes), a.bs0, a.bs1,
                     static_cast<const T*>(a.scores), a.ss0, a.ss1, a.C,
@@ -246,10 +223,10 @@ void prediction_guided_assign(DType dt, const AssignArgs& a, int64_t* gt_inds, v
                     static_cast<A>(a.eps), static_cast<A>(a.iou_thr), a.alpha, 1.0 - a.alpha,
                     static_cast<int32_t>(M), gt_inds, static_cast<T*>(q), u_buf, q_buf, jloc,
                     keys_in, vals_in);
-    }
+    });
     if (M == 0) return;
-    sort_pairs(keys_in, keys_out, vals_in, vals_out, P, bits_for(M), w + ws.temp, ws.temp_bytes,
-               s);
+    sort_pairs(keys_in, keys_out, vals_in, vals_out, P, bits_for(M),
+               workspace_at<char>(workspace, ws.temp), ws.temp_bytes, s);
     const size_t smem = static_cast<size_t>(tile) * sizeof(Member<A>);
     if (smem > kSelectNoOptInSmem) {
       // With its static shared memory (k_shared) the kernel may need more than

@@ -6,7 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "launchers.h"
+#include "dtype.h"
 
 namespace tbd_ops {
 namespace cuda {

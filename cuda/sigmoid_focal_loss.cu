@@ -26,10 +26,6 @@ namespace {
 
 constexpr int64_t kMaxBlocks = 1024;  // partials of the sum
 
-int64_t grid_for(int64_t units) {
-  const int64_t b = ceil_div(units, kBlock);
-  return b < 1 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b);
-}
 
 template <typename A> __device__ __forceinline__ A focal_nan() { return static_cast<A>(NAN); }
 
@@ -137,15 +133,10 @@ focal_grad_weight_kernel(const T* __restrict__ x, int64_t xs0, int64_t xs1,
   }
 }
 
-int64_t elementwise_grid(int64_t units) {
-  const int64_t b = ceil_div(units, kBlock);
-  return b < 1 ? 1 : (b > (int64_t(1) << 16) ? (int64_t(1) << 16) : b);
-}
-
 }  // namespace
 
 int64_t focal_partials(const FocalArgs& a) {
-  return a.reduction == FocalReduction::kNone ? 0 : grid_for(a.R * a.C);
+  return a.reduction == FocalReduction::kNone ? 0 : grid_blocks(a.R * a.C, kMaxBlocks);
 }
 
 void sigmoid_focal_loss_forward(DType dt, const FocalArgs& a, void* out, void* partials,
@@ -160,12 +151,12 @@ void sigmoid_focal_loss_forward(DType dt, const FocalArgs& a, void* out, void* p
     const A gamma = static_cast<A>(a.gamma), alpha = static_cast<A>(a.alpha);
     if (a.reduction == FocalReduction::kNone) {
       if (n == 0) return;
-      launch_kernel((focal_forward_kernel<T, A>), dim3(static_cast<unsigned>(elementwise_grid(n))),
-                    kBlock, 0, s, x, a.xs0, a.xs1, a.targets, a.ts0, w, a.R, a.C, gamma, alpha,
-                    static_cast<T*>(out), static_cast<A*>(nullptr));
+      const dim3 grid(static_cast<unsigned>(grid_blocks(n, kMaxBlocksElementwise)));
+      launch_kernel((focal_forward_kernel<T, A>), grid, kBlock, 0, s, x, a.xs0, a.xs1, a.targets,
+                    a.ts0, w, a.R, a.C, gamma, alpha, static_cast<T*>(out), static_cast<A*>(nullptr));
       return;
     }
-    const int64_t blocks = grid_for(n);
+    const int64_t blocks = grid_blocks(n, kMaxBlocks);
     A* part = static_cast<A*>(partials);
     if (n > 0) {
       launch_kernel((focal_forward_kernel<T, A>), dim3(static_cast<unsigned>(blocks)), kBlock, 0,
@@ -202,16 +193,15 @@ void sigmoid_focal_loss_backward(DType dt, const FocalArgs& a, const void* grad,
     }
     g.n = n;
     if (grad_logits != nullptr && n > 0) {
-      launch_kernel((focal_grad_kernel<T, A>), dim3(static_cast<unsigned>(elementwise_grid(n))),
-                    kBlock, 0, s, x, a.xs0, a.xs1, a.targets, a.ts0,
+      const dim3 grid(static_cast<unsigned>(grid_blocks(n, kMaxBlocksElementwise)));
+      launch_kernel((focal_grad_kernel<T, A>), grid, kBlock, 0, s, x, a.xs0, a.xs1, a.targets, a.ts0,
                     static_cast<const A*>(a.weight), a.R, a.C, gamma, alpha, g,
                     static_cast<T*>(grad_logits));
     }
     if (grad_weight != nullptr) {
-      launch_kernel((focal_grad_weight_kernel<T, A>),
-                    dim3(static_cast<unsigned>(elementwise_grid(a.R))), kBlock, 0, s, x, a.xs0,
-                    a.xs1, a.targets, a.ts0, a.R, a.C, gamma, alpha, g,
-                    static_cast<A*>(grad_weight));
+      const dim3 grid(static_cast<unsigned>(grid_blocks(a.R, kMaxBlocksElementwise)));
+      launch_kernel((focal_grad_weight_kernel<T, A>), grid, kBlock, 0, s, x, a.xs0, a.xs1, a.targets,
+                    a.ts0, a.R, a.C, gamma, alpha, g, static_cast<A*>(grad_weight));
     }
   });
 }

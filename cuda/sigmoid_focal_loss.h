@@ -1,13 +1,13 @@
 // Host entry points of the sigmoid_focal_loss CUDA kernels (SPEC 2.4). Plain
 // C++ (no PyTorch, no CUDA headers): the registration glue
-// (cuda/sigmoid_focal_loss_glue.cpp) validates and allocates, these launch on
+// (csrc/sigmoid_focal_loss.cpp) validates and allocates, these launch on
 // the given stream and never synchronize.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
-#include "launchers.h"
+#include "dtype.h"
 #include "tbd_ops/focal.h"
 
 namespace tbd_ops {

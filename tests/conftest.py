@@ -36,6 +36,15 @@ def grid_yz_limit():
     emu_dispatch.emu.set_grid_yz_limit(0)
 
 
+@pytest.fixture
+def split_policy():
+    """Forces the channel split of the CUDA kernels of p_c and the masked reductions (1: one
+    thread per location, 2: 8 threads per location); the rule (0) chooses by the launch's
+    location count and is restored after the test."""
+    yield emu_dispatch.emu.set_channel_split_policy
+    emu_dispatch.emu.set_channel_split_policy(0)
+
+
 def pytest_runtest_setup(item):
     """Tests that need the emulated CUDA build: skipped when it is missing, failed
     when it was built from other sources (it would test old code)."""

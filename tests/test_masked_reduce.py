@@ -520,14 +520,6 @@ class TestLevelsBadInput:
 
 # ---- the emulated CUDA kernels: both sides of the channel-split rule ---------------------
 
-@pytest.fixture
-def split_policy():
-    """Forces the channel split of the CUDA kernels (1: one thread per location, 2: 8 threads
-    per location); the rule (0) chooses by the launch's location count."""
-    yield emu_dispatch.emu.set_channel_split_policy
-    emu_dispatch.emu.set_channel_split_policy(0)
-
-
 def emu_compare_levels(op, a, b, m):
     """The emulated levels op against the CPU's: out to rounding, the per-location term and
     every gradient bit for bit, under the three schedules."""

@@ -13,29 +13,27 @@
 // do not depend on the number of threads. float32-accumulated inputs (float32,
 // float16, bfloat16) use explicit SIMD (GCC vector extensions, an AVX2 clone
 // and the baseline ISA picked at load time; the tile's exp also in AVX-512
-// where present, with the same results) with the deterministic exp below;
-// float64 stays scalar. The channel argmax is exact (torch.max semantics).
+// where present, with the same results) with the deterministic exp of
+// csrc/cpu/simd.h; float64 stays scalar. The channel argmax is exact
+// (torch.max semantics; csrc/cpu/channel_argmax.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define TBD_OPS_HAVE_AVX512 1
-#include <immintrin.h>
-#else
-#define TBD_OPS_HAVE_AVX512 0
-#endif
 
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
 #include "../channel_max_spatial_softmax.h"
+#include "channel_argmax.h"
+#include "simd.h"
 #include "tbd_ops/softmax.h"
 
 namespace tbd_ops {
 namespace {
+
+using namespace cpu;  // SIMD types, exp_nonpositive, channel_argmax_tile
 
 constexpr int64_t kChunk = 256;  // locations per partial sum of the backward's dot product
 // Locations per work item of the forward (fixed: thread-independent results):
@@ -44,221 +42,22 @@ constexpr int64_t kChunk = 256;  // locations per partial sum of the backward's 
 // stay in L1.
 constexpr int64_t kTile = 2048;
 
-#define TBD_CLONES __attribute__((target_clones("avx2", "default")))
-
-// 8 float lanes (one AVX2 register). 16-lane vectors in an AVX-512 clone were
-// 7x slower with GCC's lowering of the vector selects. (Vector arguments of the
-// always-inline helpers never cross an ABI boundary.)
-#pragma GCC diagnostic ignored "-Wpsabi"
-constexpr int kLanes = 8;
-typedef float f32v __attribute__((vector_size(4 * kLanes)));
-typedef int32_t i32v __attribute__((vector_size(4 * kLanes)));
-typedef uint32_t u32v __attribute__((vector_size(4 * kLanes)));
-
-// Unaligned loads and stores and splats (inlined into every clone).
-template <typename V, typename P> __attribute__((always_inline)) inline V loadv(const P* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename V, typename P> __attribute__((always_inline)) inline void storev(P* p, const V& v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
-__attribute__((always_inline)) inline f32v splat(float a) { return f32v{} + a; }
-__attribute__((always_inline)) inline i32v splat(int32_t a) { return i32v{} + a; }
-
-// exp(x) for x in [-inf, 0] or NaN (all that the softmax needs: y - max y),
-// lane by lane, deterministic (plain IEEE operations, no FMA contraction), a
-// few ulps from the correctly rounded value, subnormal results included.
-// Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-7
-// polynomial, the 2^n scaling in two exact halves so that it may underflow.
-__attribute__((always_inline)) inline f32v exp_nonpositive(f32v x) {
-  const i32v under = x < splat(-103.98f);  // exp(x) < 2^-150 rounds to 0 (also -inf)
-  x = under ? splat(-103.98f) : x;           // NaN stays
-  f32v n = x * splat(1.44269504088896341f);
-  n = (n + splat(12582912.0f)) - splat(12582912.0f);  // round to nearest, |n| <= 151
-  n = n == n ? n : splat(0.0f);
-  f32v r = x - n * splat(0.693359375f);  // ln 2 in two parts; n * 0.693359375 is exact
-  r = r - n * splat(-2.12194440e-4f);
-  f32v p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * (r * r) + r + splat(1.0f);
-  const i32v ni = __builtin_convertvector(n, i32v);  // in [-151, 0]
-  const i32v n1 = ni >> 1, n2 = ni - n1;           // each >= -76: normal powers of two
-  f32v s1, s2;
-  const i32v e1 = (n1 + 127) << 23, e2 = (n2 + 127) << 23;
-  __builtin_memcpy(&s1, &e1, sizeof(s1));
-  __builtin_memcpy(&s2, &e2, sizeof(s2));
-  const f32v y = (p * s1) * s2;  // p * s1 exact, one rounding at the end
-  return under ? splat(0.0f) : y;
-}
-
-// ---- channel argmax of a tile (NCHW: channel k of the tile at base + k * s1) ----
-
-// Exact for any input (NaN included), torch.max semantics.
-template <typename T, typename A>
-TBD_CLONES void channel_argmax_rows(const T* base, int64_t K, int64_t s1, int64_t len, A* bv,
-                                    int32_t* bi) {
-  for (int64_t i = 0; i < len; ++i) {
-    bv[i] = static_cast<A>(base[i]);
-    bi[i] = 0;
-  }
-  for (int64_t k = 1; k < K; ++k) {
-    const T* row = base + k * s1;
-    for (int64_t i = 0; i < len; ++i) {
-      const A v = static_cast<A>(row[i]);
-      const bool take = argmax_takes(bv[i], v);
-      bv[i] = take ? v : bv[i];
-      bi[i] = take ? static_cast<int32_t>(k) : bi[i];
-    }
-  }
-}
-
-// float32: channels k .. k + R - 1 in one sweep over the tile, in registers:
-// their max m (two interleaved chains of plain maxima), the lowest of them equal to m, and
-// their sum (NaN when one of them is NaN; also for inf - inf, which only costs
-// a redo). The running max moves to m only when strictly greater, so ties keep
-// the lowest channel. A tile with a NaN sum is redone exactly by the caller.
-// First: channels 0 .. R - 1, which initialize the running max.
-template <int R, bool First>
-__attribute__((always_inline)) inline void argmax_block_f32(const float* r, int64_t s1, int32_t k,
-                                                            int64_t len, float* bv, int32_t* bi,
-                                                            i32v& nanv, int32_t& nan1) {
-  const int64_t vlen = len / kLanes * kLanes;
-  u32v kv[R];
-  for (int j = 0; j < R; ++j) kv[j] = u32v(splat(k + j));
-  for (int64_t i = 0; i < vlen; i += kLanes) {
-    f32v v[R];
-    for (int j = 0; j < R; ++j) v[j] = loadv<f32v>(r + j * s1 + i);
-    f32v sum = v[0], m0 = v[0], m1 = v[R > 1 ? 1 : 0];
-    for (int j = 1; j < R; ++j) sum += v[j];
-    for (int j = 2; j < R; j += 2) m0 = v[j] > m0 ? v[j] : m0;
-    for (int j = 3; j < R; j += 2) m1 = v[j] > m1 ? v[j] : m1;
-    const f32v mx = m1 > m0 ? m1 : m0;
-    // The lowest channel equal to mx: an unsigned min over channel | (all ones
-    // where not equal); no selects, and no NaN here, so one channel is equal.
-    u32v idx = u32v(v[0] != mx) | kv[0];
-    for (int j = 1; j < R; ++j) {
-      const u32v c = u32v(v[j] != mx) | kv[j];
-      idx = c < idx ? c : idx;
-    }
-    nanv |= sum != sum;
-    if (First) {
-      storev(bv + i, mx);
-      storev(bi + i, i32v(idx));
-      continue;
-    }
-    const f32v b = loadv<f32v>(bv + i);
-    const i32v t = mx > b;
-    storev(bv + i, f32v(t ? mx : b));
-    storev(bi + i, i32v(t ? i32v(idx) : loadv<i32v>(bi + i)));
-  }
-  for (int64_t i = vlen; i < len; ++i) {
-    float m = r[i];
-    int32_t idx = k;
-    nan1 |= m != m;
-    for (int j = 1; j < R; ++j) {
-      const float v = r[j * s1 + i];
-      nan1 |= v != v;
-      if (v > m) {
-        m = v;
-        idx = k + j;
-      }
-    }
-    if (First || m > bv[i]) {
-      bv[i] = m;
-      bi[i] = idx;
-    }
-  }
-}
-
-constexpr int kRows = 8;  // channels per sweep
-
-// argmax_block_f32 for 1 <= rows <= kRows.
-template <bool First>
-__attribute__((always_inline)) inline void argmax_rows_f32(int64_t rows, const float* r, int64_t s1,
-                                                           int32_t k, int64_t len, float* bv,
-                                                           int32_t* bi, i32v& nanv, int32_t& nan1) {
-  static_assert(kRows == 8, "the cases cover 1 .. kRows channels");
-  switch (rows) {
-    case 8: argmax_block_f32<8, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
-    case 7: argmax_block_f32<7, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
-    case 6: argmax_block_f32<6, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
-    case 5: argmax_block_f32<5, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
-    case 4: argmax_block_f32<4, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
-    case 3: argmax_block_f32<3, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
-    case 2: argmax_block_f32<2, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
-    case 1: argmax_block_f32<1, First>(r, s1, k, len, bv, bi, nanv, nan1); break;
-    default: break;
-  }
-}
-
-// Returns false when the tile holds a NaN (bv, bi are then unspecified).
-TBD_CLONES bool channel_argmax_f32(const float* base, int64_t K, int64_t s1, int64_t len, float* bv,
-                                   int32_t* bi) {
-  i32v nanv = {};
-  int32_t nan1 = 0;
-  int64_t k = std::min<int64_t>(K, kRows);
-  argmax_rows_f32<true>(k, base, s1, 0, len, bv, bi, nanv, nan1);
-  for (; k + kRows <= K; k += kRows)
-    argmax_block_f32<kRows, false>(base + k * s1, s1, static_cast<int32_t>(k), len, bv, bi, nanv,
-                                   nan1);
-  argmax_rows_f32<false>(K - k, base + k * s1, s1, static_cast<int32_t>(k), len, bv, bi, nanv,
-                         nan1);
-  for (int l = 0; l < kLanes; ++l) nan1 |= nanv[l];
-  return nan1 == 0;
-}
-
-template <typename T, typename A>
-void channel_argmax_tile(const T* base, int64_t K, int64_t s1, int64_t len, A* bv, int32_t* bi) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (channel_argmax_f32(base, K, s1, len, bv, bi)) return;
-  }
-  channel_argmax_rows(base, K, s1, len, bv, bi);
-}
-
 // ---- softmax pieces on float32 buffers ----
 
 #if TBD_OPS_HAVE_AVX512
-#define TBD_AVX512 __attribute__((target("avx512f")))
 // GCC 12's AVX-512 headers warn about their own _mm512_undefined_* (GCC bug 105593).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
-
 // exp_nonpositive of 16 lanes at a time with AVX-512 (the same operations,
 // hence the same values), e = exp(y - m) for i < n (rounded down to 16), each
 // 16-lane result added to the 8-lane sum as its two halves in index order (the
 // order of the 8-lane loop). Returns how many locations it did.
 TBD_AVX512 int64_t exp_store_sum_avx512(const float* y, int64_t n, float m, float* e, float* acc8) {
-  const __m512 lo = _mm512_set1_ps(-103.98f), mm = _mm512_set1_ps(m);
+  const __m512 mm = _mm512_set1_ps(m);
   __m256 sv = _mm256_loadu_ps(acc8);
   const int64_t n16 = n / 16 * 16;
   for (int64_t i = 0; i < n16; i += 16) {
-    __m512 x = _mm512_sub_ps(_mm512_loadu_ps(y + i), mm);
-    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_mask_mov_ps(x, under, lo);
-    __m512 nf = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    nf = _mm512_sub_ps(_mm512_add_ps(nf, _mm512_set1_ps(12582912.0f)), _mm512_set1_ps(12582912.0f));
-    nf = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(nf, nf, _CMP_ORD_Q), nf);
-    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(nf, _mm512_set1_ps(0.693359375f)));
-    r = _mm512_sub_ps(r, _mm512_mul_ps(nf, _mm512_set1_ps(-2.12194440e-4f)));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), _mm512_set1_ps(1.0f));
-    const __m512i ni = _mm512_cvttps_epi32(nf);
-    const __m512i n1 = _mm512_srai_epi32(ni, 1), n2 = _mm512_sub_epi32(ni, n1);
-    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, _mm512_set1_epi32(127)), 23));
-    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, _mm512_set1_epi32(127)), 23));
-    const __m512 ev = _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_mul_ps(_mm512_mul_ps(p, s1), s2));
+    const __m512 ev = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(y + i), mm));
     _mm512_storeu_ps(e + i, ev);
     sv = _mm256_add_ps(sv, _mm512_castps512_ps256(ev));
     sv = _mm256_add_ps(sv, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ev), 1)));
@@ -267,8 +66,6 @@ TBD_AVX512 int64_t exp_store_sum_avx512(const float* y, int64_t n, float m, floa
   return n16;
 }
 #pragma GCC diagnostic pop
-#else
-const bool kHasAvx512 = false;
 #endif
 
 // y = bv * inv_t into y, the argmax into am, and the tile's softmax

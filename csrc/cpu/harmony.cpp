@@ -256,14 +256,6 @@ void loss_backward(const at::Tensor& grad, const at::Tensor& norm, const at::Ten
   });
 }
 
-template <typename F> void dispatch_mode(HarmonyMode mode, F&& f) {
-  if (mode == HarmonyMode::kPlain) {
-    f(std::integral_constant<HarmonyMode, HarmonyMode::kPlain>{});
-  } else {
-    f(std::integral_constant<HarmonyMode, HarmonyMode::kIouGuided>{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> harmony_distillation_loss_cpu(
     at::TensorList pc_s, at::TensorList pr_s, at::TensorList pc_t, at::TensorList pr_t,
     c10::string_view mode, double eps) {
@@ -274,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> harmony_distillation_loss_cpu(
   const auto acc_opts = pc_s[0].options().dtype(acc_dtype(pc_s[0].scalar_type()));
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pc_s[0].scalar_type(), "harmony_distillation_loss_cpu", [&] {
-    dispatch_mode(hl.mode, [&](auto mtag) {
+    dispatch_harmony_mode(hl.mode, [&](auto mtag) {
       out = loss_forward<decltype(mtag)::value, scalar_t>(lists, hl, eps, acc_opts);
     });
   });
@@ -296,7 +288,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> harmony_distillatio
   if (!output_mask[0] && !output_mask[1]) return {gc, gr};
   const at::TensorList lists[4] = {pc_s, pr_s, pc_t, pr_t};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pc_s[0].scalar_type(), "harmony_distillation_loss_backward_cpu", [&] {
-    dispatch_mode(hl.mode, [&](auto mtag) {
+    dispatch_harmony_mode(hl.mode, [&](auto mtag) {
       loss_backward<decltype(mtag)::value, scalar_t>(grad, norm, lists, hl, gc, gr);
     });
   });

@@ -1,6 +1,6 @@
 // tbd_ops_emu: the test-only build of the CUDA path on the SIMT emulator.
 // Loading it registers the emulated CUDA kernels (cuda/*.cu compiled by the
-// host compiler, with the registration glue cuda/<op>_glue.cpp) for CPU tensors
+// host compiler, with the CUDA registrations of csrc/<op>.cpp) for CPU tensors
 // under the operator namespace tbd_ops_emu; tests/emu/dispatch.py routes
 // torch.ops.tbd_ops calls there. Never installed.
 #include <Python.h>

@@ -56,10 +56,10 @@ def digest_header():
 def main():
     digest_dir = digest_header()
     units = [
-        # Schemas and checks of every op (not module.cpp: no Python module init here).
+        # Schemas, checks and CUDA registrations of every op (-DTBD_OPS_CUDA_EMU; not
+        # module.cpp: no Python module init here).
         *(str(p) for p in sorted((ROOT / "csrc").glob("*.cpp")) if p.name != "module.cpp"),
         *kernel_units(),
-        *(str(p) for p in sorted((ROOT / "cuda").glob("*_glue.cpp"))),
         str(ROOT / "cuda" / "emu" / "simt.cpp"),
         str(HERE / "emu_module.cpp"),
     ]

@@ -11,11 +11,17 @@
 // rounded on both).
 #pragma once
 
+#include "tbd_ops/dispatch.h"
 #include "tbd_ops/math.h"
 
 namespace tbd_ops {
 
 enum class HarmonyMode : int { kIouGuided = 0, kPlain = 1 };
+
+// f(std::integral_constant<HarmonyMode, mode>{}) for the code of each mode (host code).
+template <typename F> void dispatch_harmony_mode(HarmonyMode mode, F&& f) {
+  dispatch_mode<HarmonyMode::kIouGuided, HarmonyMode::kPlain>(mode, f);
+}
 
 // tanh(|p_r - p_c|), the quantity the score and its gradient are built from.
 template <typename A> TBD_HD A harmony_tanh(A p_c, A p_r) { return math_tanh(abs_val(p_r - p_c)); }

@@ -10,11 +10,17 @@
 // thread per location, a warp per group, a lane per group) keeps this order.
 #pragma once
 
+#include "tbd_ops/dispatch.h"
 #include "tbd_ops/math.h"
 
 namespace tbd_ops {
 
 enum class MaskedMode : int { kSqDist = 0, kL1 = 1 };
+
+// f(std::integral_constant<MaskedMode, mode>{}) for the code of each mode (host code).
+template <typename F> void dispatch_masked_mode(MaskedMode mode, F&& f) {
+  dispatch_mode<MaskedMode::kSqDist, MaskedMode::kL1>(mode, f);
+}
 
 constexpr int kMaskedGroups = 8;
 

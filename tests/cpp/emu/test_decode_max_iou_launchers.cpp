@@ -8,7 +8,7 @@
 #include <random>
 #include <vector>
 
-#include "launchers.h"
+#include "decode_max_iou.h"
 #include "tbd_ops/argmax.h"
 #include "tbd_ops/box.h"
 #include "tbd_ops/layout.h"

@@ -1,20 +1,19 @@
-// Host entry points of the CUDA kernels. Plain C++ (no PyTorch, no CUDA
-// headers): the registration glue (cuda/<op>_glue.cpp) validates and allocates,
-// these launch on the given stream and never synchronize.
+// Host entry points of the decode_max_iou (p_r) CUDA kernels. Plain C++ (no
+// PyTorch, no CUDA headers): the registration glue (csrc/decode_max_iou.cpp)
+// validates and allocates, these launch on the given stream and never
+// synchronize.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
+#include "dtype.h"
 #include "tbd_ops/box.h"
 #include "tbd_ops/layout.h"
 
 namespace tbd_ops {
 namespace cuda {
 
-enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
-
-// ---- decode_max_iou ---------------------------------------------------------
 struct DecodeIouArgs {
   const void* pred;        // dtype dt, layout pl
   PredLayout pl;
