@@ -44,6 +44,17 @@ __device__ __forceinline__ Box<A> decode_at(const T* pred, const PredLayout& pl,
   return decode_box(d, r, cp);
 }
 
+// Shared memory of the forward: a tile of kTile ground-truth boxes, then their
+// areas (box_area, computed once when the tile is staged).
+template <typename A> constexpr size_t fwd_tile_bytes() { return kTile * (sizeof(Box<A>) + sizeof(A)); }
+
+struct AnyOp {
+  __device__ __forceinline__ int operator()(int a, int b) const { return a | b; }
+};
+
+// The pair loop runs box_iou_with_areas (no NaN checks) unless the prediction
+// or a ground truth of the tile has a NaN area; then box_iou, which propagates
+// the NaN. Both give the same value bit for bit (tbd_ops/box.h).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
 decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __restrict__ priors,
@@ -51,7 +62,8 @@ decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
                           ImageChunk chunk, int64_t P, CoderParams<A> cp,
                           const A* __restrict__ shapes, A eps, T* __restrict__ iou,
                           int64_t* __restrict__ arg) {
-  Box<A>* tile = dynamic_smem<Box<A>>();  // kTile boxes
+  Box<A>* tile = dynamic_smem<Box<A>>();            // kTile boxes
+  A* tile_area = reinterpret_cast<A*>(tile + kTile);  // kTile areas
   const int64_t n = chunk.n0 + blockIdx.y;
   const int64_t p = blockIdx.x * int64_t(kBlock) + threadIdx.x;
   const bool active = p < P;
@@ -62,21 +74,38 @@ decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
     A d[4], r[4];
     b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r);
   }
-  ArgMax<A> best = argmax_empty<A>();
+  const A area = box_area(b);
+  // Running argmax (tbd_ops/argmax.h); every IoU is NaN or >= -0.0. The pair
+  // loop keeps the index within the tile (32 bits).
+  A best = A(-1);
+  int64_t best_index = -1;
   for (int64_t t0 = 0; t0 < G; t0 += kTile) {
     const int tn = static_cast<int>(G - t0 < kTile ? G - t0 : kTile);
     __syncthreads();  // the previous tile is no longer read
+    int nan_area = 0;
     for (int j = threadIdx.x; j < tn; j += kBlock) {
-      tile[j] = load_box<A>(gts, g0 + t0 + j, ToAcc());
+      const Box<A> gb = load_box<A>(gts, g0 + t0 + j, ToAcc());
+      tile[j] = gb;
+      tile_area[j] = box_area(gb);
+      nan_area |= static_cast<int>(is_nan(tile_area[j]));
     }
-    __syncthreads();
+    // Also the barrier after the staging.
+    const bool exact = block_reduce<kBlock>(nan_area, AnyOp()) != 0 || is_nan(area);
     if (active) {
-      for (int j = 0; j < tn; ++j) argmax_update(best, box_iou(b, tile[j], eps), t0 + j);
+      int best_j = -1;  // set when a candidate of this tile becomes the best
+      if (!exact) {
+        for (int j = 0; j < tn; ++j) {
+          argmax_update_above(best, best_j, box_iou_with_areas(b, area, tile[j], tile_area[j], eps), j);
+        }
+      } else {
+        for (int j = 0; j < tn; ++j) argmax_update_above(best, best_j, box_iou(b, tile[j], eps), j);
+      }
+      if (best_j >= 0) best_index = t0 + best_j;
     }
   }
   if (active) {
-    iou[n * P + p] = from_acc<T>(best.index < 0 ? A(0) : best.value);
-    arg[n * P + p] = best.index;
+    iou[n * P + p] = from_acc<T>(best_index < 0 ? A(0) : best);
+    arg[n * P + p] = best_index;
   }
 }
 
@@ -247,7 +276,7 @@ void decode_max_iou_forward(DType dt, const DecodeIouArgs& a, void* iou, int64_t
     const A* shapes = static_cast<const A*>(a.max_shapes);
     for_each_chunk(a, [&](const ImageChunk& c) {
       const dim3 grid(static_cast<unsigned>(ceil_div(a.P, kBlock)), static_cast<unsigned>(c.count));
-      launch_kernel((decode_max_iou_fwd_kernel<T, A>), grid, kBlock, kTile * sizeof(Box<A>), s,
+      launch_kernel((decode_max_iou_fwd_kernel<T, A>), grid, kBlock, fwd_tile_bytes<A>(), s,
                     static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors),
                     a.prior_s0, a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P, cp,
                     shapes, static_cast<A>(a.eps), static_cast<T*>(iou), arg);
