@@ -12,9 +12,11 @@
 //     images; the prior gradient is accumulated in the accumulation type
 //     across chunks (scratch) and rounded to the input dtype once, at the end;
 //   - ground truths, O(N*P + G): every prediction gets the key of the
-//     ground-truth row it matched, a stable radix sort groups the predictions
-//     by row (in increasing prediction order), and one block per row sums its
-//     segment in a fixed order.
+//     ground-truth row it matched (none when its term of that row's gradient
+//     is zero: the predictions that overlap no ground truth do not pile up in
+//     the segment of the image's first row), a stable radix sort groups the
+//     predictions by row (in increasing prediction order), and one block per
+//     row sums its segment in a fixed order.
 #include <algorithm>
 
 #include "common.cuh"
@@ -159,18 +161,36 @@ decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
 }
 
 // key[n*P + p] = row of gts matched by prediction (n, p), or `none` (sorts
-// last) when it matched nothing; val = n*P + p.
+// last) when it matched nothing or its term of that row's gradient is +0.0 or
+// -0.0 in every coordinate (no overlap, for instance; a touching box or a NaN
+// gives a nonzero or NaN term and is kept); val = n*P + p. A sum that starts
+// at +0.0 is never -0.0, so adding such a term changes nothing: the row's sum
+// is that of its other terms, in the same order.
+template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
-decode_max_iou_gt_keys_kernel(ImageChunk chunk, int64_t P, const int64_t* __restrict__ arg,
-                              int32_t none, int32_t* __restrict__ keys,
-                              int64_t* __restrict__ vals) {
+decode_max_iou_gt_keys_kernel(const T* __restrict__ pred, PredLayout pl,
+                              const T* __restrict__ priors, int64_t ps0, int64_t ps1, int pdim,
+                              const T* __restrict__ gts, ImageChunk chunk, int64_t P,
+                              CoderParams<A> cp, const A* __restrict__ shapes, A eps,
+                              const T* __restrict__ grad, int64_t gs0, int64_t gs1,
+                              const int64_t* __restrict__ arg, int32_t none,
+                              int32_t* __restrict__ keys, int64_t* __restrict__ vals) {
   const int64_t p = blockIdx.x * int64_t(kBlock) + threadIdx.x;
   if (p >= P) return;
   const int64_t n = chunk.n0 + blockIdx.y;
   const int64_t g0 = chunk.off[blockIdx.y];
   const int64_t a = arg[n * P + p];
-  const bool hit = a >= 0 && a < chunk.off[blockIdx.y + 1] - g0;
-  keys[n * P + p] = hit ? static_cast<int32_t>(g0 + a) : none;
+  bool keep = a >= 0 && a < chunk.off[blockIdx.y + 1] - g0;
+  if (keep) {
+    A d[4], r[4];
+    const Box<A> b =
+        decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r);
+    Box<A> gb, gg;
+    box_iou_backward(b, load_box<A>(gts, g0 + a, ToAcc()), eps, to_acc(grad[n * gs0 + p * gs1]),
+                     gb, gg);
+    keep = !box_is_zero(gg);
+  }
+  keys[n * P + p] = keep ? static_cast<int32_t>(g0 + a) : none;
   vals[n * P + p] = n * P + p;
 }
 
@@ -331,8 +351,12 @@ void decode_max_iou_backward(DType dt, const DecodeIouArgs& a, const void* grad_
       int64_t* vals_in = reinterpret_cast<int64_t*>(wsp + ws.vals_in);
       int64_t* vals_out = reinterpret_cast<int64_t*>(wsp + ws.vals_out);
       for_each_chunk(a, [&](const ImageChunk& c) {
-        launch_kernel(decode_max_iou_gt_keys_kernel, dim3(pblocks, static_cast<unsigned>(c.count)),
-                      kBlock, 0, s, c, a.P, arg, static_cast<int32_t>(total_g), keys_in, vals_in);
+        launch_kernel((decode_max_iou_gt_keys_kernel<T, A>),
+                      dim3(pblocks, static_cast<unsigned>(c.count)), kBlock, 0, s,
+                      static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors),
+                      a.prior_s0, a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P,
+                      cp, shapes, static_cast<A>(a.eps), static_cast<const T*>(grad_iou), gs0, gs1,
+                      arg, static_cast<int32_t>(total_g), keys_in, vals_in);
       });
       sort_pairs(keys_in, keys_out, vals_in, vals_out, np, bits_for(total_g), wsp + ws.temp,
                  ws.temp_bytes, s);

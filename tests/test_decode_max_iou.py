@@ -1000,3 +1000,43 @@ def test_special_coordinates_emulated_matches_cpu_bitwise(dtype):
     torch.testing.assert_close(gg_e, gg_c, equal_nan=True, **RED_TOL[dtype])
     assert torch.isnan(gg_c).any() and not torch.isnan(gg_c).all()
 
+
+def non_overlap_problem(dtype):
+    """Two images with two ground truths each. Predictions: far from every ground truth (IoU 0,
+    arg 0, a zero gradient), touching the first ground truth (IoU 0 but a nonzero gradient at the
+    boundary, as autograd's clamp), overlapping it, overlapping the second one; more of them than
+    a block (256) sums in one pass."""
+    gt = torch.tensor([[10.0, 10.0, 20.0, 20.0], [40.0, 40.0, 50.0, 60.0]], dtype=F64)
+    far = torch.tensor([[100.0, 100.0, 110.0, 120.0]], dtype=F64) + torch.arange(600, dtype=F64)[:, None] * 0.25
+    touch = torch.tensor([[20.0, 12.0, 25.0, 18.0], [5.0, 20.0, 15.0, 30.0], [0.0, 0.0, 10.0, 15.0]], dtype=F64)
+    over = torch.tensor([[12.0, 11.0, 19.0, 22.0], [15.0, 15.0, 25.0, 25.0], [42.0, 45.0, 49.0, 55.0]], dtype=F64)
+    boxes = torch.cat([far[:200], touch, far[200:400], over, far[400:]])
+    pred = torch.stack([boxes, boxes.flip(0)]).to(dtype)
+    return pred, [gt.to(dtype), (gt + 1.0).to(dtype)]
+
+
+@pytest.mark.parametrize("device", DEVICES[:2])
+def test_gt_gradient_with_non_overlapping_and_touching_predictions(device):
+    """The ground-truth gradient: non-overlapping predictions add exactly zero, touching ones
+    (IoU 0) still add their boundary gradient, and a NaN upstream gradient reaches the row."""
+    pred, gts = non_overlap_problem(F64)
+    P = pred.shape[1]
+    grad = torch.linspace(0.5, 1.5, 2 * P, dtype=F64).view(2, P)
+    grad[1, 5] = float("nan")   # a non-overlapping prediction of image 1 (matched row 0 with IoU 0)
+    got, want = [], []
+    for fn, out in ((tbd_ops.decode_max_iou, got), (ref.decode_max_iou, want)):
+        g = [t.clone().to(device).requires_grad_() for t in gts]
+        iou, arg = fn(pred.to(device), None, g, coder="none")
+        out.extend([iou, arg, *torch.autograd.grad(iou, g, grad.to(device))])
+    assert torch.equal(got[1], want[1])
+    assert (got[0][0, 200:203] == 0).all() and (got[1][:, :200] == 0).all()
+    torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-12)
+    assert torch.isnan(got[3][0]).all() and not torch.isnan(got[3][1]).any()
+    torch.testing.assert_close(got[3][1], want[3][1], rtol=1e-12, atol=1e-12)
+    # Without the touching predictions, the first row's gradient changes (they count).
+    keep = torch.ones(P, dtype=torch.bool)
+    keep[200:203] = False
+    g = [t.clone().requires_grad_() for t in gts]
+    iou, _ = ref.decode_max_iou(pred[:, keep], None, g, coder="none")
+    (g0,) = torch.autograd.grad(iou, g[0], grad[:, keep])
+    assert not torch.allclose(g0[0], want[2][0])
