@@ -12,9 +12,11 @@
 //     images; the prior gradient is accumulated in the accumulation type
 //     across chunks (scratch) and rounded to the input dtype once, at the end;
 //   - ground truths, O(N*P + G): every prediction gets the key of the
-//     ground-truth row it matched, a stable radix sort groups the predictions
-//     by row (in increasing prediction order), and one block per row sums its
-//     segment in a fixed order.
+//     ground-truth row it matched (none when its term of that row's gradient
+//     is zero: the predictions that overlap no ground truth do not pile up in
+//     the segment of the image's first row), a stable radix sort groups the
+//     predictions by row (in increasing prediction order), and one block per
+//     row sums its segment in a fixed order.
 #include "common.cuh"
 #include "decode_max_iou.h"
 #include "tbd_ops/argmax.h"
@@ -39,6 +41,17 @@ __device__ __forceinline__ Box<A> decode_at(const T* pred, const PredLayout& pl,
   return decode_box(d, r, cp);
 }
 
+// Shared memory of the forward: a tile of kTile ground-truth boxes, then their
+// areas (box_area, computed once when the tile is staged).
+template <typename A> constexpr size_t fwd_tile_bytes() { return kTile * (sizeof(Box<A>) + sizeof(A)); }
+
+struct AnyOp {
+  __device__ __forceinline__ int operator()(int a, int b) const { return a | b; }
+};
+
+// The pair loop runs box_iou_with_areas (no NaN checks) unless the prediction
+// or a ground truth of the tile has a NaN area; then box_iou, which propagates
+// the NaN. Both give the same value bit for bit (tbd_ops/box.h).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
 decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __restrict__ priors,
@@ -46,7 +59,8 @@ decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
                           GtChunk chunk, int64_t P, CoderParams<A> cp,
                           const A* __restrict__ shapes, A eps, T* __restrict__ iou,
                           int64_t* __restrict__ arg) {
-  Box<A>* tile = dynamic_smem<Box<A>>();  // kTile boxes
+  Box<A>* tile = dynamic_smem<Box<A>>();            // kTile boxes
+  A* tile_area = reinterpret_cast<A*>(tile + kTile);  // kTile areas
   const int64_t n = chunk.n0 + blockIdx.y;
   const int64_t p = blockIdx.x * int64_t(kBlock) + threadIdx.x;
   const bool active = p < P;
@@ -57,21 +71,38 @@ decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
     A d[4], r[4];
     b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r);
   }
-  ArgMax<A> best = argmax_empty<A>();
+  const A area = box_area(b);
+  // Running argmax (tbd_ops/argmax.h); every IoU is NaN or >= -0.0. The pair
+  // loop keeps the index within the tile (32 bits).
+  A best = A(-1);
+  int64_t best_index = -1;
   for (int64_t t0 = 0; t0 < G; t0 += kTile) {
     const int tn = static_cast<int>(G - t0 < kTile ? G - t0 : kTile);
     __syncthreads();  // the previous tile is no longer read
+    int nan_area = 0;
     for (int j = threadIdx.x; j < tn; j += kBlock) {
-      tile[j] = load_box<A>(gts, g0 + t0 + j, ToAcc());
+      const Box<A> gb = load_box<A>(gts, g0 + t0 + j, ToAcc());
+      tile[j] = gb;
+      tile_area[j] = box_area(gb);
+      nan_area |= static_cast<int>(is_nan(tile_area[j]));
     }
-    __syncthreads();
+    // Also the barrier after the staging.
+    const bool exact = block_reduce<kBlock>(nan_area, AnyOp()) != 0 || is_nan(area);
     if (active) {
-      for (int j = 0; j < tn; ++j) argmax_update(best, box_iou(b, tile[j], eps), t0 + j);
+      int best_j = -1;  // set when a candidate of this tile becomes the best
+      if (!exact) {
+        for (int j = 0; j < tn; ++j) {
+          argmax_update_above(best, best_j, box_iou_with_areas(b, area, tile[j], tile_area[j], eps), j);
+        }
+      } else {
+        for (int j = 0; j < tn; ++j) argmax_update_above(best, best_j, box_iou(b, tile[j], eps), j);
+      }
+      if (best_j >= 0) best_index = t0 + best_j;
     }
   }
   if (active) {
-    iou[n * P + p] = from_acc<T>(best.index < 0 ? A(0) : best.value);
-    arg[n * P + p] = best.index;
+    iou[n * P + p] = from_acc<T>(best_index < 0 ? A(0) : best);
+    arg[n * P + p] = best_index;
   }
 }
 
@@ -125,18 +156,36 @@ decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
 }
 
 // key[n*P + p] = row of gts matched by prediction (n, p), or `none` (sorts
-// last) when it matched nothing; val = n*P + p.
+// last) when it matched nothing or its term of that row's gradient is +0.0 or
+// -0.0 in every coordinate (no overlap, for instance; a touching box or a NaN
+// gives a nonzero or NaN term and is kept); val = n*P + p. A sum that starts
+// at +0.0 is never -0.0, so adding such a term changes nothing: the row's sum
+// is that of its other terms, in the same order.
+template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock)
-decode_max_iou_gt_keys_kernel(GtChunk chunk, int64_t P, const int64_t* __restrict__ arg,
-                              int32_t none, int32_t* __restrict__ keys,
-                              int64_t* __restrict__ vals) {
+decode_max_iou_gt_keys_kernel(const T* __restrict__ pred, PredLayout pl,
+                              const T* __restrict__ priors, int64_t ps0, int64_t ps1, int pdim,
+                              const T* __restrict__ gts, GtChunk chunk, int64_t P,
+                              CoderParams<A> cp, const A* __restrict__ shapes, A eps,
+                              const T* __restrict__ grad, int64_t gs0, int64_t gs1,
+                              const int64_t* __restrict__ arg, int32_t none,
+                              int32_t* __restrict__ keys, int64_t* __restrict__ vals) {
   const int64_t p = blockIdx.x * int64_t(kBlock) + threadIdx.x;
   if (p >= P) return;
   const int64_t n = chunk.n0 + blockIdx.y;
   const int64_t g0 = chunk.off[0][blockIdx.y];
   const int64_t a = arg[n * P + p];
-  const bool hit = a >= 0 && a < chunk.off[0][blockIdx.y + 1] - g0;
-  keys[n * P + p] = hit ? static_cast<int32_t>(g0 + a) : none;
+  bool keep = a >= 0 && a < chunk.off[0][blockIdx.y + 1] - g0;
+  if (keep) {
+    A d[4], r[4];
+    const Box<A> b =
+        decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r);
+    Box<A> gb, gg;
+    box_iou_backward(b, load_box<A>(gts, g0 + a, ToAcc()), eps, to_acc(grad[n * gs0 + p * gs1]),
+                     gb, gg);
+    keep = !box_is_zero(gg);
+  }
+  keys[n * P + p] = keep ? static_cast<int32_t>(g0 + a) : none;
   vals[n * P + p] = n * P + p;
 }
 
@@ -224,7 +273,7 @@ void decode_max_iou_forward(DType dt, const DecodeIouArgs& a, void* iou, int64_t
     const A* shapes = static_cast<const A*>(a.max_shapes);
     for_each_chunk(a, [&](const GtChunk& c) {
       const dim3 grid(static_cast<unsigned>(ceil_div(a.P, kBlock)), static_cast<unsigned>(c.count));
-      launch_kernel((decode_max_iou_fwd_kernel<T, A>), grid, kBlock, kTile * sizeof(Box<A>), s,
+      launch_kernel((decode_max_iou_fwd_kernel<T, A>), grid, kBlock, fwd_tile_bytes<A>(), s,
                     static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors),
                     a.prior_s0, a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P, cp,
                     shapes, static_cast<A>(a.eps), static_cast<T*>(iou), arg);
@@ -278,8 +327,12 @@ void decode_max_iou_backward(DType dt, const DecodeIouArgs& a, const void* grad_
       int64_t* vals_in = workspace_at<int64_t>(workspace, ws.vals_in);
       int64_t* vals_out = workspace_at<int64_t>(workspace, ws.vals_out);
       for_each_chunk(a, [&](const GtChunk& c) {
-        launch_kernel(decode_max_iou_gt_keys_kernel, dim3(pblocks, static_cast<unsigned>(c.count)),
-                      kBlock, 0, s, c, a.P, arg, static_cast<int32_t>(total_g), keys_in, vals_in);
+        launch_kernel((decode_max_iou_gt_keys_kernel<T, A>),
+                      dim3(pblocks, static_cast<unsigned>(c.count)), kBlock, 0, s,
+                      static_cast<const T*>(a.pred), a.pl, static_cast<const T*>(a.priors),
+                      a.prior_s0, a.prior_s1, a.prior_dim, static_cast<const T*>(a.gts), c, a.P,
+                      cp, shapes, static_cast<A>(a.eps), static_cast<const T*>(grad_iou), gs0, gs1,
+                      arg, static_cast<int32_t>(total_g), keys_in, vals_in);
       });
       sort_pairs(keys_in, keys_out, vals_in, vals_out, np, bits_for(total_g), workspace_at<char>(workspace, ws.temp),
                  ws.temp_bytes, s);

@@ -868,3 +868,175 @@ def test_grid_limit_is_enforced(grid_yz_limit):
     with pytest.raises(RuntimeError, match=r"decode_max_iou\.cu:\d+: launch of .*decode_max_iou_fwd_kernel.*"
                        r"grid dimension over the limit \(2\^31 - 1, 7, 7\)"):
         EMU.decode_max_iou(*args)
+
+
+# ---- special coordinates: NaN, +-inf, -0.0, touching, degenerate and inverted boxes ----------------
+# The pair loop of the kernels skips the NaN tests of the min/max for boxes whose area is not NaN;
+# the values must stay those of the NaN-propagating formula bit for bit, the sign of a zero IoU
+# included. The reference is scalar IEEE arithmetic in the dtype (numpy scalars) from the formula
+# inter / max(union, eps) with torch.maximum / torch.minimum / torch.clamp semantics (NaN
+# propagates; on a tie, -0.0 against +0.0 included, the first argument, the prediction's, is
+# returned; a clamped NaN stays NaN) and torch.max's argmax (the first NaN, else the first maximum).
+SPECIAL = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 0.5, 1.0, 2.0, 3.0, 1e30]
+
+
+def special_boxes(gen, n, allow_nan=True):
+    pool = SPECIAL if allow_nan else SPECIAL[1:]
+    idx = torch.randint(0, len(pool), (n, 4), generator=gen)
+    return torch.tensor(pool, dtype=F64)[idx]
+
+
+def structured_boxes():
+    """Touching (at 0.0 and -0.0, in x and in y), degenerate, inverted and nested boxes."""
+    z, nz = 0.0, -0.0
+    return torch.tensor([
+        [z, z, 2.0, 2.0], [-2.0, z, nz, 2.0], [-2.0, z, z, 2.0], [nz, z, 2.0, 2.0], [z, -2.0, 2.0, nz],
+        [z, nz, 2.0, 2.0], [2.0, z, 4.0, 2.0], [1.0, 1.0, 1.0, 3.0], [1.0, 1.0, 3.0, 1.0], [3.0, 3.0, 1.0, 1.0],
+        [nz, nz, nz, nz], [z, z, z, z], [0.5, 0.5, 1.0, 1.0], [-float("inf"), z, z, 1.0], [z, z, float("inf"), 1.0],
+    ], dtype=F64)
+
+
+def scalar_max_iou(boxes, gts, eps, np_dtype):
+    """(iou, arg) of one prediction against an image's ground truths, in scalar IEEE arithmetic."""
+    import numpy as np
+
+    def mn(x, y):
+        return x if (x != x or x < y) else (y if (y != y or y < x) else x)
+
+    def mx(x, y):
+        return x if (x != x or x > y) else (y if (y != y or y > x) else x)
+
+    def cmin(v, lo):
+        return v if v != v else (lo if v < lo else v)
+
+    zero, e = np_dtype(0), np_dtype(eps)
+
+    def area(q):
+        return cmin(q[2] - q[0], zero) * cmin(q[3] - q[1], zero)
+
+    out_v, out_a = [], []
+    with np.errstate(all="ignore"):
+        for a in boxes:
+            a = [np_dtype(c) for c in a]
+            best, arg = None, -1
+            for j, b in enumerate(gts):
+                b = [np_dtype(c) for c in b]
+                iw = cmin(mn(a[2], b[2]) - mx(a[0], b[0]), zero)
+                ih = cmin(mn(a[3], b[3]) - mx(a[1], b[1]), zero)
+                inter = iw * ih
+                v = inter / cmin(area(a) + area(b) - inter, e)
+                if arg < 0 or (best == best and (v != v or v > best)):
+                    best, arg = v, j
+            out_v.append(np_dtype(0) if arg < 0 else best)
+            out_a.append(arg)
+    return out_v, out_a
+
+
+def special_problem(dtype, seed=0):
+    """Four images: ground truths without NaN, with NaN, the structured boxes, and two boxes that
+    predictions touch at -0.0 (a zero IoU of either sign is the maximum); predictions
+    [3, P, 4] (coder "none": the boxes themselves) from the same values, NaN included."""
+    gen = torch.Generator().manual_seed(seed)
+    s = structured_boxes()
+    pred = torch.cat([s, special_boxes(gen, 60)])
+    touching = torch.tensor([[-2.0, 0.0, -0.0, 2.0], [0.0, -2.0, 2.0, -0.0], [-2.0, 0.0, 0.0, 2.0], [2.0, 0.0, 4.0, 2.0]],
+                            dtype=F64)
+    pred = torch.stack([pred, pred.flip(0), torch.cat([special_boxes(gen, 45, allow_nan=False), s, s]),
+                        torch.cat([touching, special_boxes(gen, 71)])])
+    gts = [torch.cat([s, special_boxes(gen, 25, allow_nan=False)]), torch.cat([special_boxes(gen, 20), s]), s,
+           torch.tensor([[0.0, 0.0, 2.0, 2.0], [-0.0, 0.0, 2.0, 2.0]], dtype=F64)]
+    return pred.to(dtype), [g.to(dtype) for g in gts]
+
+
+def bits(t):
+    return t.view(torch.int64 if t.dtype == F64 else torch.int32)
+
+
+@pytest.mark.parametrize("device", DEVICES[:2])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_special_coordinates_match_scalar_reference(device, dtype):
+    import numpy as np
+    pred, gts = special_problem(dtype)
+    iou, arg = tbd_ops.decode_max_iou(pred.to(device), None, [g.to(device) for g in gts], coder="none")
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    for n in range(pred.shape[0]):
+        v, a = scalar_max_iou(pred[n].tolist(), gts[n].tolist(), 1e-6, np_dtype)
+        want = torch.tensor(np.array(v, dtype=np_dtype))
+        assert arg[n].tolist() == a, f"image {n}: argmax"
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(iou[n]), nan), f"image {n}: NaN positions"
+        assert torch.equal(bits(iou[n][~nan]), bits(want[~nan])), f"image {n}: values (sign of zero included)"
+    # Signed zeros, NaN and zero IoUs all occur (the test covers what it says).
+    assert torch.isnan(iou).any() and (iou == 0).any() and (iou > 0).any()
+    assert torch.signbit(iou[iou == 0]).any()
+
+
+@requires_emu
+@pytest.mark.emulated
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.float16])
+def test_special_coordinates_emulated_matches_cpu_bitwise(dtype):
+    """CPU and emulated CUDA kernels: the IoUs bit for bit (in float16 but for the payloads of
+    NaNs, which the two float-to-half conversions write differently), the prediction gradient bit
+    for bit but for the payloads of its NaNs (the host compiler orders the operands of its
+    NaN-producing operations as it likes), the ground-truth gradient to rounding with the same
+    NaNs."""
+    pred, gts = special_problem(dtype, seed=1)
+    args = (pred, None, torch.cat(gts), [len(g) for g in gts], "none", [0.0] * 4, [1.0] * 4, 1.0, None, 0.016)
+    iou_c, arg_c = CPU.decode_max_iou(*args)
+    iou_e, arg_e = all_schedules(lambda: EMU.decode_max_iou(*args))
+    if dtype == torch.float16:
+        nan = torch.isnan(iou_c)
+        assert torch.equal(torch.isnan(iou_e), nan)
+        iou_e, iou_c = iou_e[~nan], iou_c[~nan]
+    assert_bitwise(iou_e, iou_c, "iou")
+    assert torch.equal(arg_e, arg_c)
+    grad = torch.randn(arg_c.shape, dtype=F64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    mask = [True, False, True]
+    gp_c, _, gg_c = CPU._decode_max_iou_backward(grad, arg_c, *args, mask)
+    gp_e, _, gg_e = all_schedules(lambda: EMU._decode_max_iou_backward(grad, arg_c, *args, mask))
+    nan = torch.isnan(gp_c)
+    assert torch.equal(torch.isnan(gp_e), nan) and nan.any()
+    assert_bitwise(gp_e[~nan], gp_c[~nan], "grad of bbox_pred")
+    torch.testing.assert_close(gg_e, gg_c, equal_nan=True, **RED_TOL[dtype])
+    assert torch.isnan(gg_c).any() and not torch.isnan(gg_c).all()
+
+
+def non_overlap_problem(dtype):
+    """Two images with two ground truths each. Predictions: far from every ground truth (IoU 0,
+    arg 0, a zero gradient), touching the first ground truth (IoU 0 but a nonzero gradient at the
+    boundary, as autograd's clamp), overlapping it, overlapping the second one; more of them than
+    a block (256) sums in one pass."""
+    gt = torch.tensor([[10.0, 10.0, 20.0, 20.0], [40.0, 40.0, 50.0, 60.0]], dtype=F64)
+    far = torch.tensor([[100.0, 100.0, 110.0, 120.0]], dtype=F64) + torch.arange(600, dtype=F64)[:, None] * 0.25
+    touch = torch.tensor([[20.0, 12.0, 25.0, 18.0], [5.0, 20.0, 15.0, 30.0], [0.0, 0.0, 10.0, 15.0]], dtype=F64)
+    over = torch.tensor([[12.0, 11.0, 19.0, 22.0], [15.0, 15.0, 25.0, 25.0], [42.0, 45.0, 49.0, 55.0]], dtype=F64)
+    boxes = torch.cat([far[:200], touch, far[200:400], over, far[400:]])
+    pred = torch.stack([boxes, boxes.flip(0)]).to(dtype)
+    return pred, [gt.to(dtype), (gt + 1.0).to(dtype)]
+
+
+@pytest.mark.parametrize("device", DEVICES[:2])
+def test_gt_gradient_with_non_overlapping_and_touching_predictions(device):
+    """The ground-truth gradient: non-overlapping predictions add exactly zero, touching ones
+    (IoU 0) still add their boundary gradient, and a NaN upstream gradient reaches the row."""
+    pred, gts = non_overlap_problem(F64)
+    P = pred.shape[1]
+    grad = torch.linspace(0.5, 1.5, 2 * P, dtype=F64).view(2, P)
+    grad[1, 5] = float("nan")   # a non-overlapping prediction of image 1 (matched row 0 with IoU 0)
+    got, want = [], []
+    for fn, out in ((tbd_ops.decode_max_iou, got), (ref.decode_max_iou, want)):
+        g = [t.clone().to(device).requires_grad_() for t in gts]
+        iou, arg = fn(pred.to(device), None, g, coder="none")
+        out.extend([iou, arg, *torch.autograd.grad(iou, g, grad.to(device))])
+    assert torch.equal(got[1], want[1])
+    assert (got[0][0, 200:203] == 0).all() and (got[1][:, :200] == 0).all()
+    torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-12)
+    assert torch.isnan(got[3][0]).all() and not torch.isnan(got[3][1]).any()
+    torch.testing.assert_close(got[3][1], want[3][1], rtol=1e-12, atol=1e-12)
+    # Without the touching predictions, the first row's gradient changes (they count).
+    keep = torch.ones(P, dtype=torch.bool)
+    keep[200:203] = False
+    g = [t.clone().requires_grad_() for t in gts]
+    iou, _ = ref.decode_max_iou(pred[:, keep], None, g, coder="none")
+    (g0,) = torch.autograd.grad(iou, g[0], grad[:, keep])
+    assert not torch.allclose(g0[0], want[2][0])

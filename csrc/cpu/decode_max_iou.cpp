@@ -71,8 +71,16 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(
     scalar_t* pi = iou.mutable_data_ptr<scalar_t>();
     int64_t* pa = arg.mutable_data_ptr<int64_t>();
     const A eps = static_cast<A>(kIouEps);
-    // Ground truths converted once to A.
+    // Ground truths converted once to A, their areas, and per image whether
+    // one of them is NaN (then the IoUs take the NaN-propagating box_iou).
     const std::vector<Box<A>> gts = cpu::load_boxes<A>(dec.gts, pb.gts.size(0));
+    const std::vector<A> areas = cpu::box_areas(gts);
+    std::vector<char> nan_area(pb.N, 0);
+    for (int64_t n = 0; n < pb.N; ++n) {
+      for (int64_t g = pb.gt_offsets[n]; g < pb.gt_offsets[n + 1]; ++g) {
+        if (is_nan(areas[g])) nan_area[n] = 1;
+      }
+    }
     at::parallel_for(0, pb.N * pb.P, 64, [&](int64_t begin, int64_t end) {
       std::vector<A> row;
       for (int64_t j = begin; j < end; ++j) {
@@ -80,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(
         const int64_t g0 = pb.gt_offsets[n], G = pb.gt_offsets[n + 1] - g0;
         A d[4], r[4];
         const Box<A> b = dec.decode(n, p, d, r);
-        const ArgMax<A> best = cpu::max_iou(b, gts.data() + g0, G, eps, row);
+        const ArgMax<A> best =
+            cpu::max_iou(b, gts.data() + g0, areas.data() + g0, nan_area[n] != 0, G, eps, row);
         pi[j] = static_cast<scalar_t>(best.index < 0 ? A(0) : best.value);
         pa[j] = best.index;
       }

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -181,5 +182,39 @@ TYPED_TEST(ArgMaxTyped, RandomAgainstReference) {
     }
   }
 }
+
+// argmax_update_above started below every candidate: the same value bits and
+// index as argmax_update started empty, for every sequence of length <= 4 over
+// {NaN, -0.0, +0.0, 0.5, 1, inf} (IoUs are NaN or >= -0.0).
+template <typename T> void check_update_above() {
+  const T vals[] = {std::numeric_limits<T>::quiet_NaN(), T(-0.0), T(0.0), T(0.5), T(1),
+                    std::numeric_limits<T>::infinity()};
+  int checked = 0;
+  for (int len = 0; len <= 4; ++len) {
+    int count = 1;
+    for (int k = 0; k < len; ++k) count *= 6;
+    for (int code = 0; code < count; ++code) {
+      ArgMax<T> a = argmax_empty<T>(), b = argmax_below(T(-1));
+      T v2 = T(-1);
+      int j2 = -1;
+      for (int k = 0, c = code; k < len; ++k, c /= 6) {
+        argmax_update(a, vals[c % 6], k);
+        argmax_update_above(b, vals[c % 6], k);
+        argmax_update_above(v2, j2, vals[c % 6], k);
+      }
+      ASSERT_EQ(a.index, b.index) << len << " " << code;
+      ASSERT_EQ(a.index, j2) << len << " " << code;
+      if (a.index >= 0) {
+        ASSERT_EQ(std::memcmp(&a.value, &b.value, sizeof(T)), 0) << len << " " << code;
+        ASSERT_EQ(std::memcmp(&a.value, &v2, sizeof(T)), 0) << len << " " << code;
+      }
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 1 + 6 + 36 + 216 + 1296);
+}
+
+TEST(ArgMaxAbove, SameAsArgMaxUpdateFloat) { check_update_above<float>(); }
+TEST(ArgMaxAbove, SameAsArgMaxUpdateDouble) { check_update_above<double>(); }
 
 }  // namespace

@@ -4,8 +4,10 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "tbd_ops/box.h"
 #include "test_util.h"
@@ -436,6 +438,56 @@ TEST(IouBackward, EpsActiveUsesInterOverEps) {
     EXPECT_NEAR(ga[k], fa[k], 1e-6) << k;
     EXPECT_NEAR(gb[k], fb[k], 1e-6) << k;
   }
+}
+
+// ---- box_iou_with_areas: box_iou without the NaN checks, bit for bit ---------
+// Every pair of boxes whose coordinates are drawn from {NaN, +-inf, -0.0, +0.0,
+// 1, 2, 1e30} (7^4 boxes, all 7^8 pairs): where neither area is NaN, the same
+// bits as box_iou (the sign of a zero IoU included); a NaN area makes box_iou
+// NaN (which is why a NaN area is the only thing to check per box).
+template <typename A> void check_with_areas_exhaustive() {
+  const A inf = std::numeric_limits<A>::infinity();
+  const A vals[] = {std::numeric_limits<A>::quiet_NaN(), inf, -inf, A(-0.0), A(0.0), A(1), A(2), A(1e30)};
+  std::vector<Box<A>> boxes;
+  for (A x1 : vals) for (A y1 : vals) for (A x2 : vals) for (A y2 : vals) {
+    if (std::isnan(x1) && std::isnan(y1)) continue;  // one NaN per box is enough
+    boxes.push_back({x1, y1, x2, y2});
+  }
+  std::vector<A> areas;
+  for (const auto& b : boxes) areas.push_back(box_area(b));
+  const A eps = A(1e-6);
+  int64_t fast = 0, zeros = 0, neg_zeros = 0, mismatches = 0;
+  for (size_t i = 0; i < boxes.size(); ++i) {
+    for (size_t j = 0; j < boxes.size(); ++j) {
+      const A want = box_iou(boxes[i], boxes[j], eps);
+      if (std::isnan(areas[i]) || std::isnan(areas[j])) {
+        if (!std::isnan(want)) ++mismatches;
+        continue;
+      }
+      const A got = box_iou_with_areas(boxes[i], areas[i], boxes[j], areas[j], eps);
+      ++fast;
+      if (std::isnan(want) ? !std::isnan(got) : std::memcmp(&got, &want, sizeof(A)) != 0) {
+        if (++mismatches < 5) {
+          ADD_FAILURE() << "pair " << i << ", " << j << ": " << got << " vs " << want;
+        }
+      }
+      zeros += want == A(0);
+      neg_zeros += want == A(0) && std::signbit(want);
+    }
+  }
+  EXPECT_EQ(mismatches, 0);
+  EXPECT_GT(fast, 1000000);
+  EXPECT_GT(neg_zeros, 0);  // signed zeros were exercised
+  EXPECT_GT(zeros, neg_zeros);
+}
+
+TEST(BoxIouWithAreas, EqualsBoxIouBitwiseFloat) { check_with_areas_exhaustive<float>(); }
+TEST(BoxIouWithAreas, EqualsBoxIouBitwiseDouble) { check_with_areas_exhaustive<double>(); }
+
+TEST(BoxIsZero, SignedZerosAndNaN) {
+  EXPECT_TRUE(box_is_zero(Box<float>{0.0f, -0.0f, 0.0f, -0.0f}));
+  EXPECT_FALSE(box_is_zero(Box<float>{0.0f, 0.0f, 1e-45f, 0.0f}));
+  EXPECT_FALSE(box_is_zero(Box<double>{0.0, 0.0, 0.0, std::nan("")}));
 }
 
 }  // namespace

@@ -27,6 +27,22 @@ template <typename T> TBD_HD void argmax_update(ArgMax<T>& a, T v, int64_t idx) 
   if (a.index < 0 || argmax_takes(a.value, v)) { a.value = v; a.index = idx; }
 }
 
+// The same running argmax for candidates that are NaN or >= some floor (IoUs
+// are NaN or >= -0.0), started by argmax_below(v) with a value v below that
+// floor instead of argmax_empty(): the first candidate always replaces v (it is
+// not <= v), later ones replace the best as argmax_takes says (`!(v <= best)`
+// is v > best or v NaN while best is not NaN), so no emptiness test per
+// candidate. The index stays -1 while empty.
+// The (value, index) form lets a hot loop keep a 32-bit index.
+template <typename T> TBD_HD ArgMax<T> argmax_below(T v) { return {v, -1}; }
+template <typename T, typename I>
+TBD_HD void argmax_update_above(T& value, I& index, T v, I idx) {
+  if (!(v <= value) && !is_nan(value)) { value = v; index = idx; }
+}
+template <typename T> TBD_HD void argmax_update_above(ArgMax<T>& a, T v, int64_t idx) {
+  argmax_update_above(a.value, a.index, v, idx);
+}
+
 // The argmax of two disjoint sets of candidates, each found by argmax_update:
 // the same result as feeding every candidate in index order (the first NaN,
 // else the largest value, the lowest index on ties), whatever the grouping of

@@ -168,6 +168,32 @@ template <typename A> TBD_HD A box_iou(const Box<A>& a, const Box<A>& b, A eps) 
   return inter / clamp_min_val(uni, eps);
 }
 
+// box_iou(a, b, eps) bit for bit, from the areas box_area(a) and box_area(b)
+// computed once per box, for boxes whose areas are not NaN (check it once per
+// box, not per pair; with a NaN area use box_iou). A NaN coordinate makes the
+// area NaN, so here no coordinate is NaN and the min/max are plain compares
+// that return a's coordinate on ties (-0.0 vs +0.0 included), as min_nan and
+// max_nan do; `v < lo ? lo : v` is clamp_min_val (a NaN stays NaN), so the
+// operations and their order are those of box_iou.
+template <typename A>
+TBD_HD A box_iou_with_areas(const Box<A>& a, A area_a, const Box<A>& b, A area_b, A eps) {
+  const A x1 = b.x1 > a.x1 ? b.x1 : a.x1;
+  const A y1 = b.y1 > a.y1 ? b.y1 : a.y1;
+  const A x2 = b.x2 < a.x2 ? b.x2 : a.x2;
+  const A y2 = b.y2 < a.y2 ? b.y2 : a.y2;
+  const A iw_raw = x2 - x1, ih_raw = y2 - y1;
+  const A iw = iw_raw < A(0) ? A(0) : iw_raw;
+  const A ih = ih_raw < A(0) ? A(0) : ih_raw;
+  const A inter = iw * ih;
+  const A uni = area_a + area_b - inter;
+  return inter / (uni < eps ? eps : uni);
+}
+
+// Whether every coordinate of b is +0.0 or -0.0 (false if one is NaN).
+template <typename A> TBD_HD bool box_is_zero(const Box<A>& b) {
+  return b.x1 == A(0) && b.y1 == A(0) && b.x2 == A(0) && b.y2 == A(0);
+}
+
 // Gradient of box_iou(a, b) scaled by g, with respect to both boxes.
 template <typename A>
 TBD_HD void box_iou_backward(const Box<A>& a, const Box<A>& b, A eps, A g,
