@@ -105,6 +105,10 @@ class TestContract(OpContract):
         return F64 if sample.dtype() == torch.float64 else TOL[sample.dtype()]
 
     def grad_tol(self, sample):
+        if "C 1100" in sample.name:
+            # The weight's gradient sums C = 1100 products g * loss in float32 (their magnitudes
+            # add up to ~10^3): a rounding error up to 2.1e-4 in 600 draws (2.7e-7 of that sum).
+            return dict(GRAD_TOL[torch.float32], atol=2e-3)
         return F64 if sample.dtype() == torch.float64 else GRAD_TOL[sample.dtype()]
 
 
