@@ -166,8 +166,10 @@ template <typename A> TBD_HD A abs_val(A v) { return v < A(0) ? -v : v; }
 
 // sign(v) as torch.sign (and the gradient of |v| in autograd): sign(0) = 0,
 // sign(NaN) = 0.
+// Branch-free (comparisons converted to numbers, no select), so that CPU loops
+// around it vectorize; +1, -1, or +0.0 for zeros and NaN.
 template <typename A> TBD_HD A sign_val(A v) {
-  return v > A(0) ? A(1) : (v < A(0) ? A(-1) : A(0));
+  return static_cast<A>(v > A(0)) - static_cast<A>(v < A(0));
 }
 
 // ---- NaN-aware max / min ------------------------------------------------------
