@@ -166,10 +166,16 @@ template <typename A> TBD_HD A abs_val(A v) { return v < A(0) ? -v : v; }
 
 // sign(v) as torch.sign (and the gradient of |v| in autograd): sign(0) = 0,
 // sign(NaN) = 0.
-// Branch-free (comparisons converted to numbers, no select), so that CPU loops
-// around it vectorize; +1, -1, or +0.0 for zeros and NaN.
+// The same values both ways (+1, -1, or +0.0 for zeros and NaN): on the host
+// branch-free (the comparisons converted to numbers), so that CPU loops around
+// it vectorize; on the device as selects (the branch-free form made the float64
+// L1 gradient kernel of masked_reduce spill registers).
 template <typename A> TBD_HD A sign_val(A v) {
+#if defined(__CUDA_ARCH__)
+  return v > A(0) ? A(1) : (v < A(0) ? A(-1) : A(0));
+#else
   return static_cast<A>(v > A(0)) - static_cast<A>(v < A(0));
+#endif
 }
 
 // ---- NaN-aware max / min ------------------------------------------------------
