@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tbd_ops
+
 ROOT = Path(__file__).resolve().parents[1]
 # Every op (or composite loss) that has a benchmark script; the quick run covers each of them.
 EXPECTED_OPS = {"channel_max_spatial_softmax", "decode_max_iou", "masked_sq_dist", "masked_l1", "tbd_loss",
@@ -12,7 +14,7 @@ EXPECTED_OPS = {"channel_max_spatial_softmax", "decode_max_iou", "masked_sq_dist
 
 
 def test_run_all_quick(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    env = dict(os.environ, PYTHONPATH=str(Path(tbd_ops.__file__).resolve().parents[1]))  # the tbd_ops under test
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--device", "cpu",
          "--no-plot", "--out-dir", str(tmp_path)],

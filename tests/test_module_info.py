@@ -206,6 +206,18 @@ def test_load_error_of_the_same_torch_is_not_hidden():
     assert "undefined symbol" in r.stdout.split(" | ")[1]
 
 
+def test_an_unbuilt_source_tree_says_how_to_build(tmp_path):
+    # The package's Python files without the compiled library, as in a fresh clone.
+    shutil.copytree(Path(tbd_ops.__file__).parent, tmp_path / "tbd_ops",
+                    ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    r = subprocess.run([sys.executable, "-c", "import tbd_ops"], capture_output=True, text=True, cwd=str(tmp_path),
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ") and "has no compiled library (_C)" in last, r.stderr
+    assert "make build" in last and "pip install --no-build-isolation" in last
+
+
 # --- python -m tbd_ops ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("capability, sass, ptx, expected", [

@@ -49,6 +49,15 @@ def _load_library():
         built = _built_against_torch()
         if built is not None and built != torch.__version__:
             raise _torch_mismatch(built) from e
+        import os
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not any(n.startswith("_C") and n.endswith((".so", ".pyd")) for n in os.listdir(here)):
+            raise ImportError(
+                f"tbd_ops in {here} has no compiled library (_C): this looks like an unbuilt source tree. "
+                "Build it in place (make build), or install it (pip install --no-build-isolation .) and "
+                "import it from outside the source tree"
+            ) from e
         raise
     if _C.torch_version() != torch.__version__:
         raise _torch_mismatch(_C.torch_version())
