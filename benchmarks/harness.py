@@ -31,7 +31,9 @@ from torch.utils import benchmark
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" on CPU hosts
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+# The source tree's tbd_ops when it is built in place (make build), else the installed one.
+if any((ROOT / "python" / "tbd_ops").glob("_C*.so")):
+    sys.path.insert(0, str(ROOT / "python"))
 import tbd_ops  # noqa: E402
 
 PROVIDERS = ("tbd_ops", "eager", "compile")
