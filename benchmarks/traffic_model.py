@@ -210,10 +210,14 @@ def decode_backward(N, levels, A, G, es=4, acc=4):
     return op
 
 
+def _harmony_size(N, levels) -> Tuple[int, int]:
+    """Locations summed over the levels, and blocks of the HD loss's kernels."""
+    return sum(h * w for h, w in levels), sum(N * _cdiv(h * w, HD_CHUNK) for h, w in levels)
+
+
 def harmony_forward(N, levels, es=4, acc=4):
     op = OpCall("harmony_distillation_loss forward")
-    hw = sum(h * w for h, w in levels)
-    blocks = sum(N * _cdiv(h * w, HD_CHUNK) for h, w in levels)
+    hw, blocks = _harmony_size(N, levels)
     if blocks:
         op.add("harmony_partial_kernel", 1, 4 * N * hw * es + 2 * blocks * acc)
     op.add("harmony_combine_kernel", 1, 2 * blocks * acc + 2 * N * len(levels) * acc + acc)
@@ -223,8 +227,7 @@ def harmony_forward(N, levels, es=4, acc=4):
 
 def harmony_backward(N, levels, es=4, acc=4):
     op = OpCall("harmony_distillation_loss backward")
-    hw = sum(h * w for h, w in levels)
-    blocks = sum(N * _cdiv(h * w, HD_CHUNK) for h, w in levels)
+    hw, blocks = _harmony_size(N, levels)
     if blocks:
         op.add("harmony_loss_grad_kernel", 1, 4 * N * hw * es + blocks * 3 * acc + 2 * N * hw * es)
     op.minimum = 4 * N * hw * es + 2 * N * hw * es
