@@ -189,6 +189,16 @@ def run_single_threaded(fn):
         torch.set_num_threads(threads)
 
 
+def run_without_host_sync(fn):
+    """fn() with every host synchronization of CUDA made an error (torch.cuda.set_sync_debug_mode)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 # ---- the test contract of an op --------------------------------------------------------------------
 @dataclass
 class Sample:

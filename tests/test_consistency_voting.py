@@ -6,7 +6,8 @@ import tbd_ops
 from tbd_ops import reference
 from tbd_ops.ops._utils import VOTING_MODES as MODES
 from op_testing import (DEVICES, DTYPES, RED_TOL, TOL, ImageListBadInput, OpContract, Sample, acc_dtype, all_schedules,
-                        rand_boxes, requires_cuda, requires_emu, run_single_threaded, strided)
+                        rand_boxes, requires_cuda, requires_emu, run_single_threaded, run_without_host_sync,
+                        strided)
 
 OP = tbd_ops.consistency_voting
 
@@ -224,12 +225,7 @@ def test_autocast_promotes_mixed_dtypes(device):
 @requires_cuda
 def test_no_host_synchronization():
     args = batch(SIZES, dtype=torch.float32, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        sigma, w, scale = OP(*args)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    sigma, w, scale = run_without_host_sync(lambda: OP(*args))
     _, _, scale_r = reference.consistency_voting(*args)
     torch.testing.assert_close(scale, scale_r, rtol=1e-5, atol=1e-6)
 
