@@ -242,10 +242,9 @@ struct BlockRun {
   std::vector<int> ready;  // fiber indices, in resume order
   std::vector<int> scratch;
   std::string error;
-#ifdef TBD_EMU_ASAN
+  // The scheduler's stack, as ASan reports it when the first fiber starts (ASan builds only).
   const void* sched_stack_bottom = nullptr;
   size_t sched_stack_size = 0;
-#endif
 
   int lanes_in_warp(int w) const {
     const int n = static_cast<int>(fibers.size());
