@@ -54,23 +54,31 @@ def eager(bbox_pred, priors, gt_bboxes, *, coder="delta_xywh", means=(0.0,) * 4,
     if bbox_pred.dim() == 4:  # [N, A*4, H, W] -> [N, H*W*A, 4]
         n, c, h, w = bbox_pred.shape
         bbox_pred = bbox_pred.view(n, c // 4, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
-    d = bbox_pred * bbox_pred.new_tensor(stds) + bbox_pred.new_tensor(means)
-    r = abs(math.log(wh_ratio_clip))
-    pxy, pwh = (priors[:, :2] + priors[:, 2:]) * 0.5, priors[:, 2:] - priors[:, :2]
-    gxy, gwh = pxy + pwh * d[..., :2], pwh * d[..., 2:].clamp(-r, r).exp()
-    boxes = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
+    boxes = eager_delta_decode(bbox_pred, priors, means, stds, wh_ratio_clip)
     if max_shape is not None:
         h, w = max_shape
         boxes = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([w, h, w, h]))
-    gts = torch.stack(list(gt_bboxes))  # [N, G, 4]
+    return eager_iou_matrix(boxes, torch.stack(list(gt_bboxes))).max(dim=-1)
+
+
+def eager_delta_decode(deltas, priors, means, stds, wh_ratio_clip):
+    """DeltaXYWHBBoxCoder.decode of [N, P, 4] deltas on [P, 4] priors in plain PyTorch (unclipped)."""
+    d = deltas * deltas.new_tensor(stds) + deltas.new_tensor(means)
+    r = abs(math.log(wh_ratio_clip))
+    pxy, pwh = (priors[:, :2] + priors[:, 2:]) * 0.5, priors[:, 2:] - priors[:, :2]
+    gxy, gwh = pxy + pwh * d[..., :2], pwh * d[..., 2:].clamp(-r, r).exp()
+    return torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
+
+
+def eager_iou_matrix(boxes, gts):
+    """The batched [N, P, G] IoU matrix of boxes [N, P, 4] and ground truths [N, G, 4]."""
     lt = torch.maximum(boxes[:, :, None, :2], gts[:, None, :, :2])
     rb = torch.minimum(boxes[:, :, None, 2:], gts[:, None, :, 2:])
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     area_b = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
     area_g = (gts[..., 2:] - gts[..., :2]).clamp(min=0).prod(-1)
-    iou = inter / (area_b[:, :, None] + area_g[:, None, :] - inter).clamp(min=1e-6)
-    return iou.max(dim=-1)
+    return inter / (area_b[:, :, None] + area_g[:, None, :] - inter).clamp(min=1e-6)
 
 
 def base_anchors(stride: int, a: int, device) -> torch.Tensor:

@@ -43,7 +43,6 @@ import tbd_ops
 from bench_decode_max_iou import random_gts
 from harness import Case, Config, Inputs
 
-IMG_H, IMG_W = 800, 1333
 ES = 4  # float32
 
 
@@ -58,16 +57,20 @@ def random_boxes(p: int, device) -> torch.Tensor:
     return random_gts(p, device)
 
 
+def boxes_near(g: torch.Tensor, p: int, device, near: float = 0.6) -> torch.Tensor:
+    """p boxes in random order: a fraction ``near`` of them jittered copies of boxes of g, the rest random."""
+    k = int(p * near)
+    b = torch.cat([jitter(g[torch.randint(len(g), (k,), device=device)], 0.15), random_boxes(p - k, device)])
+    return b[torch.randperm(p, device=device)]
+
+
 # ---- prediction_guided_assign ---------------------------------------------------------------------
 def assign_case(n: int, p: int, m: int, c: int, name: str = None) -> Case:
     def make_inputs(device: torch.device) -> Inputs:
         boxes, scores, pseudo, labels, valid = [], [], [], [], []
         for _ in range(n):
             g = random_gts(m, device)
-            near = int(p * 0.6)
-            b = torch.cat([jitter(g[torch.randint(m, (near,), device=device)], 0.15), random_boxes(p - near, device)])
-            b = b[torch.randperm(p, device=device)]
-            boxes.append(b)
+            boxes.append(boxes_near(g, p, device))
             scores.append(torch.softmax(torch.randn(p, c, device=device) * 2, dim=1))
             pseudo.append(g)
             labels.append(torch.randint(c, (m,), device=device))

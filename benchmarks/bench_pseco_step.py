@@ -36,18 +36,13 @@ import torch.nn.functional as F
 import harness
 import tbd_ops
 from bench_decode_max_iou import random_gts
+from bench_pseco import boxes_near, jitter
 from harness import Case, Config, Inputs
 
 ES = 4
 STDS = (0.1, 0.1, 0.2, 0.2)
 IOU_THR, TOPK, ALPHA = 0.4, 12, 0.5
 GAMMA, FOCAL_ALPHA, CLS_WEIGHT = 2.0, 0.25, 10.0
-
-
-def jitter(boxes: torch.Tensor, frac: float) -> torch.Tensor:
-    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-    out = boxes + (torch.rand_like(boxes) * 2 - 1) * frac * wh
-    return torch.cat([out[:, :2], torch.maximum(out[:, 2:], out[:, :2] + 1)], dim=1)
 
 
 # ---- shared by both providers: the box coder and mmdet's RandomSampler ------------------------------
@@ -216,9 +211,7 @@ def step_case(n: int, p: int, m: int, c: int, num: int, name: str = None) -> Cas
         boxes, scores, proposals, pseudo, labels = [], [], [], [], []
         for _ in range(n):
             g = random_gts(m, device)
-            near = int(p * 0.6)
-            tb = torch.cat([jitter(g[torch.randint(m, (near,), device=device)], 0.15), random_gts(p - near, device)])
-            tb = tb[torch.randperm(p, device=device)]
+            tb = boxes_near(g, p, device)
             props = jitter(tb, 0.1)
             zero = torch.rand(p, device=device) < 0.02
             props[:, 2] = torch.where(zero, props[:, 0], props[:, 2])

@@ -48,7 +48,6 @@ Bytes (for GB/s; the compulsory traffic, so GB/s is a lower bound of what runs: 
 
     python benchmarks/bench_tbd_loss.py [--device cpu|cuda] [--quick]
 """
-import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -56,14 +55,12 @@ import torch.nn.functional as F
 
 import harness
 import tbd_ops
-from bench_decode_max_iou import level_anchors, random_gts
+from bench_decode_max_iou import IMG_H, IMG_W, STRIDES, eager_delta_decode, eager_iou_matrix, level_anchors, random_gts
 from harness import Case, Config, Inputs
 
 OP = "tbd_loss"
 LABEL = "tbd"
 
-IMG_H, IMG_W = 800, 1333
-STRIDES = (8, 16, 32, 64, 128)
 LEVEL_HW = ((100, 168), (50, 84), (25, 42), (13, 21), (7, 11))  # 800x1344 (padded) / stride
 NUM_CLASSES = 80
 CHANNELS = 256
@@ -111,23 +108,12 @@ def eager_pr(bbox_pred, priors, gts, img_hw, coder: str, scale: float, means, st
     n, a4, h, w = bbox_pred.shape
     d = bbox_pred.view(n, a4 // 4, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
     if coder == "delta_xywh":
-        d = d * d.new_tensor(stds) + d.new_tensor(means)
-        r = abs(math.log(wh_ratio_clip))
-        pxy, pwh = (priors[:, :2] + priors[:, 2:]) * 0.5, priors[:, 2:] - priors[:, :2]
-        gxy, gwh = pxy + pwh * d[..., :2], pwh * d[..., 2:].clamp(-r, r).exp()
-        boxes = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
+        boxes = eager_delta_decode(d, priors, means, stds, wh_ratio_clip)
     else:  # distance
         d = d * scale
         boxes = torch.cat([priors[:, :2] - d[..., :2], priors[:, :2] + d[..., 2:]], dim=-1)
     limit = img_hw.flip(-1).repeat(1, 2)[:, None, :]  # [N, 1, 4]: (w, h, w, h)
-    boxes = torch.minimum(boxes.clamp(min=0), limit)
-    lt = torch.maximum(boxes[:, :, None, :2], gts[:, None, :, :2])
-    rb = torch.minimum(boxes[:, :, None, 2:], gts[:, None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    area_b = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
-    area_g = (gts[..., 2:] - gts[..., :2]).clamp(min=0).prod(-1)
-    iou = inter / (area_b[:, :, None] + area_g[:, None, :] - inter).clamp(min=1e-6)
+    iou = eager_iou_matrix(torch.minimum(boxes.clamp(min=0), limit), gts)
     # One amax over the A x G_max IoUs of a location (max over G, then over A, trips an Inductor
     # assertion in torch.compile of the backward, torch 2.11, on the 2x2 level).
     return iou.view(n, h, w, -1).amax(-1)

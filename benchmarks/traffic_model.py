@@ -123,42 +123,36 @@ def _tiles(hw: int, s: int) -> int:
     return _cdiv(hw, length)
 
 
-def p_c_forward(N, levels, K, es=4, acc=4):
-    op = OpCall("p_c forward")
+def _tile_grid_op(name, N, levels, kernels, level_bytes):
+    """An op of the tile grid over the non-empty levels (one launch per kernel for up to MAX_LEVELS
+    levels): level_bytes(hw, tiles, chunks, s) gives each kernel's bytes and the minimum of a level."""
+    op = OpCall(name)
     s = _split(N, levels)
-    levels = [(h, w) for h, w in levels if h * w > 0]
-    if N == 0 or not levels:
+    hws = [h * w for h, w in levels if h * w > 0]
+    if N == 0 or not hws:
         return op
-    launches = _cdiv(len(levels), MAX_LEVELS)
-    mx = norm = 0
-    for h, w in levels:
-        hw = h * w
-        t, ch = _tiles(hw, s), _cdiv(hw, CHUNK)
-        mx += N * K * hw * es + N * hw * (acc + 8) + 2 * N * t * acc
-        norm += 2 * acc * N * ch * t + N * hw * (2 * acc + es)
-        op.minimum += N * K * hw * es + N * hw * es
-    op.add("cmss_max_kernel", launches, mx)
-    op.add("cmss_normalize_kernel", launches, norm)
+    totals = [0] * len(kernels)
+    for hw in hws:
+        *nbytes, minimum = level_bytes(hw, _tiles(hw, s), _cdiv(hw, CHUNK), s)
+        totals = [t + b for t, b in zip(totals, nbytes)]
+        op.minimum += minimum
+    for kernel, nbytes in zip(kernels, totals):
+        op.add(kernel, _cdiv(len(hws), MAX_LEVELS), nbytes)
     return op
+
+
+def p_c_forward(N, levels, K, es=4, acc=4):
+    return _tile_grid_op("p_c forward", N, levels, ("cmss_max_kernel", "cmss_normalize_kernel"),
+                         lambda hw, t, ch, s: (N * K * hw * es + N * hw * (acc + 8) + 2 * N * t * acc,
+                                               2 * acc * N * ch * t + N * hw * (2 * acc + es),
+                                               N * K * hw * es + N * hw * es))
 
 
 def p_c_backward(N, levels, K, es=4, acc=4):
-    op = OpCall("p_c backward")
-    s = _split(N, levels)
-    levels = [(h, w) for h, w in levels if h * w > 0]
-    if N == 0 or not levels:
-        return op
-    launches = _cdiv(len(levels), MAX_LEVELS)
-    dot = scatter = 0
-    for h, w in levels:
-        hw = h * w
-        t, ch = _tiles(hw, s), _cdiv(hw, CHUNK)
-        dot += N * hw * (es + acc) + N * ch * acc
-        scatter += acc * N * t * ch + s * N * hw * (es + acc + 8) + N * K * hw * es
-        op.minimum += N * hw * es + N * K * hw * es
-    op.add("cmss_dot_kernel", launches, dot)
-    op.add("cmss_scatter_kernel", launches, scatter)
-    return op
+    return _tile_grid_op("p_c backward", N, levels, ("cmss_dot_kernel", "cmss_scatter_kernel"),
+                         lambda hw, t, ch, s: (N * hw * (es + acc) + N * ch * acc,
+                                               acc * N * t * ch + s * N * hw * (es + acc + 8) + N * K * hw * es,
+                                               N * hw * es + N * K * hw * es))
 
 
 def masked_forward(N, levels, C, K, es=4, acc=4, name="masked_sq_dist"):
@@ -183,19 +177,10 @@ def masked_forward(N, levels, C, K, es=4, acc=4, name="masked_sq_dist"):
 
 def masked_backward(N, levels, C, K, es=4, acc=4, name="masked_sq_dist", grads=1):
     """grads: the gradients of a and b asked for (TFD: 1, b only)."""
-    op = OpCall(f"{name} backward")
-    s = _split(N, levels)
-    levels = [(h, w) for h, w in levels if h * w > 0]
-    if N == 0 or not levels:
-        return op
-    nbytes = 0
-    for h, w in levels:
-        hw = h * w
-        t = _tiles(hw, s)
-        nbytes += s * N * K * hw * es + N * t * K * acc + 2 * N * C * hw * es + grads * N * C * hw * es
-        op.minimum += N * K * hw * es + 2 * N * C * hw * es + N * C * hw * es
-    op.add("masked_grad_kernel", _cdiv(len(levels), MAX_LEVELS), nbytes)
-    return op
+    return _tile_grid_op(f"{name} backward", N, levels, ("masked_grad_kernel",),
+                         lambda hw, t, ch, s: (s * N * K * hw * es + N * t * K * acc + 2 * N * C * hw * es
+                                               + grads * N * C * hw * es,
+                                               N * K * hw * es + 2 * N * C * hw * es + N * C * hw * es))
 
 
 def decode_forward(N, levels, A, G, es=4, acc=4, per_image_shapes=True):
@@ -225,10 +210,14 @@ def decode_backward(N, levels, A, G, es=4, acc=4):
     return op
 
 
+def _harmony_size(N, levels) -> Tuple[int, int]:
+    """Locations summed over the levels, and blocks of the HD loss's kernels."""
+    return sum(h * w for h, w in levels), sum(N * _cdiv(h * w, HD_CHUNK) for h, w in levels)
+
+
 def harmony_forward(N, levels, es=4, acc=4):
     op = OpCall("harmony_distillation_loss forward")
-    hw = sum(h * w for h, w in levels)
-    blocks = sum(N * _cdiv(h * w, HD_CHUNK) for h, w in levels)
+    hw, blocks = _harmony_size(N, levels)
     if blocks:
         op.add("harmony_partial_kernel", 1, 4 * N * hw * es + 2 * blocks * acc)
     op.add("harmony_combine_kernel", 1, 2 * blocks * acc + 2 * N * len(levels) * acc + acc)
@@ -238,8 +227,7 @@ def harmony_forward(N, levels, es=4, acc=4):
 
 def harmony_backward(N, levels, es=4, acc=4):
     op = OpCall("harmony_distillation_loss backward")
-    hw = sum(h * w for h, w in levels)
-    blocks = sum(N * _cdiv(h * w, HD_CHUNK) for h, w in levels)
+    hw, blocks = _harmony_size(N, levels)
     if blocks:
         op.add("harmony_loss_grad_kernel", 1, 4 * N * hw * es + blocks * 3 * acc + 2 * N * hw * es)
     op.minimum = 4 * N * hw * es + 2 * N * hw * es

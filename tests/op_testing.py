@@ -189,6 +189,16 @@ def run_single_threaded(fn):
         torch.set_num_threads(threads)
 
 
+def run_without_host_sync(fn):
+    """fn() with every host synchronization of CUDA made an error (torch.cuda.set_sync_debug_mode)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 # ---- the test contract of an op --------------------------------------------------------------------
 @dataclass
 class Sample:
@@ -415,3 +425,84 @@ class OpContract:
                 torch.testing.assert_close(x, y, equal_nan=True, **self.emulated_tol(y))
             else:
                 assert_bitwise(x, y, f"{what}[{i}]")
+
+
+class ImageListBadInput:
+    """The argument checks of an op on per-image lists (``class TestBadInput(ImageListBadInput)`` in the
+    op's test file): ``args()`` gives two valid images of 6 and 4 rows with 2 and 1 pseudo boxes; the
+    subclass names the op and its list arguments, and the cases:
+
+    - ``op``, ``flat_op`` (staticmethods): the Python function and the flat operator, which takes the
+      first ``flat_inputs`` arguments concatenated, then the rows and the pseudo boxes per image
+      (``count_names``);
+    - ``names``: the list arguments in order; ``float_names``: those whose ``shape_cases`` values are
+      taken in float64;
+    - ``shape_cases``: ``(name, value, match)``, a ValueError; ``dtype_cases``: ``(name, method)``, the
+      argument converted by the tensor method (``"int"``, ...), a TypeError naming it;
+    - ``device_name``: the argument moved to CUDA, a ValueError naming it.
+    """
+    op: Callable = None
+    flat_op: Callable = None
+    flat_inputs: int = 0
+    count_names: Tuple[str, str] = ()
+    names: Tuple[str, ...] = ()
+    float_names: Tuple[str, ...] = ()
+    shape_cases: List[tuple] = []
+    dtype_cases: List[Tuple[str, str]] = []
+    device_name: str = None
+
+    def pytest_generate_tests(self, metafunc):
+        cases = {"list_name": (self.names[1:], None),
+                 "shape_case": (self.shape_cases, [f"{c[0]}-{i}" for i, c in enumerate(self.shape_cases)]),
+                 "dtype_case": (self.dtype_cases, [f"{name}-{method}" for name, method in self.dtype_cases])}
+        for arg, (values, ids) in cases.items():
+            if arg in metafunc.fixturenames:
+                metafunc.parametrize(arg, values, ids=ids)
+
+    def args(self):
+        raise NotImplementedError
+
+    def kwargs(self) -> Dict[str, List[torch.Tensor]]:
+        return dict(zip(self.names, self.args()))
+
+    def call(self, **change):
+        kw = self.kwargs()
+        kw.update(change)
+        return type(self).op(**kw)
+
+    def test_list_length(self, list_name):
+        with pytest.raises(ValueError, match=list_name):
+            self.call(**{list_name: self.kwargs()[list_name][:1]})
+
+    def test_not_a_list(self):
+        first, second = self.names[:2]
+        with pytest.raises(TypeError, match=first):
+            self.call(**{first: torch.zeros(2, 6, 4)})
+        with pytest.raises(TypeError, match=rf"{second}\[1\]"):
+            self.call(**{second: [self.kwargs()[second][0], 3]})
+
+    def test_shapes(self, shape_case):
+        name, value, match = shape_case
+        if name in self.float_names:
+            value = [v.double() for v in value]
+        with pytest.raises(ValueError, match=match):
+            self.call(**{name: value})
+
+    def test_dtypes(self, dtype_case):
+        name, method = dtype_case
+        with pytest.raises(TypeError, match=name):
+            self.call(**{name: [getattr(x, method)() for x in self.kwargs()[name]]})
+
+    @requires_cuda
+    def test_device(self):
+        with pytest.raises(ValueError, match=self.device_name):
+            self.call(**{self.device_name: [x.cuda() for x in self.kwargs()[self.device_name]]})
+
+    def flat_args(self) -> List[torch.Tensor]:
+        return [torch.cat(t) for t in self.args()[:self.flat_inputs]]
+
+    def test_flat_op_counts(self):
+        rows, pseudo = self.count_names
+        for counts, match in ((([6, 3], [2, 1]), rows), (([6, 4], [2, -1]), pseudo), (([6, 4], [3]), pseudo)):
+            with pytest.raises(ValueError, match=match):
+                type(self).flat_op(*self.flat_args(), *counts)

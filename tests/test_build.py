@@ -104,25 +104,22 @@ def test_defaults_are_the_papers():
 
 def test_module_defaults_are_the_ops():
     from tbd_ops import nn
-    pairs = [  # (module, its argument, op, the op's argument)
-        (nn.PseCoAssigner, "iou_thr", "prediction_guided_assign", "iou_thr"),
-        (nn.PseCoAssigner, "topk", "prediction_guided_assign", "topk"),
-        (nn.PseCoAssigner, "alpha", "prediction_guided_assign", "alpha"),
-        (nn.ConsistencyVotingWeights, "mode", "consistency_voting", "mode"),
-        (nn.SigmoidFocalLoss, "gamma", "sigmoid_focal_loss", "gamma"),
-        (nn.SigmoidFocalLoss, "alpha", "sigmoid_focal_loss", "alpha"),
-        (nn.HarmonyDistillationLoss, "mode", "harmony_distillation_loss", "mode"),
-        (nn.HarmonyDistillationLoss, "eps", "harmony_distillation_loss", "eps"),
-        (nn.TBDLoss, "hd_mode", "harmony_distillation_loss", "mode"),
-        (nn.TBDLoss, "coder", "decode_max_iou", "coder"),
-        (nn.TBDLoss, "temperature", "channel_max_spatial_softmax", "temperature"),
-        (nn.TBDLoss, "scale_by_hw", "channel_max_spatial_softmax", "scale_by_hw"),
+    same = lambda *names: {k: k for k in names}  # noqa: E731
+    groups = [  # (module, op, {the module's argument: the op's argument})
+        (nn.PseCoAssigner, "prediction_guided_assign", same("iou_thr", "topk", "alpha")),
+        (nn.ConsistencyVotingWeights, "consistency_voting", same("mode")),
+        (nn.SigmoidFocalLoss, "sigmoid_focal_loss", same("gamma", "alpha")),
+        (nn.HarmonyDistillationLoss, "harmony_distillation_loss", same("mode", "eps")),
+        (nn.TBDLoss, "harmony_distillation_loss", {"hd_mode": "mode"}),
+        (nn.TBDLoss, "decode_max_iou", same("coder")),
+        (nn.TBDLoss, "channel_max_spatial_softmax", same("temperature", "scale_by_hw")),
     ]
     try:  # the MMDetection registrations, where mmdet is installed
         from tbd_ops.mmdet.pseco import PredictionGuidedAssigner
-        pairs += [(PredictionGuidedAssigner, k, "prediction_guided_assign", k) for k in ("iou_thr", "topk", "alpha")]
+        groups.append((PredictionGuidedAssigner, "prediction_guided_assign", same("iou_thr", "topk", "alpha")))
     except ImportError:
         pass
+    pairs = [(module, arg, op, op_arg) for module, op, args in groups for arg, op_arg in args.items()]
     for module, arg, op, op_arg in pairs:
         got = _signature_defaults(module.__init__)[arg]
         assert _same(got, schema_defaults(op)[op_arg]), f"{module.__name__}({arg}={got!r}) vs {op}({op_arg})"

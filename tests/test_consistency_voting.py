@@ -5,8 +5,9 @@ import torch
 import tbd_ops
 from tbd_ops import reference
 from tbd_ops.ops._utils import VOTING_MODES as MODES
-from op_testing import (DEVICES, DTYPES, RED_TOL, TOL, OpContract, Sample, acc_dtype, all_schedules, rand_boxes,
-                        requires_cuda, requires_emu, run_single_threaded, strided)
+from op_testing import (DEVICES, DTYPES, RED_TOL, TOL, ImageListBadInput, OpContract, Sample, acc_dtype, all_schedules,
+                        rand_boxes, requires_cuda, requires_emu, run_single_threaded, run_without_host_sync,
+                        strided)
 
 OP = tbd_ops.consistency_voting
 
@@ -224,79 +225,34 @@ def test_autocast_promotes_mixed_dtypes(device):
 @requires_cuda
 def test_no_host_synchronization():
     args = batch(SIZES, dtype=torch.float32, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        sigma, w, scale = OP(*args)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    sigma, w, scale = run_without_host_sync(lambda: OP(*args))
     _, _, scale_r = reference.consistency_voting(*args)
     torch.testing.assert_close(scale, scale_r, rtol=1e-5, atol=1e-6)
 
 
-class TestBadInput:
-    def args(self):
-        return batch([(6, 2), (4, 1)])
-
-    def call(self, **change):
-        kw = dict(zip(["pred_boxes", "gt_inds", "pseudo_boxes"], self.args()))
-        kw.update(change)
-        return OP(**kw)
-
-    def test_mode(self):
-        with pytest.raises(ValueError, match="mode"):
-            self.call(mode="vote")
-        p, g, q = (torch.cat(t) for t in self.args())
-        with pytest.raises(ValueError, match="mode"):
-            torch.ops.tbd_ops.consistency_voting(p, g, q, [6, 4], [2, 1], "vote")
-
-    @pytest.mark.parametrize("name", ["gt_inds", "pseudo_boxes"])
-    def test_list_length(self, name):
-        a = dict(zip(["pred_boxes", "gt_inds", "pseudo_boxes"], self.args()))
-        with pytest.raises(ValueError, match=name):
-            self.call(**{name: a[name][:1]})
-
-    def test_not_a_list(self):
-        with pytest.raises(TypeError, match="pred_boxes"):
-            self.call(pred_boxes=torch.zeros(2, 6, 4))
-        with pytest.raises(TypeError, match=r"gt_inds\[1\]"):
-            self.call(gt_inds=[torch.zeros(6, dtype=torch.long), 3])
-
-    @pytest.mark.parametrize("name,value,match", [
+class TestBadInput(ImageListBadInput):
+    op = staticmethod(OP)
+    flat_op = staticmethod(torch.ops.tbd_ops.consistency_voting)
+    flat_inputs, count_names = 3, ("roi_counts", "pseudo_counts")
+    names = ("pred_boxes", "gt_inds", "pseudo_boxes")
+    float_names = ("pred_boxes", "pseudo_boxes")
+    shape_cases = [
         ("pred_boxes", [torch.zeros(6, 5), torch.zeros(4, 4)], r"pred_boxes\[0\]"),
         ("gt_inds", [torch.zeros(5, dtype=torch.long), torch.zeros(4, dtype=torch.long)], r"gt_inds\[0\]"),
         ("gt_inds", [torch.zeros(6, 1, dtype=torch.long), torch.zeros(4, dtype=torch.long)], r"gt_inds\[0\]"),
         ("pseudo_boxes", [torch.zeros(2, 3), torch.zeros(1, 4)], r"pseudo_boxes\[0\]"),
-    ])
-    def test_shapes(self, name, value, match):
-        if name != "gt_inds":
-            value = [v.double() for v in value]
-        with pytest.raises(ValueError, match=match):
-            self.call(**{name: value})
+    ]
+    dtype_cases = [("gt_inds", "int"), ("pred_boxes", "long"), ("pseudo_boxes", "float")]
+    device_name = "gt_inds"
 
-    def test_dtypes(self):
-        p, g, q = self.args()
-        with pytest.raises(TypeError, match="gt_inds"):
-            self.call(gt_inds=[x.int() for x in g])
-        with pytest.raises(TypeError, match="pred_boxes"):
-            self.call(pred_boxes=[x.long() for x in p])
-        with pytest.raises(TypeError, match="pseudo_boxes"):
-            self.call(pseudo_boxes=[x.float() for x in q])
+    def args(self):
+        return batch([(6, 2), (4, 1)])
 
-    @requires_cuda
-    def test_device(self):
-        p, g, q = self.args()
-        with pytest.raises(ValueError, match="gt_inds"):
-            self.call(gt_inds=[x.cuda() for x in g])
-
-    def test_flat_op_counts(self):
-        p, g, q = (torch.cat(t) for t in self.args())
-        with pytest.raises(ValueError, match="roi_counts"):
-            torch.ops.tbd_ops.consistency_voting(p, g, q, [6, 3], [2, 1])
-        with pytest.raises(ValueError, match="pseudo_counts"):
-            torch.ops.tbd_ops.consistency_voting(p, g, q, [6, 4], [2, -1])
-        with pytest.raises(ValueError, match="pseudo_counts"):
-            torch.ops.tbd_ops.consistency_voting(p, g, q, [6, 4], [3])
+    def test_mode(self):
+        with pytest.raises(ValueError, match="mode"):
+            self.call(mode="vote")
+        with pytest.raises(ValueError, match="mode"):
+            self.flat_op(*self.flat_args(), [6, 4], [2, 1], "vote")
 
 
 # ---- the emulated CUDA build against the CPU kernel ----------------------------------------------

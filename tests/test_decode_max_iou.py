@@ -58,6 +58,17 @@ def run_both(pred, priors, gts, kw, need=(True, True, True), grad=None):
     return results
 
 
+def assert_matches_reference(pred, priors, gts, kw, grad=None, same_arg=True):
+    """Ours against the reference (float64): IoU, the argmax (same_arg) and the gradients; ours returned."""
+    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(pred, priors, gts, kw, grad=grad)
+    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
+    if same_arg:
+        assert torch.equal(arg, arg_r)
+    for d, d_r in zip(grads, grads_r):
+        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+    return iou, arg, grads
+
+
 class TestContract(OpContract):
     op = staticmethod(tbd_ops.decode_max_iou)
     reference = staticmethod(ref.decode_max_iou)
@@ -146,11 +157,7 @@ def test_box_max_iou_and_16_bit_backward_opcheck(device):
 def test_one_and_many_ground_truths(device, G):
     # 1500 > one shared-memory tile of the CUDA kernel.
     pred, priors, gts = make_problem(device, "delta_xywh", N=2, A=1, H=6, W=7, counts=(G, G // 2 + 1))
-    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(pred, priors, gts, CODER_KW["delta_xywh"])
-    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
-    assert torch.equal(arg, arg_r)
-    for d, d_r in zip(grads, grads_r):
-        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+    _, arg, _ = assert_matches_reference(pred, priors, gts, CODER_KW["delta_xywh"])
     if G == 1:
         assert (arg[0] == 0).all()
 
@@ -259,11 +266,7 @@ def test_non_contiguous(device, layout):
     else:
         priors = torch.cat([priors, priors], 1)[:, ::2].contiguous()[:, :].t().contiguous().t()
     assert not (pred.is_contiguous() and priors.is_contiguous())
-    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(pred, priors, gts, CODER_KW["delta_xywh"])
-    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
-    assert torch.equal(arg, arg_r)
-    for d, d_r in zip(grads, grads_r):
-        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+    assert_matches_reference(pred, priors, gts, CODER_KW["delta_xywh"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -469,11 +472,7 @@ def test_wh_ratio_clip_and_its_gradient_mask(device, wh_ratio_clip):
     pred[0, 2, 0, 0] = bound
     pred[1, 3, 1, 1] = -bound
     kw = dict(coder="delta_xywh", wh_ratio_clip=wh_ratio_clip, max_shape=(60.0, 70.0))
-    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(pred, priors, gts, kw)
-    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
-    assert torch.equal(arg, arg_r)
-    for d, d_r in zip(grads, grads_r):
-        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+    assert_matches_reference(pred, priors, gts, kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -482,10 +481,7 @@ def test_padded_rows_and_strided_grad(device):
     wide = torch.randn(2, 8, 3, 7, device=device, dtype=F64) * 0.3
     wide[..., :6] = pred
     grad = torch.randn(2, 36 * 2, device=device, dtype=F64)[:, ::2]
-    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(wide[..., :6], priors, gts, CODER_KW["delta_xywh"], grad=grad)
-    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
-    for d, d_r in zip(grads, grads_r):
-        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+    assert_matches_reference(wide[..., :6], priors, gts, CODER_KW["delta_xywh"], grad=grad, same_arg=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -589,11 +585,7 @@ def test_per_image_max_shape_matches_reference(device, coder, kind):
         pred[0, :4, 0, 0] = torch.tensor([1.0, 1.0, 31.0, 31.0])
     ms = per_image(kind, device)
     kw = dict(CODER_KW[coder], max_shape=ms)
-    (iou, arg, grads), (iou_r, arg_r, grads_r) = run_both(pred, priors, gts, kw)
-    torch.testing.assert_close(iou, iou_r, rtol=1e-10, atol=1e-14)
-    assert torch.equal(arg, arg_r)
-    for d, d_r in zip(grads, grads_r):
-        torch.testing.assert_close(d, d_r, rtol=1e-10, atol=1e-12)
+    iou, _, _ = assert_matches_reference(pred, priors, gts, kw)
     # The clip is per image: image 0 differs from the same image clipped with image 1's shape.
     iou_1, _ = tbd_ops.decode_max_iou(pred, priors, gts, **dict(CODER_KW[coder], max_shape=SHAPES[1]))
     iou_0, _ = tbd_ops.decode_max_iou(pred, priors, gts, **dict(CODER_KW[coder], max_shape=SHAPES[0]))

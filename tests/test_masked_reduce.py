@@ -345,6 +345,24 @@ def test_cuda_matches_cpu_and_graph_capture(op):
 EMU_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
+def emu_inputs(N, C, K, H, W, dtype, layout):
+    """a, b [N, C, H, W] and masks [N, K, H, W] for the emulator tests, in a layout: contiguous,
+    channels_last, padded_rows (rows of a and b padded by 2), masks_expanded (one mask expanded to K),
+    misaligned (a one element into its storage)."""
+    a = rand((N, C, H, W + 2), "cpu", dtype)[..., :W]
+    b = rand((N, C, H, W + 2), "cpu", dtype)[..., :W]
+    m = masks_for(N, K, H, W, "cpu", dtype)
+    if layout != "padded_rows":
+        a, b = a.contiguous(), b.contiguous()
+    if layout == "channels_last":
+        a, b, m = (t.contiguous(memory_format=torch.channels_last) for t in (a, b, m))
+    elif layout == "masks_expanded":
+        m = m[:, :1].expand(N, K, H, W)
+    elif layout == "misaligned":
+        a = rand((N * C * H * W + 1,), "cpu", dtype)[1:].view(N, C, H, W)
+    return a, b, m
+
+
 def emu_compare(op, a, b, m):
     emu, cpu = torch.ops.tbd_ops_emu, torch.ops.tbd_ops
     y_c = getattr(cpu, op)(a, b, m)
@@ -376,18 +394,7 @@ def emu_compare(op, a, b, m):
     layout=st.sampled_from(["contiguous", "channels_last", "padded_rows", "masks_expanded", "misaligned"]),
 )
 def test_emulated_matches_cpu_property(op, N, C, K, H, W, dtype, layout):
-    a = rand((N, C, H, W + 2), "cpu", dtype)[..., :W]
-    b = rand((N, C, H, W + 2), "cpu", dtype)[..., :W]
-    m = masks_for(N, K, H, W, "cpu", dtype)
-    if layout != "padded_rows":
-        a, b = a.contiguous(), b.contiguous()
-    if layout == "channels_last":
-        a, b, m = (t.contiguous(memory_format=torch.channels_last) for t in (a, b, m))
-    elif layout == "masks_expanded":
-        m = m[:, :1].expand(N, K, H, W)
-    elif layout == "misaligned":
-        a = rand((N * C * H * W + 1,), "cpu", dtype)[1:].view(N, C, H, W)
-    emu_compare(op, a, b, m)
+    emu_compare(op, *emu_inputs(N, C, K, H, W, dtype, layout))
 
 
 @requires_emu
@@ -560,13 +567,7 @@ def test_emulated_levels_match_cpu_on_both_sides_of_the_split_rule(op, policy, C
     N = 2
     a, b, m = [], [], []
     for h, w in shapes:
-        x = rand((N, C, h, w + 2), "cpu", dtype)[..., :w]
-        y = rand((N, C, h, w + 2), "cpu", dtype)[..., :w]
-        mm = masks_for(N, K, h, w, "cpu", dtype)
-        if layout != "padded_rows":
-            x, y = x.contiguous(), y.contiguous()
-        if layout == "channels_last":
-            x, y, mm = (t.contiguous(memory_format=torch.channels_last) for t in (x, y, mm))
+        x, y, mm = emu_inputs(N, C, K, h, w, dtype, layout)
         a.append(x)
         b.append(y)
         m.append(mm)

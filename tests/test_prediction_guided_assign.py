@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tbd_ops
 from tbd_ops import reference
-from op_testing import (DEVICES, DTYPES, TOL, OpContract, Sample, all_schedules, assert_bitwise, requires_cuda,
-                        requires_emu, run_single_threaded, strided)
+from op_testing import (DEVICES, DTYPES, TOL, ImageListBadInput, OpContract, Sample, all_schedules, assert_bitwise,
+                        requires_cuda, requires_emu, run_single_threaded, run_without_host_sync,
+                        strided)
 
 OP = tbd_ops.prediction_guided_assign
 
@@ -320,40 +321,19 @@ def test_autocast_mixed_dtypes():
 @requires_cuda
 def test_no_host_synchronization():
     args = batch(SIZES, dtype=torch.float32, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        gt, q = OP(*args)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    gt, q = run_without_host_sync(lambda: OP(*args))
     gt_r, _ = reference.prediction_guided_assign(*args)
     for a, b in zip(gt, gt_r):
         assert torch.equal(a, b)
 
 
-class TestBadInput:
-    def args(self):
-        return batch([(6, 2), (4, 1)], C=3)
-
-    def call(self, **change):
-        names = ["boxes", "scores", "pseudo_boxes", "pseudo_labels", "valid"]
-        kw = dict(zip(names, self.args()))
-        kw.update(change)
-        return OP(**kw)
-
-    @pytest.mark.parametrize("name", ["scores", "pseudo_boxes", "pseudo_labels", "valid"])
-    def test_list_length(self, name):
-        a = dict(zip(["boxes", "scores", "pseudo_boxes", "pseudo_labels", "valid"], self.args()))
-        with pytest.raises(ValueError, match=name):
-            self.call(**{name: a[name][:1]})
-
-    def test_not_a_list(self):
-        with pytest.raises(TypeError, match="boxes"):
-            self.call(boxes=torch.zeros(2, 6, 4))
-        with pytest.raises(TypeError, match=r"scores\[1\]"):
-            self.call(scores=[torch.zeros(6, 3), 3])
-
-    @pytest.mark.parametrize("name,value,match", [
+class TestBadInput(ImageListBadInput):
+    op = staticmethod(OP)
+    flat_op = staticmethod(torch.ops.tbd_ops.prediction_guided_assign)
+    flat_inputs, count_names = 4, ("proposal_counts", "pseudo_counts")
+    names = ("boxes", "scores", "pseudo_boxes", "pseudo_labels", "valid")
+    float_names = ("boxes", "scores", "pseudo_boxes")
+    shape_cases = [
         ("boxes", [torch.zeros(6, 5), torch.zeros(4, 4)], r"boxes\[0\]"),
         ("scores", [torch.zeros(6, 3), torch.zeros(5, 3)], r"scores\[1\]"),
         ("scores", [torch.zeros(6, 3), torch.zeros(4, 2)], r"scores\[1\]"),
@@ -361,29 +341,12 @@ class TestBadInput:
         ("pseudo_boxes", [torch.zeros(2, 3), torch.zeros(1, 4)], r"pseudo_boxes\[0\]"),
         ("pseudo_labels", [torch.zeros(3, dtype=torch.long), torch.zeros(1, dtype=torch.long)], r"pseudo_labels\[0\]"),
         ("valid", [torch.ones(5, dtype=torch.bool), torch.ones(4, dtype=torch.bool)], r"valid\[0\]"),
-    ])
-    def test_shapes(self, name, value, match):
-        if name in ("boxes", "scores", "pseudo_boxes"):
-            value = [v.double() for v in value]
-        with pytest.raises(ValueError, match=match):
-            self.call(**{name: value})
+    ]
+    dtype_cases = [("pseudo_labels", "int"), ("valid", "long"), ("boxes", "long"), ("pseudo_boxes", "float")]
+    device_name = "pseudo_labels"
 
-    def test_dtypes(self):
-        b, s, g, lab, v = self.args()
-        with pytest.raises(TypeError, match="pseudo_labels"):
-            self.call(pseudo_labels=[x.int() for x in lab])
-        with pytest.raises(TypeError, match="valid"):
-            self.call(valid=[x.long() for x in v])
-        with pytest.raises(TypeError, match="boxes"):
-            self.call(boxes=[x.long() for x in b])
-        with pytest.raises(TypeError, match="pseudo_boxes"):
-            self.call(pseudo_boxes=[x.float() for x in g])
-
-    @requires_cuda
-    def test_device(self):
-        b, s, g, lab, v = self.args()
-        with pytest.raises(ValueError, match="pseudo_labels"):
-            self.call(pseudo_labels=[x.cuda() for x in lab])
+    def args(self):
+        return batch([(6, 2), (4, 1)], C=3)
 
     @pytest.mark.parametrize("kw,match", [
         (dict(iou_thr=0.0), "iou_thr"), (dict(iou_thr=1.5), "iou_thr"), (dict(iou_thr=float("nan")), "iou_thr"),
@@ -393,15 +356,6 @@ class TestBadInput:
     def test_parameters(self, kw, match):
         with pytest.raises(ValueError, match=match):
             self.call(**kw)
-
-    def test_flat_op_counts(self):
-        b, s, g, lab, v = (torch.cat(t) for t in self.args())
-        with pytest.raises(ValueError, match="proposal_counts"):
-            torch.ops.tbd_ops.prediction_guided_assign(b, s, g, lab, [6, 3], [2, 1])
-        with pytest.raises(ValueError, match="pseudo_counts"):
-            torch.ops.tbd_ops.prediction_guided_assign(b, s, g, lab, [6, 4], [2, -1])
-        with pytest.raises(ValueError, match="pseudo_counts"):
-            torch.ops.tbd_ops.prediction_guided_assign(b, s, g, lab, [6, 4], [3])
 
 
 # ---- the emulated CUDA build against the CPU kernel, bit for bit ------------------------------

@@ -680,7 +680,7 @@ def test_roi_focal_loss_matches_mmdet_interface():
 def test_shipped_configs_parse_and_build():
     """The package's PseCo configs parse (mmdet:: bases) and build the model (the backbone's
     pretrained init_cfg is left unused: no init_weights, nothing downloaded)."""
-    from tbd_ops.mmdet.pseco_detector import SEMI_TRAIN_DEFAULTS
+    from tbd_ops.mmdet.pseco_detector import SEMI_TRAIN_DEFAULTS, check_semi_train_cfg
 
     files = sorted(CONFIG_DIR.glob("pseco_*.py"))
     assert {f.name for f in files} == {f"pseco_faster-rcnn_r50-caffe_fpn_180k_semi-{p}-coco.py"
@@ -694,7 +694,7 @@ def test_shipped_configs_parse_and_build():
         assert unlabeled.ann_file == f"semi_anns/instances_train2017.{tag}-unlabeled.json", name
         assert cfg.model.type == "PseCoDetector" and cfg.custom_imports.imports == ["tbd_ops.mmdet"]
         assert cfg.custom_hooks == [dict(type="MeanTeacherHook", momentum=0.001)]
-        assert dict(cfg.model.semi_train_cfg) == SEMI_TRAIN_DEFAULTS  # the official values
+        assert dict(check_semi_train_cfg(cfg.model.semi_train_cfg)) == SEMI_TRAIN_DEFAULTS  # the official values
     cfg = cfgs["pseco_faster-rcnn_r50-caffe_fpn_180k_semi-0.1-coco.py"]
     model = MODELS.build(cfg.model)
     head = model.student.roi_head.bbox_head
@@ -702,3 +702,4 @@ def test_shipped_configs_parse_and_build():
     assert model.focal_head and head.fc_cls.out_features == 80 and head.loss_cls.loss_weight == 10.0
     assert model.student.roi_head.bbox_sampler.add_gt_as_proposals is False
     assert all(not p.requires_grad for p in model.teacher.parameters())
+    assert dict(model.semi_train_cfg) == SEMI_TRAIN_DEFAULTS

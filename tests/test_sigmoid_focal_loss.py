@@ -8,7 +8,7 @@ import tbd_ops
 from tbd_ops import reference as ref
 from tbd_ops.ops._utils import REDUCTIONS
 from op_testing import (DEVICES, DTYPES, GRAD_TOL, TOL, OpContract, Sample, acc_dtype, all_schedules, assert_bitwise,
-                        requires_cuda, requires_emu, run_single_threaded, strided)
+                        requires_cuda, requires_emu, run_single_threaded, run_without_host_sync, strided)
 
 OP = tbd_ops.sigmoid_focal_loss
 F64 = dict(rtol=1e-9, atol=1e-12)
@@ -411,12 +411,11 @@ def test_emulated_sum_over_more_elements_than_the_grid():
 def test_no_host_synchronization():
     logits, targets, weight = inputs(300, 9, "cuda", torch.float32)
     x = logits.requires_grad_()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def step():
         y = OP(x, targets, weight.float(), reduction="mean")
-        (gx,) = torch.autograd.grad(y, x)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+        return y, torch.autograd.grad(y, x)
+
+    y, (gx,) = run_without_host_sync(step)
     torch.testing.assert_close(y.double(), ref.sigmoid_focal_loss(logits.double(), targets, weight, reduction="mean"),
                                rtol=1e-5, atol=1e-7)

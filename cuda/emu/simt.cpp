@@ -133,9 +133,7 @@ struct Fiber {
   State state = State::kReady;
   uint64_t warp_gen = 0;  // generation of the collective it waits at
   uint64_t result = 0;    // value a collective returns to it
-#ifdef TBD_EMU_ASAN
-  void* fake_stack = nullptr;
-#endif
+  void* fake_stack = nullptr;  // ASan's fake stack of the fiber while it is switched out
 };
 
 struct WarpState {
@@ -244,10 +242,9 @@ struct BlockRun {
   std::vector<int> ready;  // fiber indices, in resume order
   std::vector<int> scratch;
   std::string error;
-#ifdef TBD_EMU_ASAN
+  // The scheduler's stack, as ASan reports it when the first fiber starts (ASan builds only).
   const void* sched_stack_bottom = nullptr;
   size_t sched_stack_size = 0;
-#endif
 
   int lanes_in_warp(int w) const {
     const int n = static_cast<int>(fibers.size());
@@ -271,21 +268,33 @@ struct BlockRun {
 
 [[noreturn]] void fiber_main();
 
+// Saves the running context in `from` and resumes `to`, whose stack is [stack_bottom, + stack_size).
+// Under ASan the switch is announced with where the fake stack of the context left is kept
+// (nullptr: it never resumes) and, once `from` resumes, completed with that fake stack.
+void switch_context(Context& from, Context& to, void** fake_stack, const void* stack_bottom,
+                    size_t stack_size) {
+#ifdef TBD_EMU_ASAN
+  __sanitizer_start_switch_fiber(fake_stack, stack_bottom, stack_size);
+#else
+  (void)fake_stack;
+  (void)stack_bottom;
+  (void)stack_size;
+#endif
+#ifdef TBD_EMU_ASM_SWITCH
+  tbd_emu_switch_context(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+#ifdef TBD_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake_stack ? *fake_stack : nullptr, nullptr, nullptr);
+#endif
+}
+
 void switch_to_fiber(BlockRun& b, Fiber& f) {
   tls.current = &f;
   tls_thread_idx = f.tid;
-#ifdef TBD_EMU_ASAN
   void* fake = nullptr;
-  __sanitizer_start_switch_fiber(&fake, f.stack.base, f.stack.size);
-#endif
-#ifdef TBD_EMU_ASM_SWITCH
-  tbd_emu_switch_context(&b.sched.sp, f.ctx.sp);
-#else
-  swapcontext(&b.sched.uc, &f.ctx.uc);
-#endif
-#ifdef TBD_EMU_ASAN
-  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#endif
+  switch_context(b.sched, f.ctx, &fake, f.stack.base, f.stack.size);
   tls.current = nullptr;
 }
 
@@ -293,19 +302,7 @@ void switch_to_fiber(BlockRun& b, Fiber& f) {
 void yield_to_scheduler(bool done) {
   BlockRun& b = *tls.block;
   Fiber& f = *tls.current;
-#ifdef TBD_EMU_ASAN
-  __sanitizer_start_switch_fiber(done ? nullptr : &f.fake_stack, b.sched_stack_bottom,
-                                 b.sched_stack_size);
-#endif
-#ifdef TBD_EMU_ASM_SWITCH
-  tbd_emu_switch_context(&f.ctx.sp, b.sched.sp);
-#else
-  swapcontext(&f.ctx.uc, &b.sched.uc);
-#endif
-#ifdef TBD_EMU_ASAN
-  __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
-#endif
-  (void)done;
+  switch_context(f.ctx, b.sched, done ? nullptr : &f.fake_stack, b.sched_stack_bottom, b.sched_stack_size);
   tls_thread_idx = f.tid;
 }
 

@@ -195,29 +195,26 @@ T shfl_(Collective kind, unsigned mask, T v, const char* file, int line, int arg
 }  // namespace tbd_emu
 
 // Atomics: fibers of one launch never run at the same time, so a plain
-// read-modify-write is atomic here.
-template <typename T> T atomicAdd(T* p, T v) {
+// read-modify-write is atomic here: *p = update(old), old returned.
+namespace tbd_emu {
+template <typename T, typename F> T atomic_update(T* p, F update) {
   const T old = *p;
-  *p = old + v;
+  *p = update(old);
   return old;
+}
+}  // namespace tbd_emu
+template <typename T> T atomicAdd(T* p, T v) {
+  return tbd_emu::atomic_update(p, [v](T old) { return old + v; });
 }
 template <typename T> T atomicMax(T* p, T v) {
-  const T old = *p;
-  *p = old < v ? v : old;
-  return old;
+  return tbd_emu::atomic_update(p, [v](T old) { return old < v ? v : old; });
 }
 template <typename T> T atomicMin(T* p, T v) {
-  const T old = *p;
-  *p = v < old ? v : old;
-  return old;
+  return tbd_emu::atomic_update(p, [v](T old) { return v < old ? v : old; });
 }
 template <typename T> T atomicExch(T* p, T v) {
-  const T old = *p;
-  *p = v;
-  return old;
+  return tbd_emu::atomic_update(p, [v](T) { return v; });
 }
 template <typename T> T atomicCAS(T* p, T cmp, T v) {
-  const T old = *p;
-  if (old == cmp) *p = v;
-  return old;
+  return tbd_emu::atomic_update(p, [cmp, v](T old) { return old == cmp ? v : old; });
 }

@@ -31,6 +31,22 @@ struct RefParams {
   double scale = 1;
   bool clip = false;
   double max_h = 0, max_w = 0;  // max_shape = (max_h, max_w)
+
+  // A coder's parameters (scale: distance's), the others the defaults.
+  static RefParams of(Coder c, double s = 1) {
+    RefParams rp;
+    rp.coder = c;
+    rp.scale = s;
+    return rp;
+  }
+  // The same parameters, boxes clipped to max_shape = (h, w).
+  RefParams clipped(double h, double w) const {
+    RefParams rp = *this;
+    rp.clip = true;
+    rp.max_h = h;
+    rp.max_w = w;
+    return rp;
+  }
 };
 
 // MMDetection delta2bbox, written out for a single roi (add_ctr_clamp=False).
@@ -68,6 +84,20 @@ Vec4 ref_decode(const Vec4& d, const Vec4& r, const RefParams& rp) {
     b[3] = std::min(std::max(b[3], 0.0), rp.max_h);
   }
   return b;
+}
+
+// The values as the tested type A sees them.
+template <typename A> Vec4 rounded(Vec4 v) {
+  for (auto& x : v) x = double(A(x));
+  return v;
+}
+template <typename A> RefParams rounded(RefParams rp) {
+  rp.means = rounded<A>(rp.means);
+  rp.stds = rounded<A>(rp.stds);
+  rp.scale = double(A(rp.scale));
+  rp.max_h = double(A(rp.max_h));
+  rp.max_w = double(A(rp.max_w));
+  return rp;
 }
 
 template <typename A> CoderParams<A> to_params(const RefParams& rp) {
@@ -141,6 +171,19 @@ template <typename A> void expect_box(const Vec4& got, const Vec4& want, const s
   for (int k = 0; k < 4; ++k) EXPECT_TRUE(Close(got[k], want[k], 0.0, tol)) << what << " coordinate " << k;
 }
 
+// The decoded box against the reference on the inputs as the tested type A sees them.
+template <typename A> void expect_decodes_like_reference(const Vec4& d, const Vec4& r, const RefParams& rp, int trial) {
+  expect_box<A>(run_decode<A>(d, r, rp), ref_decode(rounded<A>(d), rounded<A>(r), rounded<A>(rp)),
+                "trial " + std::to_string(trial));
+}
+
+// A random max_shape = (h, w) in [50, hi)^2; clip: whether the boxes are clipped to it.
+void random_max_shape(Rng& rng, RefParams* rp, bool clip, double hi) {
+  rp->clip = clip;
+  rp->max_h = rng.uniform(50, hi);
+  rp->max_w = rng.uniform(50, hi);
+}
+
 // ---- delta_xywh forward ----------------------------------------------------
 
 TYPED_TEST(DecodeTyped, DeltaZeroIsIdentity) {
@@ -195,10 +238,7 @@ TYPED_TEST(DecodeTyped, DeltaWhRatioClamp) {
 
 TYPED_TEST(DecodeTyped, DeltaClipToMaxShape) {
   // max_shape = (h 30, w 50): x is clipped to [0, 50] and y to [0, 30].
-  RefParams rp;
-  rp.clip = true;
-  rp.max_h = 30;
-  rp.max_w = 50;
+  const RefParams rp = RefParams().clipped(30, 50);
   // Anchor (10, 5, 40, 25) doubled about its centre (25, 15): (-5, -5, 55, 35).
   const Vec4 pred = {0, 0, std::log(2.0), std::log(2.0)};
   expect_box<TypeParam>(run_decode<TypeParam>(pred, {10, 5, 40, 25}, rp), {0, 0, 50, 30}, "clip both");
@@ -217,27 +257,11 @@ TYPED_TEST(DecodeTyped, DeltaRandomAgainstReference) {
       rp.means[k] = trial % 2 ? rng.uniform(-0.2, 0.2) : 0.0;
       rp.stds[k] = rng.uniform(0.05, 1.0);
     }
-    rp.clip = trial % 3 == 0;
-    rp.max_h = rng.uniform(50, 200);
-    rp.max_w = rng.uniform(50, 200);
+    random_max_shape(rng, &rp, trial % 3 == 0, 200);
     const double x1 = rng.uniform(-20, 150), y1 = rng.uniform(-20, 150);
     const Vec4 anchor = {x1, y1, x1 + rng.uniform(1, 60), y1 + rng.uniform(1, 60)};
     const Vec4 pred = {rng.uniform(-3, 3), rng.uniform(-3, 3), rng.uniform(-8, 8), rng.uniform(-8, 8)};
-    // Reference on the inputs as the tested type sees them.
-    Vec4 pa, aa;
-    for (int k = 0; k < 4; ++k) {
-      pa[k] = double(A(pred[k]));
-      aa[k] = double(A(anchor[k]));
-    }
-    RefParams rq = rp;
-    for (int k = 0; k < 4; ++k) {
-      rq.means[k] = double(A(rp.means[k]));
-      rq.stds[k] = double(A(rp.stds[k]));
-    }
-    rq.max_h = double(A(rp.max_h));
-    rq.max_w = double(A(rp.max_w));
-    const Vec4 want = ref_decode(pa, aa, rq);
-    expect_box<A>(run_decode<A>(pred, anchor, rp), want, "trial " + std::to_string(trial));
+    expect_decodes_like_reference<A>(pred, anchor, rp, trial);
   }
 }
 
@@ -255,21 +279,14 @@ TYPED_TEST(DecodeTyped, DistanceHandComputed) {
 }
 
 TYPED_TEST(DecodeTyped, DistanceIgnoresPriorColumnsTwoAndThree) {
-  RefParams rp;
-  rp.coder = Coder::kDistance;
-  rp.scale = 2;
+  const RefParams rp = RefParams::of(Coder::kDistance, 2);
   const Vec4 a = run_decode<TypeParam>({1, 2, 3, 4}, {10, 20, 0, 0}, rp);
   const Vec4 b = run_decode<TypeParam>({1, 2, 3, 4}, {10, 20, 123, -456}, rp);
   for (int k = 0; k < 4; ++k) EXPECT_EQ(a[k], b[k]) << k;
 }
 
 TYPED_TEST(DecodeTyped, DistanceClip) {
-  RefParams rp;
-  rp.coder = Coder::kDistance;
-  rp.scale = 8;
-  rp.clip = true;
-  rp.max_h = 30;
-  rp.max_w = 50;
+  const RefParams rp = RefParams::of(Coder::kDistance, 8).clipped(30, 50);
   // Unclipped: (10 - 16, 20 - 8, 10 + 48, 20 + 24) = (-6, 12, 58, 44).
   expect_box<TypeParam>(run_decode<TypeParam>({2, 1, 6, 3}, {10, 20, 0, 0}, rp), {0, 12, 50, 30}, "clip");
 }
@@ -278,38 +295,25 @@ TYPED_TEST(DecodeTyped, DistanceRandomAgainstReference) {
   using A = TypeParam;
   Rng rng(4242);
   for (int trial = 0; trial < 300; ++trial) {
-    RefParams rp;
-    rp.coder = Coder::kDistance;
-    rp.scale = double(A(rng.uniform(0.5, 32)));
-    rp.clip = trial % 2 == 0;
-    rp.max_h = double(A(rng.uniform(50, 300)));
-    rp.max_w = double(A(rng.uniform(50, 300)));
-    Vec4 pt = {double(A(rng.uniform(-10, 300))), double(A(rng.uniform(-10, 300))), 0, 0};
+    RefParams rp = RefParams::of(Coder::kDistance, rng.uniform(0.5, 32));
+    random_max_shape(rng, &rp, trial % 2 == 0, 300);
+    const Vec4 pt = {rng.uniform(-10, 300), rng.uniform(-10, 300), 0, 0};
     Vec4 d;
-    for (auto& v : d) v = double(A(rng.uniform(-1, 6)));
-    const Vec4 want = ref_decode(d, pt, rp);
-    expect_box<A>(run_decode<A>(d, pt, rp), want, "trial " + std::to_string(trial));
+    for (auto& v : d) v = rng.uniform(-1, 6);
+    expect_decodes_like_reference<A>(d, pt, rp, trial);
   }
 }
 
 TYPED_TEST(DecodeTyped, NonePassesPredictionThrough) {
-  RefParams rp;
-  rp.coder = Coder::kNone;
+  const RefParams rp = RefParams::of(Coder::kNone);
   const Vec4 pred = {-3.5, 2, 40, 70};
   expect_box<TypeParam>(run_decode<TypeParam>(pred, {1e6, -1e6, 7, 7}, rp), pred, "none");
-  rp.clip = true;
-  rp.max_h = 30;
-  rp.max_w = 50;
-  expect_box<TypeParam>(run_decode<TypeParam>(pred, {0, 0, 0, 0}, rp), {0, 2, 40, 30}, "none clipped");
+  expect_box<TypeParam>(run_decode<TypeParam>(pred, {0, 0, 0, 0}, rp.clipped(30, 50)), {0, 2, 40, 30}, "none clipped");
 }
 
 TYPED_TEST(DecodeTyped, ClipKeepsNanButClampsInfinity) {
   using A = TypeParam;
-  RefParams rp;
-  rp.coder = Coder::kNone;
-  rp.clip = true;
-  rp.max_h = 30;
-  rp.max_w = 50;
+  const RefParams rp = RefParams::of(Coder::kNone).clipped(30, 50);
   const Vec4 got = run_decode<A>({tbd_test::kNaN, -tbd_test::kInf, tbd_test::kInf, 5}, {0, 0, 0, 0}, rp);
   EXPECT_TRUE(std::isnan(got[0]));
   EXPECT_EQ(got[1], 0.0);
@@ -391,6 +395,16 @@ void PrintTo(const BackwardCase& c, std::ostream* os) {
 
 class DecodeBackwardFD : public ::testing::TestWithParam<BackwardCase> {};
 
+// The analytic gradients against the finite differences, to tol (relative and absolute).
+void expect_grads_close(const Grads& an, const Grads& fd, double tol, Coder coder, int trial) {
+  for (int k = 0; k < 4; ++k) {
+    EXPECT_TRUE(Close(an.pred[k], fd.pred[k], tol, tol)) << coder_name(coder) << " trial " << trial << " d_pred["
+                                                         << k << "]";
+    EXPECT_TRUE(Close(an.prior[k], fd.prior[k], tol, tol)) << coder_name(coder) << " trial " << trial << " d_prior["
+                                                           << k << "]";
+  }
+}
+
 TEST_P(DecodeBackwardFD, DoubleMatchesFiniteDifferences) {
   const BackwardCase bc = GetParam();
   Rng rng(1000 + 10 * static_cast<int>(bc.coder) + (bc.clip ? 1 : 0));
@@ -398,13 +412,7 @@ TEST_P(DecodeBackwardFD, DoubleMatchesFiniteDifferences) {
   for (int trial = 0; trial < 300; ++trial) {
     const Sample s = draw_sample(rng, bc.coder, bc.clip, 1e-2, &n_clamped, &n_clipped);
     const Grads an = run_backward<double>(s.d, s.r, s.rp, s.g);
-    const Grads fd = finite_diff(s.d, s.r, s.rp, s.g, 1e-5);
-    for (int k = 0; k < 4; ++k) {
-      EXPECT_TRUE(Close(an.pred[k], fd.pred[k], 1e-6, 1e-6)) << coder_name(bc.coder) << " trial " << trial
-                                                             << " d_pred[" << k << "]";
-      EXPECT_TRUE(Close(an.prior[k], fd.prior[k], 1e-6, 1e-6)) << coder_name(bc.coder) << " trial " << trial
-                                                               << " d_prior[" << k << "]";
-    }
+    expect_grads_close(an, finite_diff(s.d, s.r, s.rp, s.g, 1e-5), 1e-6, bc.coder, trial);
     // Without a prior buffer the prediction gradient is unchanged.
     const Grads np = run_backward<double>(s.d, s.r, s.rp, s.g, /*want_prior=*/false);
     for (int k = 0; k < 4; ++k) EXPECT_EQ(np.pred[k], an.pred[k]);
@@ -425,25 +433,12 @@ TEST_P(DecodeBackwardFD, FloatMatchesFiniteDifferences) {
   for (int trial = 0; trial < 200; ++trial) {
     Sample s = draw_sample(rng, bc.coder, bc.clip, 5e-2, &n_clamped, &n_clipped);
     // Finite differences (double) at the inputs as float sees them.
-    auto f = [](double& v) { v = double(float(v)); };
-    for (int k = 0; k < 4; ++k) {
-      f(s.d[k]);
-      f(s.r[k]);
-      f(s.g[k]);
-      f(s.rp.means[k]);
-      f(s.rp.stds[k]);
-    }
-    f(s.rp.scale);
-    f(s.rp.max_h);
-    f(s.rp.max_w);
+    s.d = rounded<float>(s.d);
+    s.r = rounded<float>(s.r);
+    s.g = rounded<float>(s.g);
+    s.rp = rounded<float>(s.rp);
     const Grads an = run_backward<float>(s.d, s.r, s.rp, s.g);
-    const Grads fd = finite_diff(s.d, s.r, s.rp, s.g, 1e-5);
-    for (int k = 0; k < 4; ++k) {
-      EXPECT_TRUE(Close(an.pred[k], fd.pred[k], 1e-4, 1e-4)) << coder_name(bc.coder) << " trial " << trial
-                                                             << " d_pred[" << k << "]";
-      EXPECT_TRUE(Close(an.prior[k], fd.prior[k], 1e-4, 1e-4)) << coder_name(bc.coder) << " trial " << trial
-                                                               << " d_prior[" << k << "]";
-    }
+    expect_grads_close(an, finite_diff(s.d, s.r, s.rp, s.g, 1e-5), 1e-4, bc.coder, trial);
   }
 }
 
@@ -501,9 +496,7 @@ TEST(DecodeBackward, DeltaWhClampBlocksPredictionGradient) {
 }
 
 TEST(DecodeBackward, DistanceClosedForm) {
-  RefParams rp;
-  rp.coder = Coder::kDistance;
-  rp.scale = 3;
+  const RefParams rp = RefParams::of(Coder::kDistance, 3);
   const Vec4 g = {0.25, -1.5, 2.0, 0.75};
   const Grads gr = run_backward<double>({1, 2, 3, 4}, {10, 20, 0, 0}, rp, g);
   EXPECT_EQ(gr.pred[0], -0.25 * 3);
@@ -528,11 +521,7 @@ TEST(DecodeBackward, NoneIsIdentityWithNoPriorGradient) {
 }
 
 TEST(DecodeBackward, ClipMasksClippedCoordinates) {
-  RefParams rp;
-  rp.coder = Coder::kNone;
-  rp.clip = true;
-  rp.max_h = 30;
-  rp.max_w = 50;
+  const RefParams rp = RefParams::of(Coder::kNone).clipped(30, 50);
   // x1 < 0 and y2 > max_h are clipped; y1, x2 are inside.
   const Grads gr = run_backward<double>({-5, 10, 40, 31}, {0, 0, 0, 0}, rp, {1, 2, 3, 4});
   EXPECT_EQ(gr.pred[0], 0.0);
@@ -546,11 +535,7 @@ TEST(DecodeBackward, ClipMasksClippedCoordinates) {
 
 TEST(DecodeBackward, ClipBoundaryIsClosedInterval) {
   // Exactly on the clip boundary the gradient passes, as autograd's clamp.
-  RefParams rp;
-  rp.coder = Coder::kNone;
-  rp.clip = true;
-  rp.max_h = 30;
-  rp.max_w = 50;
+  const RefParams rp = RefParams::of(Coder::kNone).clipped(30, 50);
   const Grads gr = run_backward<double>({0, 0, 50, 30}, {0, 0, 0, 0}, rp, {1, 2, 3, 4});
   EXPECT_EQ(gr.pred[0], 1.0);
   EXPECT_EQ(gr.pred[1], 2.0);
@@ -561,10 +546,7 @@ TEST(DecodeBackward, ClipBoundaryIsClosedInterval) {
 TEST(DecodeBackward, DeltaClipMasksBeforeChainRule) {
   // Delta box (-5, -5, 55, 35) clipped to (0, 0, 50, 30): every coordinate is
   // clipped, so nothing flows back to the prediction or the anchor.
-  RefParams rp;
-  rp.clip = true;
-  rp.max_h = 30;
-  rp.max_w = 50;
+  const RefParams rp = RefParams().clipped(30, 50);
   const Grads gr = run_backward<double>({0, 0, std::log(2.0), std::log(2.0)}, {10, 5, 40, 25}, rp, {1, -2, 3, -4});
   for (int k = 0; k < 4; ++k) {
     EXPECT_EQ(gr.pred[k], 0.0) << k;

@@ -211,6 +211,18 @@ void draw_overlapping(Rng& rng, double margin, Vec4& a, Vec4& b) {
   }
 }
 
+// The gradients of g * IoU(a, b) (eps 1e-6) in type A against central finite differences in double.
+template <typename A>
+void expect_grads_match_fd(const Vec4& a, const Vec4& b, double g, double rtol, double atol, int trial) {
+  Vec4 ga, gb, fa, fb;
+  iou_grad<A>(a, b, 1e-6, g, ga, gb);
+  iou_fd(a, b, 1e-6, g, 1e-6, fa, fb);
+  for (int k = 0; k < 4; ++k) {
+    EXPECT_TRUE(Close(ga[k], fa[k], rtol, atol)) << "trial " << trial << " ga[" << k << "]";
+    EXPECT_TRUE(Close(gb[k], fb[k], rtol, atol)) << "trial " << trial << " gb[" << k << "]";
+  }
+}
+
 TEST(IouBackward, DoubleMatchesFiniteDifferencesOnOverlappingPairs) {
   Rng rng(8080);
   int contained = 0;
@@ -220,14 +232,7 @@ TEST(IouBackward, DoubleMatchesFiniteDifferencesOnOverlappingPairs) {
     if ((a[0] < b[0] && a[1] < b[1] && a[2] > b[2] && a[3] > b[3]) ||
         (b[0] < a[0] && b[1] < a[1] && b[2] > a[2] && b[3] > a[3]))
       ++contained;
-    const double g = rng.uniform(-2, 2);
-    Vec4 ga, gb, fa, fb;
-    iou_grad<double>(a, b, 1e-6, g, ga, gb);
-    iou_fd(a, b, 1e-6, g, 1e-6, fa, fb);
-    for (int k = 0; k < 4; ++k) {
-      EXPECT_TRUE(Close(ga[k], fa[k], 1e-6, 1e-8)) << "trial " << trial << " ga[" << k << "]";
-      EXPECT_TRUE(Close(gb[k], fb[k], 1e-6, 1e-8)) << "trial " << trial << " gb[" << k << "]";
-    }
+    expect_grads_match_fd<double>(a, b, rng.uniform(-2, 2), 1e-6, 1e-8, trial);
   }
   EXPECT_GT(contained, 5);  // containment cases were exercised
 }
@@ -239,14 +244,7 @@ TEST(IouBackward, FloatMatchesFiniteDifferencesOnOverlappingPairs) {
     draw_overlapping(rng, 5e-2, a, b);
     for (auto& c : a) c = double(float(c));
     for (auto& c : b) c = double(float(c));
-    const double g = double(float(rng.uniform(-2, 2)));
-    Vec4 ga, gb, fa, fb;
-    iou_grad<float>(a, b, 1e-6, g, ga, gb);
-    iou_fd(a, b, 1e-6, g, 1e-6, fa, fb);
-    for (int k = 0; k < 4; ++k) {
-      EXPECT_TRUE(Close(ga[k], fa[k], 1e-4, 1e-5)) << "trial " << trial << " ga[" << k << "]";
-      EXPECT_TRUE(Close(gb[k], fb[k], 1e-4, 1e-5)) << "trial " << trial << " gb[" << k << "]";
-    }
+    expect_grads_match_fd<float>(a, b, double(float(rng.uniform(-2, 2))), 1e-4, 1e-5, trial);
   }
 }
 

@@ -21,28 +21,32 @@ TYPED_TEST_SUITE(HarmonyTyped, FloatTypes);
 
 long double ref_score(long double c, long double r) { return 1.0L - std::tanh(std::fabs(r - c)); }
 
+// check(c, r) on n pairs (c, r) of type T drawn uniformly from [lo, hi) by mt19937(seed).
+template <typename T, typename F> void for_random_pairs(unsigned seed, double lo, double hi, int n, F check) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> u(lo, hi);
+  for (int i = 0; i < n; ++i) {
+    const T c = static_cast<T>(u(rng)), r = static_cast<T>(u(rng));
+    check(c, r);
+  }
+}
+
 TYPED_TEST(HarmonyTyped, ScoreMatchesFormula) {
   using T = TypeParam;
-  std::mt19937 rng(1);
-  std::uniform_real_distribution<double> u(-3.0, 3.0);
-  for (int i = 0; i < 2000; ++i) {
-    const T c = static_cast<T>(u(rng)), r = static_cast<T>(u(rng));
+  for_random_pairs<T>(1, -3.0, 3.0, 2000, [](T c, T r) {
     EXPECT_TRUE(tbd_test::CloseT<T>(harmony_score(c, r), static_cast<double>(ref_score(c, r))))
         << "c=" << c << " r=" << r;
-  }
+  });
 }
 
 TYPED_TEST(HarmonyTyped, ScoreIsSymmetricAndInRange) {
   using T = TypeParam;
-  std::mt19937 rng(2);
-  std::uniform_real_distribution<double> u(-50.0, 50.0);
-  for (int i = 0; i < 1000; ++i) {
-    const T c = static_cast<T>(u(rng)), r = static_cast<T>(u(rng));
+  for_random_pairs<T>(2, -50.0, 50.0, 1000, [](T c, T r) {
     const T s = harmony_score(c, r);
     EXPECT_EQ(s, harmony_score(r, c));  // |r - c| == |c - r| exactly
     EXPECT_GE(s, T(0));
     EXPECT_LE(s, T(1));
-  }
+  });
   EXPECT_EQ(harmony_score(T(0.25), T(0.25)), T(1));
   EXPECT_EQ(harmony_score(T(0), T(1000)), T(0));
   EXPECT_EQ(harmony_score(T(0), std::numeric_limits<T>::infinity()), T(0));
@@ -50,11 +54,8 @@ TYPED_TEST(HarmonyTyped, ScoreIsSymmetricAndInRange) {
 
 TYPED_TEST(HarmonyTyped, GradientMatchesFiniteDifference) {
   using T = TypeParam;
-  std::mt19937 rng(3);
-  std::uniform_real_distribution<double> u(-2.0, 2.0);
-  for (int i = 0; i < 500; ++i) {
-    const double c = u(rng), r = u(rng);
-    if (std::fabs(r - c) < 1e-3) continue;  // the kink at d = 0
+  for_random_pairs<double>(3, -2.0, 2.0, 500, [](double c, double r) {
+    if (std::fabs(r - c) < 1e-3) return;  // the kink at d = 0
     const double h = 1e-6;
     const double fd = static_cast<double>((ref_score(c, r + h) - ref_score(c, r - h)) / (2 * h));
     const T g = harmony_dpr(static_cast<T>(c), static_cast<T>(r));
@@ -62,7 +63,7 @@ TYPED_TEST(HarmonyTyped, GradientMatchesFiniteDifference) {
         << "c=" << c << " r=" << r;
     // d/dp_c is the negation; with an incoming gradient the product.
     EXPECT_EQ(harmony_grad_pr(T(-1.5), static_cast<T>(c), static_cast<T>(r)), T(-1.5) * g);
-  }
+  });
 }
 
 TYPED_TEST(HarmonyTyped, GradientAtEqualInputsIsZero) {

@@ -47,6 +47,13 @@ template <typename A> SoftmaxState<A> tree_combine(std::vector<SoftmaxState<A>> 
   return parts[0];
 }
 
+// Between lo and hi values (inclusive), uniform in [-spread, spread], in type A.
+template <typename A> std::vector<A> random_values(Rng& rng, int64_t lo, int64_t hi, double spread) {
+  std::vector<A> y(static_cast<size_t>(rng.integer(lo, hi)));
+  for (auto& v : y) v = A(rng.uniform(-spread, spread));
+  return y;
+}
+
 template <typename T> class SoftmaxTyped : public ::testing::Test {};
 using FloatTypes = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(SoftmaxTyped, FloatTypes);
@@ -93,9 +100,7 @@ TYPED_TEST(SoftmaxTyped, SequentialMatchesTwoPass) {
   using A = TypeParam;
   Rng rng(42);
   for (int trial = 0; trial < 20; ++trial) {
-    const int n = static_cast<int>(rng.integer(1, 2000));
-    std::vector<A> y(n);
-    for (auto& v : y) v = A(rng.uniform(-20, 20));
+    const std::vector<A> y = random_values<A>(rng, 1, 2000, 20);
     expect_state_matches(stream(y, 0, y.size()), two_pass(y), "sequential");
   }
 }
@@ -175,10 +180,8 @@ TYPED_TEST(SoftmaxTyped, AnySplitCombinesToTwoPass) {
   using A = TypeParam;
   Rng rng(2024);
   for (int trial = 0; trial < 60; ++trial) {
-    const size_t n = static_cast<size_t>(rng.integer(1, 700));
-    std::vector<A> y(n);
-    const double spread = trial % 2 ? 5.0 : 40.0;
-    for (auto& v : y) v = A(rng.uniform(-spread, spread));
+    const std::vector<A> y = random_values<A>(rng, 1, 700, trial % 2 ? 5.0 : 40.0);
+    const size_t n = y.size();
     const TwoPass ref = two_pass(y);
     // Several splits of [0, n) into consecutive parts (empty parts allowed).
     for (int split = 0; split < 6; ++split) {
@@ -206,8 +209,7 @@ TYPED_TEST(SoftmaxTyped, CombineIsCommutative) {
   using A = TypeParam;
   Rng rng(5);
   for (int trial = 0; trial < 100; ++trial) {
-    std::vector<A> y(static_cast<size_t>(rng.integer(2, 50)));
-    for (auto& v : y) v = A(rng.uniform(-10, 10));
+    const std::vector<A> y = random_values<A>(rng, 2, 50, 10);
     const size_t cut = static_cast<size_t>(rng.integer(0, y.size()));
     const SoftmaxState<A> a = stream(y, 0, cut), b = stream(y, cut, y.size());
     const SoftmaxState<A> ab = softmax_combine(a, b), ba = softmax_combine(b, a);

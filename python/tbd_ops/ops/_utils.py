@@ -53,6 +53,22 @@ def image_list(op: str, name: str, value, n: Optional[int]) -> List[torch.Tensor
     return list(value)
 
 
+def check_rows(op: str, name: str, parts: List[torch.Tensor], i: int, rows: str, cols=None,
+               like: Optional[Tuple[str, List[torch.Tensor]]] = None) -> None:
+    """``parts[i]``, image i's tensor of argument ``name``, must be ``[rows]`` (``cols`` None) or
+    ``[rows, cols]`` (an int ``cols`` fixes the width, a str names any); with ``like = (other,
+    others)`` its rows must be those of ``others[i]``. ValueError naming the argument otherwise."""
+    t = parts[i]
+    ok = t.dim() == (1 if cols is None else 2) and (not isinstance(cols, int) or t.shape[1] == cols)
+    expected = f"[{rows}]" if cols is None else f"[{rows}, {cols}]"
+    if like is not None:
+        other, others = like
+        ok = ok and t.shape[0] == others[i].shape[0]
+        expected += f" with {rows} = {others[i].shape[0]} (the rows of {other}[{i}])"
+    if not ok:
+        raise ValueError(f"{op}: {name}[{i}] must be {expected}, got shape {tuple(t.shape)}")
+
+
 def cat_images(parts: List[torch.Tensor]) -> torch.Tensor:
     """The rows of every image, concatenated (no copy for a single image)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)

@@ -3,7 +3,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import VOTING_MODES, acc_dtype, cat_images, check_option, image_list, input_grads, schema_defaults
+from ._utils import (VOTING_MODES, acc_dtype, cat_images, check_option, check_rows, image_list, input_grads,
+                     schema_defaults)
 
 _OP = "consistency_voting"
 DEFAULTS = schema_defaults(_OP)  # mode
@@ -51,13 +52,9 @@ def consistency_voting(
     if n == 0:
         return [], [], torch.tensor(1.0 if mode == "paper" else 0.0)
     for i in range(n):
-        if pred_boxes[i].dim() != 2 or pred_boxes[i].shape[1] != 4:
-            raise ValueError(f"{_OP}: pred_boxes[{i}] must be [R, 4], got shape {tuple(pred_boxes[i].shape)}")
-        if gt_inds[i].dim() != 1 or gt_inds[i].shape[0] != pred_boxes[i].shape[0]:
-            raise ValueError(f"{_OP}: gt_inds[{i}] must be [R] with R = {pred_boxes[i].shape[0]} (the rows of "
-                             f"pred_boxes[{i}]), got shape {tuple(gt_inds[i].shape)}")
-        if pseudo_boxes[i].dim() != 2 or pseudo_boxes[i].shape[1] != 4:
-            raise ValueError(f"{_OP}: pseudo_boxes[{i}] must be [M, 4], got shape {tuple(pseudo_boxes[i].shape)}")
+        check_rows(_OP, "pred_boxes", pred_boxes, i, "R", 4)
+        check_rows(_OP, "gt_inds", gt_inds, i, "R", like=("pred_boxes", pred_boxes))
+        check_rows(_OP, "pseudo_boxes", pseudo_boxes, i, "M", 4)
     r_counts = [int(b.shape[0]) for b in pred_boxes]
     m_counts = [int(g.shape[0]) for g in pseudo_boxes]
     sigma, w, reg_scale = torch.ops.tbd_ops.consistency_voting.default(

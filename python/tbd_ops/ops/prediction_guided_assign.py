@@ -3,7 +3,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import cat_images, image_list, input_grads, schema_defaults
+from ._utils import cat_images, check_rows, image_list, input_grads, schema_defaults
 
 _OP = "prediction_guided_assign"
 DEFAULTS = schema_defaults(_OP)  # iou_thr, topk, alpha
@@ -62,22 +62,15 @@ def prediction_guided_assign(
     if n == 0:
         return [], []
     for i in range(n):
-        if boxes[i].dim() != 2 or boxes[i].shape[1] != 4:
-            raise ValueError(f"{_OP}: boxes[{i}] must be [P, 4], got shape {tuple(boxes[i].shape)}")
-        if scores[i].dim() != 2 or scores[i].shape[0] != boxes[i].shape[0]:
-            raise ValueError(f"{_OP}: scores[{i}] must be [P, C] with P = {boxes[i].shape[0]} (the rows of "
-                             f"boxes[{i}]), got shape {tuple(scores[i].shape)}")
+        check_rows(_OP, "boxes", boxes, i, "P", 4)
+        check_rows(_OP, "scores", scores, i, "P", "C", like=("boxes", boxes))
         if scores[i].shape[1] != scores[0].shape[1]:
             raise ValueError(f"{_OP}: scores[{i}] must have the C = {scores[0].shape[1]} columns of scores[0], "
                              f"got shape {tuple(scores[i].shape)}")
-        if pseudo_boxes[i].dim() != 2 or pseudo_boxes[i].shape[1] != 4:
-            raise ValueError(f"{_OP}: pseudo_boxes[{i}] must be [M, 4], got shape {tuple(pseudo_boxes[i].shape)}")
-        if pseudo_labels[i].dim() != 1 or pseudo_labels[i].shape[0] != pseudo_boxes[i].shape[0]:
-            raise ValueError(f"{_OP}: pseudo_labels[{i}] must be [M] with M = {pseudo_boxes[i].shape[0]} (the "
-                             f"rows of pseudo_boxes[{i}]), got shape {tuple(pseudo_labels[i].shape)}")
-        if valid is not None and (valid[i].dim() != 1 or valid[i].shape[0] != boxes[i].shape[0]):
-            raise ValueError(f"{_OP}: valid[{i}] must be [P] with P = {boxes[i].shape[0]}, got shape "
-                             f"{tuple(valid[i].shape)}")
+        check_rows(_OP, "pseudo_boxes", pseudo_boxes, i, "M", 4)
+        check_rows(_OP, "pseudo_labels", pseudo_labels, i, "M", like=("pseudo_boxes", pseudo_boxes))
+        if valid is not None:
+            check_rows(_OP, "valid", valid, i, "P", like=("boxes", boxes))
     p_counts = [int(b.shape[0]) for b in boxes]
     m_counts = [int(g.shape[0]) for g in pseudo_boxes]
     gt_inds, q = torch.ops.tbd_ops.prediction_guided_assign.default(

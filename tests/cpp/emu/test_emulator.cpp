@@ -300,18 +300,21 @@ TEST(EmulatorErrors, DynamicSharedMemoryOptIn) {
   EXPECT_THROW(set_max_dynamic_smem(big_smem_kernel, 228 * 1024), std::runtime_error);
 }
 
-// 4 KiB of static shared memory next to the dynamic shared memory.
-__global__ void static_and_dynamic_smem_kernel(int* out) {
-  __shared__ SharedArray<int, 1024> table;
-  table[threadIdx.x] = 1;
+// N values of T of static shared memory next to the dynamic shared memory (each instantiation a kernel
+// of its own).
+template <typename T, int N> __global__ void static_smem_kernel(int* out) {
+  __shared__ SharedArray<T, N> table;
+  table[threadIdx.x] = T(1);
   out[0] = dynamic_smem<int>()[0];
 }
+// 4 KiB.
+constexpr auto static_and_dynamic_smem_kernel = static_smem_kernel<int, 1024>;
 
 TEST(EmulatorErrors, StaticSharedMemoryCountsAgainstTheLimit) {
   int out = 0;
   // 4 KiB static + 44 KiB dynamic = 48 KiB: fits without the opt-in.
   EXPECT_NO_THROW(launch_kernel(static_and_dynamic_smem_kernel, 1, 32, 44 * 1024, nullptr, &out));
-  EXPECT_EQ(tbd_emu::static_smem_bytes(reinterpret_cast<const void*>(&static_and_dynamic_smem_kernel)),
+  EXPECT_EQ(tbd_emu::static_smem_bytes(reinterpret_cast<const void*>(static_and_dynamic_smem_kernel)),
             4096u);
   // One byte more: the GPU refuses the launch (known static size: before it runs).
   const int line = __LINE__ + 1;
@@ -326,13 +329,9 @@ TEST(EmulatorErrors, StaticSharedMemoryCountsAgainstTheLimit) {
   set_max_dynamic_smem(static_and_dynamic_smem_kernel, 64 * 1024);
 }
 
-// The same kind of kernel seen for the first time: the static array is counted
+// The same kind of kernel seen for the first time (4 KiB): the static array is counted
 // when a block touches it, and the launch fails with the launch site.
-__global__ void first_static_smem_kernel(int* out) {
-  __shared__ SharedArray<double, 512> table;
-  table[threadIdx.x] = 1.0;
-  out[0] = dynamic_smem<int>()[0];
-}
+constexpr auto first_static_smem_kernel = static_smem_kernel<double, 512>;
 
 TEST(EmulatorErrors, StaticSharedMemoryOverTheLimitOnTheFirstLaunch) {
   int out = 0;

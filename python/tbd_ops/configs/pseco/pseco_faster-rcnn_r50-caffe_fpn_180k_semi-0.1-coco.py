@@ -49,21 +49,9 @@ model = dict(
     type="PseCoDetector",
     detector=detector,
     data_preprocessor=dict(type="MultiBranchDataPreprocessor", data_preprocessor=detector.data_preprocessor),
-    semi_train_cfg=dict(
-        freeze_teacher=True,
-        sup_weight=1.0,
-        unsup_weight=2.0,
-        pseudo_label_initial_score_thr=0.3,
-        rpn_pseudo_thr=0.5,
-        cls_pseudo_thr=0.5,
-        min_pseudo_bbox_wh=(0.0, 0.0),
-        use_teacher_proposal=True,
-        use_MSL=True,
-        PLA_iou_thres=0.4,
-        PLA_candidate_topk=12,
-        PLA_alpha=0.5,
-        PCV_mode="pseco",
-        scale_consistency_weight=0.0),
+    # mmdet's generic keys; every PseCo setting is the official value by default (PseCoDetector's
+    # defaults, the semi_train_cfg table of the README): name a key here to change it.
+    semi_train_cfg=dict(freeze_teacher=True, sup_weight=1.0, unsup_weight=2.0),
     semi_test_cfg=dict(predict_on="teacher"))
 
 # 10% of COCO train2017 labeled, the rest unlabeled (mmdet's semi-supervised COCO splits)
