@@ -206,12 +206,11 @@ std::vector<at::Tensor> cmss_levels_backward_cuda(at::TensorList grad, at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
-  m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_cuda));
-  m.impl("_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cuda));
-  m.impl("_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_cuda));
-  m.impl("_channel_max_spatial_softmax_levels_backward", TORCH_FN(cmss_levels_backward_cuda));
-}
+TBD_OPS_IMPL(TBD_OPS_CUDA_KEY,
+    "channel_max_spatial_softmax", TORCH_FN(cmss_cuda),
+    "_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cuda),
+    "_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_cuda),
+    "_channel_max_spatial_softmax_levels_backward", TORCH_FN(cmss_levels_backward_cuda))
 
 }  // namespace cuda_glue
 

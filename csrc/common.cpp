@@ -53,4 +53,12 @@ std::vector<int64_t> image_offsets(const char* op, const char* name, at::IntArra
   return off;
 }
 
+int64_t image_count(const char* op, const char* name_a, at::IntArrayRef counts_a,
+                    const char* name_b, at::IntArrayRef counts_b) {
+  TORCH_CHECK_VALUE(counts_a.size() == counts_b.size(), op, ": ", name_a, " and ", name_b,
+                    " must have one count per image each, got ", counts_a.size(), " and ",
+                    counts_b.size());
+  return static_cast<int64_t>(counts_a.size());
+}
+
 }  // namespace tbd_ops

@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
+#include <torch/library.h>
 
 #include <sstream>
 #include <string>
@@ -34,9 +35,27 @@
 #define TBD_OPS_CUDA_GLUE 0
 #endif
 
+// ---- registration ---------------------------------------------------------------------
+// The kernels of one dispatch key in this library, as (name, TORCH_FN(kernel)) pairs:
+//   TBD_OPS_IMPL(CPU, "op", TORCH_FN(op_cpu), "_op_backward", TORCH_FN(op_backward_cpu))
+#define TBD_OPS_IMPL(key, ...) \
+  TORCH_LIBRARY_IMPL(TBD_OPS_LIB, key, m) { ::tbd_ops::detail::impl_all(m, __VA_ARGS__); }
+// The autocast kernels: the same ones for AutocastCPU and AutocastCUDA.
+#define TBD_OPS_AUTOCAST_IMPL(...) \
+  TBD_OPS_IMPL(AutocastCPU, __VA_ARGS__) TBD_OPS_IMPL(AutocastCUDA, __VA_ARGS__)
+
 namespace tbd_ops {
 
 constexpr double kIouEps = 1e-6;
+
+namespace detail {
+inline void impl_all(torch::Library&) {}
+template <typename F, typename... Rest>
+void impl_all(torch::Library& m, const char* name, F kernel, Rest... rest) {
+  m.impl(name, kernel);
+  impl_all(m, rest...);
+}
+}  // namespace detail
 
 // ---- checks ---------------------------------------------------------------------------
 // TypeError "<op>: <name> must be float32, float64, float16 or bfloat16, got <dtype>".
@@ -84,6 +103,12 @@ E parse_option(const char* op, const char* arg, c10::string_view value, const Op
 // the tensor `rows_of`).
 std::vector<int64_t> image_offsets(const char* op, const char* name, at::IntArrayRef counts,
                                    int64_t rows, const char* rows_of);
+
+// The number of images of two batches given per image, one count per image in
+// each (counts_a and counts_b of the same length N); ValueError
+// "<op>: <a> and <b> must have one count per image each, got <x> and <y>" otherwise.
+int64_t image_count(const char* op, const char* name_a, at::IntArrayRef counts_a,
+                    const char* name_b, at::IntArrayRef counts_b);
 
 // ---- dispatcher -----------------------------------------------------------------------
 // The typed handle of operator TBD_OPS_LIB::<name> (keep it in a function-local static).

@@ -40,10 +40,7 @@ VotingProblem voting_prepare(const char* op, const at::Tensor& pred_boxes,
   pb.M = pseudo_boxes.size(0);
   check_same_device(op, "gt_inds", gt_inds, "pred_boxes", pred_boxes);
   check_same_device(op, "pseudo_boxes", pseudo_boxes, "pred_boxes", pred_boxes);
-  TORCH_CHECK_VALUE(roi_counts.size() == pseudo_counts.size(), op,
-                    ": roi_counts and pseudo_counts must have one count per image each, got ",
-                    roi_counts.size(), " and ", pseudo_counts.size());
-  pb.N = static_cast<int64_t>(roi_counts.size());
+  pb.N = image_count(op, "roi_counts", roi_counts, "pseudo_counts", pseudo_counts);
   pb.r_offsets = image_offsets(op, "roi_counts", roi_counts, pb.R, "pred_boxes");
   pb.m_offsets = image_offsets(op, "pseudo_counts", pseudo_counts, pb.M, "pseudo_boxes");
   TORCH_CHECK_VALUE(pb.M < std::numeric_limits<int32_t>::max(), op,
@@ -78,13 +75,7 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
       " -> (Tensor sigma, Tensor w, Tensor reg_scale)");
 }
 
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
-  m.impl("consistency_voting", TORCH_FN(voting_autocast));
-}
-
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
-  m.impl("consistency_voting", TORCH_FN(voting_autocast));
-}
+TBD_OPS_AUTOCAST_IMPL("consistency_voting", TORCH_FN(voting_autocast))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/consistency_voting.cu, the shared pieces csrc/cuda_glue.h.
@@ -126,9 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consistency_voting_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
-  m.impl("consistency_voting", TORCH_FN(consistency_voting_cuda));
-}
+TBD_OPS_IMPL(TBD_OPS_CUDA_KEY, "consistency_voting", TORCH_FN(consistency_voting_cuda))
 
 }  // namespace cuda_glue
 

@@ -239,13 +239,7 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
         TORCH_FN(box_max_iou));
 }
 
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
-  m.impl("decode_max_iou", TORCH_FN(decode_autocast));
-}
-
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
-  m.impl("decode_max_iou", TORCH_FN(decode_autocast));
-}
+TBD_OPS_AUTOCAST_IMPL("decode_max_iou", TORCH_FN(decode_autocast))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/decode_max_iou.cu, the shared pieces csrc/cuda_glue.h.
@@ -274,15 +268,9 @@ cuda::DecodeIouArgs make_args(const DecodeProblem& pb, const at::Tensor& bbox_pr
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_max_iou_cuda(
-    const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
-    const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
-    at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
-    c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
-    const c10::optional<at::Tensor>& max_shapes) {
-  const DecodeProblem pb = decode_prepare("decode_max_iou", bbox_pred, priors, gt_bboxes,
-                                          gt_counts, coder, means, stds, scale, max_shape,
-                                          wh_ratio_clip, max_shapes);
+std::tuple<at::Tensor, at::Tensor> decode_max_iou_cuda(const DecodeProblem& pb,
+                                                       const at::Tensor& bbox_pred,
+                                                       const c10::optional<at::Tensor>& priors) {
   const DeviceGuard guard(bbox_pred.device());
   auto iou = cuda_glue::empty({pb.N, pb.P}, bbox_pred.options());
   auto arg = cuda_glue::empty({pb.N, pb.P}, bbox_pred.options().dtype(at::kLong));
@@ -295,16 +283,9 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cuda(
-    const at::Tensor& grad_iou, const at::Tensor& arg, const at::Tensor& bbox_pred,
-    const c10::optional<at::Tensor>& priors, const at::Tensor& gt_bboxes,
-    at::IntArrayRef gt_counts, c10::string_view coder, at::ArrayRef<double> means,
-    at::ArrayRef<double> stds, double scale, c10::optional<at::ArrayRef<double>> max_shape,
-    double wh_ratio_clip, std::array<bool, 3> output_mask,
-    const c10::optional<at::Tensor>& max_shapes) {
-  const DecodeProblem pb = decode_prepare("_decode_max_iou_backward", bbox_pred, priors,
-                                          gt_bboxes, gt_counts, coder, means, stds, scale,
-                                          max_shape, wh_ratio_clip, max_shapes);
-  decode_backward_check(pb, bbox_pred, grad_iou, arg);
+    const DecodeProblem& pb, const at::Tensor& grad_iou, const at::Tensor& arg,
+    const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
+    std::array<bool, 3> output_mask) {
   const DeviceGuard guard(bbox_pred.device());
   const bool want_priors = output_mask[1] && pb.prior_dim > 0;
   at::Tensor grad_pred = output_mask[0] ? cuda_glue::empty_like(bbox_pred)
@@ -344,10 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
-  m.impl("decode_max_iou", TORCH_FN(decode_max_iou_cuda));
-  m.impl("_decode_max_iou_backward", TORCH_FN(decode_max_iou_backward_cuda));
-}
+TBD_OPS_IMPL(TBD_OPS_CUDA_KEY, TBD_OPS_DECODE_KERNELS(cuda))
 
 }  // namespace cuda_glue
 

@@ -42,9 +42,7 @@ at::Tensor device_values_cuda(at::ArrayRef<double> values, const at::Tensor& lik
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
-  m.impl("_device_values", TORCH_FN(device_values_cuda));
-}
+TBD_OPS_IMPL(TBD_OPS_CUDA_KEY, "_device_values", TORCH_FN(device_values_cuda))
 
 }  // namespace cuda_glue
 

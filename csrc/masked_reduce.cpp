@@ -138,19 +138,11 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
 #undef TBD_MASKED_LEVELS
 }
 
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
-  m.impl("masked_sq_dist", TORCH_FN(masked_autocast<kSqDistName>));
-  m.impl("masked_l1", TORCH_FN(masked_autocast<kL1Name>));
-  m.impl("_masked_sq_dist_levels", TORCH_FN(masked_levels_autocast<kSqDistLevelsName>));
-  m.impl("_masked_l1_levels", TORCH_FN(masked_levels_autocast<kL1LevelsName>));
-}
-
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
-  m.impl("masked_sq_dist", TORCH_FN(masked_autocast<kSqDistName>));
-  m.impl("masked_l1", TORCH_FN(masked_autocast<kL1Name>));
-  m.impl("_masked_sq_dist_levels", TORCH_FN(masked_levels_autocast<kSqDistLevelsName>));
-  m.impl("_masked_l1_levels", TORCH_FN(masked_levels_autocast<kL1LevelsName>));
-}
+TBD_OPS_AUTOCAST_IMPL(
+    "masked_sq_dist", TORCH_FN(masked_autocast<kSqDistName>),
+    "masked_l1", TORCH_FN(masked_autocast<kL1Name>),
+    "_masked_sq_dist_levels", TORCH_FN(masked_levels_autocast<kSqDistLevelsName>),
+    "_masked_l1_levels", TORCH_FN(masked_levels_autocast<kL1LevelsName>))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/masked_reduce.cu, the shared pieces csrc/cuda_glue.h.
@@ -293,16 +285,7 @@ Grads masked_backward_levels_cuda(at::TensorList grad, at::TensorList a, at::Ten
 
 // One level and a list of levels take the same launchers (every level of a
 // list in the same launches).
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
-  m.impl("masked_sq_dist", TORCH_FN(masked_forward_cuda<MaskedMode::kSqDist>));
-  m.impl("masked_l1", TORCH_FN(masked_forward_cuda<MaskedMode::kL1>));
-  m.impl("_masked_sq_dist_backward", TORCH_FN(masked_backward_cuda<MaskedMode::kSqDist>));
-  m.impl("_masked_l1_backward", TORCH_FN(masked_backward_cuda<MaskedMode::kL1>));
-  m.impl("_masked_sq_dist_levels", TORCH_FN(masked_forward_levels_cuda<MaskedMode::kSqDist>));
-  m.impl("_masked_l1_levels", TORCH_FN(masked_forward_levels_cuda<MaskedMode::kL1>));
-  m.impl("_masked_sq_dist_levels_backward", TORCH_FN(masked_backward_levels_cuda<MaskedMode::kSqDist>));
-  m.impl("_masked_l1_levels_backward", TORCH_FN(masked_backward_levels_cuda<MaskedMode::kL1>));
-}
+TBD_OPS_IMPL(TBD_OPS_CUDA_KEY, TBD_OPS_MASKED_KERNELS(cuda))
 
 }  // namespace cuda_glue
 

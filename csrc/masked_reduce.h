@@ -22,4 +22,17 @@ void masked_reduce_levels_backward_check(const char* op, at::TensorList grad, at
                                          at::TensorList b, at::TensorList masks,
                                          at::TensorList term, bool want_masks);
 
+// The kernels of every operator of the family on one backend (cpu, cuda), for
+// TBD_OPS_IMPL: masked_{forward,backward}[_levels]_<backend><MaskedMode>.
+#define TBD_OPS_MASKED_KERNELS(backend)                                                          \
+  "masked_sq_dist", TORCH_FN(masked_forward_##backend<MaskedMode::kSqDist>),                     \
+  "masked_l1", TORCH_FN(masked_forward_##backend<MaskedMode::kL1>),                              \
+  "_masked_sq_dist_backward", TORCH_FN(masked_backward_##backend<MaskedMode::kSqDist>),          \
+  "_masked_l1_backward", TORCH_FN(masked_backward_##backend<MaskedMode::kL1>),                   \
+  "_masked_sq_dist_levels", TORCH_FN(masked_forward_levels_##backend<MaskedMode::kSqDist>),      \
+  "_masked_l1_levels", TORCH_FN(masked_forward_levels_##backend<MaskedMode::kL1>),               \
+  "_masked_sq_dist_levels_backward",                                                             \
+  TORCH_FN(masked_backward_levels_##backend<MaskedMode::kSqDist>),                               \
+  "_masked_l1_levels_backward", TORCH_FN(masked_backward_levels_##backend<MaskedMode::kL1>)
+
 }  // namespace tbd_ops

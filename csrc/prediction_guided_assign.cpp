@@ -51,10 +51,7 @@ AssignProblem assign_prepare(const char* op, const at::Tensor& boxes, const at::
     check_same_device(op, "valid", v, "boxes", boxes);
     pb.valid = v.contiguous();
   }
-  TORCH_CHECK_VALUE(proposal_counts.size() == pseudo_counts.size(), op,
-                    ": proposal_counts and pseudo_counts must have one count per image each, got ",
-                    proposal_counts.size(), " and ", pseudo_counts.size());
-  pb.N = static_cast<int64_t>(proposal_counts.size());
+  pb.N = image_count(op, "proposal_counts", proposal_counts, "pseudo_counts", pseudo_counts);
   pb.p_offsets = image_offsets(op, "proposal_counts", proposal_counts, pb.P, "boxes");
   pb.m_offsets = image_offsets(op, "pseudo_counts", pseudo_counts, pb.M, "pseudo_boxes");
   TORCH_CHECK_VALUE(pb.P < std::numeric_limits<int32_t>::max() &&
@@ -107,13 +104,7 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
       " float iou_thr=0.4, int topk=12, float alpha=0.5) -> (Tensor gt_inds, Tensor q)");
 }
 
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
-  m.impl("prediction_guided_assign", TORCH_FN(assign_autocast));
-}
-
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
-  m.impl("prediction_guided_assign", TORCH_FN(assign_autocast));
-}
+TBD_OPS_AUTOCAST_IMPL("prediction_guided_assign", TORCH_FN(assign_autocast))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/prediction_guided_assign.cu, the shared pieces csrc/cuda_glue.h.
@@ -122,14 +113,9 @@ TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
 namespace cuda_glue {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> prediction_guided_assign_cuda(
-    const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& pseudo_boxes,
-    const at::Tensor& pseudo_labels, at::IntArrayRef proposal_counts,
-    at::IntArrayRef pseudo_counts, const c10::optional<at::Tensor>& valid, double iou_thr,
-    int64_t topk, double alpha) {
-  const AssignProblem pb = assign_prepare("prediction_guided_assign", boxes, scores, pseudo_boxes,
-                                          pseudo_labels, proposal_counts, pseudo_counts, valid,
-                                          iou_thr, topk, alpha);
+std::tuple<at::Tensor, at::Tensor> prediction_guided_assign_cuda(const AssignProblem& pb,
+                                                                 const at::Tensor& boxes,
+                                                                 const at::Tensor& scores) {
   const DeviceGuard guard(boxes.device());
   auto gt_inds = cuda_glue::empty({pb.P}, boxes.options().dtype(at::kLong));
   auto q = cuda_glue::empty({pb.P}, boxes.options());
@@ -166,9 +152,8 @@ std::tuple<at::Tensor, at::Tensor> prediction_guided_assign_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
-  m.impl("prediction_guided_assign", TORCH_FN(prediction_guided_assign_cuda));
-}
+TBD_OPS_IMPL(TBD_OPS_CUDA_KEY, "prediction_guided_assign",
+    TORCH_FN(prediction_guided_assign_kernel<prediction_guided_assign_cuda>))
 
 }  // namespace cuda_glue
 

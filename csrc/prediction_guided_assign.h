@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -32,5 +33,24 @@ AssignProblem assign_prepare(const char* op, const at::Tensor& boxes, const at::
                              at::IntArrayRef proposal_counts, at::IntArrayRef pseudo_counts,
                              const c10::optional<at::Tensor>& valid, double iou_thr, int64_t topk,
                              double alpha);
+
+// The kernel of prediction_guided_assign on one backend, from its function of
+// the validated problem: the arguments are checked (assign_prepare), then
+// Impl(pb, boxes, scores) runs.
+using AssignImpl = std::tuple<at::Tensor, at::Tensor> (*)(const AssignProblem& pb,
+                                                          const at::Tensor& boxes,
+                                                          const at::Tensor& scores);
+
+template <AssignImpl Impl>
+std::tuple<at::Tensor, at::Tensor> prediction_guided_assign_kernel(
+    const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& pseudo_boxes,
+    const at::Tensor& pseudo_labels, at::IntArrayRef proposal_counts,
+    at::IntArrayRef pseudo_counts, const c10::optional<at::Tensor>& valid, double iou_thr,
+    int64_t topk, double alpha) {
+  return Impl(assign_prepare("prediction_guided_assign", boxes, scores, pseudo_boxes,
+                             pseudo_labels, proposal_counts, pseudo_counts, valid, iou_thr, topk,
+                             alpha),
+              boxes, scores);
+}
 
 }  // namespace tbd_ops

@@ -103,13 +103,7 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
       " -> (Tensor grad_logits, Tensor grad_weight)");
 }
 
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCPU, m) {
-  m.impl("sigmoid_focal_loss", TORCH_FN(focal_autocast));
-}
-
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, AutocastCUDA, m) {
-  m.impl("sigmoid_focal_loss", TORCH_FN(focal_autocast));
-}
+TBD_OPS_AUTOCAST_IMPL("sigmoid_focal_loss", TORCH_FN(focal_autocast))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/sigmoid_focal_loss.cu, the shared pieces csrc/cuda_glue.h.
@@ -185,10 +179,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(TBD_OPS_LIB, TBD_OPS_CUDA_KEY, m) {
-  m.impl("sigmoid_focal_loss", TORCH_FN(sigmoid_focal_loss_cuda));
-  m.impl("_sigmoid_focal_loss_backward", TORCH_FN(sigmoid_focal_loss_backward_cuda));
-}
+TBD_OPS_IMPL(TBD_OPS_CUDA_KEY,
+    "sigmoid_focal_loss", TORCH_FN(sigmoid_focal_loss_cuda),
+    "_sigmoid_focal_loss_backward", TORCH_FN(sigmoid_focal_loss_backward_cuda))
 
 }  // namespace cuda_glue
 

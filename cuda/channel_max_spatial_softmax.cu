@@ -276,18 +276,7 @@ cmss_scatter_kernel(CmssGradTable<T, A> t, A inv_t, const A* __restrict__ part) 
     T* pd = dx + h * ds[2] + w * ds[3];
     for (int64_t k = k0; k < K; k += step) pd[k * ds[1]] = (k == a) ? dzt : zero;
   };
-  if constexpr (S == ChannelSplit::kSerial) {
-    for (int64_t i = i0 + threadIdx.x; i < i1; i += kBlock) write(i, 0, 1);
-  } else if constexpr (S == ChannelSplit::kWarpSplit) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int64_t i = i0 + lane; i < i1; i += kSplitLocations) write(i, warp, kGroups);
-  } else {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int64_t b = i0; b < i1; b += kSplitLocations) {
-      const int64_t i = b + warp * (32 / kGroups) + (lane >> 3);
-      if (i < i1) write(i, lane & (kGroups - 1), kGroups);
-    }
-  }
+  for_each_tile_location<S>(i0, i1, write);
 }
 
 bool empty_level(int64_t N, int64_t H, int64_t W) { return N == 0 || H * W == 0; }

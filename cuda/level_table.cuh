@@ -115,6 +115,26 @@ inline void check_blocks(int64_t blocks, const char* op) {
   if (blocks > 0x7fffffff) throw std::invalid_argument(std::string("tbd_ops: ") + op + ": too many blocks");
 }
 
+// The elementwise pass of a block over the locations [i0, i1) of its tile:
+// f(i, c0, step) handles the channels c0, c0 + step, ... of location i (all
+// channels of a location by one thread for kSerial; kGroups threads per
+// location, one per channel group, for the split variants).
+template <ChannelSplit S, typename I, typename F>
+__device__ __forceinline__ void for_each_tile_location(I i0, I i1, F&& f) {
+  if constexpr (S == ChannelSplit::kSerial) {
+    for (I i = i0 + threadIdx.x; i < i1; i += kBlock) f(i, 0, 1);
+  } else if constexpr (S == ChannelSplit::kWarpSplit) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (I i = i0 + lane; i < i1; i += kSplitLocations) f(i, warp, kGroups);
+  } else {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (I b = i0; b < i1; b += kSplitLocations) {
+      const I i = b + warp * (32 / kGroups) + (lane >> 3);
+      if (i < i1) f(i, lane & (kGroups - 1), kGroups);
+    }
+  }
+}
+
 // ---- the fixed tree of the 8 channel groups ----------------------------------
 
 // v of lane group j (the low 3 bits of the lane for kLaneSplit) -> every lane

@@ -252,18 +252,7 @@ masked_grad_kernel(MaskedGradTable<T, A> t) {
       for (int k = 0; k < K; ++k) pgm[k * gms[1]] = from_acc<T>(grad[k * g1] * s);
     }
   };
-  if constexpr (S == ChannelSplit::kSerial) {
-    for (int i = i0 + threadIdx.x; i < i1; i += kBlock) run(i, 0, 1);
-  } else if constexpr (S == ChannelSplit::kWarpSplit) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int i = i0 + lane; i < i1; i += kSplitLocations) run(i, warp, kGroups);
-  } else {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int s0 = i0; s0 < i1; s0 += kSplitLocations) {
-      const int i = s0 + warp * (32 / kGroups) + (lane >> 3);
-      if (i < i1) run(i, lane & (kGroups - 1), kGroups);
-    }
-  }
+  for_each_tile_location<S>(i0, i1, run);
 }
 
 bool has_work(const MaskedLevel& v) { return v.N > 0 && v.H * v.W > 0; }

@@ -14,30 +14,25 @@ namespace cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// __shfl_down_sync for any trivially copyable value (moved as 32-bit words).
-template <typename T> __device__ __forceinline__ T shfl_down_any(T v, int delta) {
+// shfl(word) applied to each 32-bit word of any trivially copyable value.
+template <typename T, typename Shfl> __device__ __forceinline__ T shfl_words(T v, Shfl shfl) {
   static_assert(std::is_trivially_copyable<T>::value, "shuffled values must be trivially copyable");
   constexpr int kWords = (sizeof(T) + 3) / 4;
   unsigned w[kWords] = {};
   memcpy(w, &v, sizeof(T));
 #pragma unroll
-  for (int i = 0; i < kWords; ++i) w[i] = __shfl_down_sync(kFullMask, w[i], delta);
+  for (int i = 0; i < kWords; ++i) w[i] = shfl(w[i]);
   T out;
   memcpy(&out, w, sizeof(T));
   return out;
 }
 
-// __shfl_xor_sync for any trivially copyable value (moved as 32-bit words).
+// __shfl_down_sync / __shfl_xor_sync for any trivially copyable value.
+template <typename T> __device__ __forceinline__ T shfl_down_any(T v, int delta) {
+  return shfl_words(v, [delta](unsigned w) { return __shfl_down_sync(kFullMask, w, delta); });
+}
 template <typename T> __device__ __forceinline__ T shfl_xor_any(T v, int lane_mask) {
-  static_assert(std::is_trivially_copyable<T>::value, "shuffled values must be trivially copyable");
-  constexpr int kWords = (sizeof(T) + 3) / 4;
-  unsigned w[kWords] = {};
-  memcpy(w, &v, sizeof(T));
-#pragma unroll
-  for (int i = 0; i < kWords; ++i) w[i] = __shfl_xor_sync(kFullMask, w[i], lane_mask);
-  T out;
-  memcpy(&out, w, sizeof(T));
-  return out;
+  return shfl_words(v, [lane_mask](unsigned w) { return __shfl_xor_sync(kFullMask, w, lane_mask); });
 }
 
 // Reduction over the 32 lanes of a full warp; lane 0 holds the result.

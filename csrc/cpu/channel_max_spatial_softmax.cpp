@@ -364,11 +364,10 @@ std::vector<at::Tensor> cmss_levels_backward_cpu(at::TensorList grad, at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tbd_ops, CPU, m) {
-  m.impl("channel_max_spatial_softmax", TORCH_FN(cmss_cpu));
-  m.impl("_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cpu));
-  m.impl("_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_cpu));
-  m.impl("_channel_max_spatial_softmax_levels_backward", TORCH_FN(cmss_levels_backward_cpu));
-}
+TBD_OPS_IMPL(CPU,
+    "channel_max_spatial_softmax", TORCH_FN(cmss_cpu),
+    "_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cpu),
+    "_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_cpu),
+    "_channel_max_spatial_softmax_levels_backward", TORCH_FN(cmss_levels_backward_cpu))
 
 }  // namespace tbd_ops

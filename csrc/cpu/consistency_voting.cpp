@@ -102,8 +102,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consistency_voting_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tbd_ops, CPU, m) {
-  m.impl("consistency_voting", TORCH_FN(consistency_voting_cpu));
-}
+TBD_OPS_IMPL(CPU, "consistency_voting", TORCH_FN(consistency_voting_cpu))
 
 }  // namespace tbd_ops

@@ -52,15 +52,9 @@ Decoder<T> make_decoder(const DecodeProblem& pb, const at::Tensor& bbox_pred,
   return d;
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(
-    const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
-    const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
-    at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
-    c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
-    const c10::optional<at::Tensor>& max_shapes) {
-  const DecodeProblem pb = decode_prepare("decode_max_iou", bbox_pred, priors, gt_bboxes,
-                                          gt_counts, coder, means, stds, scale, max_shape,
-                                          wh_ratio_clip, max_shapes);
+std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(const DecodeProblem& pb,
+                                                      const at::Tensor& bbox_pred,
+                                                      const c10::optional<at::Tensor>& priors) {
   auto iou = at::empty({pb.N, pb.P}, bbox_pred.options());
   auto arg = at::empty({pb.N, pb.P}, bbox_pred.options().dtype(at::kLong));
   if (pb.N == 0 || pb.P == 0) return {iou, arg};
@@ -99,16 +93,9 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
-    const at::Tensor& grad_iou, const at::Tensor& arg, const at::Tensor& bbox_pred,
-    const c10::optional<at::Tensor>& priors, const at::Tensor& gt_bboxes,
-    at::IntArrayRef gt_counts, c10::string_view coder, at::ArrayRef<double> means,
-    at::ArrayRef<double> stds, double scale, c10::optional<at::ArrayRef<double>> max_shape,
-    double wh_ratio_clip, std::array<bool, 3> output_mask,
-    const c10::optional<at::Tensor>& max_shapes) {
-  const DecodeProblem pb = decode_prepare("_decode_max_iou_backward", bbox_pred, priors,
-                                          gt_bboxes, gt_counts, coder, means, stds, scale,
-                                          max_shape, wh_ratio_clip, max_shapes);
-  decode_backward_check(pb, bbox_pred, grad_iou, arg);
+    const DecodeProblem& pb, const at::Tensor& grad_iou, const at::Tensor& arg,
+    const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
+    std::array<bool, 3> output_mask) {
   const bool want_priors = output_mask[1] && pb.prior_dim > 0;
   at::Tensor grad_pred = output_mask[0] ? at::zeros_like(bbox_pred) : at::empty({0}, bbox_pred.options());
   at::Tensor grad_priors = want_priors ? at::zeros_like(*priors, at::MemoryFormat::Contiguous)
@@ -185,9 +172,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tbd_ops, CPU, m) {
-  m.impl("decode_max_iou", TORCH_FN(decode_max_iou_cpu));
-  m.impl("_decode_max_iou_backward", TORCH_FN(decode_max_iou_backward_cpu));
-}
+TBD_OPS_IMPL(CPU, TBD_OPS_DECODE_KERNELS(cpu))
 
 }  // namespace tbd_ops

@@ -23,8 +23,6 @@ at::Tensor device_values_cpu(at::ArrayRef<double> values, const at::Tensor& like
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tbd_ops, CPU, m) {
-  m.impl("_device_values", TORCH_FN(device_values_cpu));
-}
+TBD_OPS_IMPL(CPU, "_device_values", TORCH_FN(device_values_cpu))
 
 }  // namespace tbd_ops

@@ -340,15 +340,6 @@ masked_backward_levels_cpu(at::TensorList grad, at::TensorList a, at::TensorList
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tbd_ops, CPU, m) {
-  m.impl("masked_sq_dist", TORCH_FN(masked_forward_cpu<MaskedMode::kSqDist>));
-  m.impl("masked_l1", TORCH_FN(masked_forward_cpu<MaskedMode::kL1>));
-  m.impl("_masked_sq_dist_backward", TORCH_FN(masked_backward_cpu<MaskedMode::kSqDist>));
-  m.impl("_masked_l1_backward", TORCH_FN(masked_backward_cpu<MaskedMode::kL1>));
-  m.impl("_masked_sq_dist_levels", TORCH_FN(masked_forward_levels_cpu<MaskedMode::kSqDist>));
-  m.impl("_masked_l1_levels", TORCH_FN(masked_forward_levels_cpu<MaskedMode::kL1>));
-  m.impl("_masked_sq_dist_levels_backward", TORCH_FN(masked_backward_levels_cpu<MaskedMode::kSqDist>));
-  m.impl("_masked_l1_levels_backward", TORCH_FN(masked_backward_levels_cpu<MaskedMode::kL1>));
-}
+TBD_OPS_IMPL(CPU, TBD_OPS_MASKED_KERNELS(cpu))
 
 }  // namespace tbd_ops

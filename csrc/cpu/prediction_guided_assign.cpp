@@ -22,15 +22,10 @@
 namespace tbd_ops {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> prediction_guided_assign_cpu(
-    const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& pseudo_boxes,
-    const at::Tensor& pseudo_labels, at::IntArrayRef proposal_counts,
-    at::IntArrayRef pseudo_counts, const c10::optional<at::Tensor>& valid, double iou_thr,
-    int64_t topk, double alpha) {
+std::tuple<at::Tensor, at::Tensor> prediction_guided_assign_cpu(const AssignProblem& pb,
+                                                                const at::Tensor& boxes,
+                                                                const at::Tensor& scores) {
   constexpr const char* op = "prediction_guided_assign";
-  const AssignProblem pb = assign_prepare(op, boxes, scores, pseudo_boxes, pseudo_labels,
-                                          proposal_counts, pseudo_counts, valid, iou_thr, topk,
-                                          alpha);
   const int64_t* labels = pb.pseudo_labels.const_data_ptr<int64_t>();
   for (int64_t m = 0; m < pb.M; ++m) {
     TORCH_CHECK_VALUE(labels[m] >= 0 && labels[m] < pb.C, op,
@@ -133,8 +128,7 @@ std::tuple<at::Tensor, at::Tensor> prediction_guided_assign_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tbd_ops, CPU, m) {
-  m.impl("prediction_guided_assign", TORCH_FN(prediction_guided_assign_cpu));
-}
+TBD_OPS_IMPL(CPU, "prediction_guided_assign",
+    TORCH_FN(prediction_guided_assign_kernel<prediction_guided_assign_cpu>))
 
 }  // namespace tbd_ops

@@ -294,9 +294,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tbd_ops, CPU, m) {
-  m.impl("sigmoid_focal_loss", TORCH_FN(sigmoid_focal_loss_cpu));
-  m.impl("_sigmoid_focal_loss_backward", TORCH_FN(sigmoid_focal_loss_backward_cpu));
-}
+TBD_OPS_IMPL(CPU,
+    "sigmoid_focal_loss", TORCH_FN(sigmoid_focal_loss_cpu),
+    "_sigmoid_focal_loss_backward", TORCH_FN(sigmoid_focal_loss_backward_cpu))
 
 }  // namespace tbd_ops

@@ -26,18 +26,17 @@ template <typename A> struct CastTo {
 template <typename T> TBD_HD bool is_nan(T v) { return v != v; }
 
 // ---- libm in the precision of the argument ----------------------------------
-TBD_HD float math_exp(float v) { return expf(v); }
-TBD_HD double math_exp(double v) { return exp(v); }
-TBD_HD float math_log(float v) { return logf(v); }
-TBD_HD double math_log(double v) { return log(v); }
-TBD_HD float math_log1p(float v) { return log1pf(v); }
-TBD_HD double math_log1p(double v) { return log1p(v); }
-TBD_HD float math_tanh(float v) { return tanhf(v); }
-TBD_HD double math_tanh(double v) { return tanh(v); }
-TBD_HD float math_sqrt(float v) { return sqrtf(v); }
-TBD_HD double math_sqrt(double v) { return sqrt(v); }
-TBD_HD float math_floor(float v) { return floorf(v); }
-TBD_HD double math_floor(double v) { return floor(v); }
+// math_<name>(float) calls <f>, math_<name>(double) <d>.
+#define TBD_OPS_LIBM(name, f, d)                   \
+  TBD_HD float math_##name(float v) { return f(v); } \
+  TBD_HD double math_##name(double v) { return d(v); }
+TBD_OPS_LIBM(exp, expf, exp)
+TBD_OPS_LIBM(log, logf, log)
+TBD_OPS_LIBM(log1p, log1pf, log1p)
+TBD_OPS_LIBM(tanh, tanhf, tanh)
+TBD_OPS_LIBM(sqrt, sqrtf, sqrt)
+TBD_OPS_LIBM(floor, floorf, floor)
+#undef TBD_OPS_LIBM
 TBD_HD float math_pow(float b, float e) { return powf(b, e); }
 TBD_HD double math_pow(double b, double e) { return pow(b, e); }
 
@@ -81,6 +80,14 @@ TBD_HD_INLINE uint32_t float_bits(float v) {
 #endif
 }
 
+// c0 x^n + c1 x^(n-1) + ... + cn by Horner's rule, the operations in this
+// order: ((c0 x + c1) x + c2) x + ... + cn.
+template <typename... C> TBD_HD_INLINE float horner(float x, float c0, C... cs) {
+  float p = c0;
+  ((p = p * x + cs), ...);
+  return p;
+}
+
 namespace exp_coef {  // exp(x) = 2^n * exp(r), x = n ln 2 + r, |r| <= ln 2 / 2
 constexpr float kUnder = -103.98f;           // exp(x) < 2^-150 rounds to 0 below this
 constexpr float kLog2e = 1.44269504088896341f;
@@ -107,12 +114,7 @@ TBD_HD_INLINE float exp_nonpositive(float x) {
   n = (n + kRound) - kRound;  // in [-150, 0]
   float r = x - n * kLn2Hi;
   r = r - n * kLn2Lo;
-  float p = kP0;
-  p = p * r + kP1;
-  p = p * r + kP2;
-  p = p * r + kP3;
-  p = p * r + kP4;
-  p = p * r + kP5;
+  float p = horner(r, kP0, kP1, kP2, kP3, kP4, kP5);
   p = p * (r * r) + r + 1.0f;
   const int32_t ni = static_cast<int32_t>(n);
   const int32_t n1 = ni >> 1, n2 = ni - n1;  // each >= -75: normal powers of two
@@ -145,15 +147,7 @@ TBD_HD_INLINE float log1p_unit(float e) {
       (static_cast<int32_t>(float_bits(kSqrt2)) - static_cast<int32_t>(float_bits(u))) >> 31 & 1);
   const float f = u * (1.0f - 0.5f * k) - 1.0f;
   const float z = f * f;
-  float y = kQ0;
-  y = y * f + kQ1;
-  y = y * f + kQ2;
-  y = y * f + kQ3;
-  y = y * f + kQ4;
-  y = y * f + kQ5;
-  y = y * f + kQ6;
-  y = y * f + kQ7;
-  y = y * f + kQ8;
+  float y = horner(f, kQ0, kQ1, kQ2, kQ3, kQ4, kQ5, kQ6, kQ7, kQ8);
   y = y * f * z;
   y = y + k * exp_coef::kLn2Lo;
   y = y - 0.5f * z;

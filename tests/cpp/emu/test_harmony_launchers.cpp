@@ -10,7 +10,7 @@
 #include <random>
 #include <vector>
 
-#include "harmony.h"
+#include "harmony_loss.h"
 #include "tbd_ops/harmony.h"
 #include "emu/simt.h"
 

@@ -1,7 +1,7 @@
-// Host entry points of the harmony family (harmony_score,
-// harmony_distillation_loss; SPEC 1.3, 1.4). Plain C++ (no PyTorch, no CUDA
-// headers): the registration glue (csrc/harmony.cpp) validates and
-// allocates, these launch on the given stream and never synchronize.
+// Host entry points of harmony_distillation_loss (SPEC 1.4). Plain C++ (no
+// PyTorch, no CUDA headers): the registration glue (csrc/harmony_loss.cpp)
+// validates and allocates, these launch on the given stream and never
+// synchronize.
 #pragma once
 
 #include <cstdint>
@@ -11,29 +11,6 @@
 
 namespace tbd_ops {
 namespace cuda {
-
-// ---- harmony_score: elementwise over up to kHarmonyMaxRank dimensions ---------
-constexpr int kHarmonyMaxRank = 8;
-
-struct NdShape {
-  int rank;  // 0 .. kHarmonyMaxRank
-  int64_t sizes[kHarmonyMaxRank];
-};
-struct NdStrides {
-  int64_t s[kHarmonyMaxRank];  // element strides
-};
-
-// out = 1 - tanh(|p_r - p_c|); p_c, p_r, out of dtype dt, any strides.
-void harmony_score_forward(DType dt, const NdShape& shape, const void* p_c, const NdStrides& cs,
-                           const void* p_r, const NdStrides& rs, void* out, const NdStrides& os,
-                           void* stream);
-
-// grad (dtype dt) -> grad_p_c, grad_p_r (dtype dt); either may be null when not
-// wanted. Every element of a wanted output is written.
-void harmony_score_backward(DType dt, const NdShape& shape, const void* grad, const NdStrides& gs,
-                            const void* p_c, const NdStrides& cs, const void* p_r,
-                            const NdStrides& rs, void* grad_p_c, const NdStrides& gcs,
-                            void* grad_p_r, const NdStrides& grs, void* stream);
 
 // ---- harmony_distillation_loss: every level in one launch ---------------------
 // Levels per launch (a kernel parameter table); more levels take one more
@@ -72,6 +49,5 @@ void harmony_loss_forward(DType dt, const HarmonyArgs& a, void* loss, void* norm
 // dtype. Writes the levels' grads[0] / grads[1] where not null.
 void harmony_loss_backward(DType dt, const HarmonyArgs& a, const void* grad, const void* norm,
                            int64_t ns0, int64_t ns1, void* stream);
-
 }  // namespace cuda
 }  // namespace tbd_ops

@@ -1,20 +1,17 @@
-// CPU kernels of the harmony family (SPEC 1.3, 1.4): harmony_score and
-// harmony_distillation_loss. The per-element math is in tbd_ops/harmony.h,
-// shared with the CUDA kernels (scores and gradients agree bit for bit with
-// the emulated CUDA build).
+// CPU kernels of harmony_distillation_loss (SPEC 1.4). The per-element math is
+// in tbd_ops/harmony.h, shared with the CUDA kernels (gradients agree bit for
+// bit with the emulated CUDA build).
 //
-// harmony_score: elementwise over any shape and strides (TensorIterator).
-// harmony_distillation_loss, forward: work items are (level, image, chunk of
-// kChunk locations) over all levels at once; each item sums w * |HS^t - HS^s|
-// and w (the weight psi, or 1) in kLanes interleaved lanes combined in lane
-// order. The partials of an image are then summed in chunk order, the
-// normalized per-image terms in (level, image) order: the result does not
-// depend on the number of threads. Backward: the same items, elementwise,
-// with the normalizers saved by the forward.
+// Forward: work items are (level, image, chunk of kChunk locations) over all
+// levels at once; each item sums w * |HS^t - HS^s| and w (the weight psi, or
+// 1) in kLanes interleaved lanes combined in lane order. The partials of an
+// image are then summed in chunk order, the normalized per-image terms in
+// (level, image) order: the result does not depend on the number of threads.
+// Backward: the same items, elementwise, with the normalizers saved by the
+// forward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorIterator.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "../harmony.h"
+#include "../harmony_loss.h"
 #include "tbd_ops/harmony.h"
 
 namespace tbd_ops {
@@ -30,83 +27,6 @@ namespace {
 
 constexpr int64_t kChunk = 2048;  // locations per work item
 constexpr int kLanes = 8;         // interleaved partial sums within an item
-
-// ---- harmony_score ------------------------------------------------------------
-
-// A TensorIterator 2-D loop from a 1-D one: f(data, strides, n) per outer step.
-template <typename F> auto loop_2d(int ntensors, F f) {
-  return [=](char** base, const int64_t* strides, int64_t size0, int64_t size1) {
-    char* data[8];
-    for (int64_t j = 0; j < size1; ++j) {
-      for (int k = 0; k < ntensors; ++k) data[k] = base[k] + j * strides[ntensors + k];
-      f(data, strides, size0);
-    }
-  };
-}
-
-at::Tensor harmony_score_cpu(const at::Tensor& p_c, const at::Tensor& p_r) {
-  harmony_score_check("harmony_score", p_c, p_r);
-  auto out = at::empty_like(p_c);
-  if (out.numel() == 0) return out;
-  auto iter = at::TensorIteratorConfig()
-                  .add_output(out)
-                  .add_const_input(p_c)
-                  .add_const_input(p_r)
-                  .resize_outputs(false)
-                  .build();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p_c.scalar_type(), "harmony_score_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    iter.for_each(loop_2d(iter.ntensors(), [](char** data, const int64_t* strides, int64_t n) {
-      char* po = data[0];
-      const char* pc = data[1];
-      const char* pr = data[2];
-      for (int64_t i = 0; i < n; ++i) {
-        const A c = static_cast<A>(*reinterpret_cast<const scalar_t*>(pc + i * strides[1]));
-        const A r = static_cast<A>(*reinterpret_cast<const scalar_t*>(pr + i * strides[2]));
-        *reinterpret_cast<scalar_t*>(po + i * strides[0]) = static_cast<scalar_t>(harmony_score(c, r));
-      }
-    }));
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> harmony_score_backward_cpu(const at::Tensor& grad,
-                                                               const at::Tensor& p_c,
-                                                               const at::Tensor& p_r,
-                                                               std::array<bool, 2> output_mask) {
-  harmony_score_backward_check("_harmony_score_backward", grad, p_c, p_r);
-  const bool want_c = output_mask[0], want_r = output_mask[1];
-  auto gc = want_c ? at::empty_like(p_c) : at::empty({0}, p_c.options());
-  auto gr = want_r ? at::empty_like(p_r) : at::empty({0}, p_r.options());
-  if (p_c.numel() == 0 || (!want_c && !want_r)) return {gc, gr};
-  at::TensorIteratorConfig cfg;
-  if (want_c) cfg.add_output(gc);
-  if (want_r) cfg.add_output(gr);
-  cfg.add_const_input(grad).add_const_input(p_c).add_const_input(p_r).resize_outputs(false);
-  auto iter = cfg.build();
-  const int outs = int(want_c) + int(want_r);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p_c.scalar_type(), "harmony_score_backward_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    iter.for_each(loop_2d(iter.ntensors(), [=](char** data, const int64_t* strides, int64_t n) {
-      const char* pg = data[outs];
-      const char* pc = data[outs + 1];
-      const char* pr = data[outs + 2];
-      for (int64_t i = 0; i < n; ++i) {
-        const A g = static_cast<A>(*reinterpret_cast<const scalar_t*>(pg + i * strides[outs]));
-        const A c = static_cast<A>(*reinterpret_cast<const scalar_t*>(pc + i * strides[outs + 1]));
-        const A r = static_cast<A>(*reinterpret_cast<const scalar_t*>(pr + i * strides[outs + 2]));
-        const A d = harmony_grad_pr(g, c, r);
-        int k = 0;
-        if (want_c) {
-          *reinterpret_cast<scalar_t*>(data[k] + i * strides[k]) = static_cast<scalar_t>(-d);
-          ++k;
-        }
-        if (want_r) *reinterpret_cast<scalar_t*>(data[k] + i * strides[k]) = static_cast<scalar_t>(d);
-      }
-    }));
-  });
-  return {gc, gr};
-}
 
 // ---- harmony_distillation_loss ------------------------------------------------
 
@@ -257,15 +177,10 @@ void loss_backward(const at::Tensor& grad, const at::Tensor& norm, const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor> harmony_distillation_loss_cpu(
-    at::TensorList pc_s, at::TensorList pr_s, at::TensorList pc_t, at::TensorList pr_t,
-    c10::string_view mode, double eps) {
-  const char* op = "harmony_distillation_loss";
-  const HarmonyLevels hl = harmony_loss_check(op, pc_s, pr_s, pc_t, pr_t, std::string(mode));
-  harmony_eps_check(op, eps);
-  const at::TensorList lists[4] = {pc_s, pr_s, pc_t, pr_t};
-  const auto acc_opts = pc_s[0].options().dtype(acc_dtype(pc_s[0].scalar_type()));
+    const HarmonyLevels& hl, const HarmonyMaps& lists, double eps) {
+  const auto acc_opts = lists[0][0].options().dtype(acc_dtype(lists[0][0].scalar_type()));
   std::tuple<at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pc_s[0].scalar_type(), "harmony_distillation_loss_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lists[0][0].scalar_type(), "harmony_distillation_loss_cpu", [&] {
     dispatch_harmony_mode(hl.mode, [&](auto mtag) {
       out = loss_forward<decltype(mtag)::value, scalar_t>(lists, hl, eps, acc_opts);
     });
@@ -274,20 +189,15 @@ std::tuple<at::Tensor, at::Tensor> harmony_distillation_loss_cpu(
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> harmony_distillation_loss_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& norm, at::TensorList pc_s, at::TensorList pr_s,
-    at::TensorList pc_t, at::TensorList pr_t, c10::string_view mode,
-    std::array<bool, 2> output_mask) {
-  const HarmonyLevels hl = harmony_loss_backward_check("_harmony_distillation_loss_backward", grad,
-                                                       norm, pc_s, pr_s, pc_t, pr_t,
-                                                       std::string(mode));
+    const HarmonyLevels& hl, const at::Tensor& grad, const at::Tensor& norm,
+    const HarmonyMaps& lists, std::array<bool, 2> output_mask) {
   std::vector<at::Tensor> gc, gr;
   for (int64_t l = 0; l < hl.L; ++l) {
-    if (output_mask[0]) gc.push_back(at::empty_like(pc_s[l]));
-    if (output_mask[1]) gr.push_back(at::empty_like(pr_s[l]));
+    if (output_mask[0]) gc.push_back(at::empty_like(lists[0][l]));
+    if (output_mask[1]) gr.push_back(at::empty_like(lists[1][l]));
   }
   if (!output_mask[0] && !output_mask[1]) return {gc, gr};
-  const at::TensorList lists[4] = {pc_s, pr_s, pc_t, pr_t};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pc_s[0].scalar_type(), "harmony_distillation_loss_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lists[0][0].scalar_type(), "harmony_distillation_loss_backward_cpu", [&] {
     dispatch_harmony_mode(hl.mode, [&](auto mtag) {
       loss_backward<decltype(mtag)::value, scalar_t>(grad, norm, lists, hl, gc, gr);
     });
@@ -297,11 +207,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> harmony_distillatio
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tbd_ops, CPU, m) {
-  m.impl("harmony_score", TORCH_FN(harmony_score_cpu));
-  m.impl("_harmony_score_backward", TORCH_FN(harmony_score_backward_cpu));
-  m.impl("harmony_distillation_loss", TORCH_FN(harmony_distillation_loss_cpu));
-  m.impl("_harmony_distillation_loss_backward", TORCH_FN(harmony_distillation_loss_backward_cpu));
-}
+TBD_OPS_IMPL(CPU, TBD_OPS_HARMONY_LOSS_KERNELS(cpu))
 
 }  // namespace tbd_ops
