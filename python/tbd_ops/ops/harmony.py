@@ -1,4 +1,6 @@
-"""Harmony score and harmony distillation loss (SPEC 1.3, 1.4), one op family.
+"""Harmony score and harmony distillation loss (SPEC 1.3, 1.4): the Python API of the ops
+`harmony_score` and `harmony_distillation_loss` (their C++ and CUDA files are `harmony_score.*` and
+`harmony_loss.*`).
 
 ``harmony_score`` is elementwise; ``harmony_distillation_loss`` takes every FPN
 level at once (one kernel launch for all levels on CUDA) and returns a 0-d
