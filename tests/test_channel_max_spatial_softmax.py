@@ -190,6 +190,19 @@ def test_cpu_work_splits_agree_bitwise(N, dtype):
             assert bitwise_equal(a, b), f"{threads} threads"
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float64_gradient_of_several_mib_matches_reference(channels_last):
+    """A gradient over 2 MiB pages (the CPU backward asks for huge pages for it): zero outside the
+    argmax channel, the reference's values in it."""
+    x = logits((2, 80, 60, 70), "cpu")  # 5.1 MiB of float64 gradient
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    g = torch.randn(2, 60, 70, dtype=torch.float64)
+    (y, gx), (y_ref, gx_ref) = both(x, g, temperature=0.5, scale_by_hw=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_list_of_levels(device):
     levels = [logits((2, 9, 8, 10), device), logits((2, 9, 4, 5), device), logits((2, 9, 2, 3), device)]
