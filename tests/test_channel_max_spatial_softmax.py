@@ -158,6 +158,51 @@ def test_deterministic(device):
     assert torch.equal(a, b)
 
 
+def with_threads(n, fn):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("N", [2, 3])
+def test_cpu_work_splits_agree_bitwise(N, dtype):
+    """The CPU forward runs a work item per image when the images split evenly over the threads
+    (1 thread: always), per tile otherwise (N = 3 on 2 threads, N = 2 on 3): out, log_p and argmax
+    are the same bytes either way, for one level and for a list (H*W of 9 tiles, a partial span
+    of the argmax sweep, a level of one short tile, a level where every row is one channel's NaN)."""
+    torch.manual_seed(0)
+    levels = [logits((N, 80, 100, 167), "cpu", dtype), logits((N, 80, 25, 42), "cpu", dtype),
+              logits((N, 3, 7, 11), "cpu", dtype)]
+    levels[2][:, 1, 2, 3] = float("nan")
+    levels.append(levels[0].to(memory_format=torch.channels_last))
+    run = lambda: ([OP(x, 0.5, True) for x in levels],  # noqa: E731
+                   torch.ops.tbd_ops._channel_max_spatial_softmax_levels(levels, 0.5, True))
+    want = with_threads(1, run)
+    for threads in (2, 3):
+        got = with_threads(threads, run)
+        single = [t for r in got[0] for t in r]
+        listed = [t for r in zip(*got[1]) for t in r]
+        for a, b in zip(single + listed, [t for r in want[0] for t in r] * 2):
+            assert bitwise_equal(a, b), f"{threads} threads"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float64_gradient_of_several_mib_matches_reference(channels_last):
+    """A gradient over 2 MiB pages (the CPU backward asks for huge pages for it): zero outside the
+    argmax channel, the reference's values in it."""
+    x = logits((2, 80, 60, 70), "cpu")  # 5.1 MiB of float64 gradient
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    g = torch.randn(2, 60, 70, dtype=torch.float64)
+    (y, gx), (y_ref, gx_ref) = both(x, g, temperature=0.5, scale_by_hw=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_list_of_levels(device):
     levels = [logits((2, 9, 8, 10), device), logits((2, 9, 4, 5), device), logits((2, 9, 2, 3), device)]

@@ -61,6 +61,19 @@ def test_float64_matches_reference(device, op, shape, K):
     compare(op, a, b, m, dict(rtol=1e-10, atol=1e-12), dict(rtol=1e-10, atol=1e-12), g)
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float64_gradients_of_several_mib_match_reference(op, layout):
+    """Gradients over 2 MiB pages (the CPU backward asks for huge pages for them) and work items
+    of 4096 locations with a partial last one: the reference's values."""
+    n, c, h, w = 2, 16, 100, 90  # 11.5 MiB per gradient, 9000 locations per image
+    a, b = rand((n, c, h, w), "cpu"), rand((n, c, h, w), "cpu")
+    if layout == "channels_last":
+        a, b = (t.to(memory_format=torch.channels_last) for t in (a, b))
+    m = masks_for(n, 2, h, w, "cpu")
+    compare(op, a, b, m, dict(rtol=1e-10, atol=1e-10), dict(rtol=1e-10, atol=1e-12), rand((n, 2), "cpu"))
+
+
 class MaskedContract(OpContract):
     """The test contract (op_testing.OpContract) of masked_sq_dist and masked_l1."""
     reduction_outputs = [0]  # out[n, k]: a sum over H*W in another order on each side

@@ -21,12 +21,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../channel_max_spatial_softmax.h"
 #include "channel_argmax.h"
+#include "huge_pages.h"
 #include "simd.h"
 #include "tbd_ops/softmax.h"
 
@@ -41,6 +44,9 @@ constexpr int64_t kChunk = 256;  // locations per partial sum of the backward's 
 // for the hardware prefetcher) while the running max and argmax of the tile
 // stay in L1.
 constexpr int64_t kTile = 2048;
+// Tiles whose channel argmax is found in one sweep where a work item holds a
+// whole image (the argmax of a location does not depend on the tiles).
+constexpr int64_t kSpanTiles = 4;
 
 // ---- softmax pieces on float32 buffers ----
 
@@ -213,71 +219,162 @@ void normalize_item(A* y, int64_t len, A M, A log_s, A f, A m_tile, T* out) {
   normalize_tile(y, len, M, log_s, f, out);
 }
 
+// One level's input and outputs as raw pointers and sizes.
+template <typename scalar_t> struct CmssLevel {
+  using A = acc_t<scalar_t>;
+  const scalar_t* px;
+  int64_t K, W, HW, tiles, s0, s1, s2, s3;
+  A* lp;
+  int64_t* am;
+  scalar_t* po;
+  A inv_t, scale;
+};
+
+template <typename scalar_t>
+CmssLevel<scalar_t> cmss_level(const at::Tensor& x, double temperature, bool scale_by_hw,
+                               at::Tensor& out, at::Tensor& log_p, at::Tensor& argmax) {
+  using A = acc_t<scalar_t>;
+  const int64_t HW = x.size(2) * x.size(3);
+  return {x.const_data_ptr<scalar_t>(), x.size(1), x.size(3), HW, (HW + kTile - 1) / kTile,
+          x.stride(0), x.stride(1), x.stride(2), x.stride(3), log_p.mutable_data_ptr<A>(),
+          argmax.mutable_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(),
+          A(1) / static_cast<A>(temperature), scale_by_hw ? static_cast<A>(HW) : A(1)};
+}
+
+// The channel max and argmax of locations i0 .. i0 + len of image n into bv, bi.
+template <typename scalar_t, typename A = acc_t<scalar_t>>
+void cmss_argmax(const CmssLevel<scalar_t>& v, int64_t n, int64_t i0, int64_t len, A* bv,
+                 int32_t* bi) {
+  // When the H*W plane is contiguous the channel rows of a tile are contiguous.
+  if (v.s3 == 1 && v.s2 == v.W) {
+    channel_argmax_tile(v.px + n * v.s0 + i0, v.K, v.s1, len, bv, bi);
+  } else {
+    for (int64_t i = 0; i < len; ++i) {  // e.g. channels_last: K values of a location
+      const scalar_t* loc = v.px + n * v.s0 + ((i0 + i) / v.W) * v.s2 + ((i0 + i) % v.W) * v.s3;
+      ArgMax<A> best = argmax_empty<A>();
+      for (int64_t k = 0; k < v.K; ++k) argmax_update(best, static_cast<A>(loc[k * v.s1]), k);
+      bv[i] = best.value;
+      bi[i] = static_cast<int32_t>(best.index);
+    }
+  }
+}
+
+// Pass 1 of tile t of image n from its channel max and argmax bv, bi: y = z / T
+// into log_p, the argmax, the tile's softmax statistics.
+template <typename scalar_t, typename A = acc_t<scalar_t>>
+SoftmaxState<A> cmss_tile_stats(const CmssLevel<scalar_t>& v, int64_t n, int64_t t, const A* bv,
+                                const int32_t* bi) {
+  const int64_t t0 = t * kTile, len = std::min(kTile, v.HW - t0);
+  // float32 keeps e = exp(y - m_t) in the output (scaled in pass 2).
+  scalar_t* e = std::is_same_v<scalar_t, float> ? v.po + n * v.HW + t0 : nullptr;
+  return tile_softmax(bv, bi, len, v.inv_t, v.lp + n * v.HW + t0, v.am + n * v.HW + t0,
+                      reinterpret_cast<A*>(e));
+}
+
+// The image's statistics: its tiles' combined in tile order.
+template <typename A> struct CmssImage {
+  A M, log_s, f;
+};
+template <typename A>
+CmssImage<A> cmss_combine(const SoftmaxState<A>* partial, int64_t tiles, A scale) {
+  SoftmaxState<A> st = softmax_empty<A>();
+  for (int64_t t = 0; t < tiles; ++t) st = softmax_combine(st, partial[t]);
+  return {st.m, math_log(st.s), scale / st.s};
+}
+
+// Pass 2 of tile t of image n. float32 with a finite max and sum scales the
+// kept exponentials; otherwise (NaN, inf) out = exp(y - M) * scale / S again.
+template <typename scalar_t, typename A = acc_t<scalar_t>>
+void cmss_pass2(const CmssLevel<scalar_t>& v, int64_t n, int64_t t, const CmssImage<A>& img,
+                A m_tile) {
+  const int64_t i0 = n * v.HW + t * kTile, len = std::min(kTile, (n + 1) * v.HW - i0);
+  normalize_item(v.lp + i0, len, img.M, img.log_s, img.f, m_tile, v.po + i0);
+}
+
+// A work item per image (both passes; the image's data stays in cache between
+// them, and no barrier between the passes): used when the images split evenly
+// over the threads. Results do not depend on the split (fixed tiles).
+bool cmss_per_image(int64_t N) {
+  return N > 0 && N % at::get_num_threads() == 0;
+}
+
+// Every image n of the levels (image-major items, so that a thread's items
+// are whole images) in one parallel region.
+template <typename scalar_t>
+void cmss_images(const std::vector<CmssLevel<scalar_t>>& levels, int64_t N) {
+  using A = acc_t<scalar_t>;
+  const int64_t L = static_cast<int64_t>(levels.size());
+  int64_t max_tiles = 0;
+  for (const auto& v : levels) max_tiles = std::max(max_tiles, v.tiles);
+  at::parallel_for(0, N * L, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> bv(kSpanTiles * kTile);
+    std::vector<int32_t> bi(kSpanTiles * kTile);
+    std::vector<SoftmaxState<A>> partial(max_tiles);
+    for (int64_t item = begin; item < end; ++item) {
+      const auto& v = levels[item % L];
+      const int64_t n = item / L;
+      if (v.HW == 0) continue;
+      // The argmax of kSpanTiles tiles at a time (longer contiguous runs of
+      // every channel row), then the tiles' statistics.
+      for (int64_t t0 = 0; t0 < v.tiles; t0 += kSpanTiles) {
+        const int64_t t1 = std::min(v.tiles, t0 + kSpanTiles);
+        cmss_argmax(v, n, t0 * kTile, std::min(t1 * kTile, v.HW) - t0 * kTile, bv.data(), bi.data());
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t off = (t - t0) * kTile;
+          partial[t] = cmss_tile_stats(v, n, t, bv.data() + off, bi.data() + off);
+        }
+      }
+      const CmssImage<A> img = cmss_combine(partial.data(), v.tiles, v.scale);
+      for (int64_t t = 0; t < v.tiles; ++t) cmss_pass2(v, n, t, img, partial[t].m);
+    }
+  });
+}
+
+// Work items per tile, the two passes in two parallel regions.
+template <typename scalar_t>
+void cmss_tiles(const CmssLevel<scalar_t>& v, int64_t N) {
+  using A = acc_t<scalar_t>;
+  const int64_t tiles = v.tiles;
+  std::vector<SoftmaxState<A>> partial(N * tiles);
+  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> bv(kTile);
+    std::vector<int32_t> bi(kTile);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / tiles, t = item % tiles, t0 = t * kTile;
+      cmss_argmax(v, n, t0, std::min(kTile, v.HW - t0), bv.data(), bi.data());
+      partial[item] = cmss_tile_stats(v, n, t, bv.data(), bi.data());
+    }
+  });
+  std::vector<CmssImage<A>> img(N);
+  for (int64_t n = 0; n < N; ++n) img[n] = cmss_combine(partial.data() + n * tiles, tiles, v.scale);
+  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      cmss_pass2(v, item / tiles, item % tiles, img[item / tiles], partial[item].m);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_alloc(const at::Tensor& x) {
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  return {at::empty({N, H, W}, x.options()),
+          at::empty({N, H, W}, x.options().dtype(acc_dtype(x.scalar_type()))),
+          at::empty({N, H, W}, x.options().dtype(at::kLong))};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cpu(const at::Tensor& x, double temperature,
                                                         bool scale_by_hw) {
   cmss_check(x, temperature);
-  const int64_t N = x.size(0), K = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  auto out = at::empty({N, H, W}, x.options());
-  auto log_p = at::empty({N, H, W}, x.options().dtype(acc_dtype(x.scalar_type())));
-  auto argmax = at::empty({N, H, W}, x.options().dtype(at::kLong));
-  if (N == 0 || HW == 0) return {out, log_p, argmax};
-  const int64_t tiles = (HW + kTile - 1) / kTile;
-  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
-
+  at::Tensor out, log_p, argmax;
+  std::tie(out, log_p, argmax) = cmss_alloc(x);
+  const int64_t N = x.size(0);
+  if (N == 0 || x.size(2) * x.size(3) == 0) return {out, log_p, argmax};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmss_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    A* lp = log_p.mutable_data_ptr<A>();
-    int64_t* am = argmax.mutable_data_ptr<int64_t>();
-    scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    const A inv_t = A(1) / static_cast<A>(temperature);
-    const A scale = scale_by_hw ? static_cast<A>(HW) : A(1);
-    std::vector<SoftmaxState<A>> partial(N * tiles);
-
-    // Pass 1: channel max and argmax, y = z / T into log_p, tile statistics.
-    at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> bv(kTile);
-      std::vector<int32_t> bi(kTile);
-      // When the H*W plane is contiguous the channel rows of a tile are contiguous.
-      const bool plane_contiguous = s3 == 1 && s2 == W;
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / tiles, t0 = (item % tiles) * kTile;
-        const int64_t len = std::min(kTile, HW - t0);
-        if (plane_contiguous) {
-          channel_argmax_tile(px + n * s0 + t0, K, s1, len, bv.data(), bi.data());
-        } else {
-          for (int64_t i = 0; i < len; ++i) {  // e.g. channels_last: K values of a location
-            const scalar_t* loc = px + n * s0 + ((t0 + i) / W) * s2 + ((t0 + i) % W) * s3;
-            ArgMax<A> best = argmax_empty<A>();
-            for (int64_t k = 0; k < K; ++k) argmax_update(best, static_cast<A>(loc[k * s1]), k);
-            bv[i] = best.value;
-            bi[i] = static_cast<int32_t>(best.index);
-          }
-        }
-        // float32 keeps e = exp(y - m_t) in the output (scaled in pass 2).
-        scalar_t* e = std::is_same_v<scalar_t, float> ? po + n * HW + t0 : nullptr;
-        partial[item] = tile_softmax(bv.data(), bi.data(), len, inv_t, lp + n * HW + t0,
-                                     am + n * HW + t0, reinterpret_cast<A*>(e));
-      }
-    });
-    // Per image: the tiles' statistics combined in tile order.
-    std::vector<A> M(N), log_s(N), f(N);
-    for (int64_t n = 0; n < N; ++n) {
-      SoftmaxState<A> st = softmax_empty<A>();
-      for (int64_t t = 0; t < tiles; ++t) st = softmax_combine(st, partial[n * tiles + t]);
-      M[n] = st.m;
-      log_s[n] = math_log(st.s);
-      f[n] = scale / st.s;
+    const auto v = cmss_level<scalar_t>(x, temperature, scale_by_hw, out, log_p, argmax);
+    if (cmss_per_image(N)) {
+      cmss_images<scalar_t>({v}, N);
+    } else {
+      cmss_tiles(v, N);
     }
-    // Pass 2: normalize. float32 with a finite max and sum scales the kept
-    // exponentials; otherwise (NaN, inf) out = exp(y - M) * scale / S again.
-    at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / tiles, i0 = n * HW + (item % tiles) * kTile;
-        const int64_t len = std::min(kTile, (n + 1) * HW - i0);
-        normalize_item(lp + i0, len, M[n], log_s[n], f[n], partial[item].m, po + i0);
-      }
-    });
   });
   return {out, log_p, argmax};
 }
@@ -288,8 +385,9 @@ at::Tensor cmss_backward_cpu(const at::Tensor& grad, const at::Tensor& log_p,
   cmss_backward_check(grad, log_p, argmax, channels, temperature);
   const int64_t N = grad.size(0), H = grad.size(1), W = grad.size(2), HW = H * W;
   auto dx = at::empty({N, channels, H, W}, grad.options(),
-                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
-                .zero_();
+                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  cpu::advise_huge_pages(dx);  // before the zeros' first write
+  dx.zero_();
   if (N == 0 || HW == 0) return dx;
   const auto lpc = log_p.contiguous();
   const auto amc = argmax.contiguous();
@@ -340,12 +438,33 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
 cmss_levels_cpu(at::TensorList x, double temperature, bool scale_by_hw) {
   cmss_levels_check(x, temperature);
   std::vector<at::Tensor> out, log_p, argmax;
+  bool same_n = true;
   for (const at::Tensor& t : x) {
-    auto r = cmss_cpu(t, temperature, scale_by_hw);
+    auto r = cmss_alloc(t);
     out.push_back(std::get<0>(r));
     log_p.push_back(std::get<1>(r));
     argmax.push_back(std::get<2>(r));
+    same_n = same_n && t.size(0) == x[0].size(0);
   }
+  if (x.empty()) return {out, log_p, argmax};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x[0].scalar_type(), "cmss_levels_cpu", [&] {
+    std::vector<CmssLevel<scalar_t>> v;
+    for (size_t l = 0; l < x.size(); ++l)
+      v.push_back(cmss_level<scalar_t>(x[l], temperature, scale_by_hw, out[l], log_p[l], argmax[l]));
+    if (same_n && cmss_per_image(x[0].size(0))) {
+      cmss_images(v, x[0].size(0));  // every level of an image in one item
+      return;
+    }
+    for (size_t l = 0; l < x.size(); ++l) {
+      const int64_t N = x[l].size(0);
+      if (N == 0 || v[l].HW == 0) continue;
+      if (cmss_per_image(N)) {
+        cmss_images<scalar_t>({v[l]}, N);
+      } else {
+        cmss_tiles(v[l], N);
+      }
+    }
+  });
   return {out, log_p, argmax};
 }
 

@@ -300,7 +300,8 @@ class TBDLoss(nn.Module):
         p_r = []
         for (iou, _), b in zip(results, bbox_preds):
             n, a4, h, w = b.shape
-            p_r.append(iou.view(n, h, w, a4 // 4).amax(dim=-1))
+            # One prior per location (A = 1, e.g. FCOS): the max over one anchor is the IoU itself.
+            p_r.append(iou.view(n, h, w) if a4 == 4 else iou.view(n, h, w, a4 // 4).amax(dim=-1))
         return p_c, p_r
 
     def forward(self, student_cls_scores, student_bbox_preds, student_feats, teacher_cls_scores,
