@@ -127,6 +127,9 @@ def test_downsample_view_aligns_levels_and_boxes():
     torch.testing.assert_close(v2, F.interpolate(img, scale_factor=0.5, mode="nearest"))
     torch.testing.assert_close(boxes[0], torch.tensor([[4.0, 2.0, 20.0, 15.0]]))
     assert boxes[1].shape == (0, 4)
+    # Odd and fractional coordinates halve exactly (no rounding to the V2 pixel grid).
+    _, odd = downsample_view(img, [torch.tensor([[7.0, 3.0, 41.0, 29.5]])])
+    torch.testing.assert_close(odd[0], torch.tensor([[3.5, 1.5, 20.5, 14.75]]), rtol=0, atol=0)
     # V1's level of stride s has the spatial size of V2's level of stride s / 2.
     p3_v1 = F.avg_pool2d(img, 8)
     p2_v2 = F.avg_pool2d(v2, 4)
