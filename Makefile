@@ -1,5 +1,5 @@
 # tbd_ops — the two everyday commands:
-#   make test    build everything, run pytest and the GoogleTest suite
+#   make test    build everything, run pytest, the GoogleTest suite and the CPU kernels under ASan
 #   make bench   build, run the kernel microbenchmarks on the best device present
 # Set-up is automatic: a virtual environment in .venv with torch==2.11.0.
 # On a machine that already has torch and no network (e.g. a GPU box), use
@@ -30,7 +30,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-stamp
 endif
 
-.PHONY: all build build-emu test pytest ctest ctest-asan bench gpu-suite cuda-report clean
+.PHONY: all build build-emu test pytest pytest-asan ctest ctest-asan bench gpu-suite cuda-report clean
 
 all: build
 
@@ -53,6 +53,27 @@ build-emu: $(DEPS)
 pytest: build build-emu
 	$(PY) -m pytest tests -q
 
+# The CPU kernels under AddressSanitizer + UBSan: a CPU-only build in $(ASAN_DIR) (beside a copy of the
+# Python package), and the op tests on the cpu device with the sanitizer runtime preloaded into Python.
+# An out-of-bounds access then fails the test run with a report instead of corrupting memory.
+ASAN_DIR   ?= build/asan
+# The op tests (one file per op family, named after python/tbd_ops/ops/<op>.py) and the loss modules'.
+ASAN_TESTS ?= $(sort $(foreach f,$(wildcard python/tbd_ops/ops/[a-z]*.py),$(wildcard tests/test_$(notdir $(f)))) \
+                     tests/test_nn_tbd.py tests/test_nn_pseco.py)
+ASAN_SELECT ?=
+pytest-asan: $(DEPS)
+	rm -rf $(ASAN_DIR)/lib/tbd_ops && mkdir -p $(ASAN_DIR)/lib
+	cp -r python/tbd_ops $(ASAN_DIR)/lib/ && rm -f $(ASAN_DIR)/lib/tbd_ops/_C*.so
+	TBD_OPS_CUDA=0 TBD_OPS_ASAN=1 $(PY) setup.py --quiet build_ext --build-lib $(ASAN_DIR)/lib --build-temp $(ASAN_DIR)/temp
+	@# libstdc++ preloaded too: ASan intercepts C++ exceptions only if it is loaded at start-up. The
+	@# reports go to files (pytest's capture would lose them when the sanitizer ends the process).
+	rm -f $(ASAN_DIR)/report.*
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:log_path=$(ASAN_DIR)/report \
+	  UBSAN_OPTIONS=print_stacktrace=1:log_path=$(ASAN_DIR)/report TBD_OPS_TEST_PACKAGE=$(ASAN_DIR)/lib \
+	  $(PY) -m pytest $(ASAN_TESTS) -q -p no:cacheprovider -m "not cuda_emu and not requires_emu and not cuda" \
+	  -k "$(ASAN_SELECT)" || { cat $(ASAN_DIR)/report.* 2>/dev/null; exit 1; }
+
 ctest:
 	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 	cmake --build $(BUILD_DIR)
@@ -66,6 +87,8 @@ test: build build-emu
 	$(PY) -m pytest tests -q -ra || status=1; \
 	echo "==== GoogleTest (ctest) ===="; \
 	$(MAKE) --no-print-directory ctest || status=1; \
+	echo "==== the CPU kernels under AddressSanitizer (pytest-asan) ===="; \
+	$(MAKE) --no-print-directory pytest-asan || status=1; \
 	if [ $$status -ne 0 ]; then echo "make test: FAILED"; else echo "make test: all passed"; fi; \
 	exit $$status
 

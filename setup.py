@@ -7,6 +7,8 @@ Environment knobs:
                       SASS for each, plus PTX for the newest.
   MAX_JOBS            parallel compile jobs (ninja).
   TBD_OPS_DEBUG=1     -O0 -g builds.
+  TBD_OPS_ASAN=1      a CPU-only build under AddressSanitizer + UBSan (for the test suite: load it with
+                      LD_PRELOAD=libasan.so; see `make pytest-asan`).
 """
 import os
 import re
@@ -97,14 +99,18 @@ def build_extension():
                 "install a matching toolkit or set TBD_OPS_CUDA=0"
             )
 
+    asan = os.environ.get("TBD_OPS_ASAN", "0") == "1"
+    if asan and with_cuda:
+        raise SystemExit("TBD_OPS_ASAN=1 is a CPU-only build: set TBD_OPS_CUDA=0")
     debug = os.environ.get("TBD_OPS_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if asan else []
     sources = sorted(str(p.relative_to(ROOT)) for p in [*(ROOT / "csrc").glob("*.cpp"), *(ROOT / "csrc" / "cpu").glob("*.cpp")])
     include_dirs = [str(ROOT / "csrc" / "include")]
     # -fopenmp: at::parallel_for is inline and runs serially without it.
     # -ffp-contract=off / -fmad=false: no FMA contraction, so that the CPU kernels,
     # the emulated CUDA kernels and the GPU agree bit for bit on per-element results.
-    extra = {"cxx": opt + ["-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]}
+    extra = {"cxx": opt + sanitize + ["-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]}
     define_macros = []
     sass, ptx = cuda_archs() if with_cuda else ([], [])
     # Build facts for csrc/module.cpp, on the host compiler's command line only
@@ -121,14 +127,14 @@ def build_extension():
         print(f"tbd_ops: building with CUDA kernels (nvcc {nv[0]}.{nv[1]}; SASS {' '.join('sm_' + a for a in sass)}; "
               f"PTX {' '.join('compute_' + a for a in ptx)}) against torch {torch.__version__}")
     else:
-        print(f"tbd_ops: building CPU-only against torch {torch.__version__}")
+        print(f"tbd_ops: building CPU-only{' under AddressSanitizer' if asan else ''} against torch {torch.__version__}")
     return ext(
         name="tbd_ops._C",
         sources=sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + sanitize,
     )
 
 

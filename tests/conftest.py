@@ -1,15 +1,19 @@
 """Fixtures and hooks of the test suite. The shared test code (devices, dtypes,
 tolerances, random inputs, the op test contract) is in op_testing.py."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-# The tbd_ops under test: the source tree's python/ when it holds a build (`make build` compiles
-# in place), else the installed package (`pip install .[test]`, then `pytest` from the clone).
+# The tbd_ops under test: the folder TBD_OPS_TEST_PACKAGE names (the AddressSanitizer build of
+# `make pytest-asan`), else the source tree's python/ when it holds a build (`make build` compiles in
+# place), else the installed package (`pip install .[test]`, then `pytest` from the clone).
 _SOURCE_TREE = Path(__file__).resolve().parents[1] / "python"
-if any((_SOURCE_TREE / "tbd_ops").glob("_C*.so")) and str(_SOURCE_TREE) not in sys.path:
+if os.environ.get("TBD_OPS_TEST_PACKAGE"):
+    sys.path.insert(0, str(Path(os.environ["TBD_OPS_TEST_PACKAGE"]).resolve()))
+elif any((_SOURCE_TREE / "tbd_ops").glob("_C*.so")) and str(_SOURCE_TREE) not in sys.path:
     sys.path.insert(0, str(_SOURCE_TREE))
 
 import tbd_ops  # noqa: F401  (registers the operators)
