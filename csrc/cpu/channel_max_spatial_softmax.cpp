@@ -29,7 +29,6 @@
 
 #include "../channel_max_spatial_softmax.h"
 #include "channel_argmax.h"
-#include "huge_pages.h"
 #include "simd.h"
 #include "tbd_ops/softmax.h"
 
@@ -385,9 +384,8 @@ at::Tensor cmss_backward_cpu(const at::Tensor& grad, const at::Tensor& log_p,
   cmss_backward_check(grad, log_p, argmax, channels, temperature);
   const int64_t N = grad.size(0), H = grad.size(1), W = grad.size(2), HW = H * W;
   auto dx = at::empty({N, channels, H, W}, grad.options(),
-                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  cpu::advise_huge_pages(dx);  // before the zeros' first write
-  dx.zero_();
+                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
+                .zero_();
   if (N == 0 || HW == 0) return dx;
   const auto lpc = log_p.contiguous();
   const auto amc = argmax.contiguous();

@@ -23,7 +23,6 @@
 #include <vector>
 
 #include "../masked_reduce.h"
-#include "huge_pages.h"
 #include "tbd_ops/masked_reduce.h"
 
 namespace tbd_ops {
@@ -220,7 +219,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_level(
   auto ga = want_a ? at::empty_like(a) : at::Tensor();
   auto gb = want_b ? at::empty_like(b) : at::Tensor();
   auto gm = want_m ? at::empty_like(masks) : at::Tensor();
-  for (const at::Tensor* t : {&ga, &gb, &gm}) cpu::advise_huge_pages(*t);  // written in full below
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), HW = H * W;
   const int64_t K = masks.size(1);
   if (N == 0 || HW == 0 || (!want_a && !want_b && !want_m)) return {ga, gb, gm};
