@@ -299,8 +299,9 @@ class OpContract:
     def grad_tol(self, sample: Sample) -> dict:
         return GRAD_TOL[sample.dtype()]
 
-    def emulated_tol(self, want: torch.Tensor) -> dict:
-        """Tolerance of a reduction of the emulated build against the CPU kernels."""
+    def emulated_tol(self, want: torch.Tensor, sample=None, grad_outputs=None) -> dict:
+        """Tolerance of a reduction of the emulated build against the CPU kernels (for a gradient,
+        ``sample`` and the incoming ``grad_outputs`` are given too)."""
         return RED_TOL[want.dtype]
 
     def compare(self, got, want, tol, what):
@@ -406,23 +407,23 @@ class OpContract:
                 return out, grads
 
             out_e, grads_e = all_schedules(emulated, seed=99)
-            self._compare_emulated(out_e, out_c, self.reduction_outputs, f"{s.name}: values")
+            self._compare_emulated(out_e, out_c, self.reduction_outputs, f"{s.name}: values", s)
             # The argument each gradient belongs to (in the order of call_with_grads' inputs).
             owners = [key for key, v in [*enumerate(s.args), *s.kwargs.items()]
                       for t in tree_leaves(v) if isinstance(t, torch.Tensor) and t.requires_grad]
             red = self.reduction_grads
             if red not in (None, "all"):
                 red = [i for i, key in enumerate(owners) if key in red]
-            self._compare_emulated(grads_e, grads_c, red, f"{s.name}: gradients")
+            self._compare_emulated(grads_e, grads_c, red, f"{s.name}: gradients", s, go)
 
-    def _compare_emulated(self, got, want, reductions, what):
+    def _compare_emulated(self, got, want, reductions, what, sample=None, grad_outputs=None):
         gl, wl = tree_leaves(got), tree_leaves(want)
         assert len(gl) == len(wl)
         for i, (x, y) in enumerate(zip(gl, wl)):
             if not isinstance(x, torch.Tensor):
                 continue
             if x.is_floating_point() and (reductions == "all" or (reductions is not None and i in reductions)):
-                torch.testing.assert_close(x, y, equal_nan=True, **self.emulated_tol(y))
+                torch.testing.assert_close(x, y, equal_nan=True, **self.emulated_tol(y, sample, grad_outputs))
             else:
                 assert_bitwise(x, y, f"{what}[{i}]")
 
