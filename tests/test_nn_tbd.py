@@ -183,6 +183,47 @@ def test_task_weight_generator():
         TaskWeightGenerator(0)
 
 
+def test_task_weight_generator_every_level_at_once():
+    """from_pooled on [L, N, 4] gives each level's forward()."""
+    twg = TaskWeightGenerator(hidden=7).double()
+    levels = [[torch.rand(3, h, w, dtype=torch.float64) for _ in range(4)] for h, w in SIZES[:3]]
+    pooled = torch.stack([torch.stack([m.mean((1, 2)) for m in maps], 1) for maps in levels])
+    together = twg.from_pooled(pooled)
+    assert together.shape == (3, 3, 2)
+    for l, maps in enumerate(levels):
+        torch.testing.assert_close(together[l], twg(*maps), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_adapter_matches_its_convolution(dtype, layout, bias):
+    """TaskDecoupledFeatureLoss.adapt (a batched GEMM for 1x1 adapters on contiguous CPU features,
+    the convolution otherwise) against the adapter's own nn.Conv2d: values and the gradients of
+    the features, weight and bias."""
+    tfd = TaskDecoupledFeatureLoss(num_levels=2, in_channels=24, teacher_channels=16).to(dtype)
+    if not bias:
+        tfd.adapters[1].bias = None
+    x = torch.randn(3, 24 * (2 if layout == "sliced" else 1), 7, 9, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = x[:, ::2]
+    conv = tfd.adapters[1]
+    params = [p for p in conv.parameters()]
+    g = torch.randn(3, 16, 7, 9, dtype=dtype)
+    got_x, want_x = x.detach().requires_grad_(), x.detach().requires_grad_()
+    got = tfd.adapt(1, got_x)
+    got_grads = torch.autograd.grad(got, [got_x] + params, g)
+    want = conv(want_x)
+    want_grads = torch.autograd.grad(want, [want_x] + params, g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert got.shape == want.shape == (3, 16, 7, 9)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_harmony_distillation_loss_module(device):
     mod = HarmonyDistillationLoss(mode="iou_guided", loss_weight=3.0)

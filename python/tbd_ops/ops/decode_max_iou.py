@@ -6,7 +6,7 @@ import torch
 
 from ._device_values import device_values
 from ._utils import (CODERS, acc_dtype, cat_images, check_option, check_tensor, image_list, input_grads, levels,
-                     schema_defaults)
+                     same_dtype_and_device, schema_defaults)
 
 _OP = "decode_max_iou"
 DEFAULTS = schema_defaults(_OP)  # coder, means, stds, scale, max_shape, wh_ratio_clip
@@ -141,18 +141,26 @@ def decode_max_iou(
         max_shape = _shapes_on_device(_OP, max_shape, first.shape[0], first)  # once for every level
     per_level, is_list = levels(_OP, ("bbox_pred", "priors", "scale"), bbox_pred, priors, scale,
                                 broadcast=("priors", "scale"))
+    flat = None
     if is_list:
-        return [
-            decode_max_iou(b, p, gt_bboxes, coder=coder, means=means, stds=stds, scale=s,
-                           max_shape=max_shape, wh_ratio_clip=wh_ratio_clip)
-            for b, p, s in per_level
-        ]
+        preds = [b for b, _, _ in per_level]
+        if (preds and all(isinstance(b, torch.Tensor) and b.dim() > 0 for b in preds)
+                and same_dtype_and_device(preds) and len({b.shape[0] for b in preds}) == 1):
+            # The levels share one batch: the ground truths are flattened once for all of them.
+            flat = _flatten_gts(_OP, gt_bboxes, first.shape[0], first)
+        return [_decode(b, p, gt_bboxes, flat, coder, means, stds, s, max_shape, wh_ratio_clip)
+                for b, p, s in per_level]
+    return _decode(bbox_pred, priors, gt_bboxes, flat, coder, means, stds, scale, max_shape, wh_ratio_clip)
+
+
+def _decode(bbox_pred, priors, gt_bboxes, flat, coder, means, stds, scale, max_shape, wh_ratio_clip):
+    """decode_max_iou of one level; ``flat``: the ground truths already flattened (or None)."""
     check_tensor(_OP, "bbox_pred", bbox_pred)
     if priors is not None:
         check_tensor(_OP, "priors", priors)
     if bbox_pred.dim() not in (3, 4) or (bbox_pred.dim() == 3 and bbox_pred.shape[2] != 4):
         raise ValueError(f"{_OP}: bbox_pred must be [N, A*4, H, W] or [N, P, 4], got shape {tuple(bbox_pred.shape)}")
-    gts, counts = _flatten_gts(_OP, gt_bboxes, bbox_pred.shape[0], bbox_pred)
+    gts, counts = flat if flat is not None else _flatten_gts(_OP, gt_bboxes, bbox_pred.shape[0], bbox_pred)
     ms, shapes = _max_shape_args(_OP, max_shape, bbox_pred.shape[0], bbox_pred)
     return tuple(
         torch.ops.tbd_ops.decode_max_iou.default(
