@@ -91,6 +91,14 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
       "_channel_max_spatial_softmax_levels_backward(Tensor[] grad, Tensor[] log_p, Tensor[] argmax,"
       " int[] channels, float temperature, bool scale_by_hw, bool[] channels_last) -> Tensor[]");
+  // p_c of every level where no gradient will be asked for (e.g. the teacher's): out only, the
+  // same values as _channel_max_spatial_softmax_levels' out, without its argmax and log_p.
+  m.def(
+      "_channel_max_spatial_softmax_no_grad(Tensor x, float temperature=1.0, bool scale_by_hw=False)"
+      " -> Tensor");
+  m.def(
+      "_channel_max_spatial_softmax_levels_no_grad(Tensor[] x, float temperature=1.0,"
+      " bool scale_by_hw=False) -> Tensor[]");
 }
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
@@ -104,7 +112,8 @@ namespace {
 
 using Outputs = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
-Outputs forward_levels(at::TensorList x, double temperature, bool scale_by_hw) {
+// with_argmax false: no argmax tensors (the kernels skip its stores).
+Outputs forward_levels(at::TensorList x, double temperature, bool scale_by_hw, bool with_argmax = true) {
   std::vector<at::Tensor> out, log_p, argmax;
   if (x.empty()) return {out, log_p, argmax};
   const DeviceGuard guard(x[0].device());
@@ -114,7 +123,7 @@ Outputs forward_levels(at::TensorList x, double temperature, bool scale_by_hw) {
     const int64_t N = t.size(0), H = t.size(2), W = t.size(3);
     out.push_back(cuda_glue::empty({N, H, W}, t.options()));
     log_p.push_back(cuda_glue::empty({N, H, W}, t.options().dtype(acc_dtype(t.scalar_type()))));
-    argmax.push_back(cuda_glue::empty({N, H, W}, t.options().dtype(at::kLong)));
+    argmax.push_back(with_argmax ? cuda_glue::empty({N, H, W}, t.options().dtype(at::kLong)) : at::Tensor());
     cuda::CmssLevel& v = lv[l];
     v.x = t.const_data_ptr();
     for (int d = 0; d < 4; ++d) v.xs[d] = t.stride(d);
@@ -124,7 +133,7 @@ Outputs forward_levels(at::TensorList x, double temperature, bool scale_by_hw) {
     v.W = W;
     v.out = out.back().mutable_data_ptr();
     v.log_p = log_p.back().mutable_data_ptr();
-    v.argmax = argmax.back().mutable_data_ptr<int64_t>();
+    v.argmax = with_argmax ? argmax.back().mutable_data_ptr<int64_t>() : nullptr;
   }
   const int64_t ws = cuda::cmss_forward_workspace(lv.data(), static_cast<int64_t>(lv.size()));
   if (ws == 0) return {out, log_p, argmax};
@@ -187,6 +196,16 @@ Outputs cmss_levels_cuda(at::TensorList x, double temperature, bool scale_by_hw)
   return forward_levels(x, temperature, scale_by_hw);
 }
 
+at::Tensor cmss_no_grad_cuda(const at::Tensor& x, double temperature, bool scale_by_hw) {
+  cmss_check(x, temperature);
+  return std::get<0>(forward_levels({x}, temperature, scale_by_hw, false))[0];
+}
+
+std::vector<at::Tensor> cmss_levels_no_grad_cuda(at::TensorList x, double temperature, bool scale_by_hw) {
+  cmss_levels_check(x, temperature);
+  return std::get<0>(forward_levels(x, temperature, scale_by_hw, false));
+}
+
 at::Tensor cmss_backward_cuda(const at::Tensor& grad, const at::Tensor& log_p,
                               const at::Tensor& argmax, int64_t channels, double temperature,
                               bool scale_by_hw, bool channels_last) {
@@ -210,6 +229,8 @@ TBD_OPS_IMPL(TBD_OPS_CUDA_KEY,
     "channel_max_spatial_softmax", TORCH_FN(cmss_cuda),
     "_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cuda),
     "_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_cuda),
+    "_channel_max_spatial_softmax_no_grad", TORCH_FN(cmss_no_grad_cuda),
+    "_channel_max_spatial_softmax_levels_no_grad", TORCH_FN(cmss_levels_no_grad_cuda),
     "_channel_max_spatial_softmax_levels_backward", TORCH_FN(cmss_levels_backward_cuda))
 
 }  // namespace cuda_glue

@@ -134,7 +134,7 @@ cmss_max_kernel(CmssTable<T, A> t, A inv_t, A* __restrict__ part_m, A* __restric
   const int64_t* xs = t.xs[l];
   const T* xn = t.x[l] + p.n * xs[0];
   A* lp = t.log_p[l] + p.n * HW;
-  int64_t* am_out = t.argmax[l] + p.n * HW;
+  int64_t* am_out = t.argmax[l] ? t.argmax[l] + p.n * HW : nullptr;  // null: no argmax kept
   const int64_t i0 = p.unit * t.tile_len[l];
   const int64_t i1 = i0 + t.tile_len[l] < HW ? i0 + t.tile_len[l] : HW;
   SoftmaxState<A> st = softmax_empty<A>();
@@ -143,7 +143,7 @@ cmss_max_kernel(CmssTable<T, A> t, A inv_t, A* __restrict__ part_m, A* __restric
       const ArgMax<A> am = serial_argmax<T, A>(xn + loc_offset(xs, i, W), xs[1], K);
       const A y = am.value * inv_t;
       lp[i] = y;
-      am_out[i] = am.index;
+      if (am_out) am_out[i] = am.index;
       softmax_add(st, y);
     }
   } else if constexpr (S == ChannelSplit::kWarpSplit) {
@@ -164,7 +164,7 @@ cmss_max_kernel(CmssTable<T, A> t, A inv_t, A* __restrict__ part_m, A* __restric
                op(op(g[1 * 32], g[5 * 32]), op(g[3 * 32], g[7 * 32])));
         const A y = best.value * inv_t;
         lp[i] = y;
-        am_out[i] = best.index;
+        if (am_out) am_out[i] = best.index;
         softmax_add(st, y);
       }
       __syncthreads();  // part is reused by the next step
@@ -182,7 +182,7 @@ cmss_max_kernel(CmssTable<T, A> t, A inv_t, A* __restrict__ part_m, A* __restric
       if (g == 0 && i < i1) {
         const A y = am.value * inv_t;
         lp[i] = y;
-        am_out[i] = am.index;
+        if (am_out) am_out[i] = am.index;
         softmax_add(st, y);
       }
     }

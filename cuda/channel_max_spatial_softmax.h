@@ -15,7 +15,7 @@ namespace cuda {
 
 // One level of the forward: logits x [N, K, H, W] (element strides xs) ->
 // out (dtype of x), log_p (accumulator dtype) and argmax (int64), each a
-// contiguous [N, H, W].
+// contiguous [N, H, W]; argmax may be null (no backward to come: not stored).
 struct CmssLevel {
   const void* x;
   int64_t xs[4];

@@ -7,7 +7,8 @@ from tbd_ops import reference as ref
 from tbd_ops.ops.channel_max_spatial_softmax import DEFAULTS as CMSS_DEFAULTS
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from op_testing import (DEVICES, DTYPES, GRAD_TOL, RED_TOL, TOL, OpContract, Sample, all_schedules, bitwise_equal,
+from op_testing import (DEVICES, DTYPES, GRAD_TOL, RED_TOL, TOL, OpContract, Sample, all_schedules, assert_bitwise,
+                        bitwise_equal,
                         emu_dispatch,
                         requires_cuda, requires_emu, run_single_threaded, strided)
 
@@ -378,6 +379,62 @@ def test_a_whole_tile_at_minus_inf(device, dtype):
     y = tbd_ops.channel_max_spatial_softmax(x, 0.5, True)
     assert (y.view(2, -1)[0, :2100] == 0).all()
     torch.testing.assert_close(y, ref.channel_max_spatial_softmax(x, 0.5, True), **TOL[dtype])
+
+# ---- without a gradient to come: p only -------------------------------------------------------------
+
+def _special(x):
+    """Ties, +-0 maxima, a row at -inf and a NaN (the last image) in logits [N, K, H, W]."""
+    x = x.clone()
+    x[0, :, 0, 0] = 1.5  # every channel tied
+    x[0, :, 0, 1] = 0.0
+    x[0, 1::2, 0, 1] = -0.0  # +0 / -0 ties
+    x[0, :, 1, :] = float("-inf")
+    x[-1, x.shape[1] - 1, 2, 3] = float("nan")  # the last image's map is NaN
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "padded"])
+@pytest.mark.parametrize("K", [1, 7, 80])
+def test_no_grad_path_equals_the_gradient_path_bitwise(device, dtype, layout, K):
+    """With nothing to differentiate, p_c skips the argmax and log-probabilities (float32 on the
+    CPU: a max-only channel sweep): its maps are those of the path that keeps them, bit for bit,
+    over several tiles, with ties, +-0, -inf and NaN, for one level and for a list."""
+    def lay(t):
+        return t if layout == "contiguous" else strided(t, layout)
+    x = lay(_special(logits((2, K, 47, 53), device, dtype)))
+    levels = [x, lay(logits((2, K, 9, 11), device, dtype))]
+    for temperature, scale_by_hw in ((1.0, False), (0.5, True)):
+        with torch.no_grad():
+            fast = tbd_ops.channel_max_spatial_softmax(x, temperature, scale_by_hw)
+            fast_levels = tbd_ops.channel_max_spatial_softmax(levels, temperature, scale_by_hw)
+        kept = tbd_ops.channel_max_spatial_softmax(x.detach().requires_grad_(), temperature, scale_by_hw)
+        kept_levels = tbd_ops.channel_max_spatial_softmax([t.detach().requires_grad_() for t in levels],
+                                                          temperature, scale_by_hw)
+        assert fast.grad_fn is None and kept.grad_fn is not None
+        assert_bitwise(fast, kept.detach(), f"{layout} T={temperature}")
+        for l, (a, b) in enumerate(zip(fast_levels, kept_levels)):
+            assert_bitwise(a, b.detach(), f"level {l}")
+        assert torch.isnan(fast[-1]).all() and not torch.isnan(fast[0]).any()
+
+
+def test_no_grad_op_schema():
+    """The no-grad ops (one level, a list): fake kernels, schemas and dispatch (opcheck)."""
+    op = torch.ops.tbd_ops._channel_max_spatial_softmax_levels_no_grad.default
+    xs = [logits((2, 9, 5, 6), "cpu", torch.float32), logits((2, 9, 3, 2), "cpu", torch.float32)]
+    torch.library.opcheck(op, (xs, 0.5, True))
+    torch.library.opcheck(op, ([logits((2, 9, 5, 6), "cpu")],))
+    out = op(xs, 0.5, True)
+    assert len(out) == 2 and out[1].shape == (2, 3, 2)
+    with pytest.raises(ValueError, match="temperature"):
+        op(xs, 0.0, False)
+    single = torch.ops.tbd_ops._channel_max_spatial_softmax_no_grad.default
+    torch.library.opcheck(single, (xs[0], 0.5, True))
+    torch.library.opcheck(single, (strided(xs[0], "channels_last"),))
+    with pytest.raises(ValueError, match=r"x must be a 4-D tensor"):
+        single(torch.randn(2, 3, 4))
+
 
 # ---- the emulated CUDA build against the CPU kernels ------------------------------------------------
 # The argmax bit for bit; the softmax normalizer and the backward's sum(p * g) (another summation

@@ -45,6 +45,8 @@ BUDGETS = {
     # backward two (partial dot products, gradient).
     "p_c forward": (2, 0),
     "p_c backward": (2, None),
+    # Without a gradient to come (the teacher's maps): the same two kernels, no argmax kept.
+    "p_c forward (no grad)": (2, 0),
     # masked_sq_dist / masked_l1: every level in one partial-sum kernel and one combination;
     # the backward one kernel.
     "masked_sq_dist forward": (2, 0),
@@ -122,6 +124,16 @@ def observed_forward_backward(fn, inputs, name):
 def test_p_c():
     p = pyramid()
     observed_forward_backward(tbd_ops.channel_max_spatial_softmax, requiring_grad(p["student_cls_scores"]), "p_c")
+
+
+@emulated
+def test_p_c_without_gradient():
+    p = pyramid()
+    with observe.observe() as fwd:
+        with torch.no_grad():
+            tbd_ops.channel_max_spatial_softmax(requiring_grad(p["teacher_cls_scores"]))
+    check_budget("p_c forward (no grad)", fwd)
+    assert fwd.op_calls()["_channel_max_spatial_softmax_levels_no_grad"] == 1
 
 
 @emulated

@@ -4,7 +4,8 @@
 // Forward, two passes over contiguous per-image buffers:
 //   1. per tile of kTile locations (fixed boundaries from the start of each
 //      image): channel max and argmax, y = z / T into log_p, the argmax, and the
-//      tile's softmax statistics (max m_t, sum of exp(y - m_t));
+//      tile's softmax statistics (max m_t, sum of exp(y - m_t)); the no-grad
+//      variant keeps no argmax (float32: a max-only channel sweep);
 //   2. per image, the tiles' statistics combined in tile order (M, S), then per
 //      tile: log_p = (y - M) - log S and out = exp(y - M) * (scale / S)
 //      (float32 output: pass 1 leaves exp(y - m_t) in out, scaled here by
@@ -96,7 +97,8 @@ TBD_CLONES SoftmaxState<float> tile_softmax(const float* bv, const int32_t* bi, 
     nan |= v != v;
     m = v > m ? v : m;
   }
-  for (int64_t i = 0; i < len; ++i) am[i] = bi[i];
+  if (am)
+    for (int64_t i = 0; i < len; ++i) am[i] = bi[i];
   for (int l = 0; l < kLanes; ++l) {
     nan |= nanv[l] != 0;
     m = mv[l] > m ? mv[l] : m;
@@ -173,7 +175,7 @@ SoftmaxState<double> tile_softmax(const double* bv, const int32_t* bi, int64_t l
   for (int64_t i = 0; i < len; ++i) {
     const double v = bv[i] * inv_t;
     y[i] = v;
-    am[i] = bi[i];
+    if (am) am[i] = bi[i];
     nan |= v != v;
     m = v > m ? v : m;
   }
@@ -236,7 +238,7 @@ CmssLevel<scalar_t> cmss_level(const at::Tensor& x, double temperature, bool sca
   const int64_t HW = x.size(2) * x.size(3);
   return {x.const_data_ptr<scalar_t>(), x.size(1), x.size(3), HW, (HW + kTile - 1) / kTile,
           x.stride(0), x.stride(1), x.stride(2), x.stride(3), log_p.mutable_data_ptr<A>(),
-          argmax.mutable_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(),
+          argmax.defined() ? argmax.mutable_data_ptr<int64_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
           A(1) / static_cast<A>(temperature), scale_by_hw ? static_cast<A>(HW) : A(1)};
 }
 
@@ -246,7 +248,7 @@ void cmss_argmax(const CmssLevel<scalar_t>& v, int64_t n, int64_t i0, int64_t le
                  int32_t* bi) {
   // When the H*W plane is contiguous the channel rows of a tile are contiguous.
   if (v.s3 == 1 && v.s2 == v.W) {
-    channel_argmax_tile(v.px + n * v.s0 + i0, v.K, v.s1, len, bv, bi);
+    channel_argmax_tile(v.px + n * v.s0 + i0, v.K, v.s1, len, bv, bi, v.am != nullptr);
   } else {
     for (int64_t i = 0; i < len; ++i) {  // e.g. channels_last: K values of a location
       const scalar_t* loc = v.px + n * v.s0 + ((i0 + i) / v.W) * v.s2 + ((i0 + i) % v.W) * v.s3;
@@ -266,7 +268,7 @@ SoftmaxState<A> cmss_tile_stats(const CmssLevel<scalar_t>& v, int64_t n, int64_t
   const int64_t t0 = t * kTile, len = std::min(kTile, v.HW - t0);
   // float32 keeps e = exp(y - m_t) in the output (scaled in pass 2).
   scalar_t* e = std::is_same_v<scalar_t, float> ? v.po + n * v.HW + t0 : nullptr;
-  return tile_softmax(bv, bi, len, v.inv_t, v.lp + n * v.HW + t0, v.am + n * v.HW + t0,
+  return tile_softmax(bv, bi, len, v.inv_t, v.lp + n * v.HW + t0, v.am ? v.am + n * v.HW + t0 : nullptr,
                       reinterpret_cast<A*>(e));
 }
 
@@ -353,11 +355,12 @@ void cmss_tiles(const CmssLevel<scalar_t>& v, int64_t N) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_alloc(const at::Tensor& x) {
+// out, log_p (also the scratch of pass 1) and, with_argmax, argmax.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_alloc(const at::Tensor& x, bool with_argmax = true) {
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   return {at::empty({N, H, W}, x.options()),
           at::empty({N, H, W}, x.options().dtype(acc_dtype(x.scalar_type()))),
-          at::empty({N, H, W}, x.options().dtype(at::kLong))};
+          with_argmax ? at::empty({N, H, W}, x.options().dtype(at::kLong)) : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cpu(const at::Tensor& x, double temperature,
@@ -432,13 +435,15 @@ at::Tensor cmss_backward_cpu(const at::Tensor& grad, const at::Tensor& log_p,
 }
 
 // A list of levels: level by level (each level's work items run in parallel).
+// with_argmax false (no backward to come): no argmax tensors (float32 then
+// sweeps the channels for the max only); out and log_p are the same.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-cmss_levels_cpu(at::TensorList x, double temperature, bool scale_by_hw) {
+cmss_levels_impl(at::TensorList x, double temperature, bool scale_by_hw, bool with_argmax) {
   cmss_levels_check(x, temperature);
   std::vector<at::Tensor> out, log_p, argmax;
   bool same_n = true;
   for (const at::Tensor& t : x) {
-    auto r = cmss_alloc(t);
+    auto r = cmss_alloc(t, with_argmax);
     out.push_back(std::get<0>(r));
     log_p.push_back(std::get<1>(r));
     argmax.push_back(std::get<2>(r));
@@ -466,6 +471,20 @@ cmss_levels_cpu(at::TensorList x, double temperature, bool scale_by_hw) {
   return {out, log_p, argmax};
 }
 
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+cmss_levels_cpu(at::TensorList x, double temperature, bool scale_by_hw) {
+  return cmss_levels_impl(x, temperature, scale_by_hw, true);
+}
+
+at::Tensor cmss_no_grad_cpu(const at::Tensor& x, double temperature, bool scale_by_hw) {
+  cmss_check(x, temperature);
+  return std::get<0>(cmss_levels_impl({x}, temperature, scale_by_hw, false))[0];
+}
+
+std::vector<at::Tensor> cmss_levels_no_grad_cpu(at::TensorList x, double temperature, bool scale_by_hw) {
+  return std::get<0>(cmss_levels_impl(x, temperature, scale_by_hw, false));
+}
+
 std::vector<at::Tensor> cmss_levels_backward_cpu(at::TensorList grad, at::TensorList log_p,
                                                  at::TensorList argmax, at::IntArrayRef channels,
                                                  double temperature, bool scale_by_hw,
@@ -485,6 +504,8 @@ TBD_OPS_IMPL(CPU,
     "channel_max_spatial_softmax", TORCH_FN(cmss_cpu),
     "_channel_max_spatial_softmax_backward", TORCH_FN(cmss_backward_cpu),
     "_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_cpu),
+    "_channel_max_spatial_softmax_no_grad", TORCH_FN(cmss_no_grad_cpu),
+    "_channel_max_spatial_softmax_levels_no_grad", TORCH_FN(cmss_levels_no_grad_cpu),
     "_channel_max_spatial_softmax_levels_backward", TORCH_FN(cmss_levels_backward_cpu))
 
 }  // namespace tbd_ops

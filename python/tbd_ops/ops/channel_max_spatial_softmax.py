@@ -40,10 +40,23 @@ def channel_max_spatial_softmax(
             return []
         if not same_dtype_and_device(xs):
             return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for t in xs]
+        if not _needs_grad(xs):
+            return list(_NO_GRAD(xs, float(temperature), bool(scale_by_hw)))
         return list(torch.ops.tbd_ops._channel_max_spatial_softmax_levels.default(
             xs, float(temperature), bool(scale_by_hw))[0])
     check_tensor(_OP, "x", x)
+    if not _needs_grad([x]):
+        return torch.ops.tbd_ops._channel_max_spatial_softmax_no_grad.default(x, float(temperature), bool(scale_by_hw))
     return torch.ops.tbd_ops.channel_max_spatial_softmax.default(x, float(temperature), bool(scale_by_hw))[0]
+
+
+# p_c alone, without the argmax and log-probabilities that only a backward reads (e.g. the
+# teacher's maps): the same values, fewer bytes written and, on the CPU, a max-only channel sweep.
+_NO_GRAD = torch.ops.tbd_ops._channel_max_spatial_softmax_levels_no_grad.default
+
+
+def _needs_grad(xs) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in xs)
 
 
 @torch.library.register_fake("tbd_ops::channel_max_spatial_softmax")
@@ -62,6 +75,16 @@ def _fake(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by
 def _fake_levels(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by_hw"]):
     outs = [_fake(t, temperature, scale_by_hw) for t in x]
     return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
+
+
+@torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_no_grad")
+def _fake_no_grad(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by_hw"]):
+    return _fake(x, temperature, scale_by_hw)[0]
+
+
+@torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_levels_no_grad")
+def _fake_levels_no_grad(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by_hw"]):
+    return [_fake(t, temperature, scale_by_hw)[0] for t in x]
 
 
 @torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_backward")
