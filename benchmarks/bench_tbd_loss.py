@@ -24,7 +24,7 @@ no two implementations agree on to 1e-3); 3 to 12 ground truths per image
 
 Providers:
   tbd_ops  TBDLoss.forward (p_c and p_r by the fused kernels, the HD loss, the adapters, TWG and
-           masked_sq_dist K = 2 per level);
+           masked_sq_dist K = 2 per level; on the CPU the 1x1 adapters as one batched GEMM each);
   eager    the same loss in plain float32 PyTorch, as a user would write it: per level p_c by
            amax(1) + softmax over H*W; p_r by decoding the whole batch ([N, P, 4]), the batched
            [N, P, G_max] IoU matrix against the ground truths padded to G_max with empty boxes,

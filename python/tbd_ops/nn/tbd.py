@@ -108,9 +108,11 @@ class TaskDecoupledFeatureLoss(nn.Module):
 
     Per level l: ``L_c = sum_hw M_c * sum_c (F^t - phi_l(F^s))^2`` and ``L_r``
     likewise, with ``M_c = p_c^t / sum p_c^t`` and ``M_r = p_r^t / sum p_r^t``
-    (0 for an image without ground truth), both from one ``masked_sq_dist``
-    call; ``L_TFD = sum_l mean_n (T0 * L_c + T1 * L_r)`` with ``(T0, T1)`` from
-    the TWG, or fixed weights ``(w_c, w_r)``.
+    (0 for an image without ground truth); ``L_TFD = sum_l mean_n (T0 * L_c +
+    T1 * L_r)`` with ``(T0, T1)`` from the TWG, or fixed weights ``(w_c, w_r)``.
+    Every level's ``L_c`` and ``L_r`` come from one ``masked_sq_dist`` call on the
+    unnormalized maps, divided by the maps' sums afterwards (``sum M * d =
+    sum p * d / sum p``), and the TWG runs once for all levels.
 
     Args:
         num_levels: FPN levels (one adapter each).
