@@ -1,7 +1,8 @@
 """Benchmark harness: tbd_ops vs the fastest eager PyTorch vs torch.compile of that eager code.
 
 Timing is torch.utils.benchmark.Timer(...).blocked_autorange() (warm-up, accelerator sync,
-thread count, median and IQR). Added here: the fwd / bwd / fwd+bwd modes, a correctness guard
+thread count), the providers of a mode interleaved over ROUNDS rounds; median and IQR over
+every block. Added here: the fwd / bwd / fwd+bwd modes, a correctness guard
 (tbd_ops vs eager), GB/s from the bytes a case must move, the peak extra memory of one call
 (CUDA: allocator stats; CPU: torch.profiler allocator events), a CSV keyed by device, torch
 version and commit, and a PNG. See README.md (what is measured, how to add a bench script).
@@ -168,6 +169,41 @@ def check(case: Case, base: Inputs, cfg: Config) -> str:
         return f"ERROR {type(e).__name__}: {str(e).strip()[:120]}"
 
 
+ROUNDS = 5  # timing rounds per mode, the providers interleaved
+
+
+def _time_interleaved(case: Case, cfg: Config, mode: str, runners: Dict[str, Tuple[Dict[str, Any], Callable]]) -> None:
+    """Times the providers of one mode in ROUNDS interleaved rounds (each round every provider
+    for min_run_time / ROUNDS, starting with a different provider each round), so that a slow
+    drift of the machine (clock, other load) is shared by every provider instead of landing on
+    whichever ran last; the median and IQR are over the blocks of all rounds."""
+    times: Dict[str, List[float]] = {prov: [] for prov in runners}
+    runs: Dict[str, int] = {prov: 0 for prov in runners}
+    order = list(runners)
+    for r in range(ROUNDS):
+        for prov in order[r % len(order):] + order[:r % len(order)] if order else []:
+            row, run = runners[prov]
+            if row["status"] != "ok":
+                continue
+            try:
+                m = benchmark.Timer("run()", globals={"run": run}, num_threads=cfg.threads, label=case.label,
+                                    sub_label=case.name, description=prov
+                                    ).blocked_autorange(min_run_time=cfg.min_run_time / ROUNDS)
+                times[prov] += m.times
+                runs[prov] += len(m.times) * m.number_per_run
+            except Exception as e:  # noqa: BLE001  (record it, go on)
+                row.update(status="error", note=f"{type(e).__name__}: {str(e).strip()[:120]}")
+    for prov, (row, run) in runners.items():
+        if row["status"] != "ok":
+            continue
+        t = torch.tensor(times[prov], dtype=torch.float64)
+        median = float(t.median()) if len(t) % 2 else float(t.sort().values[len(t) // 2 - 1:len(t) // 2 + 1].mean())
+        iqr = float(t.quantile(0.75) - t.quantile(0.25)) if len(t) > 1 else 0.0
+        row.update(median_ms=median * 1e3, iqr_ms=iqr * 1e3, runs=runs[prov],
+                   gbps=case.bytes_moved(mode) / median / 1e9, peak_mib=peak_mib(run, cfg.device))
+    runners.clear()
+
+
 def run_case(case: Case, cfg: Config, env: Dict[str, str]) -> List[Dict[str, Any]]:
     torch.manual_seed(0)
     base = case.make_inputs(cfg.device)
@@ -178,6 +214,7 @@ def run_case(case: Case, cfg: Config, env: Dict[str, str]) -> List[Dict[str, Any
         fns["compile"] = torch.compile(case.eager, dynamic=False)
     rows = []
     for mode in (m for m in cfg.modes if m in case.modes):
+        runners = {}
         for prov in cfg.providers:
             row = dict(env, op=case.op, label=case.label, case=case.name, dtype=DTYPE_NAMES[case.dtype],
                        params=" ".join(f"{k}={v}" for k, v in case.params.items()), provider=prov,
@@ -193,14 +230,10 @@ def run_case(case: Case, cfg: Config, env: Dict[str, str]) -> List[Dict[str, Any
                 run()  # first call: compilation, allocator warm-up
                 if prov == "compile":
                     row["note"] = f"first call {time.perf_counter() - t0:.1f} s"
-                m = benchmark.Timer("run()", globals={"run": run}, num_threads=cfg.threads,
-                                    label=case.label, sub_label=case.name, description=prov
-                                    ).blocked_autorange(min_run_time=cfg.min_run_time)
-                row.update(median_ms=m.median * 1e3, iqr_ms=m.iqr * 1e3, runs=len(m.times) * m.number_per_run,
-                           gbps=case.bytes_moved(mode) / m.median / 1e9, peak_mib=peak_mib(run, cfg.device))
-                del run
+                runners[prov] = (row, run)
             except Exception as e:  # noqa: BLE001  (record it, go on)
                 row.update(status="error", note=f"{type(e).__name__}: {str(e).strip()[:120]}")
+        _time_interleaved(case, cfg, mode, runners)
     eager = {r["mode"]: r["median_ms"] for r in rows if r["provider"] == "eager" and r["status"] == "ok"}
     for r in rows:
         if r["status"] == "ok" and r["mode"] in eager:
