@@ -21,7 +21,7 @@ thread per location (s = 1, 256 per step); tiles = min(ceil(HW / step), 256) per
 summed over the levels below. Values a whole block reads alike (partials, grad[n, k]) count
 once per block; a location's own values read by its s threads count s times.
 p_c (channel_max_spatial_softmax), T = N * tiles blocks, chunks = N * ceil(HW / 2048):
-  forward   cmss_max_kernel        N*K*HW*es + N*HW*(acc + 8) + 2*T*acc
+  forward   cmss_max_kernel        N*K*HW*es + N*HW*(acc + 8) + 2*T*acc  (no grad: no argmax, + 0)
             cmss_normalize_kernel  2*acc * (per image: chunks x tiles) + N*HW*(2*acc + es)
             minimum                N*K*HW*es + N*HW*es
   backward  cmss_dot_kernel        N*HW*(es + acc) + chunks*acc
@@ -141,9 +141,12 @@ def _tile_grid_op(name, N, levels, kernels, level_bytes):
     return op
 
 
-def p_c_forward(N, levels, K, es=4, acc=4):
-    return _tile_grid_op("p_c forward", N, levels, ("cmss_max_kernel", "cmss_normalize_kernel"),
-                         lambda hw, t, ch, s: (N * K * hw * es + N * hw * (acc + 8) + 2 * N * t * acc,
+def p_c_forward(N, levels, K, es=4, acc=4, keep_argmax=True):
+    """keep_argmax False: the no-grad op (the teacher's maps), which writes no argmax."""
+    am = 8 if keep_argmax else 0
+    return _tile_grid_op("p_c forward" if keep_argmax else "p_c forward (no grad)", N, levels,
+                         ("cmss_max_kernel", "cmss_normalize_kernel"),
+                         lambda hw, t, ch, s: (N * K * hw * es + N * hw * (acc + am) + 2 * N * t * acc,
                                                2 * acc * N * ch * t + N * hw * (2 * acc + es),
                                                N * K * hw * es + N * hw * es))
 
@@ -236,8 +239,8 @@ def harmony_backward(N, levels, es=4, acc=4):
 
 def tbd_forward(N, levels, A, C, CH, G, es=4, acc=4, per_image_shapes=True):
     op = OpCall("TBDLoss forward")
-    for _ in ("student", "teacher"):
-        op.extend(p_c_forward(N, levels, A * C, es, acc))
+    for side in ("student", "teacher"):
+        op.extend(p_c_forward(N, levels, A * C, es, acc, keep_argmax=side == "student"))
         op.extend(decode_forward(N, levels, A, G, es, acc, per_image_shapes))
     op.extend(harmony_forward(N, levels, es, acc))
     op.extend(masked_forward(N, levels, CH, 2, es, acc))
@@ -259,6 +262,7 @@ def retinanet_calls(N: int, levels: Sequence[Tuple[int, int]] = RETINANET_LEVELS
     acc = 8 if es == 8 else 4
     return [
         p_c_forward(N, levels, A * C, es, acc), p_c_backward(N, levels, A * C, es, acc),
+        p_c_forward(N, levels, A * C, es, acc, keep_argmax=False),
         decode_forward(N, levels, A, G, es, acc), decode_backward(N, levels, A, G, es, acc),
         harmony_forward(N, levels, es, acc), harmony_backward(N, levels, es, acc),
         masked_forward(N, levels, CH, 2, es, acc), masked_backward(N, levels, CH, 2, es, acc),

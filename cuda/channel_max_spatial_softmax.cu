@@ -125,8 +125,16 @@ __device__ __forceinline__ int64_t loc_offset(const int64_t* s, int64_t i, int64
   return h * s[2] + (i - h * W) * s[3];
 }
 
-template <ChannelSplit S, typename T, typename A>
-__global__ void __launch_bounds__(kBlock)
+// kArgmax false (the no-grad op): no argmax is kept; a separate instantiation, so that the
+// kernel that keeps it is unchanged (a run-time null check cost its one-thread-per-location
+// variant registers and a spill). Left alone, ptxas gives the float-accumulating no-argmax
+// variants 80 registers (37.5 % occupancy); 4 blocks per SM fit them in 64 without spills.
+// The others keep the plain bound (0 blocks: none given; an explicit 1 changes ptxas' choices,
+// and float64 would spill at 64).
+template <bool kArgmax, typename A> constexpr int kMaxKernelMinBlocks = kArgmax || sizeof(A) == 8 ? 0 : 4;
+
+template <ChannelSplit S, bool kArgmax, typename T, typename A>
+__global__ void __launch_bounds__(kBlock, kMaxKernelMinBlocks<kArgmax, A>)
 cmss_max_kernel(CmssTable<T, A> t, A inv_t, A* __restrict__ part_m, A* __restrict__ part_s) {
   const BlockPos p = t.tiles.pos(blockIdx.x);
   const int l = p.l;
@@ -134,7 +142,7 @@ cmss_max_kernel(CmssTable<T, A> t, A inv_t, A* __restrict__ part_m, A* __restric
   const int64_t* xs = t.xs[l];
   const T* xn = t.x[l] + p.n * xs[0];
   A* lp = t.log_p[l] + p.n * HW;
-  int64_t* am_out = t.argmax[l] ? t.argmax[l] + p.n * HW : nullptr;  // null: no argmax kept
+  int64_t* am_out = kArgmax ? t.argmax[l] + p.n * HW : nullptr;
   const int64_t i0 = p.unit * t.tile_len[l];
   const int64_t i1 = i0 + t.tile_len[l] < HW ? i0 + t.tile_len[l] : HW;
   SoftmaxState<A> st = softmax_empty<A>();
@@ -143,7 +151,7 @@ cmss_max_kernel(CmssTable<T, A> t, A inv_t, A* __restrict__ part_m, A* __restric
       const ArgMax<A> am = serial_argmax<T, A>(xn + loc_offset(xs, i, W), xs[1], K);
       const A y = am.value * inv_t;
       lp[i] = y;
-      if (am_out) am_out[i] = am.index;
+      if constexpr (kArgmax) am_out[i] = am.index;
       softmax_add(st, y);
     }
   } else if constexpr (S == ChannelSplit::kWarpSplit) {
@@ -164,7 +172,7 @@ cmss_max_kernel(CmssTable<T, A> t, A inv_t, A* __restrict__ part_m, A* __restric
                op(op(g[1 * 32], g[5 * 32]), op(g[3 * 32], g[7 * 32])));
         const A y = best.value * inv_t;
         lp[i] = y;
-        if (am_out) am_out[i] = best.index;
+        if constexpr (kArgmax) am_out[i] = best.index;
         softmax_add(st, y);
       }
       __syncthreads();  // part is reused by the next step
@@ -182,7 +190,7 @@ cmss_max_kernel(CmssTable<T, A> t, A inv_t, A* __restrict__ part_m, A* __restric
       if (g == 0 && i < i1) {
         const A y = am.value * inv_t;
         lp[i] = y;
-        if (am_out) am_out[i] = am.index;
+        if constexpr (kArgmax) am_out[i] = am.index;
         softmax_add(st, y);
       }
     }
@@ -362,6 +370,7 @@ void cmss_forward(DType dt, const CmssLevel* levels, int64_t L, double temperatu
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int64_t locations = locations_of(levels, L);
   const int64_t states = cmss_forward_workspace(levels, L) / 2;
+  const bool keep_argmax = L > 0 && levels[0].argmax != nullptr;  // every level or none
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -389,8 +398,13 @@ void cmss_forward(DType dt, const CmssLevel* levels, int64_t L, double temperatu
       if (tile_blocks == 0) return;
       dispatch_split(split, [&](auto stag) {
         constexpr ChannelSplit S = decltype(stag)::value;
-        launch_kernel((cmss_max_kernel<S, T, A>), dim3(static_cast<unsigned>(tile_blocks)), kBlock, 0,
-                      s, t, inv_t, pm, ps);
+        if (keep_argmax) {
+          launch_kernel((cmss_max_kernel<S, true, T, A>), dim3(static_cast<unsigned>(tile_blocks)), kBlock,
+                        0, s, t, inv_t, pm, ps);
+        } else {
+          launch_kernel((cmss_max_kernel<S, false, T, A>), dim3(static_cast<unsigned>(tile_blocks)), kBlock,
+                        0, s, t, inv_t, pm, ps);
+        }
       });
       launch_kernel((cmss_normalize_kernel<T, A>), dim3(static_cast<unsigned>(chunk_blocks)), kBlock, 0,
                     s, t, static_cast<const A*>(pm), static_cast<const A*>(ps));

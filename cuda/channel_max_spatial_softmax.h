@@ -15,7 +15,8 @@ namespace cuda {
 
 // One level of the forward: logits x [N, K, H, W] (element strides xs) ->
 // out (dtype of x), log_p (accumulator dtype) and argmax (int64), each a
-// contiguous [N, H, W]; argmax may be null (no backward to come: not stored).
+// contiguous [N, H, W]; argmax may be null (no backward to come: not stored), for
+// every level of a call or for none.
 struct CmssLevel {
   const void* x;
   int64_t xs[4];

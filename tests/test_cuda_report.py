@@ -182,6 +182,10 @@ def _emulated_calls(n):
 
     x = requiring_grad(p["student_cls_scores"])
     run("p_c", lambda: tbd_ops.channel_max_spatial_softmax(x), x)
+    with torch.no_grad():
+        run("p_c", lambda: tbd_ops.channel_max_spatial_softmax(x))
+    out["p_c forward (no grad)"] = out.pop("p_c forward")
+    run("p_c", lambda: tbd_ops.channel_max_spatial_softmax(x), x)
     b = requiring_grad(p["student_bbox_preds"])
     run("decode_max_iou", lambda: tbd_ops.decode_max_iou(b, p["priors"], p["gt_bboxes"], max_shape=p["img_shapes"]), b)
     maps = [[torch.rand(n, h, w) for h, w in SMALL_LEVELS] for _ in range(4)]
@@ -221,6 +225,8 @@ def test_traffic_model_bytes():
     # The minimum of p_c is the benchmark's formula (benchmarks/README.md): read N*K*HW, write N*HW.
     assert calls["p_c forward"].minimum == (n * K * hw + n * hw) * es
     assert calls["p_c backward"].minimum == (n * hw + n * K * hw) * es
+    # Without a gradient to come p_c writes no argmax (int64): 8 bytes a location less.
+    assert calls["p_c forward"].actual - calls["p_c forward (no grad)"].actual == n * hw * 8
     # TFD's masked backward writes the gradient of b alone (the teacher side is detached): above
     # the minimum only small reads (grad[n, k] per block, the split's re-reads of the masks).
     mb = calls["masked_sq_dist backward"]
