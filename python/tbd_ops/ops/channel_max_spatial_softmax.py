@@ -29,7 +29,10 @@ def channel_max_spatial_softmax(
         argmax channel of each location receives gradient.
 
     The levels of a list (of one dtype and device) are computed by one call,
-    on CUDA in the same kernel launches.
+    on CUDA in the same kernel launches. Where no gradient can be asked for
+    (``torch.no_grad()``, or ``x`` not requiring grad; e.g. a teacher's maps)
+    the argmax that the backward reads is not kept: the same values, fewer
+    bytes written.
     """
     per_level, is_list = levels(_OP, ("x",), x)
     if is_list:
