@@ -61,15 +61,15 @@ BUDGETS = {
     "harmony_distillation_loss forward": (2, 0),
     "harmony_distillation_loss backward": (1, None),
     # The whole loss: student and teacher p_c (2 + 2) and p_r (2 x 6), HD (2), TFD's masked_sq_dist
-    # for all levels (2). The ATen ops are TBDLoss's own: per level the adapter, p_r's max over
-    # the anchors, the four maps stacked and summed (TFD's masks and the TWG's pooled means);
-    # once for all levels the ground truths' concatenation (student, teacher), the masks'
-    # normalization, the TWG and the weighted sum.
-    "TBDLoss forward": (20, 49),
+    # for all levels (2). The ATen ops are TBDLoss's own: per level the adapter and the four maps
+    # stacked and summed (TFD's masks and the TWG's pooled means); once for all levels (student,
+    # teacher) the ground truths' concatenation and p_r's max over the anchors (the levels' IoUs
+    # side by side), the masks' normalization, the TWG and the weighted sum.
+    "TBDLoss forward": (20, 43),
     # p_c (2), p_r (5), HD (1), TFD (1); gradients of the student inputs and of the adapters and TWG.
     # (The inputs here are CPU tensors, so the adapters run as on the CPU, a batched GEMM: its
     # backward is 4 ATen ops per level where a CUDA convolution's is 1.)
-    "TBDLoss backward": (9, 54),
+    "TBDLoss backward": (9, 39),
 }
 
 

@@ -328,12 +328,20 @@ class TBDLoss(nn.Module):
         results = tbd_ops.decode_max_iou(
             bbox_preds, None if self.coder == "none" else priors, gt_bboxes, coder=self.coder,
             scale=scales, max_shape=img_shapes, **kwargs)
-        p_r = []
-        for (iou, _), b in zip(results, bbox_preds):
-            n, a4, h, w = b.shape
-            # One prior per location (A = 1, e.g. FCOS): the max over one anchor is the IoU itself.
-            p_r.append(iou.view(n, h, w) if a4 == 4 else iou.view(n, h, w, a4 // 4).amax(dim=-1))
-        return p_c, p_r
+        shapes = [b.shape for b in bbox_preds]
+        anchors = {a4 // 4 for _, a4, _, _ in shapes}
+        if anchors == {1}:  # one prior per location (e.g. FCOS): the max over one anchor is the IoU itself
+            return p_c, [iou.view(n, h, w) for (iou, _), (n, _, h, w) in zip(results, shapes)]
+        if len(anchors) > 1:
+            return p_c, [iou.view(n, h, w, a4 // 4).amax(dim=-1) for (iou, _), (n, a4, h, w) in zip(results, shapes)]
+        # The max over the A anchors of every level in one op (the prior index is (h * W + w) * A + a
+        # at every level): the levels' [N, H*W*A] IoUs side by side, then views of the [N, sum H*W] maxima.
+        n, a = shapes[0][0], anchors.pop()
+        ious = [iou for iou, _ in results]
+        total = sum(h * w for _, _, h, w in shapes)
+        best = (torch.cat(ious, dim=1) if len(ious) > 1 else ious[0]).view(n, total, a).amax(dim=-1)
+        return p_c, [m.view(n, h, w) for m, (_, _, h, w) in zip(best.split([h * w for _, _, h, w in shapes], dim=1),
+                                                                   shapes)]
 
     def forward(self, student_cls_scores, student_bbox_preds, student_feats, teacher_cls_scores,
                 teacher_bbox_preds, teacher_feats, priors, gt_bboxes, img_shapes=None) -> Dict[str, Tensor]:
