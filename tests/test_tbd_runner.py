@@ -132,6 +132,37 @@ def test_teacher_then_distill_then_resume_then_export(arch, data, tmp_path):
             MODELS.build(cfg)
 
 
+@pytest.mark.parametrize("arch", ["retinanet", "atss"])
+def test_student_started_from_its_teacher_has_zero_loss_until_it_moves(arch, data, tmp_path):
+    """The invariant through the Runner: a student that ``load_from`` starts from the teacher's own
+    Runner-written checkpoint, with identity adapters, sees exactly the teacher's maps and features, so
+    the first iteration logs ``loss_hd == 0`` and ``loss_tfd == 0`` (p_c and p_r of the teacher come
+    from the no-grad path, the student's from the gradient path; TFD normalizes its masks after the
+    reduction, the TWG runs once for all levels, RetinaNet's max over 9 anchors is one op for all
+    levels, and the 1x1 adapters run as a GEMM on the CPU). After one SGD step both are positive."""
+    teacher_cfg = H.config_on_base(tmp_path / "teacher.py", TEACHER_BASE[arch], test_model_overrides(arch, depth=18),
+                                   H.runtime(data, tmp_path / "teacher", max_iters=2, lr=0.002))
+    H.train(teacher_cfg)
+    teacher_ckpt = tmp_path / "teacher" / "iter_2.pth"
+
+    # The distiller's starting point: the teacher's weights for the student, identity 1x1 adapters.
+    state = dict(load_checkpoint_weights_only(str(teacher_ckpt))["state_dict"])
+    for l in range(5):
+        state[f"tbd_loss.tfd.adapters.{l}.weight"] = torch.eye(256).view(256, 256, 1, 1)
+        state[f"tbd_loss.tfd.adapters.{l}.bias"] = torch.zeros(256)
+    start = tmp_path / "start.pth"
+    torch.save({"state_dict": state, "meta": {}}, start)
+
+    model = test_model_overrides(arch)
+    model.update(teacher_config=str(teacher_cfg), teacher_ckpt=str(teacher_ckpt))
+    cfg = H.runtime(data, tmp_path / "student", max_iters=2, lr=0.002)
+    cfg["load_from"] = str(start)
+    H.train(H.config_on_base(tmp_path / "student.py", config_path(SHIPPED[arch]), model, cfg))
+    first, second = H.scalars(tmp_path / "student")
+    assert first["iter"] == 1 and first["loss_hd"] == 0.0 and first["loss_tfd"] == 0.0, first
+    assert second["loss_hd"] > 0 and second["loss_tfd"] > 0, second
+
+
 def test_shipped_configs_build():
     """Every shipped TBD config parses (mmdet's configs as bases) and builds its distiller."""
     for arch, name in SHIPPED.items():
