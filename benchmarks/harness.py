@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import gc
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -177,11 +178,13 @@ def _time_interleaved(case: Case, cfg: Config, mode: str, runners: Dict[str, Tup
     for min_run_time / ROUNDS, starting with a different provider each round), so that a slow
     drift of the machine (clock, other load) is shared by every provider instead of landing on
     whichever ran last; the median and IQR are over the blocks of all rounds."""
+    if not runners:
+        return
     times: Dict[str, List[float]] = {prov: [] for prov in runners}
     runs: Dict[str, int] = {prov: 0 for prov in runners}
     order = list(runners)
     for r in range(ROUNDS):
-        for prov in order[r % len(order):] + order[:r % len(order)] if order else []:
+        for prov in order[r % len(order):] + order[:r % len(order)]:
             row, run = runners[prov]
             if row["status"] != "ok":
                 continue
@@ -196,9 +199,9 @@ def _time_interleaved(case: Case, cfg: Config, mode: str, runners: Dict[str, Tup
     for prov, (row, run) in runners.items():
         if row["status"] != "ok":
             continue
-        t = torch.tensor(times[prov], dtype=torch.float64)
-        median = float(t.median()) if len(t) % 2 else float(t.sort().values[len(t) // 2 - 1:len(t) // 2 + 1].mean())
-        iqr = float(t.quantile(0.75) - t.quantile(0.25)) if len(t) > 1 else 0.0
+        median = statistics.median(times[prov])
+        q = statistics.quantiles(times[prov], n=4) if len(times[prov]) > 1 else [median] * 3
+        iqr = q[2] - q[0]
         row.update(median_ms=median * 1e3, iqr_ms=iqr * 1e3, runs=runs[prov],
                    gbps=case.bytes_moved(mode) / median / 1e9, peak_mib=peak_mib(run, cfg.device))
     runners.clear()

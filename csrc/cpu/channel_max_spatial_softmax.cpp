@@ -363,22 +363,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_alloc(const at::Tensor& x, b
           with_argmax ? at::empty({N, H, W}, x.options().dtype(at::kLong)) : at::Tensor()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cpu(const at::Tensor& x, double temperature,
-                                                        bool scale_by_hw) {
-  cmss_check(x, temperature);
-  at::Tensor out, log_p, argmax;
-  std::tie(out, log_p, argmax) = cmss_alloc(x);
-  const int64_t N = x.size(0);
-  if (N == 0 || x.size(2) * x.size(3) == 0) return {out, log_p, argmax};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmss_cpu", [&] {
-    const auto v = cmss_level<scalar_t>(x, temperature, scale_by_hw, out, log_p, argmax);
-    if (cmss_per_image(N)) {
-      cmss_images<scalar_t>({v}, N);
-    } else {
-      cmss_tiles(v, N);
+// The forward of checked levels (one level or a list): every level of an image
+// in one work item where the images split evenly over the threads, else level
+// by level. with_argmax false (no backward to come): no argmax tensors (float32
+// then sweeps the channels for the max only); out and log_p are the same.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+cmss_run(at::TensorList x, double temperature, bool scale_by_hw, bool with_argmax) {
+  std::vector<at::Tensor> out, log_p, argmax;
+  bool same_n = true;
+  for (const at::Tensor& t : x) {
+    auto r = cmss_alloc(t, with_argmax);
+    out.push_back(std::get<0>(r));
+    log_p.push_back(std::get<1>(r));
+    argmax.push_back(std::get<2>(r));
+    same_n = same_n && t.size(0) == x[0].size(0);
+  }
+  if (x.empty()) return {out, log_p, argmax};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x[0].scalar_type(), "cmss_levels_cpu", [&] {
+    std::vector<CmssLevel<scalar_t>> v;
+    for (size_t l = 0; l < x.size(); ++l)
+      v.push_back(cmss_level<scalar_t>(x[l], temperature, scale_by_hw, out[l], log_p[l], argmax[l]));
+    if (same_n && cmss_per_image(x[0].size(0))) {
+      cmss_images(v, x[0].size(0));  // every level of an image in one item
+      return;
+    }
+    for (size_t l = 0; l < x.size(); ++l) {
+      const int64_t N = x[l].size(0);
+      if (N == 0 || v[l].HW == 0) continue;
+      if (cmss_per_image(N)) {
+        cmss_images<scalar_t>({v[l]}, N);
+      } else {
+        cmss_tiles(v[l], N);
+      }
     }
   });
   return {out, log_p, argmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cpu(const at::Tensor& x, double temperature,
+                                                        bool scale_by_hw) {
+  cmss_check(x, temperature);
+  auto r = cmss_run({x}, temperature, scale_by_hw, true);
+  return {std::get<0>(r)[0], std::get<1>(r)[0], std::get<2>(r)[0]};
 }
 
 at::Tensor cmss_backward_cpu(const at::Tensor& grad, const at::Tensor& log_p,
@@ -434,55 +460,20 @@ at::Tensor cmss_backward_cpu(const at::Tensor& grad, const at::Tensor& log_p,
   return dx;
 }
 
-// A list of levels: level by level (each level's work items run in parallel).
-// with_argmax false (no backward to come): no argmax tensors (float32 then
-// sweeps the channels for the max only); out and log_p are the same.
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-cmss_levels_impl(at::TensorList x, double temperature, bool scale_by_hw, bool with_argmax) {
-  cmss_levels_check(x, temperature);
-  std::vector<at::Tensor> out, log_p, argmax;
-  bool same_n = true;
-  for (const at::Tensor& t : x) {
-    auto r = cmss_alloc(t, with_argmax);
-    out.push_back(std::get<0>(r));
-    log_p.push_back(std::get<1>(r));
-    argmax.push_back(std::get<2>(r));
-    same_n = same_n && t.size(0) == x[0].size(0);
-  }
-  if (x.empty()) return {out, log_p, argmax};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x[0].scalar_type(), "cmss_levels_cpu", [&] {
-    std::vector<CmssLevel<scalar_t>> v;
-    for (size_t l = 0; l < x.size(); ++l)
-      v.push_back(cmss_level<scalar_t>(x[l], temperature, scale_by_hw, out[l], log_p[l], argmax[l]));
-    if (same_n && cmss_per_image(x[0].size(0))) {
-      cmss_images(v, x[0].size(0));  // every level of an image in one item
-      return;
-    }
-    for (size_t l = 0; l < x.size(); ++l) {
-      const int64_t N = x[l].size(0);
-      if (N == 0 || v[l].HW == 0) continue;
-      if (cmss_per_image(N)) {
-        cmss_images<scalar_t>({v[l]}, N);
-      } else {
-        cmss_tiles(v[l], N);
-      }
-    }
-  });
-  return {out, log_p, argmax};
-}
-
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 cmss_levels_cpu(at::TensorList x, double temperature, bool scale_by_hw) {
-  return cmss_levels_impl(x, temperature, scale_by_hw, true);
+  cmss_levels_check(x, temperature);
+  return cmss_run(x, temperature, scale_by_hw, true);
 }
 
 at::Tensor cmss_no_grad_cpu(const at::Tensor& x, double temperature, bool scale_by_hw) {
   cmss_check(x, temperature);
-  return std::get<0>(cmss_levels_impl({x}, temperature, scale_by_hw, false))[0];
+  return std::get<0>(cmss_run({x}, temperature, scale_by_hw, false))[0];
 }
 
 std::vector<at::Tensor> cmss_levels_no_grad_cpu(at::TensorList x, double temperature, bool scale_by_hw) {
-  return std::get<0>(cmss_levels_impl(x, temperature, scale_by_hw, false));
+  cmss_levels_check(x, temperature);
+  return std::get<0>(cmss_run(x, temperature, scale_by_hw, false));
 }
 
 std::vector<at::Tensor> cmss_levels_backward_cpu(at::TensorList grad, at::TensorList log_p,

@@ -49,12 +49,13 @@ def channel_max_spatial_softmax(
             xs, float(temperature), bool(scale_by_hw))[0])
     check_tensor(_OP, "x", x)
     if not _needs_grad([x]):
-        return torch.ops.tbd_ops._channel_max_spatial_softmax_no_grad.default(x, float(temperature), bool(scale_by_hw))
+        return _NO_GRAD_ONE(x, float(temperature), bool(scale_by_hw))
     return torch.ops.tbd_ops.channel_max_spatial_softmax.default(x, float(temperature), bool(scale_by_hw))[0]
 
 
 # p_c alone, without the argmax and log-probabilities that only a backward reads (e.g. the
 # teacher's maps): the same values, fewer bytes written and, on the CPU, a max-only channel sweep.
+_NO_GRAD_ONE = torch.ops.tbd_ops._channel_max_spatial_softmax_no_grad.default
 _NO_GRAD = torch.ops.tbd_ops._channel_max_spatial_softmax_levels_no_grad.default
 
 
