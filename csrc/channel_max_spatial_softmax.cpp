@@ -1,8 +1,8 @@
-// channel_max_spatial_softmax (p_c): schema, argument checks and the CUDA
-// registration. No autocast kernel: the kernels read 16-bit logits directly
-// and accumulate in fp32.
+// channel_max_spatial_softmax (p_c): schema, argument checks, the CUDA
+// registration and autograd. No autocast kernel: the kernels read 16-bit
+// logits directly and accumulate in fp32.
 // Kernels: csrc/cpu/channel_max_spatial_softmax.cpp, cuda/channel_max_spatial_softmax.cu;
-// fake kernel and autograd: python/tbd_ops/ops/channel_max_spatial_softmax.py.
+// fake kernels: python/tbd_ops/ops/channel_max_spatial_softmax.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "autograd.h"
 #include "channel_max_spatial_softmax.h"
 
 #if TBD_OPS_CUDA_GLUE
@@ -83,14 +84,14 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
       " -> (Tensor out, Tensor log_p, Tensor argmax)");
   m.def(
       "_channel_max_spatial_softmax_backward(Tensor grad, Tensor log_p, Tensor argmax,"
-      " int channels, float temperature, bool scale_by_hw, bool channels_last) -> Tensor");
+      " SymInt channels, float temperature, bool scale_by_hw, bool channels_last) -> Tensor");
   // Every level of a list in one call (one launch sequence on CUDA).
   m.def(
       "_channel_max_spatial_softmax_levels(Tensor[] x, float temperature=1.0, bool scale_by_hw=False)"
       " -> (Tensor[] out, Tensor[] log_p, Tensor[] argmax)");
   m.def(
       "_channel_max_spatial_softmax_levels_backward(Tensor[] grad, Tensor[] log_p, Tensor[] argmax,"
-      " int[] channels, float temperature, bool scale_by_hw, bool[] channels_last) -> Tensor[]");
+      " SymInt[] channels, float temperature, bool scale_by_hw, bool[] channels_last) -> Tensor[]");
   // p_c of every level where no gradient will be asked for (e.g. the teacher's): out only, the
   // same values as _channel_max_spatial_softmax_levels' out, without its argmax and log_p.
   m.def(
@@ -100,6 +101,129 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
       "_channel_max_spatial_softmax_levels_no_grad(Tensor[] x, float temperature=1.0,"
       " bool scale_by_hw=False) -> Tensor[]");
 }
+
+// ---- autograd: the gradient of x from the saved log_p and argmax (x is not kept); log_p and
+// argmax are outputs that are not differentiable.
+namespace {
+
+// The layout the gradient of x is given: that of x (the dense layouts the kernels write).
+bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+using CmssSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, double, bool);
+using CmssLevelsSig = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+    at::TensorList, double, bool);
+
+struct CmssFunction : torch::autograd::Function<CmssFunction> {
+  static autograd::variable_list forward(autograd::AutogradContext* ctx, const at::Tensor& x,
+                                         double temperature, bool scale_by_hw) {
+    static auto op = typed_op<CmssSig>(TBD_OPS_LIB_NAME "::channel_max_spatial_softmax");
+    at::Tensor out, log_p, argmax;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, log_p, argmax) = op.call(x, temperature, scale_by_hw);
+    }
+    ctx->mark_non_differentiable({log_p, argmax});
+    ctx->set_materialize_grads(false);  // no zero gradients made for log_p and argmax
+    ctx->save_for_backward({log_p, argmax});
+    ctx->saved_data["channels"] = x.sym_size(1);
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["scale_by_hw"] = scale_by_hw;
+    ctx->saved_data["channels_last"] = is_channels_last(x);
+    return {out, log_p, argmax};
+  }
+
+  static autograd::variable_list backward(autograd::AutogradContext* ctx, autograd::variable_list grad) {
+    static auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
+                                         double, bool, bool)>(
+        TBD_OPS_LIB_NAME "::_channel_max_spatial_softmax_backward");
+    autograd::Grads out(ctx);
+    if (!grad[0].defined() || !ctx->needs_input_grad(0)) return out.none(3).take();
+    const auto saved = ctx->get_saved_variables();
+    auto& d = ctx->saved_data;
+    const at::Tensor dx = op.call(grad[0], saved[0], saved[1], d["channels"].toSymInt(), d["temperature"].toDouble(),
+                                  d["scale_by_hw"].toBool(), d["channels_last"].toBool());
+    return out.tensor(0, dx).none(2).take();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_autograd(const at::Tensor& x, double temperature,
+                                                             bool scale_by_hw) {
+  auto r = CmssFunction::apply(x, temperature, scale_by_hw);
+  return {r[0], r[1], r[2]};
+}
+
+struct CmssLevelsFunction : torch::autograd::Function<CmssLevelsFunction> {
+  static autograd::variable_list forward(autograd::AutogradContext* ctx, at::TensorList x,
+                                         double temperature, bool scale_by_hw) {
+    static auto op = typed_op<CmssLevelsSig>(TBD_OPS_LIB_NAME "::_channel_max_spatial_softmax_levels");
+    std::vector<at::Tensor> out, log_p, argmax;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, log_p, argmax) = op.call(x, temperature, scale_by_hw);
+    }
+    ctx->mark_non_differentiable(autograd::concat({&log_p, &argmax}));
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward(autograd::concat({&log_p, &argmax}));
+    std::vector<c10::SymInt> channels;
+    c10::List<bool> channels_last;
+    for (const at::Tensor& t : x) {
+      channels.push_back(t.sym_size(1));
+      channels_last.push_back(is_channels_last(t));
+    }
+    ctx->saved_data["levels"] = static_cast<int64_t>(x.size());
+    ctx->saved_data["channels"] = channels;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["scale_by_hw"] = scale_by_hw;
+    ctx->saved_data["channels_last"] = channels_last;
+    return autograd::concat({&out, &log_p, &argmax});
+  }
+
+  // The levels with an incoming gradient whose input needs one, in one call.
+  static autograd::variable_list backward(autograd::AutogradContext* ctx, autograd::variable_list grad) {
+    static auto op = typed_op<std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList,
+                                                      c10::SymIntArrayRef, double, bool, const c10::List<bool>&)>(
+        TBD_OPS_LIB_NAME "::_channel_max_spatial_softmax_levels_backward");
+    auto& d = ctx->saved_data;
+    const auto L = static_cast<size_t>(d["levels"].toInt());
+    const auto channels = d["channels"].toSymIntVector();
+    const auto channels_last = d["channels_last"].toBoolList();
+    const auto saved = ctx->get_saved_variables();
+    std::vector<size_t> todo;
+    std::vector<at::Tensor> g, log_p, argmax;
+    std::vector<c10::SymInt> k;
+    c10::List<bool> cl;
+    for (size_t l = 0; l < L; ++l) {
+      if (!grad[l].defined() || !ctx->needs_input_grad(l)) continue;
+      todo.push_back(l);
+      g.push_back(grad[l]);
+      log_p.push_back(saved[l]);
+      argmax.push_back(saved[L + l]);
+      k.push_back(channels[l]);
+      cl.push_back(channels_last.get(l));
+    }
+    std::vector<at::Tensor> dx(L);
+    if (!todo.empty()) {
+      const auto got = op.call(g, log_p, argmax, k, d["temperature"].toDouble(), d["scale_by_hw"].toBool(), cl);
+      for (size_t i = 0; i < todo.size(); ++i) dx[todo[i]] = got[i];
+    }
+    return autograd::Grads(ctx).list(0, L, dx).none(2).take();
+  }
+};
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> cmss_levels_autograd(
+    at::TensorList x, double temperature, bool scale_by_hw) {
+  auto flat = CmssLevelsFunction::apply(x, temperature, scale_by_hw);
+  const size_t L = x.size();
+  return {autograd::slice(flat, 0, L), autograd::slice(flat, L, L), autograd::slice(flat, 2 * L, L)};
+}
+
+}  // namespace
+
+TBD_OPS_IMPL(Autograd,
+    "channel_max_spatial_softmax", TORCH_FN(cmss_autograd),
+    "_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_autograd))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/channel_max_spatial_softmax.cu, the shared

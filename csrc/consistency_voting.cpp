@@ -1,7 +1,6 @@
 // consistency_voting (PseCo's positive-proposal consistency voting): schema,
-// argument checks, autocast, CUDA registration. Kernels: csrc/cpu/consistency_voting.cpp,
-// cuda/consistency_voting.cu; fake kernel and autograd:
-// python/tbd_ops/ops/consistency_voting.py.
+// argument checks, autocast, CUDA registration, autograd. Kernels: csrc/cpu/consistency_voting.cpp,
+// cuda/consistency_voting.cu; fake kernel: python/tbd_ops/ops/consistency_voting.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -66,6 +65,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> voting_autocast(
   return op.call(pred_boxes.to(*t), gt_inds, pseudo_boxes.to(*t), roi_counts, pseudo_counts, mode);
 }
 
+// Autograd: the outputs are constants of the loss they weight; no gradient flows through
+// them, whatever requires one (they come back with requires_grad false).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> voting_autograd(
+    const at::Tensor& pred_boxes, const at::Tensor& gt_inds, const at::Tensor& pseudo_boxes,
+    at::IntArrayRef roi_counts, at::IntArrayRef pseudo_counts, c10::string_view mode) {
+  static auto op = typed_op<VotingSig>(TBD_OPS_LIB_NAME "::consistency_voting");
+  const at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(pred_boxes, gt_inds, pseudo_boxes, roi_counts, pseudo_counts, mode);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
@@ -76,6 +85,7 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
 }
 
 TBD_OPS_AUTOCAST_IMPL("consistency_voting", TORCH_FN(voting_autocast))
+TBD_OPS_IMPL(Autograd, "consistency_voting", TORCH_FN(voting_autograd))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/consistency_voting.cu, the shared pieces csrc/cuda_glue.h.

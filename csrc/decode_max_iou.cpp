@@ -1,13 +1,17 @@
-// decode_max_iou / box_max_iou (p_r): schemas, argument checks, autocast and
-// the CUDA registration.
-// Kernels: csrc/cpu/decode_max_iou.cpp, cuda/decode_max_iou.cu; fake kernels
-// and autograd: python/tbd_ops/ops/decode_max_iou.py.
+// decode_max_iou / box_max_iou (p_r): schemas, argument checks, autocast, the
+// CUDA registration and autograd.
+// Kernels: csrc/cpu/decode_max_iou.cpp, cuda/decode_max_iou.cu; fake kernels:
+// python/tbd_ops/ops/decode_max_iou.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
+#include <string>
+#include <vector>
 
+#include "autograd.h"
 #include "decode_max_iou.h"
 
 #if TBD_OPS_CUDA_GLUE
@@ -211,6 +215,86 @@ std::tuple<at::Tensor, at::Tensor> decode_autocast(
   return {iou.to(bbox_pred.scalar_type()), arg};
 }
 
+// ---- autograd: the gradients of bbox_pred, priors (when decoded from them) and gt_bboxes
+// through the best pair's IoU; arg is not differentiable.
+struct DecodeFunction : torch::autograd::Function<DecodeFunction> {
+  static autograd::variable_list forward(
+      autograd::AutogradContext* ctx, const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
+      const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
+      at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
+      c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
+      const c10::optional<at::Tensor>& max_shapes) {
+    at::Tensor iou, arg;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(iou, arg) = decode_op().call(bbox_pred, priors, gt_bboxes, gt_counts, coder, means, stds, scale,
+                                            max_shape, wh_ratio_clip, max_shapes);
+    }
+    ctx->mark_non_differentiable({arg});
+    ctx->set_materialize_grads(false);  // no zero gradient made for arg
+    ctx->save_for_backward({bbox_pred, autograd::or_undefined(priors), gt_bboxes, arg,
+                            autograd::or_undefined(max_shapes)});
+    auto& d = ctx->saved_data;
+    d["gt_counts"] = gt_counts.vec();
+    d["coder"] = std::string(coder);
+    d["means"] = means.vec();
+    d["stds"] = stds.vec();
+    d["scale"] = scale;
+    d["max_shape"] = max_shape.has_value() ? c10::IValue(max_shape->vec()) : c10::IValue();
+    d["wh_ratio_clip"] = wh_ratio_clip;
+    return {iou, arg};
+  }
+
+  static autograd::variable_list backward(autograd::AutogradContext* ctx, autograd::variable_list grad) {
+    static auto op = typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+        const at::Tensor&, at::IntArrayRef, c10::string_view, at::ArrayRef<double>, at::ArrayRef<double>,
+        double, c10::optional<at::ArrayRef<double>>, double, std::array<bool, 3>,
+        const c10::optional<at::Tensor>&)>(TBD_OPS_LIB_NAME "::_decode_max_iou_backward");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &bbox_pred = saved[0], &priors = saved[1], &gt_bboxes = saved[2];
+    auto& d = ctx->saved_data;
+    const std::string coder = d["coder"].toStringRef();
+    // Positions among the tensors: bbox_pred 0, priors 1 (when given), gt_bboxes after them.
+    const size_t gts_edge = priors.defined() ? 2 : 1;
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0),
+                                   priors.defined() && coder != "none" && ctx->needs_input_grad(1),
+                                   ctx->needs_input_grad(gts_edge)};
+    autograd::Grads out(ctx);
+    if (!grad[0].defined() || !(mask[0] || mask[1] || mask[2])) return out.none(11).take();
+    const auto gt_counts = d["gt_counts"].toIntVector();
+    const auto means = d["means"].toDoubleVector(), stds = d["stds"].toDoubleVector();
+    std::vector<double> max_shape_v;
+    c10::optional<at::ArrayRef<double>> max_shape;
+    if (!d["max_shape"].isNone()) {
+      max_shape_v = d["max_shape"].toDoubleVector();
+      max_shape = at::ArrayRef<double>(max_shape_v);
+    }
+    auto [g_pred, g_priors, g_gts] =
+        op.call(grad[0], saved[3], bbox_pred, autograd::to_optional(priors), gt_bboxes, gt_counts, coder, means,
+                stds, d["scale"].toDouble(), max_shape, d["wh_ratio_clip"].toDouble(), mask,
+                autograd::to_optional(saved[4]));
+    out.tensor(0, mask[0] ? g_pred : at::Tensor());
+    if (priors.defined()) {
+      out.tensor(1, mask[1] ? g_priors : at::Tensor());
+    } else {
+      out.none();
+    }
+    return out.tensor(gts_edge, mask[2] ? g_gts : at::Tensor()).none(8).take();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> decode_autograd(
+    const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
+    const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
+    at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
+    c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
+    const c10::optional<at::Tensor>& max_shapes) {
+  auto r = DecodeFunction::apply(bbox_pred, priors, gt_bboxes, gt_counts, coder, means, stds, scale, max_shape,
+                                 wh_ratio_clip, max_shapes);
+  return {r[0], r[1]};
+}
+
 // box_max_iou: the same op on already-decoded boxes.
 std::tuple<at::Tensor, at::Tensor> box_max_iou(const at::Tensor& boxes,
                                                const at::Tensor& gt_bboxes,
@@ -240,6 +324,7 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
 }
 
 TBD_OPS_AUTOCAST_IMPL("decode_max_iou", TORCH_FN(decode_autocast))
+TBD_OPS_IMPL(Autograd, "decode_max_iou", TORCH_FN(decode_autograd))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/decode_max_iou.cu, the shared pieces csrc/cuda_glue.h.

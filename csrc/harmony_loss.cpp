@@ -1,7 +1,7 @@
-// harmony_distillation_loss (SPEC 1.4): schemas, argument checks, autocast and
-// the CUDA registration.
-// Kernels: csrc/cpu/harmony_loss.cpp, cuda/harmony_loss.cu; fake kernels and
-// autograd: python/tbd_ops/ops/harmony.py.
+// harmony_distillation_loss (SPEC 1.4): schemas, argument checks, autocast,
+// the CUDA registration and autograd.
+// Kernels: csrc/cpu/harmony_loss.cpp, cuda/harmony_loss.cu; fake kernels:
+// python/tbd_ops/ops/harmony.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "autograd.h"
 #include "harmony_loss.h"
 
 #if TBD_OPS_CUDA_GLUE
@@ -98,6 +99,54 @@ std::tuple<at::Tensor, at::Tensor> harmony_loss_autocast(at::TensorList pc_s, at
   return op.call(cast_to(pc_s, *t), cast_to(pr_s, *t), cast_to(pc_t, *t), cast_to(pr_t, *t), mode, eps);
 }
 
+// ---- autograd: the gradients of the student's maps; the teacher's are constants of the
+// loss (no gradient, even if they require one). norm is not differentiable.
+struct HarmonyLossFunction : torch::autograd::Function<HarmonyLossFunction> {
+  static autograd::variable_list forward(autograd::AutogradContext* ctx, at::TensorList pc_s,
+                                         at::TensorList pr_s, at::TensorList pc_t, at::TensorList pr_t,
+                                         c10::string_view mode, double eps) {
+    static auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
+        at::TensorList, at::TensorList, at::TensorList, at::TensorList, c10::string_view, double)>(
+        TBD_OPS_LIB_NAME "::harmony_distillation_loss");
+    at::Tensor loss, norm;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(loss, norm) = op.call(pc_s, pr_s, pc_t, pr_t, mode, eps);
+    }
+    ctx->mark_non_differentiable({norm});
+    ctx->set_materialize_grads(false);  // no zero gradient made for norm
+    autograd::variable_list saved{norm};
+    for (at::TensorList maps : {pc_s, pr_s, pc_t, pr_t}) saved.insert(saved.end(), maps.begin(), maps.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["levels"] = static_cast<int64_t>(pc_s.size());
+    ctx->saved_data["mode"] = std::string(mode);
+    return {loss, norm};
+  }
+
+  static autograd::variable_list backward(autograd::AutogradContext* ctx, autograd::variable_list grad) {
+    static auto op = typed_op<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
+        const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
+        at::TensorList, c10::string_view, std::array<bool, 2>)>(
+        TBD_OPS_LIB_NAME "::_harmony_distillation_loss_backward");
+    const auto L = static_cast<size_t>(ctx->saved_data["levels"].toInt());
+    const std::array<bool, 2> mask{autograd::any_needs(ctx, 0, L), autograd::any_needs(ctx, L, L)};
+    autograd::Grads out(ctx);
+    if (!grad[0].defined() || !(mask[0] || mask[1])) return out.none(4 * L + 2).take();
+    const auto saved = ctx->get_saved_variables();
+    const auto maps = [&](size_t k) { return autograd::slice(saved, 1 + k * L, L); };
+    const std::string mode = ctx->saved_data["mode"].toStringRef();
+    auto [gc, gr] = op.call(grad[0], saved[0], maps(0), maps(1), maps(2), maps(3), mode, mask);
+    return out.list(0, L, gc).list(L, L, gr).none(2 * L + 2).take();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> harmony_loss_autograd(at::TensorList pc_s, at::TensorList pr_s,
+                                                         at::TensorList pc_t, at::TensorList pr_t,
+                                                         c10::string_view mode, double eps) {
+  auto out = HarmonyLossFunction::apply(pc_s, pr_s, pc_t, pr_t, mode, eps);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
@@ -111,6 +160,7 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
 }
 
 TBD_OPS_AUTOCAST_IMPL("harmony_distillation_loss", TORCH_FN(harmony_loss_autocast))
+TBD_OPS_IMPL(Autograd, "harmony_distillation_loss", TORCH_FN(harmony_loss_autograd))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/harmony_loss.cu, the shared pieces csrc/cuda_glue.h.

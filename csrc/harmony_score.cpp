@@ -1,13 +1,14 @@
-// harmony_score (SPEC 1.3): schemas, argument checks, autocast and the CUDA
-// registration.
-// Kernels: csrc/cpu/harmony_score.cpp, cuda/harmony_score.cu; fake kernels and
-// autograd: python/tbd_ops/ops/harmony.py.
+// harmony_score (SPEC 1.3): schemas, argument checks, autocast, the CUDA
+// registration and autograd.
+// Kernels: csrc/cpu/harmony_score.cpp, cuda/harmony_score.cu; fake kernels:
+// python/tbd_ops/ops/harmony.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <array>
 #include <vector>
 
+#include "autograd.h"
 #include "harmony_score.h"
 
 #if TBD_OPS_CUDA_GLUE
@@ -49,6 +50,33 @@ at::Tensor harmony_score_autocast(const at::Tensor& p_c, const at::Tensor& p_r) 
   return t ? op.call(p_c.to(*t), p_r.to(*t)) : op.call(p_c, p_r);
 }
 
+// ---- autograd
+struct HarmonyScoreFunction : torch::autograd::Function<HarmonyScoreFunction> {
+  static at::Tensor forward(autograd::AutogradContext* ctx, const at::Tensor& p_c, const at::Tensor& p_r) {
+    static auto op =
+        typed_op<at::Tensor(const at::Tensor&, const at::Tensor&)>(TBD_OPS_LIB_NAME "::harmony_score");
+    ctx->save_for_backward({p_c, p_r});
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(p_c, p_r);
+  }
+
+  static autograd::variable_list backward(autograd::AutogradContext* ctx, autograd::variable_list grad) {
+    static auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 2>)>(
+        TBD_OPS_LIB_NAME "::_harmony_score_backward");
+    const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    autograd::Grads out(ctx);
+    if (!grad[0].defined() || !(mask[0] || mask[1])) return out.none(2).take();
+    const auto saved = ctx->get_saved_variables();
+    auto [gc, gr] = op.call(grad[0], saved[0], saved[1], mask);
+    return out.tensor(0, mask[0] ? gc : at::Tensor()).tensor(1, mask[1] ? gr : at::Tensor()).take();
+  }
+};
+
+at::Tensor harmony_score_autograd(const at::Tensor& p_c, const at::Tensor& p_r) {
+  return HarmonyScoreFunction::apply(p_c, p_r);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
@@ -59,6 +87,7 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
 }
 
 TBD_OPS_AUTOCAST_IMPL("harmony_score", TORCH_FN(harmony_score_autocast))
+TBD_OPS_IMPL(Autograd, "harmony_score", TORCH_FN(harmony_score_autograd))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/harmony_score.cu, the shared pieces csrc/cuda_glue.h.

@@ -1,14 +1,16 @@
-// masked_reduce (SPEC 1.5): schemas, argument checks, autocast and the CUDA
-// registration of the op family masked_sq_dist / masked_l1.
-// Kernels: csrc/cpu/masked_reduce.cpp, cuda/masked_reduce.cu; fake kernels and
-// autograd: python/tbd_ops/ops/masked_reduce.py.
+// masked_reduce (SPEC 1.5): schemas, argument checks, autocast, the CUDA
+// registration and autograd of the op family masked_sq_dist / masked_l1.
+// Kernels: csrc/cpu/masked_reduce.cpp, cuda/masked_reduce.cu; fake kernels:
+// python/tbd_ops/ops/masked_reduce.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <string>
 #include <vector>
 
+#include "autograd.h"
 #include "masked_reduce.h"
 
 #if TBD_OPS_CUDA_GLUE
@@ -114,6 +116,105 @@ constexpr char kSqDistName[] = TBD_OPS_LIB_NAME "::masked_sq_dist";
 constexpr char kL1Name[] = TBD_OPS_LIB_NAME "::masked_l1";
 constexpr char kSqDistLevelsName[] = TBD_OPS_LIB_NAME "::_masked_sq_dist_levels";
 constexpr char kL1LevelsName[] = TBD_OPS_LIB_NAME "::_masked_l1_levels";
+constexpr char kSqDistBackwardName[] = TBD_OPS_LIB_NAME "::_masked_sq_dist_backward";
+constexpr char kL1BackwardName[] = TBD_OPS_LIB_NAME "::_masked_l1_backward";
+constexpr char kSqDistLevelsBackwardName[] = TBD_OPS_LIB_NAME "::_masked_sq_dist_levels_backward";
+constexpr char kL1LevelsBackwardName[] = TBD_OPS_LIB_NAME "::_masked_l1_levels_backward";
+
+// ---- autograd: nothing of size [N, C, H, W] is saved; the backward reads a and b again.
+template <const char* kName, const char* kBackward>
+struct MaskedFunction : torch::autograd::Function<MaskedFunction<kName, kBackward>> {
+  static at::Tensor forward(autograd::AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
+                            const at::Tensor& masks) {
+    static auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(kName);
+    ctx->save_for_backward({a, b, masks});
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(a, b, masks);
+  }
+
+  static autograd::variable_list backward(autograd::AutogradContext* ctx, autograd::variable_list grad) {
+    static auto op = typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>)>(
+        kBackward);
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
+    autograd::Grads out(ctx);
+    if (!grad[0].defined() || !(mask[0] || mask[1] || mask[2])) return out.none(3).take();
+    const auto saved = ctx->get_saved_variables();
+    auto [ga, gb, gm] = op.call(grad[0], saved[0], saved[1], saved[2], mask);
+    return out.tensor(0, mask[0] ? ga : at::Tensor())
+        .tensor(1, mask[1] ? gb : at::Tensor())
+        .tensor(2, mask[2] ? gm : at::Tensor())
+        .take();
+  }
+};
+
+template <const char* kName, const char* kBackward>
+at::Tensor masked_autograd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& masks) {
+  return MaskedFunction<kName, kBackward>::apply(a, b, masks);
+}
+
+// Every level in one call. term (the per-location sums) is an output that is not
+// differentiable, kept for the backward only where the gradient of masks may be asked for.
+template <const char* kName, const char* kBackward>
+struct MaskedLevelsFunction : torch::autograd::Function<MaskedLevelsFunction<kName, kBackward>> {
+  static autograd::variable_list forward(autograd::AutogradContext* ctx, at::TensorList a,
+                                         at::TensorList b, at::TensorList masks) {
+    static auto op = typed_op<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
+        at::TensorList, at::TensorList, at::TensorList)>(kName);
+    std::vector<at::Tensor> out, term;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, term) = op.call(a, b, masks);
+    }
+    ctx->mark_non_differentiable(term);
+    ctx->set_materialize_grads(false);  // no zero gradients made for term
+    // (forward runs with grad mode off: whether masks will need a gradient is their requires_grad)
+    const bool keep_term =
+        std::any_of(masks.begin(), masks.end(), [](const at::Tensor& m) { return m.requires_grad(); });
+    autograd::variable_list saved(a.begin(), a.end());
+    saved.insert(saved.end(), b.begin(), b.end());
+    saved.insert(saved.end(), masks.begin(), masks.end());
+    if (keep_term) saved.insert(saved.end(), term.begin(), term.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["levels"] = static_cast<int64_t>(a.size());
+    ctx->saved_data["keep_term"] = keep_term;
+    return autograd::concat({&out, &term});
+  }
+
+  static autograd::variable_list backward(autograd::AutogradContext* ctx, autograd::variable_list grad) {
+    static auto op = typed_op<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+        at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, std::array<bool, 3>)>(
+        kBackward);
+    const auto L = static_cast<size_t>(ctx->saved_data["levels"].toInt());
+    const std::array<bool, 3> mask{autograd::any_needs(ctx, 0, L), autograd::any_needs(ctx, L, L),
+                                   autograd::any_needs(ctx, 2 * L, L) && ctx->saved_data["keep_term"].toBool()};
+    autograd::Grads out(ctx);
+    const bool any_grad =
+        std::any_of(grad.begin(), grad.begin() + L, [](const at::Tensor& g) { return g.defined(); });
+    if (!any_grad || !(mask[0] || mask[1] || mask[2])) return out.none(3 * L).take();
+    const auto saved = ctx->get_saved_variables();
+    const auto a = autograd::slice(saved, 0, L), b = autograd::slice(saved, L, L);
+    const auto masks = autograd::slice(saved, 2 * L, L);
+    const auto term = mask[2] ? autograd::slice(saved, 3 * L, L) : std::vector<at::Tensor>();
+    // A level whose output got no gradient (unused) contributes zeros.
+    std::vector<at::Tensor> g(grad.begin(), grad.begin() + L);
+    for (size_t l = 0; l < L; ++l) {
+      if (g[l].defined()) continue;
+      g[l] = at::zeros_symint({a[l].sym_size(0), masks[l].sym_size(1)},
+                              a[l].options().dtype(acc_dtype(a[l].scalar_type())));
+    }
+    auto [ga, gb, gm] = op.call(g, a, b, masks, term, mask);
+    return out.list(0, L, ga).list(L, L, gb).list(2 * L, L, gm).take();
+  }
+};
+
+template <const char* kName, const char* kBackward>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> masked_levels_autograd(
+    at::TensorList a, at::TensorList b, at::TensorList masks) {
+  auto flat = MaskedLevelsFunction<kName, kBackward>::apply(a, b, masks);
+  const size_t L = a.size();
+  return {autograd::slice(flat, 0, L), autograd::slice(flat, L, L)};
+}
 
 }  // namespace
 
@@ -143,6 +244,11 @@ TBD_OPS_AUTOCAST_IMPL(
     "masked_l1", TORCH_FN(masked_autocast<kL1Name>),
     "_masked_sq_dist_levels", TORCH_FN(masked_levels_autocast<kSqDistLevelsName>),
     "_masked_l1_levels", TORCH_FN(masked_levels_autocast<kL1LevelsName>))
+TBD_OPS_IMPL(Autograd,
+    "masked_sq_dist", TORCH_FN((masked_autograd<kSqDistName, kSqDistBackwardName>)),
+    "masked_l1", TORCH_FN((masked_autograd<kL1Name, kL1BackwardName>)),
+    "_masked_sq_dist_levels", TORCH_FN((masked_levels_autograd<kSqDistLevelsName, kSqDistLevelsBackwardName>)),
+    "_masked_l1_levels", TORCH_FN((masked_levels_autograd<kL1LevelsName, kL1LevelsBackwardName>)))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/masked_reduce.cu, the shared pieces csrc/cuda_glue.h.

@@ -1,6 +1,6 @@
 // prediction_guided_assign (PseCo's prediction-guided label assignment):
-// schema, argument checks, autocast, CUDA registration. Kernels: csrc/cpu/prediction_guided_assign.cpp,
-// cuda/prediction_guided_assign.cu; fake kernel and autograd:
+// schema, argument checks, autocast, CUDA registration, autograd. Kernels:
+// csrc/cpu/prediction_guided_assign.cpp, cuda/prediction_guided_assign.cu; fake kernel:
 // python/tbd_ops/ops/prediction_guided_assign.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -95,6 +95,19 @@ std::tuple<at::Tensor, at::Tensor> assign_autocast(
                  pseudo_counts, valid, iou_thr, topk, alpha);
 }
 
+// Autograd: the assignment and its quality are targets of the loss, not differentiable;
+// they come back with requires_grad false whatever requires a gradient.
+std::tuple<at::Tensor, at::Tensor> assign_autograd(
+    const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& pseudo_boxes,
+    const at::Tensor& pseudo_labels, at::IntArrayRef proposal_counts,
+    at::IntArrayRef pseudo_counts, const c10::optional<at::Tensor>& valid, double iou_thr,
+    int64_t topk, double alpha) {
+  static auto op = typed_op<AssignSig>(TBD_OPS_LIB_NAME "::prediction_guided_assign");
+  const at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(boxes, scores, pseudo_boxes, pseudo_labels, proposal_counts, pseudo_counts, valid, iou_thr,
+                 topk, alpha);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
@@ -105,6 +118,7 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
 }
 
 TBD_OPS_AUTOCAST_IMPL("prediction_guided_assign", TORCH_FN(assign_autocast))
+TBD_OPS_IMPL(Autograd, "prediction_guided_assign", TORCH_FN(assign_autograd))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/prediction_guided_assign.cu, the shared pieces csrc/cuda_glue.h.

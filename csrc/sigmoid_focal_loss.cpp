@@ -1,13 +1,14 @@
-// sigmoid_focal_loss (SPEC 2.4): schemas, argument checks, autocast and the
-// CUDA registration.
+// sigmoid_focal_loss (SPEC 2.4): schemas, argument checks, autocast, the
+// CUDA registration and autograd.
 // Kernels: csrc/cpu/sigmoid_focal_loss.cpp, cuda/sigmoid_focal_loss.cu; fake
-// kernels and autograd: python/tbd_ops/ops/sigmoid_focal_loss.py.
+// kernels: python/tbd_ops/ops/sigmoid_focal_loss.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <array>
 #include <cmath>
 
+#include "autograd.h"
 #include "sigmoid_focal_loss.h"
 
 #if TBD_OPS_CUDA_GLUE
@@ -91,6 +92,50 @@ at::Tensor focal_autocast(const at::Tensor& logits, const at::Tensor& targets,
   return reduction == "none" ? out.to(logits.scalar_type()) : out;
 }
 
+// ---- autograd: the gradients of logits and weight (targets are constants of the loss).
+struct FocalFunction : torch::autograd::Function<FocalFunction> {
+  static at::Tensor forward(autograd::AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& targets, const c10::optional<at::Tensor>& weight,
+                            double gamma, double alpha, c10::string_view reduction) {
+    static auto op = typed_op<FocalSig>(TBD_OPS_LIB_NAME "::sigmoid_focal_loss");
+    ctx->save_for_backward({logits, targets, autograd::or_undefined(weight)});
+    ctx->saved_data["gamma"] = gamma;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["reduction"] = std::string(reduction);
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(logits, targets, weight, gamma, alpha, reduction);
+  }
+
+  static autograd::variable_list backward(autograd::AutogradContext* ctx, autograd::variable_list grad) {
+    static auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+        double, double, c10::string_view, std::array<bool, 2>)>(TBD_OPS_LIB_NAME "::_sigmoid_focal_loss_backward");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& weight = saved[2];
+    // Positions among the tensors: logits 0, targets 1, weight 2 (when given).
+    const std::array<bool, 2> mask{ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(2)};
+    autograd::Grads out(ctx);
+    if (!grad[0].defined() || !(mask[0] || mask[1])) return out.none(6).take();
+    const std::string reduction = ctx->saved_data["reduction"].toStringRef();
+    auto [gx, gw] = op.call(grad[0], saved[0], saved[1], autograd::to_optional(weight),
+                            ctx->saved_data["gamma"].toDouble(), ctx->saved_data["alpha"].toDouble(),
+                            reduction, mask);
+    out.tensor(0, mask[0] ? gx : at::Tensor()).none();
+    if (weight.defined()) {
+      out.tensor(2, mask[1] ? gw : at::Tensor());
+    } else {
+      out.none();
+    }
+    return out.none(3).take();
+  }
+};
+
+at::Tensor focal_autograd(const at::Tensor& logits, const at::Tensor& targets,
+                          const c10::optional<at::Tensor>& weight, double gamma, double alpha,
+                          c10::string_view reduction) {
+  return FocalFunction::apply(logits, targets, weight, gamma, alpha, reduction);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
@@ -104,6 +149,7 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
 }
 
 TBD_OPS_AUTOCAST_IMPL("sigmoid_focal_loss", TORCH_FN(focal_autocast))
+TBD_OPS_IMPL(Autograd, "sigmoid_focal_loss", TORCH_FN(focal_autograd))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/sigmoid_focal_loss.cu, the shared pieces csrc/cuda_glue.h.

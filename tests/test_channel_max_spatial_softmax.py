@@ -53,6 +53,10 @@ class TestContract(OpContract):
         # and several CUDA blocks: 47 x 53 = 2491 locations.
         for kind in ("channels_last", "padded"):
             out.append(Sample((strided(logits((2, 7, 47, 53), device), kind).requires_grad_(),), name=kind + " tiles", opcheck=False))
+        # A list of levels (one call for all), of three layouts: each level's gradient in the layout of its x.
+        pyramid = [logits((2, 5, 6, 7), device), strided(logits((2, 5, 3, 4), device), "channels_last"),
+                   strided(logits((2, 5, 2, 3), device), "padded")]
+        out.append(Sample(([t.requires_grad_() for t in pyramid], 0.5, True), name="levels", gradcheck=True))
         return out
 
     def emulated_tol(self, want, sample=None, grad_outputs=None):
@@ -62,10 +66,11 @@ class TestContract(OpContract):
         size = float(want.abs().max()) if want.numel() else 0.0
         if grad_outputs is not None and want.numel():
             x, t, by_hw = (*sample.args, *CMSS_DEFAULTS.values())[:3]  # temperature, scale_by_hw
-            p = (x.detach().double().amax(1).flatten(1) / t).softmax(-1)
-            scale = x.shape[2] * x.shape[3] if by_hw else 1
             g = max(float(v.abs().max()) for v in grad_outputs if v.numel())
-            size = max(size, scale / t * float(p.max()) * g)
+            for level in (x if isinstance(x, (list, tuple)) else [x]):
+                p = (level.detach().double().amax(1).flatten(1) / t).softmax(-1)
+                scale = level.shape[2] * level.shape[3] if by_hw else 1
+                size = max(size, scale / t * float(p.max()) * g)
         return dict(rtol=rtol, atol=rtol * size)
 
 

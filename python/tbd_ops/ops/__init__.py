@@ -1,4 +1,4 @@
-"""Python entry points of the operators: argument handling, fake kernels and autograd."""
+"""Python entry points of the operators: argument handling and fake kernels (autograd is in C++, csrc/<op>.cpp)."""
 from .channel_max_spatial_softmax import channel_max_spatial_softmax
 from .consistency_voting import consistency_voting
 from .decode_max_iou import box_max_iou, decode_max_iou

@@ -38,10 +38,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def image_list(op: str, name: str, value, n: Optional[int]) -> List[torch.Tensor]:
     """``value`` as a list of tensors, one per image (``n`` of them when given)."""
     if not isinstance(value, (list, tuple)):
@@ -106,22 +102,6 @@ def levels(op: str, names: Sequence[str], *values, broadcast: Sequence[str] = ()
         raise ValueError(f"{op}: {_join(listed_names)} must have one entry per level, got "
                          f"{_join([str(c) for c in counts])} levels")
     return [tuple(v[l] if listed else v for v, listed in zip(values, is_list)) for l in range(counts[0])], True
-
-
-def input_grads(ctx, grads: Dict[int, Any]) -> tuple:
-    """The backward's return value: one entry per input the op was called with
-    (``ctx.needs_input_grad``; the dispatcher leaves out trailing arguments equal
-    to their defaults), ``grads[i]`` where input i needs a gradient, None
-    elsewhere. A Tensor[] input gets a list with one entry per tensor."""
-    out = []
-    for i, need in enumerate(ctx.needs_input_grad):
-        g = grads.get(i)
-        if isinstance(need, (list, tuple)):
-            g = [None] * len(need) if g is None else g
-            out.append([x if n else None for x, n in zip(g, need)])
-        else:
-            out.append(g if need else None)
-    return tuple(out)
 
 
 def same_dtype_and_device(tensors) -> bool:

@@ -3,7 +3,7 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import (acc_dtype, check_tensor, input_grads, is_channels_last, levels, same_dtype_and_device,
+from ._utils import (acc_dtype, check_tensor, levels, same_dtype_and_device,
                      schema_defaults)
 
 _OP = "channel_max_spatial_softmax"
@@ -98,67 +98,7 @@ def _fake_backward(grad, log_p, argmax, channels, temperature, scale_by_hw, chan
     return grad.new_empty((n, channels, h, w)).contiguous(memory_format=fmt)
 
 
-def _setup_context(ctx, inputs, output):
-    x, temperature, scale_by_hw = inputs
-    _, log_p, argmax = output
-    ctx.mark_non_differentiable(log_p, argmax)
-    ctx.set_materialize_grads(False)  # no zero gradients made for log_p and argmax
-    ctx.save_for_backward(log_p, argmax)
-    ctx.channels = x.shape[1]
-    ctx.temperature = temperature
-    ctx.scale_by_hw = scale_by_hw
-    ctx.channels_last = is_channels_last(x)
-
-
-def _backward(ctx, grad_out, _grad_log_p, _grad_argmax):
-    if grad_out is None or not ctx.needs_input_grad[0]:
-        return input_grads(ctx, {})
-    log_p, argmax = ctx.saved_tensors
-    dx = torch.ops.tbd_ops._channel_max_spatial_softmax_backward.default(
-        grad_out, log_p, argmax, ctx.channels, ctx.temperature, ctx.scale_by_hw, ctx.channels_last
-    )
-    return input_grads(ctx, {0: dx})
-
-
-torch.library.register_autograd("tbd_ops::channel_max_spatial_softmax", _backward, setup_context=_setup_context)
-
-
 @torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_levels_backward")
 def _fake_backward_levels(grad, log_p, argmax, channels, temperature, scale_by_hw, channels_last):
     return [_fake_backward(g, lp, am, k, temperature, scale_by_hw, cl)
             for g, lp, am, k, cl in zip(grad, log_p, argmax, channels, channels_last)]
-
-
-def _setup_context_levels(ctx, inputs, output):
-    x, temperature, scale_by_hw = inputs
-    _, log_p, argmax = output
-    ctx.mark_non_differentiable(*log_p, *argmax)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*log_p, *argmax)
-    ctx.levels = len(x)
-    ctx.channels = [t.shape[1] for t in x]
-    ctx.temperature = temperature
-    ctx.scale_by_hw = scale_by_hw
-    ctx.channels_last = [is_channels_last(t) for t in x]
-
-
-def _backward_levels(ctx, grad_out, _grad_log_p, _grad_argmax):
-    L = ctx.levels
-    need = ctx.needs_input_grad[0]
-    need = list(need) if isinstance(need, (list, tuple)) else [need] * L
-    # The levels with an incoming gradient whose input needs one, in one call.
-    todo = [l for l in range(L) if grad_out is not None and grad_out[l] is not None and need[l]]
-    dx = [None] * L
-    if todo:
-        saved = ctx.saved_tensors
-        got = torch.ops.tbd_ops._channel_max_spatial_softmax_levels_backward.default(
-            [grad_out[l] for l in todo], [saved[l] for l in todo], [saved[L + l] for l in todo],
-            [ctx.channels[l] for l in todo], ctx.temperature, ctx.scale_by_hw,
-            [ctx.channels_last[l] for l in todo])
-        for l, g in zip(todo, got):
-            dx[l] = g
-    return input_grads(ctx, {0: dx})
-
-
-torch.library.register_autograd("tbd_ops::_channel_max_spatial_softmax_levels", _backward_levels,
-                                setup_context=_setup_context_levels)

@@ -3,7 +3,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import (VOTING_MODES, acc_dtype, cat_images, check_option, check_rows, image_list, input_grads,
+from ._utils import (VOTING_MODES, acc_dtype, cat_images, check_option, check_rows, image_list,
                      schema_defaults)
 
 _OP = "consistency_voting"
@@ -75,14 +75,3 @@ def _fake(pred_boxes, gt_inds, pseudo_boxes, roi_counts, pseudo_counts, mode=DEF
     return (pseudo_boxes.new_empty((pseudo_boxes.shape[0],), dtype=acc),
             pred_boxes.new_empty((pred_boxes.shape[0],), dtype=acc),
             pred_boxes.new_empty((), dtype=acc))
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output)
-
-
-def _backward(ctx, _grad_sigma, _grad_w, _grad_scale):
-    return input_grads(ctx, {})
-
-
-torch.library.register_autograd("tbd_ops::consistency_voting", _backward, setup_context=_setup_context)

@@ -5,7 +5,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._device_values import device_values
-from ._utils import (CODERS, acc_dtype, cat_images, check_option, check_tensor, image_list, input_grads, levels,
+from ._utils import (CODERS, acc_dtype, cat_images, check_option, check_tensor, image_list, levels,
                      same_dtype_and_device, schema_defaults)
 
 _OP = "decode_max_iou"
@@ -215,28 +215,3 @@ def _fake_backward(grad_iou, arg, bbox_pred, priors, gt_bboxes, gt_counts, coder
     g_priors = priors.new_empty(priors.shape) if want_priors else bbox_pred.new_empty((0,))
     g_gts = gt_bboxes.new_empty(gt_bboxes.shape) if output_mask[2] else bbox_pred.new_empty((0,))
     return g_pred, g_priors, g_gts
-
-
-def _setup_context(ctx, inputs, output):
-    bbox_pred, priors, gt_bboxes, *params, max_shapes = inputs
-    _, arg = output
-    ctx.mark_non_differentiable(arg)
-    ctx.set_materialize_grads(False)  # no zero gradient made for arg
-    ctx.save_for_backward(bbox_pred, priors, gt_bboxes, arg, max_shapes)
-    ctx.params = params  # gt_counts, coder, means, stds, scale, max_shape, wh_ratio_clip
-
-
-def _backward(ctx, grad_iou, _grad_arg):
-    bbox_pred, priors, gt_bboxes, arg, max_shapes = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    coder = ctx.params[1]
-    mask = [bool(need[0]), bool(need[1]) and priors is not None and coder != "none", bool(need[2])]
-    if grad_iou is None or not any(mask):
-        return input_grads(ctx, {})
-    g_pred, g_priors, g_gts = torch.ops.tbd_ops._decode_max_iou_backward.default(
-        grad_iou, arg, bbox_pred, priors, gt_bboxes, *ctx.params, mask, max_shapes
-    )
-    return input_grads(ctx, {0: g_pred, 1: g_priors if mask[1] else None, 2: g_gts})
-
-
-torch.library.register_autograd("tbd_ops::decode_max_iou", _backward, setup_context=_setup_context)

@@ -11,7 +11,7 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import HD_MODES, acc_dtype, check_option, check_tensor, input_grads, levels, schema_defaults
+from ._utils import HD_MODES, acc_dtype, check_option, check_tensor, levels, schema_defaults
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -131,50 +131,3 @@ def _loss_backward_fake(grad, norm, pc_s, pr_s, pc_t, pr_t, mode, output_mask):
     gc = [torch.empty_like(t) for t in pc_s] if output_mask[0] else []
     gr = [torch.empty_like(t) for t in pr_s] if output_mask[1] else []
     return gc, gr
-
-
-# ---- autograd -------------------------------------------------------------------------------------
-
-def _score_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _score_backward(ctx, grad):
-    need = ctx.needs_input_grad
-    mask = [bool(need[0]), bool(need[1])]
-    if grad is None or not any(mask):
-        return input_grads(ctx, {})
-    p_c, p_r = ctx.saved_tensors
-    gc, gr = torch.ops.tbd_ops._harmony_score_backward.default(grad, p_c, p_r, mask)
-    return input_grads(ctx, {0: gc, 1: gr})
-
-
-torch.library.register_autograd("tbd_ops::harmony_score", _score_backward, setup_context=_score_setup_context)
-
-
-def _loss_setup_context(ctx, inputs, output):
-    pc_s, pr_s, pc_t, pr_t = inputs[:4]
-    _, norm = output
-    ctx.mark_non_differentiable(norm)
-    ctx.set_materialize_grads(False)  # no zero gradient made for norm
-    ctx.levels = len(pc_s)
-    ctx.mode = inputs[4]
-    ctx.save_for_backward(norm, *pc_s, *pr_s, *pc_t, *pr_t)
-
-
-def _loss_backward(ctx, grad, _grad_norm):
-    L = ctx.levels
-    need_c, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    mask = [any(bool(x) for x in need_c), any(bool(x) for x in need_r)]
-    if grad is None or not any(mask):
-        return input_grads(ctx, {})
-    norm, *maps = ctx.saved_tensors
-    pc_s, pr_s, pc_t, pr_t = (maps[k * L:(k + 1) * L] for k in range(4))
-    gc, gr = torch.ops.tbd_ops._harmony_distillation_loss_backward.default(
-        grad, norm, pc_s, pr_s, pc_t, pr_t, ctx.mode, mask)
-    # The teacher maps are constants of the loss: no gradient, even if they require one.
-    return input_grads(ctx, {0: gc if mask[0] else None, 1: gr if mask[1] else None})
-
-
-torch.library.register_autograd("tbd_ops::harmony_distillation_loss", _loss_backward,
-                                setup_context=_loss_setup_context)

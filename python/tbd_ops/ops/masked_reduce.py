@@ -3,7 +3,7 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import acc_dtype, check_tensor, input_grads, levels, same_dtype_and_device
+from ._utils import acc_dtype, check_tensor, levels, same_dtype_and_device
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -28,8 +28,8 @@ def _apply(name: str, a: Levels, b: Levels, masks: Levels):
     check_tensor(name, "masks", masks)
     if masks.requires_grad and torch.is_grad_enabled():
         return op([a], [b], [masks])[0][0]  # keeps the per-location sums for the gradient of masks
-    # One level: the single-tensor op, whose autograd wrapper is about twice as cheap on the host as
-    # the list op's (same kernels, same values).
+    # One level: the single-tensor op, a little cheaper on the host than the list op (no list, no
+    # term output; same kernels, same values).
     return getattr(torch.ops.tbd_ops, name).default(a, b, masks)
 
 
@@ -70,11 +70,6 @@ def _check_fake(name, a, b, masks):
                  lambda: f"{name}: a, b and masks must have one dtype, got {a.dtype}, {b.dtype}, {masks.dtype}")
 
 
-def _flags(need, levels: int) -> List[bool]:
-    """needs_input_grad of a Tensor[] input as one flag per tensor (autograd may give one bool for all)."""
-    return [bool(x) for x in need] if isinstance(need, (list, tuple)) else [bool(need)] * levels
-
-
 def _register(name: str) -> None:
     @torch.library.register_fake(f"tbd_ops::{name}")
     def _fake(a, b, masks):
@@ -105,55 +100,6 @@ def _register(name: str) -> None:
         return ([torch.empty_like(x) for x in a] if output_mask[0] else [],
                 [torch.empty_like(y) for y in b] if output_mask[1] else [],
                 [torch.empty_like(m) for m in masks] if output_mask[2] else [])
-
-    backward_op = getattr(torch.ops.tbd_ops, f"_{name}_backward").default
-    backward_levels_op = getattr(torch.ops.tbd_ops, f"_{name}_levels_backward").default
-
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)  # a, b, masks: the difference is recomputed in backward
-
-    def _backward(ctx, grad):
-        need = ctx.needs_input_grad
-        mask = [bool(need[0]), bool(need[1]), bool(need[2])]
-        if grad is None or not any(mask):
-            return input_grads(ctx, {})
-        a, b, masks = ctx.saved_tensors
-        ga, gb, gm = backward_op(grad, a, b, masks, mask)
-        return input_grads(ctx, {0: ga, 1: gb, 2: gm})
-
-    torch.library.register_autograd(f"tbd_ops::{name}", _backward, setup_context=_setup_context)
-
-    def _setup_context_levels(ctx, inputs, output):
-        a, b, masks = inputs
-        out, term = output
-        ctx.mark_non_differentiable(*term)
-        ctx.set_materialize_grads(False)  # no zero gradients made for term
-        ctx.levels = len(a)
-        # The per-location sums are kept only where the gradient of masks may be asked for.
-        keep_term = any(_flags(ctx.needs_input_grad[2], len(masks)))
-        ctx.keep_term = keep_term
-        ctx.save_for_backward(*a, *b, *masks, *(term if keep_term else ()))
-
-    def _backward_levels(ctx, grad, _grad_term):
-        L = ctx.levels
-        need_a, need_b, need_m = (_flags(x, L) for x in ctx.needs_input_grad[:3])
-        mask = [any(need_a), any(need_b), any(need_m) and ctx.keep_term]
-        none = [None] * L
-        if grad is None or all(g is None for g in grad) or not any(mask):
-            return list(none), list(none), list(none)
-        saved = ctx.saved_tensors
-        a, b, masks = saved[:L], saved[L:2 * L], saved[2 * L:3 * L]
-        term = list(saved[3 * L:]) if mask[2] else []
-        grad = [g if g is not None else x.new_zeros((x.shape[0], m.shape[1]), dtype=acc_dtype(x.dtype))
-                for g, x, m in zip(grad, a, masks)]
-        ga, gb, gm = backward_levels_op(grad, list(a), list(b), list(masks), term, mask)
-
-        def pick(got, need, wanted):
-            return [g if n else None for g, n in zip(got, need)] if wanted else list(none)
-        return pick(ga, need_a, mask[0]), pick(gb, need_b, mask[1]), pick(gm, need_m, mask[2])
-
-    torch.library.register_autograd(f"tbd_ops::_{name}_levels", _backward_levels,
-                                    setup_context=_setup_context_levels)
 
 
 _register("masked_sq_dist")

@@ -3,7 +3,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import cat_images, check_rows, image_list, input_grads, schema_defaults
+from ._utils import cat_images, check_rows, image_list, schema_defaults
 
 _OP = "prediction_guided_assign"
 DEFAULTS = schema_defaults(_OP)  # iou_thr, topk, alpha
@@ -88,14 +88,3 @@ def _fake(boxes, scores, pseudo_boxes, pseudo_labels, proposal_counts, pseudo_co
                  lambda: f"{_OP}: proposal_counts and pseudo_counts must have one count per image each")
     p = boxes.shape[0]
     return boxes.new_empty((p,), dtype=torch.long), scores.new_empty((p,))
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output)
-
-
-def _backward(ctx, _grad_gt_inds, _grad_q):
-    return input_grads(ctx, {})
-
-
-torch.library.register_autograd("tbd_ops::prediction_guided_assign", _backward, setup_context=_setup_context)

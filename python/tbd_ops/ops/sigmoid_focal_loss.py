@@ -3,7 +3,7 @@ from typing import Optional
 
 import torch
 
-from ._utils import FLOAT_DTYPES, REDUCTIONS, acc_dtype, check_option, check_tensor, input_grads, schema_defaults
+from ._utils import FLOAT_DTYPES, REDUCTIONS, acc_dtype, check_option, check_tensor, schema_defaults
 
 _OP = "sigmoid_focal_loss"
 DEFAULTS = schema_defaults(_OP)  # weight, gamma, alpha, reduction
@@ -88,25 +88,3 @@ def _fake_backward(grad, logits, targets, weight, gamma, alpha, reduction, outpu
     else:
         gw = logits.new_empty((0,), dtype=acc_dtype(logits.dtype))
     return gx, gw
-
-
-def _setup_context(ctx, inputs, output):
-    logits, targets, weight, gamma, alpha, reduction = inputs
-    ctx.save_for_backward(logits, targets, weight)
-    ctx.params = (gamma, alpha, reduction)
-
-
-def _backward(ctx, grad):
-    need = ctx.needs_input_grad
-    logits, targets, weight = ctx.saved_tensors
-    # needs_input_grad covers the inputs given: (logits, targets[, weight, ...]).
-    mask = [bool(need[0]), weight is not None and len(need) > 2 and bool(need[2])]
-    if grad is None or not any(mask):
-        return input_grads(ctx, {})
-    gamma, alpha, reduction = ctx.params
-    gx, gw = torch.ops.tbd_ops._sigmoid_focal_loss_backward.default(grad, logits, targets, weight, gamma, alpha,
-                                                                    reduction, mask)
-    return input_grads(ctx, {0: gx, 2: gw if mask[1] else None})
-
-
-torch.library.register_autograd("tbd_ops::sigmoid_focal_loss", _backward, setup_context=_setup_context)

@@ -1,0 +1,81 @@
+// Autograd of the ops. Each csrc/<op>.cpp registers at the Autograd key a
+// torch::autograd::Function (as torchvision's ops do): its forward runs the op
+// below autograd, its backward calls the op's _<op>_backward for the gradients
+// that are needed and no others. A call costs no Python: the levels of a list
+// op are not flattened and rebuilt per call, which on a GPU at batch 2 would
+// take longer than the op's kernels.
+//
+// Indexing: ctx->needs_input_grad(i) counts the tensors forward was given, in
+// order (a Tensor[] argument one per tensor, an absent Tensor? none). A
+// backward returns one entry per argument of forward (a Tensor[] argument one
+// per tensor, every other argument one undefined entry): see Grads.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/autograd.h>
+
+#include <cstddef>
+#include <optional>
+#include <vector>
+
+namespace tbd_ops {
+namespace autograd {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Whether any of the tensors forward was given at positions [begin, begin + n) needs a gradient.
+inline bool any_needs(const AutogradContext* ctx, size_t begin, size_t n) {
+  for (size_t i = begin; i < begin + n; ++i) {
+    if (ctx->needs_input_grad(i)) return true;
+  }
+  return false;
+}
+
+// A backward's result, built in the order of forward's arguments. A gradient is
+// kept only where its input needs one (`edge`: the input's position among the
+// tensors, as for needs_input_grad).
+class Grads {
+ public:
+  explicit Grads(const AutogradContext* ctx) : ctx_(ctx) {}
+  // An argument with no gradient (a tensor that is a constant of the op, a number, a string, a list).
+  Grads& none(size_t n = 1) {
+    out_.resize(out_.size() + n);
+    return *this;
+  }
+  // A Tensor argument (or a present Tensor?) at position `edge`; g may be undefined.
+  Grads& tensor(size_t edge, const at::Tensor& g) {
+    out_.push_back(g.defined() && ctx_->needs_input_grad(edge) ? g : at::Tensor());
+    return *this;
+  }
+  // A Tensor[] argument whose n tensors start at position `edge`; gs empty: no gradient.
+  Grads& list(size_t edge, size_t n, const std::vector<at::Tensor>& gs) {
+    for (size_t i = 0; i < n; ++i) tensor(edge + i, gs.empty() ? at::Tensor() : gs[i]);
+    return *this;
+  }
+  variable_list take() { return std::move(out_); }
+
+ private:
+  const AutogradContext* ctx_;
+  variable_list out_;
+};
+
+// Tensors [begin, begin + n) of a flat list (the saved tensors, the incoming gradients).
+inline std::vector<at::Tensor> slice(const variable_list& v, size_t begin, size_t n) {
+  return std::vector<at::Tensor>(v.begin() + begin, v.begin() + begin + n);
+}
+
+inline variable_list concat(std::initializer_list<const std::vector<at::Tensor>*> parts) {
+  variable_list out;
+  for (const auto* p : parts) out.insert(out.end(), p->begin(), p->end());
+  return out;
+}
+
+// The optional tensor as a possibly undefined tensor (save_for_backward takes those).
+inline at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+inline std::optional<at::Tensor> to_optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+}  // namespace autograd
+}  // namespace tbd_ops
