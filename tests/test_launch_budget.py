@@ -19,6 +19,10 @@ and the HD loss take every level of a list in the same launches:
 On a real GPU the same is checked with ``torch.cuda.set_sync_debug_mode("error")`` and by
 capturing the loss's forward and backward in a CUDA graph.
 """
+import collections
+import re
+import sys
+
 import pytest
 import torch
 
@@ -244,6 +248,65 @@ def test_tbd_loss_does_not_synchronize(coder, img_shapes, twg):
         torch.autograd.grad(out["loss_hd"] + out["loss_tfd"], student + list(loss.parameters()))
     assert not obs.syncs, obs.summary()
     assert obs.op_calls()["_device_values"] == (2 if img_shapes == "list" else 0)
+
+
+# ---- host work per step -------------------------------------------------------------------------
+# At batch 2 a GPU runs our kernels in microseconds each, so the host's work per step matters as
+# much as the launches: every op's autograd is a C++ node (csrc/<op>.cpp), not a Python function
+# that flattens its arguments per call and per direction. PYTHON_CALLS is today's count of Python
+# function calls of one TBDLoss forward and backward (RetinaNet pyramid; the module's own Python,
+# nn.Module's and the op wrappers'; 821 today), with 10 % to spare; it was 2486 with the ops'
+# autograd registered from Python.
+PYTHON_CALLS = {"TBDLoss forward and backward": 900}
+
+
+def _tbd_step():
+    torch.manual_seed(0)
+    loss = TBDLoss(num_levels=5, in_channels=CH)
+    inp, student = tbd_inputs(pyramid())
+
+    def step():
+        out = loss(**inp)
+        return out["loss_hd"] + out["loss_tfd"], student + list(loss.parameters())
+    return step
+
+
+def test_tbd_loss_backward_graph_has_no_python_nodes():
+    total, _ = _tbd_step()()
+    seen, todo, names = set(), [total.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        assert not isinstance(node, torch.autograd.function.BackwardCFunction), (
+            f"a Python autograd node in the TBD loss's graph: {node.name()}")
+        todo.extend(fn for fn, _ in node.next_functions)
+    ours = collections.Counter(re.search(r"CppNode<tbd_ops::.*?(\w+Function)\b", n).group(1)
+                               for n in names if "CppNode<tbd_ops::" in n)
+    # The student's p_c of every level, the HD loss and the masked reduction: one node each for all
+    # levels; p_r: one per level.
+    assert ours == {"CmssLevelsFunction": 1, "HarmonyLossFunction": 1, "MaskedLevelsFunction": 1,
+                    "DecodeFunction": 5}, ours
+
+
+def test_tbd_loss_python_calls_per_step():
+    step = _tbd_step()
+    step()  # first call: lazy initialization, caches
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event == "call"
+    sys.setprofile(count)
+    try:
+        total, inputs = step()
+        torch.autograd.grad(total, inputs)
+    finally:
+        sys.setprofile(None)
+    budget = PYTHON_CALLS["TBDLoss forward and backward"]
+    assert 0 < calls <= budget, f"{calls} Python function calls per TBDLoss step, budget {budget}"
 
 
 @emulated
