@@ -12,8 +12,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <optional>
 #include <vector>
@@ -35,9 +39,19 @@ inline bool any_needs(const AutogradContext* ctx, size_t begin, size_t n) {
 // A backward's result, built in the order of forward's arguments. A gradient is
 // kept only where its input needs one (`edge`: the input's position among the
 // tensors, as for needs_input_grad).
+//
+// The backward ops have no derivative of their own, so a backward is once
+// differentiable: from the Grads' construction on it runs without grad mode,
+// and under create_graph=True take() returns the gradients attached to a node
+// that raises when a second derivative reaches it (its edges lead to what the
+// gradients depend on: the op's inputs and the incoming gradients), instead of
+// gradients that silently act as constants in a second derivative.
 class Grads {
  public:
-  explicit Grads(const AutogradContext* ctx) : ctx_(ctx) {}
+  Grads(const AutogradContext* ctx, const variable_list& grad_outputs)
+      : ctx_(ctx), grad_outputs_(grad_outputs), create_graph_(at::GradMode::is_enabled()) {
+    no_grad_.emplace();
+  }
   // An argument with no gradient (a tensor that is a constant of the op, a number, a string, a list).
   Grads& none(size_t n = 1) {
     out_.resize(out_.size() + n);
@@ -53,10 +67,44 @@ class Grads {
     for (size_t i = 0; i < n; ++i) tensor(edge + i, gs.empty() ? at::Tensor() : gs[i]);
     return *this;
   }
-  variable_list take() { return std::move(out_); }
+  variable_list take() {
+    if (!create_graph_) return std::move(out_);
+    // What the gradients depend on: the op's inputs (the edges of the node being evaluated) and
+    // the incoming gradients.
+    torch::autograd::edge_list edges;
+    if (const auto node = torch::autograd::get_current_node()) {
+      for (const auto& e : node->next_edges()) {
+        if (e.is_valid()) edges.push_back(e);
+      }
+    }
+    variable_list incoming;
+    for (const at::Tensor& t : grad_outputs_) {
+      if (t.defined() && t.requires_grad()) incoming.push_back(t);
+    }
+    for (auto& e : torch::autograd::collect_next_edges(incoming)) edges.push_back(std::move(e));
+    if (edges.empty()) return std::move(out_);  // constants of everything: nothing to differentiate
+    auto error = std::make_shared<torch::autograd::Error>(
+        "tbd_ops: the gradients of tbd_ops operators are not differentiable (no double backward); "
+        "a second derivative through them is not supported",
+        std::move(edges));
+    variable_list out;
+    for (const at::Tensor& g : out_) {
+      if (!g.defined()) {
+        out.push_back(g);
+        continue;
+      }
+      at::Tensor r = g.tensor_data();  // a new tensor on the same storage, without autograd history
+      torch::autograd::set_history(r, error);
+      out.push_back(std::move(r));
+    }
+    return out;
+  }
 
  private:
   const AutogradContext* ctx_;
+  const variable_list& grad_outputs_;
+  bool create_graph_;
+  std::optional<at::NoGradGuard> no_grad_;
   variable_list out_;
 };
 

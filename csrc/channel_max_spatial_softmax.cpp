@@ -138,7 +138,7 @@ struct CmssFunction : torch::autograd::Function<CmssFunction> {
     static auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
                                          double, bool, bool)>(
         TBD_OPS_LIB_NAME "::_channel_max_spatial_softmax_backward");
-    autograd::Grads out(ctx);
+    autograd::Grads out(ctx, grad);
     if (!grad[0].defined() || !ctx->needs_input_grad(0)) return out.none(3).take();
     const auto saved = ctx->get_saved_variables();
     auto& d = ctx->saved_data;
@@ -185,6 +185,7 @@ struct CmssLevelsFunction : torch::autograd::Function<CmssLevelsFunction> {
     static auto op = typed_op<std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList,
                                                       c10::SymIntArrayRef, double, bool, const c10::List<bool>&)>(
         TBD_OPS_LIB_NAME "::_channel_max_spatial_softmax_levels_backward");
+    autograd::Grads out(ctx, grad);
     auto& d = ctx->saved_data;
     const auto L = static_cast<size_t>(d["levels"].toInt());
     const auto channels = d["channels"].toSymIntVector();
@@ -208,7 +209,7 @@ struct CmssLevelsFunction : torch::autograd::Function<CmssLevelsFunction> {
       const auto got = op.call(g, log_p, argmax, k, d["temperature"].toDouble(), d["scale_by_hw"].toBool(), cl);
       for (size_t i = 0; i < todo.size(); ++i) dx[todo[i]] = got[i];
     }
-    return autograd::Grads(ctx).list(0, L, dx).none(2).take();
+    return out.list(0, L, dx).none(2).take();
   }
 };
 

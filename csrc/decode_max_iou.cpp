@@ -260,7 +260,7 @@ struct DecodeFunction : torch::autograd::Function<DecodeFunction> {
     const std::array<bool, 3> mask{ctx->needs_input_grad(0),
                                    priors.defined() && coder != "none" && ctx->needs_input_grad(1),
                                    ctx->needs_input_grad(gts_edge)};
-    autograd::Grads out(ctx);
+    autograd::Grads out(ctx, grad);
     if (!grad[0].defined() || !(mask[0] || mask[1] || mask[2])) return out.none(11).take();
     const auto gt_counts = d["gt_counts"].toIntVector();
     const auto means = d["means"].toDoubleVector(), stds = d["stds"].toDoubleVector();

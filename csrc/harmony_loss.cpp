@@ -130,7 +130,7 @@ struct HarmonyLossFunction : torch::autograd::Function<HarmonyLossFunction> {
         TBD_OPS_LIB_NAME "::_harmony_distillation_loss_backward");
     const auto L = static_cast<size_t>(ctx->saved_data["levels"].toInt());
     const std::array<bool, 2> mask{autograd::any_needs(ctx, 0, L), autograd::any_needs(ctx, L, L)};
-    autograd::Grads out(ctx);
+    autograd::Grads out(ctx, grad);
     if (!grad[0].defined() || !(mask[0] || mask[1])) return out.none(4 * L + 2).take();
     const auto saved = ctx->get_saved_variables();
     const auto maps = [&](size_t k) { return autograd::slice(saved, 1 + k * L, L); };

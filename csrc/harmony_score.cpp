@@ -65,7 +65,7 @@ struct HarmonyScoreFunction : torch::autograd::Function<HarmonyScoreFunction> {
         const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 2>)>(
         TBD_OPS_LIB_NAME "::_harmony_score_backward");
     const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
-    autograd::Grads out(ctx);
+    autograd::Grads out(ctx, grad);
     if (!grad[0].defined() || !(mask[0] || mask[1])) return out.none(2).take();
     const auto saved = ctx->get_saved_variables();
     auto [gc, gr] = op.call(grad[0], saved[0], saved[1], mask);

@@ -137,7 +137,7 @@ struct MaskedFunction : torch::autograd::Function<MaskedFunction<kName, kBackwar
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>)>(
         kBackward);
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
-    autograd::Grads out(ctx);
+    autograd::Grads out(ctx, grad);
     if (!grad[0].defined() || !(mask[0] || mask[1] || mask[2])) return out.none(3).take();
     const auto saved = ctx->get_saved_variables();
     auto [ga, gb, gm] = op.call(grad[0], saved[0], saved[1], saved[2], mask);
@@ -188,7 +188,7 @@ struct MaskedLevelsFunction : torch::autograd::Function<MaskedLevelsFunction<kNa
     const auto L = static_cast<size_t>(ctx->saved_data["levels"].toInt());
     const std::array<bool, 3> mask{autograd::any_needs(ctx, 0, L), autograd::any_needs(ctx, L, L),
                                    autograd::any_needs(ctx, 2 * L, L) && ctx->saved_data["keep_term"].toBool()};
-    autograd::Grads out(ctx);
+    autograd::Grads out(ctx, grad);
     const bool any_grad =
         std::any_of(grad.begin(), grad.begin() + L, [](const at::Tensor& g) { return g.defined(); });
     if (!any_grad || !(mask[0] || mask[1] || mask[2])) return out.none(3 * L).take();

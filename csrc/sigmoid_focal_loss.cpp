@@ -114,7 +114,7 @@ struct FocalFunction : torch::autograd::Function<FocalFunction> {
     const at::Tensor& weight = saved[2];
     // Positions among the tensors: logits 0, targets 1, weight 2 (when given).
     const std::array<bool, 2> mask{ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(2)};
-    autograd::Grads out(ctx);
+    autograd::Grads out(ctx, grad);
     if (!grad[0].defined() || !(mask[0] || mask[1])) return out.none(6).take();
     const std::string reduction = ctx->saved_data["reduction"].toStringRef();
     auto [gx, gw] = op.call(grad[0], saved[0], saved[1], autograd::to_optional(weight),

@@ -383,6 +383,24 @@ class OpContract:
             pytest.skip("no sample has two differentiable inputs")
 
     @pytest.mark.parametrize("device", DEVICES)
+    def test_double_backward_raises(self, device):
+        """The gradients are not differentiable: under create_graph=True differentiating them
+        again raises instead of treating them as constants (a wrong second derivative)."""
+        if not self.differentiable:
+            pytest.skip("the op's outputs are constants")
+        s = next(s for s in self.samples(device) if s.gradcheck)
+        a, kw = tree_map(_leaf_copy, (s.args, s.kwargs))
+        out = type(self).op(*a, **kw)
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        inputs = _differentiable((a, kw))
+        grads = torch.autograd.grad(outs, inputs, [torch.ones_like(t) for t in outs], create_graph=True,
+                                    allow_unused=True)
+        grads = [g for g in grads if g is not None]
+        assert grads and all(g.requires_grad for g in grads), s.name
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            torch.autograd.grad(sum(g.sum() for g in grads), inputs, allow_unused=True)
+
+    @pytest.mark.parametrize("device", DEVICES)
     def test_gradcheck(self, device):
         if not self.differentiable:
             pytest.skip("the op's outputs are constants")
