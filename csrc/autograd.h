@@ -119,6 +119,13 @@ inline variable_list concat(std::initializer_list<const std::vector<at::Tensor>*
   return out;
 }
 
+// Outputs that are not differentiable, detached from the node. (Not ctx->mark_non_differentiable:
+// compiled autograd, torch._dynamo.compiled_autograd, rejects a C++ node that marks outputs.)
+inline std::vector<at::Tensor> detached(std::vector<at::Tensor> ts) {
+  for (at::Tensor& t : ts) t = t.detach();
+  return ts;
+}
+
 // The optional tensor as a possibly undefined tensor (save_for_backward takes those).
 inline at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 inline std::optional<at::Tensor> to_optional(const at::Tensor& t) {

@@ -103,7 +103,7 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
 }
 
 // ---- autograd: the gradient of x from the saved log_p and argmax (x is not kept); log_p and
-// argmax are outputs that are not differentiable.
+// argmax are outputs that are not differentiable (argmax by its dtype, log_p detached).
 namespace {
 
 // The layout the gradient of x is given: that of x (the dense layouts the kernels write).
@@ -124,7 +124,6 @@ struct CmssFunction : torch::autograd::Function<CmssFunction> {
       const at::AutoDispatchBelowADInplaceOrView below;
       std::tie(out, log_p, argmax) = op.call(x, temperature, scale_by_hw);
     }
-    ctx->mark_non_differentiable({log_p, argmax});
     ctx->set_materialize_grads(false);  // no zero gradients made for log_p and argmax
     ctx->save_for_backward({log_p, argmax});
     ctx->saved_data["channels"] = x.sym_size(1);
@@ -151,7 +150,7 @@ struct CmssFunction : torch::autograd::Function<CmssFunction> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_autograd(const at::Tensor& x, double temperature,
                                                              bool scale_by_hw) {
   auto r = CmssFunction::apply(x, temperature, scale_by_hw);
-  return {r[0], r[1], r[2]};
+  return {r[0], r[1].detach(), r[2]};
 }
 
 struct CmssLevelsFunction : torch::autograd::Function<CmssLevelsFunction> {
@@ -163,7 +162,6 @@ struct CmssLevelsFunction : torch::autograd::Function<CmssLevelsFunction> {
       const at::AutoDispatchBelowADInplaceOrView below;
       std::tie(out, log_p, argmax) = op.call(x, temperature, scale_by_hw);
     }
-    ctx->mark_non_differentiable(autograd::concat({&log_p, &argmax}));
     ctx->set_materialize_grads(false);
     ctx->save_for_backward(autograd::concat({&log_p, &argmax}));
     std::vector<c10::SymInt> channels;
@@ -217,7 +215,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     at::TensorList x, double temperature, bool scale_by_hw) {
   auto flat = CmssLevelsFunction::apply(x, temperature, scale_by_hw);
   const size_t L = x.size();
-  return {autograd::slice(flat, 0, L), autograd::slice(flat, L, L), autograd::slice(flat, 2 * L, L)};
+  return {autograd::slice(flat, 0, L), autograd::detached(autograd::slice(flat, L, L)),
+          autograd::slice(flat, 2 * L, L)};
 }
 
 }  // namespace

@@ -230,8 +230,7 @@ struct DecodeFunction : torch::autograd::Function<DecodeFunction> {
       std::tie(iou, arg) = decode_op().call(bbox_pred, priors, gt_bboxes, gt_counts, coder, means, stds, scale,
                                             max_shape, wh_ratio_clip, max_shapes);
     }
-    ctx->mark_non_differentiable({arg});
-    ctx->set_materialize_grads(false);  // no zero gradient made for arg
+    ctx->set_materialize_grads(false);  // no zero gradient made for arg (not differentiable: int64)
     ctx->save_for_backward({bbox_pred, autograd::or_undefined(priors), gt_bboxes, arg,
                             autograd::or_undefined(max_shapes)});
     auto& d = ctx->saved_data;

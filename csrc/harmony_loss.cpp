@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> harmony_loss_autocast(at::TensorList pc_s, at
 }
 
 // ---- autograd: the gradients of the student's maps; the teacher's are constants of the
-// loss (no gradient, even if they require one). norm is not differentiable.
+// loss (no gradient, even if they require one). norm is not differentiable (detached).
 struct HarmonyLossFunction : torch::autograd::Function<HarmonyLossFunction> {
   static autograd::variable_list forward(autograd::AutogradContext* ctx, at::TensorList pc_s,
                                          at::TensorList pr_s, at::TensorList pc_t, at::TensorList pr_t,
@@ -113,7 +113,6 @@ struct HarmonyLossFunction : torch::autograd::Function<HarmonyLossFunction> {
       const at::AutoDispatchBelowADInplaceOrView below;
       std::tie(loss, norm) = op.call(pc_s, pr_s, pc_t, pr_t, mode, eps);
     }
-    ctx->mark_non_differentiable({norm});
     ctx->set_materialize_grads(false);  // no zero gradient made for norm
     autograd::variable_list saved{norm};
     for (at::TensorList maps : {pc_s, pr_s, pc_t, pr_t}) saved.insert(saved.end(), maps.begin(), maps.end());
@@ -144,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> harmony_loss_autograd(at::TensorList pc_s, at
                                                          at::TensorList pc_t, at::TensorList pr_t,
                                                          c10::string_view mode, double eps) {
   auto out = HarmonyLossFunction::apply(pc_s, pr_s, pc_t, pr_t, mode, eps);
-  return {out[0], out[1]};
+  return {out[0], out[1].detach()};
 }
 
 }  // namespace

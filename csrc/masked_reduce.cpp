@@ -154,7 +154,7 @@ at::Tensor masked_autograd(const at::Tensor& a, const at::Tensor& b, const at::T
 }
 
 // Every level in one call. term (the per-location sums) is an output that is not
-// differentiable, kept for the backward only where the gradient of masks may be asked for.
+// differentiable (detached), kept for the backward only where the gradient of masks may be asked for.
 template <const char* kName, const char* kBackward>
 struct MaskedLevelsFunction : torch::autograd::Function<MaskedLevelsFunction<kName, kBackward>> {
   static autograd::variable_list forward(autograd::AutogradContext* ctx, at::TensorList a,
@@ -166,7 +166,6 @@ struct MaskedLevelsFunction : torch::autograd::Function<MaskedLevelsFunction<kNa
       const at::AutoDispatchBelowADInplaceOrView below;
       std::tie(out, term) = op.call(a, b, masks);
     }
-    ctx->mark_non_differentiable(term);
     ctx->set_materialize_grads(false);  // no zero gradients made for term
     // (forward runs with grad mode off: whether masks will need a gradient is their requires_grad)
     const bool keep_term =
@@ -213,7 +212,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> masked_levels_autog
     at::TensorList a, at::TensorList b, at::TensorList masks) {
   auto flat = MaskedLevelsFunction<kName, kBackward>::apply(a, b, masks);
   const size_t L = a.size();
-  return {autograd::slice(flat, 0, L), autograd::slice(flat, L, L)};
+  return {autograd::slice(flat, 0, L), autograd::detached(autograd::slice(flat, L, L))};
 }
 
 }  // namespace

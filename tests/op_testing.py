@@ -401,6 +401,25 @@ class OpContract:
             torch.autograd.grad(sum(g.sum() for g in grads), inputs, allow_unused=True)
 
     @pytest.mark.parametrize("device", DEVICES)
+    def test_compiled_autograd_matches_eager(self, device):
+        """The backward traced by compiled autograd (torch._dynamo.compiled_autograd; here with an
+        eager compiler of the traced graph) gives the eager gradients."""
+        if not self.differentiable:
+            pytest.skip("the op's outputs are constants")
+        from torch._dynamo import compiled_autograd
+        for s in [s for s in self.samples(device) if s.gradcheck][:2]:
+            _, want, _ = call_with_grads(type(self).op, s.args, s.kwargs)
+            a, kw = tree_map(_leaf_copy, (s.args, s.kwargs))
+            out = type(self).op(*a, **kw)
+            total = sum(t.sum() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad)
+            with compiled_autograd._enable(lambda gm: gm):
+                total.backward()
+            got = [x.grad if x.grad is not None else torch.zeros_like(x) for x in _differentiable((a, kw))]
+            assert len(got) == len(want), s.name
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"{s.name}: {m}")
+
+    @pytest.mark.parametrize("device", DEVICES)
     def test_gradcheck(self, device):
         if not self.differentiable:
             pytest.skip("the op's outputs are constants")
