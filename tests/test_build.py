@@ -48,6 +48,21 @@ def test_fake_kernels_registered(op):
     assert torch._library.simple_registry.singleton.find(f"tbd_ops::{op}").fake_impl.kernel is not None
 
 
+# The ops a user calls (not the backward ops, nor the forward variants used where no gradient will be asked).
+USER_OPS = [op for op in KERNEL_OPS if not op.endswith("_backward") and "no_grad" not in op and op != "_device_values"]
+
+
+@pytest.mark.parametrize("op", USER_OPS)
+def test_autograd_kernels_are_cpp(op):
+    """Every op's autograd is a C++ kernel at the Autograd key (csrc/<op>.cpp), not a Python one: a
+    call then costs no Python (torch.library.register_autograd's wrapper flattens a list op's
+    arguments on every call and in every direction)."""
+    dump = torch._C._dispatch_dump(f"tbd_ops::{op}")
+    line = next((ln for ln in dump.splitlines() if ln.startswith("Autograd[alias]")), None)
+    assert line is not None, f"{op}: no autograd kernel\n{dump}"
+    assert re.search(r"registered at \S*csrc/\w+\.cpp:\d+ .*\bunboxed\b", line), line
+
+
 @pytest.mark.skipif(CUDA_HOME is None, reason="no CUDA toolkit on this machine")
 def test_ci_builds_cuda_kernels_when_nvcc_exists():
     # CI sets TBD_OPS_CUDA=1 where nvcc exists: a silent CPU-only build would fail here.
