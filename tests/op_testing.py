@@ -399,6 +399,13 @@ class OpContract:
         assert grads and all(g.requires_grad for g in grads), s.name
         with pytest.raises(RuntimeError, match="not differentiable"):
             torch.autograd.grad(sum(g.sum() for g in grads), inputs, allow_unused=True)
+        # The same with respect to the incoming gradients, on which the gradients depend linearly.
+        out = type(self).op(*a, **kw)
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        v = [torch.ones_like(t).requires_grad_() for t in outs]
+        grads = torch.autograd.grad(outs, inputs, v, create_graph=True, allow_unused=True)
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            torch.autograd.grad(sum(g.sum() for g in grads if g is not None), v, allow_unused=True)
 
     @pytest.mark.parametrize("device", DEVICES)
     def test_compiled_autograd_matches_eager(self, device):
