@@ -75,6 +75,11 @@ class TestContract(OpContract):
     op = staticmethod(tbd_ops.prediction_guided_assign)
     reference = staticmethod(reference.prediction_guided_assign)
     differentiable = False
+    # The assignments are decisions made in the accumulation dtype (float32 for 16-bit inputs): a
+    # bag's size is the floor of a sum of IoUs, which on grid boxes often is an integer in exact
+    # arithmetic, and float32 and float64 can round it to either side of it (about one 16-bit
+    # sample in 1300 differs from a float64 reference, none from the reference in its dtype).
+    reference_in_float64 = False
 
     def samples(self, device):
         out = [Sample(batch(SIZES, device=device), name="float64")]
@@ -95,19 +100,6 @@ class TestContract(OpContract):
 
     def value_tol(self, sample):
         return TOL[sample.dtype()]
-
-    @pytest.mark.parametrize("device", DEVICES)
-    def test_values_and_gradients(self, device):
-        """Against the reference on the inputs in their own dtype, not converted to float64: the
-        assignments are decisions that the op and the reference make in the accumulation dtype
-        (float32 for 16-bit inputs). A bag's size is the floor of a sum of IoUs, which on grid boxes
-        often is an integer in exact arithmetic, and float32 and float64 can round it to either side
-        of it: about one 16-bit sample in 1300 differs from a float64 reference (none from the
-        reference in float32)."""
-        for s in self.samples(device):
-            out = type(self).op(*s.args, **s.kwargs)
-            want = type(self).reference(*s.args, **s.kwargs)
-            self.compare(out, want, self.value_tol(s), f"{s.name}: values")
 
     def compare(self, got, want, tol, what):
         (gt, q), (gt_r, q_r) = got, want
