@@ -8,11 +8,13 @@
 // then one partial per mask, sum_i masks[k, i] * s[i], in kLanes interleaved
 // lanes combined in a fixed order. The partials of an image are summed in
 // chunk order, so results do not depend on the number of threads.
-// Backward: the same items recompute a - b (nothing of size [N, C, H, W] is
-// saved) for the gradients asked for only: w[i] = sum_k grad[k] * masks[k, i],
-// grad_a = term'(a - b) * w, grad_b = -grad_a; grad_masks[k, i] =
-// grad[k] * s[i] from the forward's term. Every gradient element is computed
-// in the same order as on the GPU: equal bit for bit.
+// Backward, the gradients asked for only, in two passes. First, items (image,
+// chunk): w[i] = sum_k grad[k] * masks[k, i] for every location, and
+// grad_masks[k, i] = grad[k] * s[i] from the forward's term. Then a - b is
+// recomputed (nothing of size [N, C, H, W] is saved): grad_a = term'(a - b) * w,
+// grad_b = -grad_a, by whole channel planes, so that each thread streams its
+// share of a, b and the gradients front to back. Every gradient element is
+// computed in the same order as on the GPU: equal bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -29,11 +31,13 @@ namespace tbd_ops {
 namespace {
 
 constexpr int64_t kChunk = 512;  // locations per work item of the forward
-// Locations per work item of the backward's gradients of a and b (no partial
-// sums there: any split gives the same values). Each channel row of an item is
-// then read and written in contiguous runs of 16 KiB (4 pages) instead of 2 KiB,
-// long enough for the hardware prefetcher.
+// Locations per work item of the backward's first pass (the weights w and the
+// gradient of masks) and of its strided gradients of a and b. No partial sums
+// there: any split gives the same values.
 constexpr int64_t kGradChunk = 4096;
+// Items of the first pass per thread at least: it reads K mask rows per item,
+// little next to the gradients of a and b, so small levels run it inline.
+constexpr int64_t kWeightGrain = 4;
 constexpr int kLanes = 8;        // interleaved partial sums of the mask products
 
 struct Strides4 {
@@ -240,34 +244,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_level(
     const Strides4 gms = want_m ? Strides4(gm) : ms;
     const bool rows = as.plane_contiguous(W) && bs.plane_contiguous(W) &&
                       gas.plane_contiguous(W) && gbs.plane_contiguous(W);
-    at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> wbuf(want_a || want_b ? 2 * kGradChunk : 0);
-      A* w = wbuf.data();
-      A* mrow = w + kGradChunk;
+    // Pass 1, items (image, chunk): the weights w of every location ([N, HW],
+    // for the gradients of a and b) and the gradient of masks.
+    std::vector<A> wall(want_a || want_b ? N * HW : 0);
+    at::parallel_for(0, N * chunks, kWeightGrain, [&](int64_t begin, int64_t end) {
+      std::vector<A> mbuf(want_a || want_b ? kGradChunk : 0);
+      A* mrow = mbuf.data();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / chunks, i0 = (item % chunks) * kGradChunk;
         const int64_t len = std::min(kGradChunk, HW - i0);
         if (want_a || want_b) {
+          A* w = wall.data() + n * HW + i0;
           for (int64_t i = 0; i < len; ++i) w[i] = A(0);
           for (int64_t k = 0; k < K; ++k) {
             const A g = gacc[n][k];
             load_mask_row(pm, ms, n, k, i0, W, len, mrow);
             for (int64_t i = 0; i < len; ++i) w[i] += g * mrow[i];
-          }
-          if (rows) {
-            const scalar_t* ra = pa + n * as.s0 + i0;
-            const scalar_t* rb = pb + n * bs.s0 + i0;
-            scalar_t* da = want_a ? pga + n * gas.s0 + i0 : nullptr;
-            scalar_t* db = want_b ? pgb + n * gbs.s0 + i0 : nullptr;
-            if (want_a && want_b) {
-              grad_rows<M, true, true>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, C, len, w);
-            } else if (want_a) {
-              grad_rows<M, true, false>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, C, len, w);
-            } else {
-              grad_rows<M, false, true>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, C, len, w);
-            }
-          } else {
-            grad_strided<M>(pa, as, pb, bs, pga, gas, pgb, gbs, n, i0, C, W, len, w);
           }
         }
         if (want_m) {
@@ -286,6 +278,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_level(
         }
       }
     });
+    if (!want_a && !want_b) return;
+    const A* w = wall.data();
+    if (rows) {
+      // Pass 2, planes contiguous: items are channel rows (n, c), each a
+      // whole H*W plane. A thread's rows are consecutive, so it streams a, b
+      // and the gradients in long runs (one run per image where channels are
+      // adjacent, as in a contiguous tensor).
+      at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end;) {
+          const int64_t n = row / C, c0 = row % C, cnt = std::min(end - row, C - c0);
+          const scalar_t* ra = pa + n * as.s0 + c0 * as.s1;
+          const scalar_t* rb = pb + n * bs.s0 + c0 * bs.s1;
+          scalar_t* da = want_a ? pga + n * gas.s0 + c0 * gas.s1 : nullptr;
+          scalar_t* db = want_b ? pgb + n * gbs.s0 + c0 * gbs.s1 : nullptr;
+          const A* wn = w + n * HW;
+          if (want_a && want_b) {
+            grad_rows<M, true, true>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, cnt, HW, wn);
+          } else if (want_a) {
+            grad_rows<M, true, false>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, cnt, HW, wn);
+          } else {
+            grad_rows<M, false, true>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, cnt, HW, wn);
+          }
+          row += cnt;
+        }
+      });
+    } else {
+      // Pass 2, any strides: items (image, chunk), one location at a time.
+      at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t n = item / chunks, i0 = (item % chunks) * kGradChunk;
+          const int64_t len = std::min(kGradChunk, HW - i0);
+          grad_strided<M>(pa, as, pb, bs, pga, gas, pgb, gbs, n, i0, C, W, len, w + n * HW + i0);
+        }
+      });
+    }
   });
   return {ga, gb, gm};
 }
