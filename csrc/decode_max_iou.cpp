@@ -289,6 +289,11 @@ std::tuple<at::Tensor, at::Tensor> decode_autograd(
     at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
     c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
     const c10::optional<at::Tensor>& max_shapes) {
+  // Image sizes are data: the kernels have no gradient for them. Raise rather than leave a
+  // tensor that asks for one without it.
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && max_shapes.has_value() && max_shapes->requires_grad()),
+                    "decode_max_iou: max_shape is not differentiable (image sizes), got a tensor that "
+                    "requires grad; pass max_shape.detach()");
   auto r = DecodeFunction::apply(bbox_pred, priors, gt_bboxes, gt_counts, coder, means, stds, scale, max_shape,
                                  wh_ratio_clip, max_shapes);
   return {r[0], r[1]};

@@ -292,6 +292,8 @@ class OpContract:
     # False: the reference runs on the inputs in their own dtype instead of converted to float64
     # (for ops whose outputs are decisions made in the accumulation dtype, which float64 can flip).
     reference_in_float64 = True
+    # True for ops whose every kernel call takes a single tensor (p_c: one map per level).
+    one_tensor_per_call = False
 
     def samples(self, device) -> List[Sample]:
         raise NotImplementedError
@@ -431,6 +433,27 @@ class OpContract:
             assert len(got) == len(want), s.name
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"{s.name}: {m}")
+
+    def test_a_meta_input_among_cpu_inputs_raises(self):
+        """Each tensor of a sample in turn on the meta device, the others on the CPU: an error
+        that names the device, never a result. (The Meta key outranks CPU: such a call reaches
+        the fake kernel, which returned uninitialized tensors before it checked devices.)"""
+        if self.one_tensor_per_call:
+            pytest.skip("each call of the op takes one tensor (levels on several devices run one by one)")
+
+        def tensors(s):
+            return [i for i, t in enumerate(tree_leaves((s.args, s.kwargs))) if isinstance(t, torch.Tensor)]
+
+        s = next(s for s in self.samples("cpu") if len(tensors(s)) > 1)  # e.g. a list of levels
+        flat, spec = tree_flatten((s.args, s.kwargs))
+        pos = tensors(s)
+        for i in pos:
+            leaves = [t.detach() if isinstance(t, torch.Tensor) else t for t in flat]
+            leaves[i] = torch.empty_strided(flat[i].shape, flat[i].stride(), dtype=flat[i].dtype, device="meta")
+            args, kwargs = tree_unflatten(leaves, spec)
+            with pytest.raises((ValueError, RuntimeError, NotImplementedError)) as err:
+                type(self).op(*args, **kwargs)
+            assert "meta" in str(err.value), f"{s.name}, tensor {i}: {err.value}"
 
     @pytest.mark.parametrize("device", DEVICES)
     def test_gradcheck(self, device):

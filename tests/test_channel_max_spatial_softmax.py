@@ -37,6 +37,7 @@ class TestContract(OpContract):
     # The softmax normalizer and the backward's sum(p * g) are sums in another order on each side.
     reduction_outputs = "all"
     reduction_grads = "all"
+    one_tensor_per_call = True
 
     def samples(self, device):
         out = [

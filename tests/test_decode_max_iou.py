@@ -403,6 +403,27 @@ class TestBadInput:
         with pytest.raises(ValueError, match=msg):
             tbd_ops.decode_max_iou(self.pred, self.priors, self.gts, **kw)
 
+    def test_max_shape_requiring_grad(self):
+        # Image sizes get no gradient: a per-image tensor that asks for one raises (under no_grad
+        # it is read as any tensor).
+        ms = torch.tensor([[20.0, 18.0], [15.0, 22.0]], dtype=self.pred.dtype, requires_grad=True)
+        with pytest.raises(ValueError, match="max_shape is not differentiable"):
+            tbd_ops.decode_max_iou(self.pred.requires_grad_(), self.priors, self.gts, max_shape=ms)
+        with torch.no_grad():
+            iou, _ = tbd_ops.decode_max_iou(self.pred, self.priors, self.gts, max_shape=ms)
+        want, _ = tbd_ops.decode_max_iou(self.pred.detach(), self.priors, self.gts, max_shape=ms.detach())
+        assert torch.equal(iou, want)
+
+    @pytest.mark.parametrize("kw,msg", [
+        (dict(means="abcd"), "means must be a sequence of numbers, got 'abcd'"),
+        (dict(stds=(1.0, 1.0, None, 1.0)), r"stds\[2\] must be a number, got None"),
+        (dict(max_shape=(10.0, "w")), r"max_shape\[1\] must be a number, got 'w'"),
+        (dict(scale="2"), "scale must be a number, got '2'"),
+    ])
+    def test_parameter_types(self, kw, msg):
+        with pytest.raises(TypeError, match=msg):
+            tbd_ops.decode_max_iou(self.pred, self.priors, self.gts, **kw)
+
     def test_box_max_iou_rank(self):
         with pytest.raises(ValueError, match=r"boxes must be \[N, P, 4\]"):
             tbd_ops.box_max_iou(torch.zeros(2, 4), self.gts)

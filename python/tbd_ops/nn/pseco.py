@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tbd_ops
-from tbd_ops.ops._utils import REDUCTIONS, VOTING_MODES, acc_dtype, check_option, schema_defaults
+from tbd_ops.ops._utils import REDUCTIONS, VOTING_MODES, acc_dtype, as_float, as_int, check_option, schema_defaults
 
 _ASSIGN = schema_defaults("prediction_guided_assign")
 _VOTING = schema_defaults("consistency_voting")
@@ -21,6 +21,19 @@ _FOCAL = schema_defaults("sigmoid_focal_loss")
 
 __all__ = ["PseCoAssigner", "ConsistencyVotingWeights", "SigmoidFocalLoss", "ScaleConsistencyLoss",
            "downsample_view"]
+
+
+def assigner_args(owner: str, iou_thr, topk, alpha) -> Tuple[float, int, float]:
+    """The checked options of prediction-guided assignment; TypeError / ValueError naming them."""
+    iou_thr, alpha = as_float(owner, "iou_thr", iou_thr), as_float(owner, "alpha", alpha)
+    topk = as_int(owner, "topk", topk)
+    if not (0 < iou_thr <= 1):
+        raise ValueError(f"{owner}: iou_thr must be in (0, 1], got {iou_thr}")
+    if topk < 1:
+        raise ValueError(f"{owner}: topk must be >= 1, got {topk}")
+    if not (0 <= alpha <= 1):
+        raise ValueError(f"{owner}: alpha must be in [0, 1], got {alpha}")
+    return iou_thr, topk, alpha
 
 
 class PseCoAssigner(nn.Module):
@@ -40,13 +53,7 @@ class PseCoAssigner(nn.Module):
     def __init__(self, iou_thr: float = _ASSIGN["iou_thr"], topk: int = _ASSIGN["topk"],
                  alpha: float = _ASSIGN["alpha"]):
         super().__init__()
-        self.iou_thr, self.topk, self.alpha = float(iou_thr), int(topk), float(alpha)
-        if not (0 < self.iou_thr <= 1):
-            raise ValueError(f"PseCoAssigner: iou_thr must be in (0, 1], got {iou_thr}")
-        if self.topk < 1:
-            raise ValueError(f"PseCoAssigner: topk must be >= 1, got {topk}")
-        if not (0 <= self.alpha <= 1):
-            raise ValueError(f"PseCoAssigner: alpha must be in [0, 1], got {alpha}")
+        self.iou_thr, self.topk, self.alpha = assigner_args("PseCoAssigner", iou_thr, topk, alpha)
 
     def forward(self, boxes, scores, pseudo_boxes, pseudo_labels, valid=None):
         return tbd_ops.prediction_guided_assign(boxes, scores, pseudo_boxes, pseudo_labels, valid=valid,
@@ -129,7 +136,10 @@ class SigmoidFocalLoss(nn.Module):
                 "loss takes logits, not probabilities (use mmdet's FocalLoss for activated inputs)")
         check_option("SigmoidFocalLoss", "reduction", reduction, REDUCTIONS)
         self.use_sigmoid, self.activated = True, False
-        self.gamma, self.alpha, self.reduction, self.loss_weight = float(gamma), float(alpha), reduction, float(loss_weight)
+        self.gamma = as_float("SigmoidFocalLoss", "gamma", gamma)
+        self.alpha = as_float("SigmoidFocalLoss", "alpha", alpha)
+        self.reduction = reduction
+        self.loss_weight = as_float("SigmoidFocalLoss", "loss_weight", loss_weight)
 
     def forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                 avg_factor: Optional[Union[float, Tensor]] = None,

@@ -13,11 +13,15 @@ import torch
 from torch import Tensor, nn
 
 import tbd_ops
-from tbd_ops.ops._utils import CODERS, HD_MODES, acc_dtype, check_option, schema_defaults
+from tbd_ops.ops._utils import (CODERS, HD_MODES, acc_dtype, as_bool, as_float, as_floats, as_int, check_option,
+                                schema_defaults)
 
 _HD = schema_defaults("harmony_distillation_loss")
 _PC = schema_defaults("channel_max_spatial_softmax")
 _PR = schema_defaults("decode_max_iou")
+
+# Default of TBDLoss's teacher_img_shapes: the student's img_shapes.
+SAME = object()
 
 __all__ = ["HarmonyDistillationLoss", "TaskWeightGenerator", "TaskDecoupledFeatureLoss", "TBDLoss"]
 
@@ -34,10 +38,19 @@ def _check_list(name: str, value, length: Optional[int] = None) -> List[Tensor]:
     return list(value)
 
 
-def _positive_finite(owner: str, name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value}")
+def _finite(owner: str, name: str, value, zero_ok: bool = True) -> float:
+    """``value`` as a finite float ``>= 0`` (``> 0`` unless ``zero_ok``); TypeError or ValueError
+    naming the argument otherwise."""
+    value = as_float(owner, name, value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"{owner}: {name} must be a finite number {'>=' if zero_ok else '>'} 0, got {value}")
+    return value
+
+
+def _at_least_one(owner: str, name: str, value) -> int:
+    value = as_int(owner, name, value)
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
     return value
 
 
@@ -52,8 +65,8 @@ class HarmonyDistillationLoss(nn.Module):
     def __init__(self, mode: str = _HD["mode"], eps: float = _HD["eps"], loss_weight: float = 1.0):
         super().__init__()
         self.mode = check_option("HarmonyDistillationLoss", "mode", mode, HD_MODES)
-        self.eps = _positive_finite("HarmonyDistillationLoss", "eps", eps)
-        self.loss_weight = _positive_finite("HarmonyDistillationLoss", "loss_weight", loss_weight)
+        self.eps = _finite("HarmonyDistillationLoss", "eps", eps, zero_ok=False)
+        self.loss_weight = _finite("HarmonyDistillationLoss", "loss_weight", loss_weight)
 
     def forward(self, pc_s, pr_s, pc_t, pr_t) -> Tensor:
         pc_t = [t.detach() for t in pc_t] if isinstance(pc_t, (list, tuple)) else pc_t.detach()
@@ -76,9 +89,7 @@ class TaskWeightGenerator(nn.Module):
 
     def __init__(self, hidden: int = 16):
         super().__init__()
-        if int(hidden) < 1:
-            raise ValueError(f"TaskWeightGenerator: hidden must be >= 1, got {hidden}")
-        self.hidden = int(hidden)
+        self.hidden = _at_least_one("TaskWeightGenerator", "hidden", hidden)
         self.fc1 = nn.Linear(4, self.hidden)
         self.fc2 = nn.Linear(self.hidden, 2)
 
@@ -128,15 +139,12 @@ class TaskDecoupledFeatureLoss(nn.Module):
                  adapter_kernel: int = 1, twg_hidden: int = 16,
                  fixed_task_weights: Optional[Sequence[float]] = None, loss_weight: float = 1.0):
         super().__init__()
-        if int(num_levels) < 1:
-            raise ValueError(f"TaskDecoupledFeatureLoss: num_levels must be >= 1, got {num_levels}")
-        if int(in_channels) < 1:
-            raise ValueError(f"TaskDecoupledFeatureLoss: in_channels must be >= 1, got {in_channels}")
         if adapter_kernel not in (1, 3):
             raise ValueError(f"TaskDecoupledFeatureLoss: adapter_kernel must be 1 or 3, got {adapter_kernel!r}")
-        self.num_levels = int(num_levels)
-        self.in_channels = int(in_channels)
-        self.teacher_channels = int(teacher_channels) if teacher_channels is not None else self.in_channels
+        self.num_levels = _at_least_one("TaskDecoupledFeatureLoss", "num_levels", num_levels)
+        self.in_channels = _at_least_one("TaskDecoupledFeatureLoss", "in_channels", in_channels)
+        self.teacher_channels = (self.in_channels if teacher_channels is None
+                                 else _at_least_one("TaskDecoupledFeatureLoss", "teacher_channels", teacher_channels))
         self.adapters = nn.ModuleList(
             nn.Conv2d(self.in_channels, self.teacher_channels, adapter_kernel, padding=adapter_kernel // 2)
             for _ in range(self.num_levels))
@@ -144,7 +152,7 @@ class TaskDecoupledFeatureLoss(nn.Module):
             self.twg = TaskWeightGenerator(twg_hidden)
             self.fixed_task_weights = None
         else:
-            w = [float(v) for v in fixed_task_weights]
+            w = as_floats("TaskDecoupledFeatureLoss", "fixed_task_weights", fixed_task_weights)
             if len(w) != 2 or not all(math.isfinite(v) and v >= 0 for v in w):
                 raise ValueError("TaskDecoupledFeatureLoss: fixed_task_weights must be two finite numbers >= 0 "
                                  f"(w_c, w_r), got {fixed_task_weights!r}")
@@ -152,7 +160,7 @@ class TaskDecoupledFeatureLoss(nn.Module):
             self.fixed_task_weights = tuple(w)
             # A buffer follows the module to its device: no host-to-device copy per forward.
             self.register_buffer("_fixed_weights", torch.tensor(w, dtype=torch.float64), persistent=False)
-        self.loss_weight = _positive_finite("TaskDecoupledFeatureLoss", "loss_weight", loss_weight)
+        self.loss_weight = _finite("TaskDecoupledFeatureLoss", "loss_weight", loss_weight)
 
     def task_weights(self, pc_t: Tensor, pr_t: Tensor, pc_s: Tensor, pr_s: Tensor,
                      dtype: torch.dtype = torch.float32) -> Tensor:
@@ -235,12 +243,14 @@ class TBDLoss(nn.Module):
 
     ``forward(student_cls_scores, student_bbox_preds, student_feats,
     teacher_cls_scores, teacher_bbox_preds, teacher_feats, priors, gt_bboxes,
-    img_shapes=None)`` with MMDetection's layouts: ``cls_scores[l]``
+    img_shapes=None, teacher_img_shapes=SAME)`` with MMDetection's layouts: ``cls_scores[l]``
     ``[N, A*C, H, W]`` raw logits, ``bbox_preds[l]`` ``[N, A*4, H, W]``,
     ``feats[l]`` ``[N, in_channels, H, W]``, ``priors[l]`` ``[H*W*A, 4]``
     anchors or ``[H*W, 2]`` points, ``gt_bboxes`` a list of N ``[G_n, 4]``,
     ``img_shapes`` a list of N ``(h, w)`` used to clip each image's decoded
-    boxes. Returns ``{"loss_hd": alpha * L_HD, "loss_tfd": beta * L_TFD}``.
+    boxes (None: no clipping), ``teacher_img_shapes`` the same for the
+    teacher's boxes (default: ``img_shapes``; e.g. None for a teacher whose
+    box coder does not clip while the student's does). Returns ``{"loss_hd": alpha * L_HD, "loss_tfd": beta * L_TFD}``.
     Teacher inputs are never differentiated.
 
     p_c per level is the spatial softmax of the max over all A*C channels;
@@ -274,9 +284,7 @@ class TBDLoss(nn.Module):
                  teacher_coder_cfg: Optional[dict] = None):
         super().__init__()
         check_option("TBDLoss", "coder", coder, CODERS)
-        self.num_levels = int(num_levels)
-        if self.num_levels < 1:
-            raise ValueError(f"TBDLoss: num_levels must be >= 1, got {num_levels}")
+        self.num_levels = _at_least_one("TBDLoss", "num_levels", num_levels)
         self.coder = coder
         self.coder_kwargs, self.scales = self._parse_coder_cfg(coder, dict(coder_cfg or {}), self.num_levels)
         if teacher_coder_cfg is None:
@@ -284,11 +292,8 @@ class TBDLoss(nn.Module):
         else:
             self.teacher_coder_kwargs, self.teacher_scales = self._parse_coder_cfg(
                 coder, dict(teacher_coder_cfg), self.num_levels, "teacher_coder_cfg")
-        temperature = float(temperature)
-        if not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"TBDLoss: temperature must be a finite number > 0, got {temperature}")
-        self.temperature = temperature
-        self.scale_by_hw = bool(scale_by_hw)
+        self.temperature = _finite("TBDLoss", "temperature", temperature, zero_ok=False)
+        self.scale_by_hw = as_bool("TBDLoss", "scale_by_hw", scale_by_hw)
         self.hd = HarmonyDistillationLoss(mode=hd_mode, loss_weight=hd_weight)
         self.tfd = TaskDecoupledFeatureLoss(num_levels, in_channels, teacher_channels, adapter_kernel, twg_hidden,
                                             fixed_task_weights, loss_weight=tfd_weight)
@@ -305,18 +310,23 @@ class TBDLoss(nn.Module):
         if coder == "delta_xywh":
             for key in ("means", "stds"):
                 if key in cfg:
-                    vals = [float(v) for v in cfg[key]]
-                    if len(vals) != 4:
-                        raise ValueError(f"TBDLoss: {name}[{key!r}] must have 4 values, got {cfg[key]!r}")
-                    kwargs[key] = tuple(vals)
+                    kwargs[key] = tuple(as_floats("TBDLoss", f"{name}[{key!r}]", cfg[key], 4))
             if "wh_ratio_clip" in cfg:
-                kwargs["wh_ratio_clip"] = float(cfg["wh_ratio_clip"])
+                kwargs["wh_ratio_clip"] = as_float("TBDLoss", f"{name}['wh_ratio_clip']", cfg["wh_ratio_clip"])
         scales = [1.0] * num_levels
         if "scales" in cfg:
-            scales = [float(s) for s in cfg["scales"]]
+            scales = as_floats("TBDLoss", f"{name}['scales']", cfg["scales"])
             if len(scales) != num_levels:
                 raise ValueError(f"TBDLoss: {name}['scales'] must hold one value per level ({num_levels}), "
                                  f"got {cfg['scales']!r}")
+        # The op's own checks of the values (finite means and stds, wh_ratio_clip > 0, finite
+        # scales) at construction, on an empty batch, rather than at the first forward.
+        priors = None if coder == "none" else torch.empty(0, 4 if coder == "delta_xywh" else 2)
+        for scale in sorted(set(scales)):
+            try:
+                tbd_ops.decode_max_iou(torch.empty(0, 0, 4), priors, [], coder=coder, scale=scale, **kwargs)
+            except ValueError as e:
+                raise ValueError(f"TBDLoss: {name}: {e}") from None
         return kwargs, scales
 
     def probabilities(self, cls_scores: List[Tensor], bbox_preds: List[Tensor], priors, gt_bboxes,
@@ -344,7 +354,8 @@ class TBDLoss(nn.Module):
                                                                    shapes)]
 
     def forward(self, student_cls_scores, student_bbox_preds, student_feats, teacher_cls_scores,
-                teacher_bbox_preds, teacher_feats, priors, gt_bboxes, img_shapes=None) -> Dict[str, Tensor]:
+                teacher_bbox_preds, teacher_feats, priors, gt_bboxes, img_shapes=None,
+                teacher_img_shapes=SAME) -> Dict[str, Tensor]:
         L = self.num_levels
         s_cls = _check_list("TBDLoss: student_cls_scores", student_cls_scores, L)
         s_box = _check_list("TBDLoss: student_bbox_preds", student_bbox_preds, L)
@@ -369,17 +380,21 @@ class TBDLoss(nn.Module):
         if not isinstance(gt_bboxes, (list, tuple)) or len(gt_bboxes) != n:
             got = len(gt_bboxes) if isinstance(gt_bboxes, (list, tuple)) else type(gt_bboxes).__name__
             raise ValueError(f"TBDLoss: gt_bboxes must be a list of one [G_n, 4] tensor per image (N = {n}), got {got}")
-        if img_shapes is not None:
-            if isinstance(img_shapes, Tensor):
-                if img_shapes.shape != (n, 2):
-                    raise ValueError(f"TBDLoss: img_shapes must be [N, 2] = [{n}, 2], got {tuple(img_shapes.shape)}")
-            elif len(img_shapes) != n:
-                raise ValueError(f"TBDLoss: img_shapes must hold one (h, w) per image (N = {n}), got {len(img_shapes)}")
+        if teacher_img_shapes is SAME:
+            teacher_img_shapes = img_shapes
+        for name, shapes in (("img_shapes", img_shapes), ("teacher_img_shapes", teacher_img_shapes)):
+            if shapes is None:
+                continue
+            if isinstance(shapes, Tensor):
+                if shapes.shape != (n, 2):
+                    raise ValueError(f"TBDLoss: {name} must be [N, 2] = [{n}, 2], got {tuple(shapes.shape)}")
+            elif len(shapes) != n:
+                raise ValueError(f"TBDLoss: {name} must hold one (h, w) per image (N = {n}), got {len(shapes)}")
 
         pc_s, pr_s = self.probabilities(s_cls, s_box, priors, gt_bboxes, img_shapes)
         with torch.no_grad():
             pc_t, pr_t = self.probabilities([t.detach() for t in t_cls], [t.detach() for t in t_box],
-                                            priors, [g.detach() for g in gt_bboxes], img_shapes, teacher=True)
+                                            priors, [g.detach() for g in gt_bboxes], teacher_img_shapes, teacher=True)
         loss_hd = self.hd(pc_s, pr_s, pc_t, pr_t)
         loss_tfd = self.tfd(s_feat, [f.detach() for f in t_feat], pc_t, pr_t, pc_s, pr_s)
         return {"loss_hd": loss_hd, "loss_tfd": loss_tfd}

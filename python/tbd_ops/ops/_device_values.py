@@ -3,6 +3,8 @@ from typing import Sequence
 
 import torch
 
+from ._utils import register_fake
+
 
 def device_values(values: Sequence[float], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``values`` as a 1-D ``dtype`` (float32 or float64) tensor on the device of ``like``.
@@ -14,6 +16,6 @@ def device_values(values: Sequence[float], like: torch.Tensor, dtype: torch.dtyp
     return torch.ops.tbd_ops._device_values.default([float(v) for v in values], like.detach(), dtype)
 
 
-@torch.library.register_fake("tbd_ops::_device_values")
+@register_fake("tbd_ops::_device_values")
 def _fake(values, like, dtype):
     return like.new_empty((len(values),), dtype=dtype)

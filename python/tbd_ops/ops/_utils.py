@@ -1,4 +1,7 @@
+import functools
+import inspect
 import numbers
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,6 +29,83 @@ def check_option(owner: str, name: str, value, options) -> str:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{owner}: {name} must be one of {options}, got {value!r}")
     return value
+
+
+def as_float(owner: str, name: str, value) -> float:
+    """``value`` (a real number: int, float, NumPy scalar, 0-d tensor) as a float; TypeError
+    naming the argument for anything else (a string, None or a bool too)."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r}") from None
+
+
+def as_floats(owner: str, name: str, value, length: Optional[int] = None) -> List[float]:
+    """``value`` (a sequence of numbers, of ``length`` of them when given) as a list of floats;
+    TypeError / ValueError naming the argument (and the element) otherwise."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{owner}: {name} must be a sequence of numbers, got {value!r}")
+    out = [as_float(owner, f"{name}[{i}]", v) for i, v in enumerate(value)]
+    if length is not None and len(out) != length:
+        raise ValueError(f"{owner}: {name} must have {length} values, got {len(out)}")
+    return out
+
+
+def as_int(owner: str, name: str, value) -> int:
+    """``value`` (an integer: int or NumPy integer, not a bool or a float) as an int within the
+    64 bits of the operators' int arguments; TypeError / ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an integer, got {value!r}")
+    value = int(value)
+    if not -(1 << 63) <= value < (1 << 63):
+        raise ValueError(f"{owner}: {name} must fit in 64 bits, got {value}")
+    return value
+
+
+def as_bool(owner: str, name: str, value) -> bool:
+    """``value`` (True or False, or a NumPy bool) as a bool; TypeError naming the argument for
+    anything else: ``bool("False")`` would be True."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
+
+
+def register_fake(qualname: str):
+    """``torch.library.register_fake(qualname)`` with the device check of the real kernels first.
+
+    A call that mixes meta tensors with tensors on another device is dispatched to the fake
+    kernel (the Meta key outranks CPU and CUDA), which would otherwise return uninitialized
+    tensors on the device of its first argument. ValueError naming the argument instead, as the
+    CPU and CUDA kernels raise (csrc/common.cpp, check_same_device).
+    """
+    name = qualname.split("::", 1)[1]
+    op = re.sub(r"_(levels|backward|no_grad)", "", name.lstrip("_"))
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            ref = None
+            for arg, value in sig.bind(*args, **kwargs).arguments.items():
+                listed = isinstance(value, (list, tuple))
+                for i, t in enumerate(value if listed else (value,)):
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    label = f"{arg}[{i}]" if listed else arg
+                    if ref is None:
+                        ref = (label, t.device)
+                    elif t.device != ref[1]:
+                        raise ValueError(f"{op}: {label} must be on the device of {ref[0]} ({ref[1]}), "
+                                         f"got {t.device}")
+            return fn(*args, **kwargs)
+
+        torch.library.register_fake(qualname)(fake)
+        return fn
+
+    return wrap
 
 
 def check_tensor(op: str, name: str, value) -> None:

@@ -3,8 +3,8 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import (acc_dtype, check_tensor, levels, same_dtype_and_device,
-                     schema_defaults)
+from ._utils import (acc_dtype, as_bool, as_float, check_tensor, levels, register_fake,
+                     same_dtype_and_device, schema_defaults)
 
 _OP = "channel_max_spatial_softmax"
 DEFAULTS = schema_defaults(_OP)  # temperature, scale_by_hw
@@ -34,6 +34,8 @@ def channel_max_spatial_softmax(
     the argmax that the backward reads is not kept: the same values, fewer
     bytes written.
     """
+    temperature = as_float(_OP, "temperature", temperature)
+    scale_by_hw = as_bool(_OP, "scale_by_hw", scale_by_hw)
     per_level, is_list = levels(_OP, ("x",), x)
     if is_list:
         xs = [t for (t,) in per_level]
@@ -44,13 +46,13 @@ def channel_max_spatial_softmax(
         if not same_dtype_and_device(xs):
             return [channel_max_spatial_softmax(t, temperature, scale_by_hw) for t in xs]
         if not _needs_grad(xs):
-            return list(_NO_GRAD(xs, float(temperature), bool(scale_by_hw)))
+            return list(_NO_GRAD(xs, temperature, scale_by_hw))
         return list(torch.ops.tbd_ops._channel_max_spatial_softmax_levels.default(
-            xs, float(temperature), bool(scale_by_hw))[0])
+            xs, temperature, scale_by_hw)[0])
     check_tensor(_OP, "x", x)
     if not _needs_grad([x]):
-        return _NO_GRAD_ONE(x, float(temperature), bool(scale_by_hw))
-    return torch.ops.tbd_ops.channel_max_spatial_softmax.default(x, float(temperature), bool(scale_by_hw))[0]
+        return _NO_GRAD_ONE(x, temperature, scale_by_hw)
+    return torch.ops.tbd_ops.channel_max_spatial_softmax.default(x, temperature, scale_by_hw)[0]
 
 
 # p_c alone, without the argmax and log-probabilities that only a backward reads (e.g. the
@@ -63,7 +65,7 @@ def _needs_grad(xs) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in xs)
 
 
-@torch.library.register_fake("tbd_ops::channel_max_spatial_softmax")
+@register_fake("tbd_ops::channel_max_spatial_softmax")
 def _fake(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by_hw"]):
     torch._check(x.dim() == 4, lambda: f"{_OP}: x must be a 4-D tensor [N, K, H, W], got {x.dim()}-D")
     torch._check(x.shape[1] >= 1, lambda: f"{_OP}: x must have at least one channel, got shape {tuple(x.shape)}")
@@ -75,30 +77,30 @@ def _fake(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by
     )
 
 
-@torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_levels")
+@register_fake("tbd_ops::_channel_max_spatial_softmax_levels")
 def _fake_levels(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by_hw"]):
     outs = [_fake(t, temperature, scale_by_hw) for t in x]
     return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
 
 
-@torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_no_grad")
+@register_fake("tbd_ops::_channel_max_spatial_softmax_no_grad")
 def _fake_no_grad(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by_hw"]):
     return _fake(x, temperature, scale_by_hw)[0]
 
 
-@torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_levels_no_grad")
+@register_fake("tbd_ops::_channel_max_spatial_softmax_levels_no_grad")
 def _fake_levels_no_grad(x, temperature=DEFAULTS["temperature"], scale_by_hw=DEFAULTS["scale_by_hw"]):
     return [_fake(t, temperature, scale_by_hw)[0] for t in x]
 
 
-@torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_backward")
+@register_fake("tbd_ops::_channel_max_spatial_softmax_backward")
 def _fake_backward(grad, log_p, argmax, channels, temperature, scale_by_hw, channels_last):
     n, h, w = grad.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return grad.new_empty((n, channels, h, w)).contiguous(memory_format=fmt)
 
 
-@torch.library.register_fake("tbd_ops::_channel_max_spatial_softmax_levels_backward")
+@register_fake("tbd_ops::_channel_max_spatial_softmax_levels_backward")
 def _fake_backward_levels(grad, log_p, argmax, channels, temperature, scale_by_hw, channels_last):
     return [_fake_backward(g, lp, am, k, temperature, scale_by_hw, cl)
             for g, lp, am, k, cl in zip(grad, log_p, argmax, channels, channels_last)]

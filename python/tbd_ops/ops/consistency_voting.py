@@ -3,7 +3,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import (VOTING_MODES, acc_dtype, cat_images, check_option, check_rows, image_list,
+from ._utils import (VOTING_MODES, acc_dtype, cat_images, check_option, check_rows, image_list, register_fake,
                      schema_defaults)
 
 _OP = "consistency_voting"
@@ -62,7 +62,7 @@ def consistency_voting(
     return list(sigma.split(m_counts)), list(w.split(r_counts)), reg_scale
 
 
-@torch.library.register_fake("tbd_ops::consistency_voting")
+@register_fake("tbd_ops::consistency_voting")
 def _fake(pred_boxes, gt_inds, pseudo_boxes, roi_counts, pseudo_counts, mode=DEFAULTS["mode"]):
     torch._check(mode in VOTING_MODES, lambda: f"{_OP}: mode must be one of {VOTING_MODES}, got {mode!r}")
     torch._check(pred_boxes.dim() == 2 and pred_boxes.shape[1] == 4, lambda: f"{_OP}: pred_boxes must be [R, 4]")

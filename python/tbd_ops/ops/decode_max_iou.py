@@ -5,8 +5,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._device_values import device_values
-from ._utils import (CODERS, acc_dtype, cat_images, check_option, check_tensor, image_list, levels,
-                     same_dtype_and_device, schema_defaults)
+from ._utils import (CODERS, acc_dtype, as_float, as_floats, cat_images, check_option, check_tensor, image_list,
+                     levels, register_fake, same_dtype_and_device, schema_defaults)
 
 _OP = "decode_max_iou"
 DEFAULTS = schema_defaults(_OP)  # coder, means, stds, scale, max_shape, wh_ratio_clip
@@ -31,16 +31,6 @@ def _flatten_gts(op: str, gt_bboxes, n: int, ref: torch.Tensor) -> Tuple[torch.T
     return (cat_images(gt_bboxes) if n else ref.new_empty((0, 4))), counts
 
 
-def _as_floats(op: str, name: str, value, length: Optional[int]) -> List[float]:
-    try:
-        out = [float(v) for v in value]
-    except TypeError:
-        raise TypeError(f"{op}: {name} must be a sequence of numbers, got {type(value).__name__}") from None
-    if length is not None and len(out) != length:
-        raise ValueError(f"{op}: {name} must have {length} values, got {len(out)}")
-    return out
-
-
 def _is_pair_list(value) -> bool:
     """A list/tuple of (h, w) pairs (one per image) rather than one (h, w)."""
     return isinstance(value, (list, tuple)) and (
@@ -60,7 +50,7 @@ def _shapes_on_device(op: str, max_shape, n: int, ref: torch.Tensor) -> torch.Te
         raise ValueError(f"{op}: max_shape must hold one (h, w) per image (N = {n}), got {len(max_shape)}")
     flat = []
     for i, hw in enumerate(max_shape):
-        vals = _as_floats(op, f"max_shape[{i}]", hw, None)
+        vals = as_floats(op, f"max_shape[{i}]", hw, None)
         if len(vals) < 2:
             raise ValueError(f"{op}: max_shape[{i}] must be (h, w), got {hw!r}")
         if not all(math.isfinite(v) and v >= 0 for v in vals[:2]):
@@ -89,7 +79,7 @@ def _max_shape_args(op: str, max_shape, n: int, ref: torch.Tensor):
             return None, max_shape  # [N, 2]: checked by the op
     elif _is_pair_list(max_shape):
         return None, _shapes_on_device(op, max_shape, n, ref)
-    ms = _as_floats(op, "max_shape", max_shape, None)[:2]
+    ms = as_floats(op, "max_shape", max_shape, None)[:2]
     if len(ms) != 2:
         raise ValueError(f"{op}: max_shape must be (h, w), got {max_shape!r}")
     return ms, None
@@ -165,8 +155,8 @@ def _decode(bbox_pred, priors, gt_bboxes, flat, coder, means, stds, scale, max_s
     return tuple(
         torch.ops.tbd_ops.decode_max_iou.default(
             bbox_pred, priors, gts, counts, coder,
-            _as_floats(_OP, "means", means, 4), _as_floats(_OP, "stds", stds, 4),
-            float(scale), ms, float(wh_ratio_clip), shapes,
+            as_floats(_OP, "means", means, 4), as_floats(_OP, "stds", stds, 4),
+            as_float(_OP, "scale", scale), ms, as_float(_OP, "wh_ratio_clip", wh_ratio_clip), shapes,
         )
     )
 
@@ -192,7 +182,7 @@ def _num_priors(bbox_pred):
     return bbox_pred.shape[1]
 
 
-@torch.library.register_fake("tbd_ops::decode_max_iou")
+@register_fake("tbd_ops::decode_max_iou")
 def _fake(bbox_pred, priors, gt_bboxes, gt_counts, coder=DEFAULTS["coder"], means=DEFAULTS["means"],
           stds=DEFAULTS["stds"], scale=DEFAULTS["scale"], max_shape=None, wh_ratio_clip=DEFAULTS["wh_ratio_clip"],
           max_shapes=None):
@@ -206,7 +196,7 @@ def _fake(bbox_pred, priors, gt_bboxes, gt_counts, coder=DEFAULTS["coder"], mean
     return bbox_pred.new_empty((n, p)), bbox_pred.new_empty((n, p), dtype=torch.long)
 
 
-@torch.library.register_fake("tbd_ops::_decode_max_iou_backward")
+@register_fake("tbd_ops::_decode_max_iou_backward")
 def _fake_backward(grad_iou, arg, bbox_pred, priors, gt_bboxes, gt_counts, coder, means, stds,
                    scale, max_shape, wh_ratio_clip, output_mask, max_shapes=None):
     empty = bbox_pred.new_empty((0,))

@@ -11,7 +11,8 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import HD_MODES, acc_dtype, check_option, check_tensor, levels, schema_defaults
+from ._utils import (HD_MODES, acc_dtype, as_float, check_option, check_tensor, levels, register_fake,
+                     schema_defaults)
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -67,7 +68,7 @@ def harmony_distillation_loss(pc_s: Levels, pr_s: Levels, pc_t: Levels, pr_t: Le
         reductions on CPU and CUDA.
     """
     check_option(_LOSS, "mode", mode, HD_MODES)
-    eps = float(eps)
+    eps = as_float(_LOSS, "eps", eps)
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"{_LOSS}: eps must be finite and > 0, got {eps}")
     names = ("pc_s", "pr_s", "pc_t", "pr_t")
@@ -90,13 +91,13 @@ def _check_score_fake(name, p_c, p_r):
     torch._check(p_r.dtype == p_c.dtype, lambda: f"{name}: p_r must have the dtype of p_c ({p_c.dtype}), got {p_r.dtype}")
 
 
-@torch.library.register_fake("tbd_ops::harmony_score")
+@register_fake("tbd_ops::harmony_score")
 def _score_fake(p_c, p_r):
     _check_score_fake(_SCORE, p_c, p_r)
     return torch.empty_like(p_c)
 
 
-@torch.library.register_fake("tbd_ops::_harmony_score_backward")
+@register_fake("tbd_ops::_harmony_score_backward")
 def _score_backward_fake(grad, p_c, p_r, output_mask):
     _check_score_fake("_harmony_score_backward", p_c, p_r)
     gc = torch.empty_like(p_c) if output_mask[0] else p_c.new_empty((0,))
@@ -118,14 +119,14 @@ def _check_loss_fake(name, pc_s, pr_s, pc_t, pr_t, mode):
         torch._check(ref.shape[0] == first.shape[0], lambda: f"{name}: every level must hold N images")
 
 
-@torch.library.register_fake("tbd_ops::harmony_distillation_loss")
+@register_fake("tbd_ops::harmony_distillation_loss")
 def _loss_fake(pc_s, pr_s, pc_t, pr_t, mode=DEFAULTS["mode"], eps=DEFAULTS["eps"]):
     _check_loss_fake(_LOSS, pc_s, pr_s, pc_t, pr_t, mode)
     acc = acc_dtype(pc_s[0].dtype)
     return pc_s[0].new_empty((), dtype=acc), pc_s[0].new_empty((len(pc_s), pc_s[0].shape[0]), dtype=acc)
 
 
-@torch.library.register_fake("tbd_ops::_harmony_distillation_loss_backward")
+@register_fake("tbd_ops::_harmony_distillation_loss_backward")
 def _loss_backward_fake(grad, norm, pc_s, pr_s, pc_t, pr_t, mode, output_mask):
     _check_loss_fake("_harmony_distillation_loss_backward", pc_s, pr_s, pc_t, pr_t, mode)
     gc = [torch.empty_like(t) for t in pc_s] if output_mask[0] else []

@@ -3,7 +3,7 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ._utils import acc_dtype, check_tensor, levels, same_dtype_and_device
+from ._utils import acc_dtype, check_tensor, levels, register_fake, same_dtype_and_device
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -71,12 +71,12 @@ def _check_fake(name, a, b, masks):
 
 
 def _register(name: str) -> None:
-    @torch.library.register_fake(f"tbd_ops::{name}")
+    @register_fake(f"tbd_ops::{name}")
     def _fake(a, b, masks):
         _check_fake(name, a, b, masks)
         return a.new_empty((a.shape[0], masks.shape[1]), dtype=acc_dtype(a.dtype))
 
-    @torch.library.register_fake(f"tbd_ops::_{name}_backward")
+    @register_fake(f"tbd_ops::_{name}_backward")
     def _fake_backward(grad, a, b, masks, output_mask):
         _check_fake(f"_{name}_backward", a, b, masks)
         ga = torch.empty_like(a) if output_mask[0] else a.new_empty((0,))
@@ -84,7 +84,7 @@ def _register(name: str) -> None:
         gm = torch.empty_like(masks) if output_mask[2] else masks.new_empty((0,))
         return ga, gb, gm
 
-    @torch.library.register_fake(f"tbd_ops::_{name}_levels")
+    @register_fake(f"tbd_ops::_{name}_levels")
     def _fake_levels(a, b, masks):
         torch._check(len(a) == len(b) == len(masks), lambda: f"{name}: a, b and masks must have one entry per level")
         for x, y, m in zip(a, b, masks):
@@ -93,7 +93,7 @@ def _register(name: str) -> None:
         return ([x.new_empty((x.shape[0], m.shape[1]), dtype=d) for x, m, d in zip(a, masks, acc)],
                 [x.new_empty((x.shape[0], x.shape[2], x.shape[3]), dtype=d) for x, d in zip(a, acc)])
 
-    @torch.library.register_fake(f"tbd_ops::_{name}_levels_backward")
+    @register_fake(f"tbd_ops::_{name}_levels_backward")
     def _fake_backward_levels(grad, a, b, masks, term, output_mask):
         for x, y, m in zip(a, b, masks):
             _check_fake(f"_{name}_backward", x, y, m)

@@ -3,7 +3,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._utils import cat_images, check_rows, image_list, schema_defaults
+from ._utils import as_float, as_int, cat_images, check_rows, image_list, register_fake, schema_defaults
 
 _OP = "prediction_guided_assign"
 DEFAULTS = schema_defaults(_OP)  # iou_thr, topk, alpha
@@ -75,12 +75,13 @@ def prediction_guided_assign(
     m_counts = [int(g.shape[0]) for g in pseudo_boxes]
     gt_inds, q = torch.ops.tbd_ops.prediction_guided_assign.default(
         cat_images(boxes), cat_images(scores), cat_images(pseudo_boxes), cat_images(pseudo_labels), p_counts, m_counts,
-        None if valid is None else cat_images(valid), float(iou_thr), int(topk), float(alpha),
+        None if valid is None else cat_images(valid), as_float(_OP, "iou_thr", iou_thr), as_int(_OP, "topk", topk),
+        as_float(_OP, "alpha", alpha),
     )
     return list(gt_inds.split(p_counts)), list(q.split(p_counts))
 
 
-@torch.library.register_fake("tbd_ops::prediction_guided_assign")
+@register_fake("tbd_ops::prediction_guided_assign")
 def _fake(boxes, scores, pseudo_boxes, pseudo_labels, proposal_counts, pseudo_counts, valid=None,
           iou_thr=DEFAULTS["iou_thr"], topk=DEFAULTS["topk"], alpha=DEFAULTS["alpha"]):
     torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: f"{_OP}: boxes must be [P, 4]")

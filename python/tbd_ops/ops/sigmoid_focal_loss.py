@@ -3,7 +3,8 @@ from typing import Optional
 
 import torch
 
-from ._utils import FLOAT_DTYPES, REDUCTIONS, acc_dtype, check_option, check_tensor, schema_defaults
+from ._utils import (FLOAT_DTYPES, REDUCTIONS, acc_dtype, as_float, check_option, check_tensor,
+                     register_fake, schema_defaults)
 
 _OP = "sigmoid_focal_loss"
 DEFAULTS = schema_defaults(_OP)  # weight, gamma, alpha, reduction
@@ -53,8 +54,8 @@ def sigmoid_focal_loss(
     if weight is not None:
         check_tensor(_OP, "weight", weight)
     check_option(_OP, "reduction", reduction, REDUCTIONS)
-    return torch.ops.tbd_ops.sigmoid_focal_loss.default(logits, targets, weight, float(gamma), float(alpha),
-                                                        reduction)
+    return torch.ops.tbd_ops.sigmoid_focal_loss.default(logits, targets, weight, as_float(_OP, "gamma", gamma),
+                                                        as_float(_OP, "alpha", alpha), reduction)
 
 
 def _check_fake(op, logits, targets, weight, gamma, alpha, reduction):
@@ -70,7 +71,7 @@ def _check_fake(op, logits, targets, weight, gamma, alpha, reduction):
         torch._check(weight.dtype in FLOAT_DTYPES, lambda: f"{op}: weight must be floating, got {weight.dtype}")
 
 
-@torch.library.register_fake("tbd_ops::sigmoid_focal_loss")
+@register_fake("tbd_ops::sigmoid_focal_loss")
 def _fake(logits, targets, weight=None, gamma=DEFAULTS["gamma"], alpha=DEFAULTS["alpha"],
           reduction=DEFAULTS["reduction"]):
     _check_fake(_OP, logits, targets, weight, gamma, alpha, reduction)
@@ -79,7 +80,7 @@ def _fake(logits, targets, weight=None, gamma=DEFAULTS["gamma"], alpha=DEFAULTS[
     return logits.new_empty((), dtype=acc_dtype(logits.dtype))
 
 
-@torch.library.register_fake("tbd_ops::_sigmoid_focal_loss_backward")
+@register_fake("tbd_ops::_sigmoid_focal_loss_backward")
 def _fake_backward(grad, logits, targets, weight, gamma, alpha, reduction, output_mask):
     _check_fake("_sigmoid_focal_loss_backward", logits, targets, weight, gamma, alpha, reduction)
     gx = logits.new_empty(logits.shape) if output_mask[0] else logits.new_empty((0,))
