@@ -8,7 +8,13 @@ weighted by the teacher's ``p_r`` (1 when the student's classification and
 localization quality agree where the teacher localizes well).
 
     python examples/tbd_distill_retinanet.py --iters 40           # CPU: a few minutes on 2 cores
-    python examples/tbd_distill_retinanet.py --device cuda --teacher-ckpt retinanet_r50.pth
+    python examples/tbd_distill_retinanet.py --device cuda --iters 200
+
+The teacher is a RetinaNet R-18 FPN with 128 channels, the student one with 64. By default the
+teacher keeps its random initialization; ``--teacher-ckpt`` loads weights of that same teacher
+(e.g. saved by a run of your own), a checkpoint of any other architecture is refused with the
+keys that do not fit. To distill from a COCO model, write a config (README, "A config of your
+own") and train with ``python -m tbd_ops.mmdet.train``.
 
 Needs mmdet>=3.0 and mmengine. With ``mmcv-lite`` (mmcv without compiled ops)
 pass ``--mmcv-lite``: a stand-in for ``mmcv._ext`` lets mmdet import; the
@@ -91,7 +97,9 @@ def main():
     parser.add_argument("--size", type=int, default=160, help="image side in pixels")
     parser.add_argument("--classes", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--teacher-ckpt", default=None, help="checkpoint of the teacher (default: random teacher)")
+    parser.add_argument("--teacher-ckpt", default=None,
+                        help="weights of this script's teacher, RetinaNet R-18 with 128 channels and --classes "
+                             "classes (default: its random initialization)")
     parser.add_argument("--mmcv-lite", action="store_true", help="mmcv without compiled ops: nms from torchvision (tbd_ops.mmcv_lite)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -253,11 +253,12 @@ def test_float32_logits_like_mmdet():
 class TestMMDetFocalLossCases:
     """mmdet 3.3.0's own unit tests of FocalLoss (tests/test_models/test_losses/test_loss.py:
     test_FocalLoss_loss with integer targets, test_loss_with_reduction_override), run on
-    FusedFocalLoss built with no arguments as they build FocalLoss, plus the values."""
+    FusedFocalLoss built as they build FocalLoss (whose use_sigmoid defaults to True; ours must be
+    written), plus the values."""
 
     @staticmethod
     def loss_class():
-        return MODELS.build(dict(type="FusedFocalLoss"))
+        return MODELS.build(dict(type="FusedFocalLoss", use_sigmoid=True))
 
     def test_focal_loss_loss(self):
         pred = torch.rand((10, 5))
@@ -302,6 +303,8 @@ def test_use_sigmoid_and_activated():
     assert loss.use_sigmoid is True and loss.activated is False  # mmdet's heads read these
     with pytest.raises(ValueError, match=r"use_sigmoid must be True.*C \+ 1"):
         MODELS.build(dict(type="FusedFocalLoss", use_sigmoid=False))
+    with pytest.raises(ValueError, match=r"FusedFocalLoss: write use_sigmoid=True in the loss config"):
+        MODELS.build(dict(type="FusedFocalLoss", gamma=2.0, alpha=0.25))
     with pytest.raises(ValueError, match="activated"):
         MODELS.build(dict(type="FusedFocalLoss", use_sigmoid=True, activated=True))
 
@@ -314,6 +317,10 @@ def test_retina_head_with_fused_focal_loss():
     assert head.cls_out_channels == 4
     cfg["loss_cls"]["use_sigmoid"] = False
     with pytest.raises(ValueError, match="use_sigmoid"):
+        MODELS.build(cfg)
+    # Left out, mmdet's head would read False (C + 1 channels, background trained as a class).
+    del cfg["loss_cls"]["use_sigmoid"]
+    with pytest.raises(ValueError, match="write use_sigmoid=True"):
         MODELS.build(cfg)
 
 

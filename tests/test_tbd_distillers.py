@@ -233,3 +233,84 @@ def test_autocast_decodes_in_float32(arch):
     for key in ("loss_hd", "loss_tfd"):
         assert amp[key].dtype == torch.float32 and torch.isfinite(amp[key])
         torch.testing.assert_close(amp[key], full[key], rtol=0.1, atol=1e-3)
+
+
+# ---- heads and settings the distiller cannot read, refused when the model is built --------------
+def test_heads_whose_outputs_are_not_deltas_are_refused():
+    from tbd_ops.mmdet.teacher import coder_from_head
+
+    # TOOD's head has DeltaXYWHBBoxCoder but its forward outputs boxes already decoded.
+    tood = MODELS.build(ConfigDict(
+        type="TOODHead", num_classes=3, in_channels=32, stacked_convs=1, feat_channels=32, anchor_type="anchor_free",
+        anchor_generator=dict(type="AnchorGenerator", ratios=[1.0], octave_base_scale=8, scales_per_octave=1,
+                              strides=[8, 16, 32, 64, 128]),
+        loss_cls=dict(type="QualityFocalLoss", use_sigmoid=True, activated=True, beta=2.0, loss_weight=1.0),
+        loss_bbox=dict(type="GIoULoss", loss_weight=2.0)))
+    with pytest.raises(NotImplementedError, match="TOODHead with bbox_coder 'DeltaXYWHBBoxCoder': its forward"):
+        coder_from_head(tood)
+    # Heads that reuse the supported forwards are accepted (FreeAnchor: RetinaNet's; PAA: ATSS's).
+    for arch, head_type in (("retinanet", "FreeAnchorRetinaHead"), ("atss", "PAAHead")):
+        head = mmdet_model(arch)["bbox_head"]
+        head["type"] = head_type
+        assert coder_from_head(MODELS.build(ConfigDict(head)))[0] == "delta_xywh", head_type
+
+
+def test_softmax_classification_is_refused():
+    softmax = mmdet_model("retinanet")
+    softmax["bbox_head"]["loss_cls"] = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)
+    with pytest.raises(NotImplementedError, match=r"sigmoid class scores; RetinaHead classifies with a softmax"):
+        MODELS.build(distiller_cfg("retinanet", teacher=softmax))
+    cfg = distiller_cfg("retinanet")
+    cfg["bbox_head"]["loss_cls"] = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)
+    with pytest.raises(NotImplementedError, match="softmax"):
+        MODELS.build(cfg)
+
+
+@pytest.mark.parametrize("override,msg", [
+    (dict(num_levels=4), r"tbd_loss\.num_levels = 4 does not match the models \(5\)"),
+    (dict(in_channels=128), r"tbd_loss\.in_channels = 128 does not match the models \(256\)"),
+    (dict(teacher_channels=64), r"tbd_loss\.teacher_channels = 64 does not match the models \(256\)"),
+    (dict(coder="distance"), r"tbd_loss\.coder = 'distance' does not match the models \('delta_xywh'\)"),
+    (dict(hd_mode="iou"), r"TBDSingleStageDetector: tbd_loss: HarmonyDistillationLoss: mode must be one of"),
+    (dict(tfd_weight="a"), r"TBDSingleStageDetector: tbd_loss: TaskDecoupledFeatureLoss: loss_weight must be a number"),
+])
+def test_tbd_loss_settings_are_checked_when_built(override, msg):
+    with pytest.raises((ValueError, TypeError), match=msg):
+        MODELS.build(distiller_cfg("retinanet", tbd_loss=override))
+    # The values the heads give are accepted when written out.
+    MODELS.build(distiller_cfg("retinanet", tbd_loss=dict(num_levels=5, in_channels=256)))
+
+
+@pytest.mark.parametrize("student_clips,teacher_clips", [(True, False), (False, True), (True, True)])
+def test_each_side_clips_its_boxes_as_its_own_coder(student_clips, teacher_clips):
+    teacher = mmdet_model("retinanet")
+    teacher["bbox_head"]["bbox_coder"]["clip_border"] = teacher_clips
+    cfg = distiller_cfg("retinanet", teacher=teacher)
+    cfg["bbox_head"]["bbox_coder"]["clip_border"] = student_clips
+    model = MODELS.build(cfg)
+    model.train()
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["student"] = args[8] if len(args) > 8 else kwargs.get("img_shapes")
+        seen["teacher"] = kwargs["teacher_img_shapes"]
+
+    handle = model.tbd_loss.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        inputs, samples = detection_batch(model)
+        model.loss(inputs, samples)
+    finally:
+        handle.remove()
+    shapes = [tuple(s.img_shape[:2]) for s in samples]
+    assert seen["student"] == (shapes if student_clips else None)
+    assert seen["teacher"] == (shapes if teacher_clips else None)
+
+
+def test_unreadable_teacher_checkpoint_names_the_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"teacher_ckpt: no checkpoint at '.*nope\.pth'"):
+        MODELS.build(distiller_cfg("retinanet", teacher_ckpt=str(tmp_path / "nope.pth")))
+    junk = tmp_path / "notes.pth"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(CheckpointMismatchError, match=r"teacher_ckpt '.*notes\.pth' cannot be read as a PyTorch "
+                                                      r"checkpoint"):
+        MODELS.build(distiller_cfg("retinanet", teacher_ckpt=str(junk)))

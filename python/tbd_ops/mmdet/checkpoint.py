@@ -17,6 +17,7 @@ global in a checkpoint is still refused.
 ``load_state_dict_strict(model, filename)`` loads a checkpoint into a model and
 raises, naming them, on missing, unexpected or shape-mismatched keys.
 """
+import pickle
 import re
 from typing import Dict, List, Tuple
 
@@ -130,7 +131,13 @@ def load_state_dict_strict(model: nn.Module, filename: str, what: str = "checkpo
     shape-mismatched keys (``what`` names the argument in the message, e.g.
     ``"teacher_ckpt"``). Returns the checkpoint's ``meta`` (or ``{}``).
     """
-    checkpoint = load_checkpoint_weights_only(filename)
+    try:
+        checkpoint = load_checkpoint_weights_only(filename)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what}: no checkpoint at {filename!r} ({e})") from None
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # not a checkpoint
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointMismatchError(f"{what} {filename!r} cannot be read as a PyTorch checkpoint: {first}") from e
     state = _state_dict_of(checkpoint, filename)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -94,21 +94,29 @@ class TBDDistillerMixin:
         teacher.train(not self.eval_teacher)
 
         s_head, t_head = self._dense_head(self), self._dense_head(teacher)
-        self._check_teacher(owner, s_head, t_head, allow_class_mismatch)
-        coder, coder_cfg = coder_from_head(s_head, training=True)
+        coder, coder_cfg = coder_from_head(s_head, training=True)  # a supported head first
         t_coder, t_coder_cfg = coder_from_head(t_head, training=not self.eval_teacher)
+        self._check_teacher(owner, s_head, t_head, allow_class_mismatch)
         if t_coder != coder:
             raise ValueError(f"{owner}: the teacher's boxes decode with {t_coder!r}, the student's with {coder!r}; "
                              "TBD needs the same kind of box coder on both sides")
         cfg = dict(tbd_loss or {})
         cfg.pop("type", None)
-        cfg.setdefault("num_levels", s_head.prior_generator.num_levels)
-        cfg.setdefault("in_channels", s_head.in_channels)
-        cfg.setdefault("teacher_channels", t_head.in_channels)
-        cfg.setdefault("coder", coder)
+        # What the heads decide: a value given in tbd_loss must agree (the loss would fail at the
+        # first step, or decode the boxes in another convention).
+        derived = dict(num_levels=s_head.prior_generator.num_levels, in_channels=s_head.in_channels,
+                       teacher_channels=t_head.in_channels, coder=coder)
+        for key, value in derived.items():
+            if key in cfg and cfg[key] != value:
+                raise ValueError(f"{owner}: tbd_loss.{key} = {cfg[key]!r} does not match the models ({value!r}); "
+                                 "leave it out, it is taken from the student's and the teacher's heads")
+            cfg[key] = value
         cfg.setdefault("coder_cfg", coder_cfg)
         cfg.setdefault("teacher_coder_cfg", t_coder_cfg)
-        self.tbd_loss = TBDLoss(**cfg)
+        try:
+            self.tbd_loss = TBDLoss(**cfg)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{owner}: tbd_loss: {e}") from None
         self._clip_to_image = _clips(s_head)
         self._t_clip_to_image = _clips(t_head)
         self.teacher_input = InputConverter(self.data_preprocessor, teacher.data_preprocessor)
@@ -206,9 +214,11 @@ class TBDDistillerMixin:
         sizes = [c.shape[-2:] for c in cls_scores]
         priors = self._grid_priors(head, sizes, torch.float32, bbox_preds[0].device)
         gt_bboxes = [get_box_tensor(g.bboxes).float() for g in batch_gt_instances]
-        img_shapes = [tuple(m["img_shape"][:2]) for m in batch_img_metas] if self._clip_to_image else None
+        shapes = [tuple(m["img_shape"][:2]) for m in batch_img_metas]
+        # Each side's boxes are clipped to the image as its own box coder does (clip_border).
         return self.tbd_loss(cls_scores, bbox_preds, list(feats), list(t_outs[0]), t_bbox_preds, list(t_feats),
-                             priors, gt_bboxes, img_shapes)
+                             priors, gt_bboxes, shapes if self._clip_to_image else None,
+                             teacher_img_shapes=shapes if self._t_clip_to_image else None)
 
     def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> Union[dict, list]:
         """The student's own losses, unchanged, plus ``loss_hd`` and ``loss_tfd``."""

@@ -10,8 +10,25 @@ from mmdet.structures.bbox import get_box_tensor
 
 import tbd_ops
 from ..nn import ConsistencyVotingWeights, ScaleConsistencyLoss, SigmoidFocalLoss
+from ..nn.pseco import assigner_args
 
-MODELS.register_module(name="FusedFocalLoss", module=SigmoidFocalLoss, force=True)
+
+
+@MODELS.register_module(name="FusedFocalLoss", force=True)
+class FusedFocalLoss(SigmoidFocalLoss):
+    """``tbd_ops.nn.SigmoidFocalLoss`` as an MMDetection loss type. ``use_sigmoid=True`` must be in
+    the config: mmdet's heads read it from there (a missing key means False, and the head gets
+    C + 1 class channels, where this loss would train background as a class)."""
+
+    def __init__(self, *args, use_sigmoid: Optional[bool] = None, **kwargs):
+        if use_sigmoid is None:
+            raise ValueError(
+                "FusedFocalLoss: write use_sigmoid=True in the loss config. MMDetection's heads read use_sigmoid "
+                "from the config, not from the loss (missing means False): they would get C + 1 class channels "
+                "and this loss would train background as a class")
+        super().__init__(*args, use_sigmoid=use_sigmoid, **kwargs)
+
+
 MODELS.register_module(name="ScaleConsistencyLoss", module=ScaleConsistencyLoss, force=True)
 MODELS.register_module(name="ConsistencyVotingWeights", module=ConsistencyVotingWeights, force=True)
 
@@ -64,7 +81,7 @@ class PredictionGuidedAssigner(BaseAssigner):
     """
 
     def __init__(self, iou_thr: float = 0.4, topk: int = 12, alpha: float = 0.5):
-        self.iou_thr, self.topk, self.alpha = float(iou_thr), int(topk), float(alpha)
+        self.iou_thr, self.topk, self.alpha = assigner_args("PredictionGuidedAssigner", iou_thr, topk, alpha)
 
     def assign(self, pred_instances: InstanceData, gt_instances: InstanceData,
                gt_instances_ignore: Optional[InstanceData] = None, **kwargs) -> PseCoAssignResult:

@@ -66,6 +66,24 @@ def _is_fcos_forward(head: nn.Module) -> bool:
     return isinstance(head, FCOSHead) and type(head).forward_single is FCOSHead.forward_single
 
 
+def _outputs_deltas(head: nn.Module) -> bool:
+    """Whether the head's forward returns its conv outputs as DeltaXYWHBBoxCoder deltas: the
+    forward of mmdet's RetinaNet, RPN, ATSS (and PAA), FreeAnchor and NAS-FPN RetinaNet heads,
+    not overridden. Others with that coder output something else (TOODHead: boxes already
+    decoded; GARetinaHead: deltas on guided anchors; SSDHead: per-level prior counts)."""
+    from mmdet.models.dense_heads import AnchorHead, ATSSHead, RetinaHead, RetinaSepBNHead, RPNHead
+
+    cls = type(head)
+    return (cls.forward, cls.forward_single) in {
+        (AnchorHead.forward, AnchorHead.forward_single), (AnchorHead.forward, RetinaHead.forward_single),
+        (AnchorHead.forward, RPNHead.forward_single), (ATSSHead.forward, ATSSHead.forward_single),
+        (RetinaSepBNHead.forward, AnchorHead.forward_single)}
+
+
+_SUPPORTED = ("supported: RetinaHead, ATSSHead, PAAHead, FreeAnchorRetinaHead, RetinaSepBNHead and RPNHead with "
+              "DeltaXYWHBBoxCoder; FCOSHead with DistancePointBBoxCoder")
+
+
 def coder_from_head(head: nn.Module, training: Optional[bool] = None) -> Tuple[str, dict]:
     """``(coder, coder_cfg)`` of ``TBDLoss`` for the ``bbox_pred`` of an mmdet dense head.
 
@@ -77,7 +95,11 @@ def coder_from_head(head: nn.Module, training: Optional[bool] = None) -> Tuple[s
     training = head.training if training is None else bool(training)
     bbox_coder = getattr(head, "bbox_coder", None)
     name = type(bbox_coder).__name__ if bbox_coder is not None else None
-    if name == "DeltaXYWHBBoxCoder":
+    if not getattr(head, "use_sigmoid_cls", True):
+        raise NotImplementedError(
+            f"TBD distillation needs sigmoid class scores; {type(head).__name__} classifies with a softmax "
+            "(loss_cls use_sigmoid=False), whose channels include background: set use_sigmoid=True in its loss_cls")
+    if name == "DeltaXYWHBBoxCoder" and _outputs_deltas(head):
         if getattr(bbox_coder, "add_ctr_clamp", False):
             raise NotImplementedError(f"{type(head).__name__}: DeltaXYWHBBoxCoder(add_ctr_clamp=True) is not supported")
         return "delta_xywh", dict(means=tuple(float(m) for m in bbox_coder.means),
@@ -87,8 +109,8 @@ def coder_from_head(head: nn.Module, training: Optional[bool] = None) -> Tuple[s
         scaled = getattr(head, "norm_on_bbox", False) and training
         return "distance", dict(scales=strides if scaled else [1.0] * len(strides))
     raise NotImplementedError(
-        f"TBD distillation does not support {type(head).__name__} with bbox_coder {name!r} (supported: heads "
-        "with DeltaXYWHBBoxCoder such as RetinaHead, ATSSHead and RPNHead; FCOSHead with DistancePointBBoxCoder)")
+        f"TBD distillation does not support {type(head).__name__} with bbox_coder {name!r}: its forward does not "
+        f"output what the coder decodes ({_SUPPORTED})")
 
 
 def _normalization(pre: nn.Module, who: str, channels: int) -> Tuple[Tensor, Tensor, bool, float]:
