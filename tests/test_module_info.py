@@ -251,6 +251,7 @@ def test_gpu_not_covered_says_what_to_rebuild_with(monkeypatch):
 
 def test_python_m_tbd_ops():
     env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+    env.pop("TBD_OPS_MMCV_LITE", None)
     r = subprocess.run([sys.executable, "-m", "tbd_ops"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     out = dict(re.match(r"(.+?):\s+(.*)", line).groups() for line in r.stdout.splitlines())
@@ -284,11 +285,16 @@ def test_python_m_tbd_ops():
         assert out["tbd_ops.mmdet"].startswith("not imported: mmcv has no compiled ops")
 
 
-def test_report_lists_the_mmdet_registrations():
+@pytest.mark.parametrize("how", ["--mmcv-lite", "TBD_OPS_MMCV_LITE=1"])
+def test_report_lists_the_mmdet_registrations(how):
+    """With mmcv-lite, by the flag or by the variable tbd_ops.mmdet itself reads."""
     pytest.importorskip("mmdet")
     pytest.importorskip("torchvision")  # the nms of tbd_ops.mmcv_lite's stand-in
     env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
-    r = subprocess.run([sys.executable, "-m", "tbd_ops", "--mmcv-lite"], capture_output=True, text=True, env=env,
+    if how.startswith("TBD_OPS_MMCV_LITE"):
+        env["TBD_OPS_MMCV_LITE"] = "1"
+    args = [how] if how.startswith("--") else []
+    r = subprocess.run([sys.executable, "-m", "tbd_ops", *args], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     line = dict(re.match(r"(.+?):\s+(.*)", line).groups() for line in r.stdout.splitlines())["tbd_ops.mmdet"]

@@ -613,6 +613,10 @@ def _with(det, path, value):
      r"featmap_strides must start at 8.*got \[4, 8, 16, 32\]"),
     (("roi_head", "bbox_head", "loss_cls"), dict(type="FocalLoss", use_sigmoid=True, loss_weight=10.0),
      r"loss_cls FocalLoss .*C \+ 1 class channels.*RoIFocalLoss"),
+    (("neck", "add_extra_convs"), "on_output", r"neck.add_extra_convs must be 'on_input' .*got 'on_output'"),
+    (("neck", "add_extra_convs"), False, r"neck.add_extra_convs must be 'on_input' .*got False"),
+    (("backbone", "out_indices"), (1, 2, 3),
+     r"backbone.out_indices \(1, 2, 3\) gives 3 stages, detector.neck.in_channels \[64, 128, 256, 512\] expects 4"),
 ])
 def test_model_outside_the_level_scheme_raises(path, value, match):
     det = _with(detector(channels=16), path, value)
@@ -638,6 +642,45 @@ def test_model_outside_the_level_scheme_raises(path, value, match):
 def test_bad_semi_train_cfg_raises(key, value, match):
     with pytest.raises(ValueError, match=match):
         MODELS.build(pseco(detector(channels=16), **{key: value}))
+
+
+def test_bad_semi_test_cfg_and_data_preprocessor_raise():
+    cfg = pseco(detector(channels=16))
+    cfg["semi_test_cfg"] = dict(predict_on="teacher", predicton="student")
+    with pytest.raises(ValueError, match=r"unknown semi_test_cfg keys \['predicton'\]"):
+        MODELS.build(cfg)
+    cfg = pseco(detector(channels=16))
+    cfg["data_preprocessor"] = cfg["detector"]["data_preprocessor"]
+    with pytest.raises(TypeError, match="data_preprocessor must be a MultiBranchDataPreprocessor .*got "
+                                        "DetDataPreprocessor"):
+        MODELS.build(cfg)
+
+
+def test_batches_without_the_three_branches_raise():
+    model = build(detector(channels=16))
+    optim = torch.optim.SGD(model.parameters(), lr=0.0)
+    from mmengine.optim import OptimWrapper
+
+    from mmdet.structures import DetDataSample
+
+    wrapper = OptimWrapper(optim)
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"must hold the branches .* got list inputs: every train pipeline"):
+        model.train_step(dict(inputs=[image], data_samples=[DetDataSample()]), wrapper)
+    only_labeled = dict(inputs=dict(sup=[image], unsup_teacher=[None], unsup_student=[None]),
+                        data_samples=dict(sup=[DetDataSample()], unsup_teacher=[None], unsup_student=[None]))
+    with pytest.raises(ValueError, match=r"no images in the branches \['unsup_teacher', 'unsup_student'\]"):
+        model.train_step(only_labeled, wrapper)
+
+
+def test_runner_without_mean_teacher_hook_raises(semi_data, tmp_path):
+    """custom_hooks=[] (a config's list replaces its base's) leaves out MeanTeacherHook: the teacher
+    would stay at its random initialization. The first iteration raises instead."""
+    _, labeled, unlabeled = semi_data
+    path = write_semi_config(tmp_path / "pseco_r18.py", labeled, unlabeled, tmp_path / "work", max_iters=1,
+                             momentum=0.001, **LOW_THRESHOLDS)
+    with pytest.raises(RuntimeError, match=r"the teacher is not a copy of the student.*MeanTeacherHook"):
+        rh.train_with_hooks(path, [], custom_hooks=[])
 
 
 def test_scale_consistency_needs_the_second_view():

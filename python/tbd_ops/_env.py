@@ -118,8 +118,10 @@ def _tbd_ops_registrations():
 
 
 def mmdet_lines(mmcv_lite=False):
-    """mmengine, mmcv, mmdet and tbd_ops.mmdet; with mmcv_lite, tbd_ops.mmcv_lite's stand-in for
-    mmcv's compiled ops is installed first when mmcv has none."""
+    """mmengine, mmcv, mmdet and tbd_ops.mmdet; with mmcv_lite (or TBD_OPS_MMCV_LITE=1, as
+    tbd_ops.mmdet reads it), tbd_ops.mmcv_lite's stand-in for mmcv's compiled ops is installed first
+    when mmcv has none."""
+    mmcv_lite = mmcv_lite or os.environ.get("TBD_OPS_MMCV_LITE", "0") == "1"
     lines = []
     ok = {}
     for name in ("mmengine", "mmcv", "mmdet"):
@@ -142,8 +144,9 @@ def mmdet_lines(mmcv_lite=False):
         # mmdet's models import mmcv.ops, which needs mmcv._ext: importing
         # tbd_ops.mmdet fails then (with an ImportError that says so).
         lines.append(("tbd_ops.mmdet", "not imported: mmcv has no compiled ops (mmcv-lite), which mmdet's models "
-                                       "import; install the full mmcv, or call tbd_ops.mmcv_lite.install() first "
-                                       "(python -m tbd_ops --mmcv-lite shows the registrations then)"))
+                                       "import; install the full mmcv, or set TBD_OPS_MMCV_LITE=1 (or call "
+                                       "tbd_ops.mmcv_lite.install() first; python -m tbd_ops --mmcv-lite shows the "
+                                       "registrations then)"))
     else:
         try:
             importlib.import_module("tbd_ops.mmdet")

@@ -1,6 +1,6 @@
 """Export the student of a distiller's checkpoint as a checkpoint of the plain student detector.
 
-    python -m tbd_ops.mmdet.export DISTILLER_CKPT OUT [--arch RetinaNet]
+    python -m tbd_ops.mmdet.export DISTILLER_CKPT OUT
 
 A distiller's checkpoint (what the Runner saved for ``TBDSingleStageDetector``
 or ``TBDTwoStageDetector``) holds the student's weights plus those of the TBD

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmengine.config import ConfigDict
+from mmengine.logging import MessageHub
 from mmengine.structures import InstanceData
 from mmdet.models.detectors.semi_base import SemiBaseDetector
 from mmdet.models.task_modules.assigners import AssignResult
@@ -83,6 +84,7 @@ _SOFT_TEACHER_ONLY = ("reg_pseudo_thr", "jitter_times", "jitter_scale")
 _OFFICIAL_NAMES = {"rpn_pseudo_threshold": "rpn_pseudo_thr", "cls_pseudo_threshold": "cls_pseudo_thr",
                    "min_pseduo_box_size": "min_pseudo_bbox_wh", "min_pseudo_box_size": "min_pseudo_bbox_wh"}
 _VIEWS = ("teacher", "student")
+_BRANCHES = ("sup", "unsup_teacher", "unsup_student")
 # Samplers that read only gt_inds of an AssignResult (no max_overlaps).
 _SAMPLERS_WITHOUT_OVERLAPS = (RandomSampler, PseudoSampler)
 
@@ -147,8 +149,14 @@ def check_semi_train_cfg(cfg) -> ConfigDict:
     return ConfigDict(out)
 
 
+_TEST_KEYS = ("predict_on", "forward_on", "extract_feat_on")
+
+
 def check_semi_test_cfg(cfg) -> ConfigDict:
     cfg = dict(predict_on="teacher") if cfg is None else dict(cfg)
+    unknown = sorted(set(cfg) - set(_TEST_KEYS))
+    if unknown:
+        raise ValueError(f"{_NAME}: unknown semi_test_cfg keys {unknown} (known: {list(_TEST_KEYS)})")
     for key in ("predict_on", "forward_on", "extract_feat_on"):
         if key in cfg and cfg[key] not in _VIEWS:
             raise ValueError(f"{_NAME}: semi_test_cfg.{key} must be 'teacher' or 'student', got {cfg[key]!r}")
@@ -258,6 +266,15 @@ def check_level_scheme(model: nn.Module) -> None:
         raise ValueError(f"{_NAME}: detector.neck.num_outs must be 6 (P2-P7: the student's view V1 and the teacher "
                          f"use P3-P7, the downsampled view V2 uses P2-P6), got {num_outs}; set "
                          "neck=dict(..., num_outs=6, add_extra_convs='on_input')")
+    extra = getattr(neck, "add_extra_convs", None)
+    if num_outs is not None and extra != "on_input":
+        raise ValueError(f"{_NAME}: detector.neck.add_extra_convs must be 'on_input' (P6 and P7 from the last backbone "
+                         f"stage, as PseCo's FPN), got {extra!r}")
+    in_channels = getattr(neck, "in_channels", None)
+    out_indices = getattr(model.backbone, "out_indices", None)
+    if in_channels is not None and out_indices is not None and len(out_indices) != len(in_channels):
+        raise ValueError(f"{_NAME}: detector.backbone.out_indices {tuple(out_indices)} gives {len(out_indices)} "
+                         f"stages, detector.neck.in_channels {list(in_channels)} expects {len(in_channels)}")
     start_level = getattr(neck, "start_level", None)
     if start_level is not None and start_level != 0:
         raise ValueError(f"{_NAME}: detector.neck.start_level must be 0 (P2 at stride 4 from the first backbone "
@@ -358,6 +375,13 @@ class PseCoDetector(SemiBaseDetector):
         super().__init__(detector=detector, semi_train_cfg=semi_train_cfg, semi_test_cfg=semi_test_cfg,
                          data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         check_level_scheme(self.student)
+        from mmdet.models.data_preprocessors import MultiBranchDataPreprocessor
+
+        if not isinstance(self.data_preprocessor, MultiBranchDataPreprocessor):
+            raise TypeError(f"{_NAME}: data_preprocessor must be a MultiBranchDataPreprocessor (branches "
+                            f"{list(_BRANCHES)}) wrapping the detector's DetDataPreprocessor, got "
+                            f"{type(self.data_preprocessor).__name__}")
+        self._teacher_checked = False
         head = self.student.roi_head.bbox_head
         self.num_classes = int(head.num_classes)
         self.focal_head = isinstance(head.loss_cls, RoIFocalLoss)
@@ -411,6 +435,47 @@ class PseCoDetector(SemiBaseDetector):
         return rename_loss_dict("sup_", reweight_loss_dict(losses, self.semi_train_cfg.sup_weight))
 
     # ---- the semi-supervised step ----------------------------------------------------------------
+    def train_step(self, data, optim_wrapper):
+        """mmengine's train step, after two checks of what a config can get wrong without an error
+        of its own: every batch holds images of the three branches, and (at the first step of a
+        run) the teacher starts as a copy of the student, which MeanTeacherHook makes."""
+        self._check_branches(data)
+        if not self._teacher_checked:
+            self._teacher_checked = True
+            self._check_teacher_follows_student()
+        return super().train_step(data, optim_wrapper)
+
+    @staticmethod
+    def _check_branches(data) -> None:
+        inputs = data.get("inputs") if isinstance(data, dict) else None
+        if not isinstance(inputs, dict):
+            raise ValueError(f"{_NAME}: a training batch must hold the branches {list(_BRANCHES)}, got "
+                             f"{type(inputs).__name__} inputs: every train pipeline (labeled and unlabeled) must end "
+                             "in MultiBranch(branch_field=['sup', 'unsup_teacher', 'unsup_student'], ...)")
+        counts = {b: sum(x is not None for x in inputs.get(b, ())) for b in _BRANCHES}
+        empty = [b for b, c in counts.items() if c == 0]
+        if empty:
+            raise ValueError(f"{_NAME}: a training batch has no images in the branches {empty} (images per branch: "
+                             f"{counts}): the train dataloader must mix labeled and unlabeled images in every batch "
+                             "(ConcatDataset of both sets, GroupMultiSourceSampler with a source_ratio for each)")
+
+    def _check_teacher_follows_student(self) -> None:
+        """At the first step of a run that starts at iteration 0, the teacher must equal the student:
+        mmdet's MeanTeacherHook copies the student into it before training and then moves it by
+        EMA. Without the hook (a custom_hooks list in a config replaces the base's) the teacher
+        would stay at its random initialization. One comparison, once per run."""
+        hub = MessageHub.get_current_instance()
+        if hub.get_info("iter") != 0 or hub.get_info("loop_stage") != "train":
+            return  # a resumed run, or not driven by a Runner
+        student = dict(self.student.rpn_head.named_parameters())
+        teacher = dict(self.teacher.rpn_head.named_parameters())
+        if not all(torch.equal(student[k], teacher[k]) for k in student):
+            raise RuntimeError(
+                f"{_NAME}: at the first iteration the teacher is not a copy of the student: it follows the student "
+                "only through mmdet's MeanTeacherHook, which copies the student into it before training; add "
+                "custom_hooks = [dict(type='MeanTeacherHook', momentum=0.001)] (a custom_hooks list in your config "
+                "replaces the base config's)")
+
     def loss(self, multi_batch_inputs: Dict[str, Tensor], multi_batch_data_samples: Dict[str, SampleList]) -> dict:
         losses = dict()
         losses.update(self.loss_by_gt_instances(multi_batch_inputs["sup"], multi_batch_data_samples["sup"]))
