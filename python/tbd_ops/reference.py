@@ -290,8 +290,11 @@ _FOCAL_LOG_MIN = math.log(torch.finfo(torch.float32).tiny)  # log(FLT_MIN)
 
 
 def _clamped_log(log_v: torch.Tensor) -> torch.Tensor:
-    """``log_v`` clamped below at log(FLT_MIN); its gradient is 1 everywhere (as mmcv's backward)."""
-    return log_v.detach().clamp(min=_FOCAL_LOG_MIN) + (log_v - log_v.detach())
+    """``log_v`` clamped below at log(FLT_MIN); its gradient is 1 wherever ``log_v`` is finite (as
+    mmcv's backward). At an infinite logit (``log_v = -inf``) the value is the clamp, not NaN."""
+    through = log_v - log_v.detach()
+    return log_v.detach().clamp(min=_FOCAL_LOG_MIN) + torch.where(torch.isfinite(log_v), through,
+                                                                  torch.zeros_like(through))
 
 
 def sigmoid_focal_loss(logits, targets, weight=None, gamma: float = _FOCAL["gamma"], alpha: float = _FOCAL["alpha"],
