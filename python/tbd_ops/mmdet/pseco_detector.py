@@ -436,13 +436,10 @@ class PseCoDetector(SemiBaseDetector):
 
     # ---- the semi-supervised step ----------------------------------------------------------------
     def train_step(self, data, optim_wrapper):
-        """mmengine's train step, after two checks of what a config can get wrong without an error
-        of its own: every batch holds images of the three branches, and (at the first step of a
-        run) the teacher starts as a copy of the student, which MeanTeacherHook makes."""
+        """mmengine's train step, after a check of what a config can get wrong without an error of
+        its own: every batch holds images of the three branches. (MMDistributedDataParallel runs
+        its own train step: there mmengine's data preprocessor reports such a batch.)"""
         self._check_branches(data)
-        if not self._teacher_checked:
-            self._teacher_checked = True
-            self._check_teacher_follows_student()
         return super().train_step(data, optim_wrapper)
 
     @staticmethod
@@ -477,6 +474,9 @@ class PseCoDetector(SemiBaseDetector):
                 "replaces the base config's)")
 
     def loss(self, multi_batch_inputs: Dict[str, Tensor], multi_batch_data_samples: Dict[str, SampleList]) -> dict:
+        if not self._teacher_checked:  # the first step of this process (also under DDP)
+            self._teacher_checked = True
+            self._check_teacher_follows_student()
         losses = dict()
         losses.update(self.loss_by_gt_instances(multi_batch_inputs["sup"], multi_batch_data_samples["sup"]))
         teacher_info = self.teacher_predictions(multi_batch_inputs["unsup_teacher"],
