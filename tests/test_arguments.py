@@ -78,3 +78,16 @@ def test_numbers_of_other_types_are_accepted():
         assert torch.equal(tbd_ops.channel_max_spatial_softmax(X, temperature, flag), want)
     assert tnn.PseCoAssigner(topk=np.int64(3)).topk == 3
     assert tnn.TBDLoss(num_levels=np.int32(3), in_channels=8).num_levels == 3
+
+
+def test_features_in_another_dtype_than_the_adapters():
+    """float64 features into a float32 module: an error naming the argument, not conv2d's about its bias;
+    under autocast, or with the module converted, it runs."""
+    m = tnn.TaskDecoupledFeatureLoss(num_levels=1, in_channels=4)
+    fs, ft = torch.randn(2, 4, 3, 5, dtype=torch.float64), torch.randn(2, 4, 3, 5)
+    maps = [[torch.rand(2, 3, 5)] for _ in range(4)]
+    with pytest.raises(TypeError, match=r"student_feats\[0\] is torch.float64, the adapters are torch.float32"):
+        m([fs], [ft], *maps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(m([fs.float()], [ft], *maps))
+    assert m.double()([fs], [ft.double()], *[[x[0].double()] for x in maps]).dtype == torch.float64

@@ -207,6 +207,12 @@ class TaskDecoupledFeatureLoss(nn.Module):
                 raise ValueError(f"TaskDecoupledFeatureLoss: teacher_feats[{l}] must be "
                                  f"[{fs.shape[0]}, {self.teacher_channels}, {fs.shape[2]}, {fs.shape[3]}], "
                                  f"got {tuple(ft.shape)}")
+            weight = self.adapters[l].weight
+            autocast = torch.is_autocast_enabled(fs.device.type)
+            if not fs.is_floating_point() or (fs.dtype != weight.dtype and not autocast):
+                raise TypeError(f"TaskDecoupledFeatureLoss: student_feats[{l}] is {fs.dtype}, the adapters are "
+                                f"{weight.dtype}: convert the module (.to({fs.dtype})) or the features, or run "
+                                "under torch.autocast")
             n, _, h, w = fs.shape
             lv = [m[l] for m in maps]
             for name, m in zip(("pc_t", "pr_t", "pc_s", "pr_s"), lv):
