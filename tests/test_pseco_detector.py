@@ -746,3 +746,24 @@ def test_shipped_configs_parse_and_build():
     assert model.student.roi_head.bbox_sampler.add_gt_as_proposals is False
     assert all(not p.requires_grad for p in model.teacher.parameters())
     assert dict(model.semi_train_cfg) == SEMI_TRAIN_DEFAULTS
+
+
+def test_a_checkpoint_of_another_detector_is_refused(tmp_path):
+    """mmengine's load_from / resume load non-strictly: a Faster R-CNN of other widths would leave the
+    mismatched weights at their initialization (a warning in the log). The detector refuses it; a plain
+    Faster R-CNN of the same architecture fills the student and the teacher."""
+    from mmengine.config import ConfigDict
+    from mmengine.runner.checkpoint import load_checkpoint
+    from tbd_ops.mmdet.checkpoint import CheckpointMismatchError
+
+    model = build(detector(channels=16))
+    same = MODELS.build(ConfigDict(detector(channels=16)))
+    torch.save(dict(state_dict=same.state_dict()), tmp_path / "same.pth")
+    load_checkpoint(model, str(tmp_path / "same.pth"), map_location="cpu")
+    for k, v in same.state_dict().items():
+        assert torch.equal(model.student.state_dict()[k], v) and torch.equal(model.teacher.state_dict()[k], v), k
+    wider = MODELS.build(ConfigDict(detector(channels=32)))
+    torch.save(dict(state_dict=wider.state_dict()), tmp_path / "wider.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"does not fit the detector built from the config: \d+ keys "
+                                                      r"differ in shape: student\.neck"):
+        load_checkpoint(model, str(tmp_path / "wider.pth"), map_location="cpu")

@@ -389,6 +389,27 @@ class PseCoDetector(SemiBaseDetector):
             for model in (self.student, self.teacher):
                 focal_prior_init(model.roi_head.bbox_head)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """mmdet's loading (a plain detector's checkpoint fills the student and the teacher), then a
+        check that the checkpoint fits: mmengine's load_from and resume load non-strictly, so a
+        checkpoint of another architecture would leave the mismatched weights at their
+        initialization with a warning in the log."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        own = {k: v for k, v in self.state_dict().items()}
+        keys = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        missing = sorted(k for k in own if k not in keys)
+        shapes = sorted(f"{k} (checkpoint {list(keys[k].shape)}, model {list(own[k].shape)})" for k in own
+                        if k in keys and hasattr(keys[k], "shape") and keys[k].shape != own[k].shape)
+        if missing or shapes:
+            from .checkpoint import CheckpointMismatchError, _listing
+
+            parts = ([f"{len(shapes)} keys differ in shape: {_listing(shapes, 4)}"] if shapes else []) + \
+                ([f"{len(missing)} keys of the model are missing: {_listing(missing)}"] if missing else [])
+            raise CheckpointMismatchError(f"{_NAME}: the checkpoint (load_from / resume) does not fit the detector "
+                                          "built from the config: " + "; ".join(parts))
+
     # ---- features --------------------------------------------------------------------------------
     @staticmethod
     def pyramid(model: nn.Module, images: Tensor) -> Tuple[Tensor, ...]:
