@@ -370,7 +370,9 @@ void cmss_forward(DType dt, const CmssLevel* levels, int64_t L, double temperatu
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int64_t locations = locations_of(levels, L);
   const int64_t states = cmss_forward_workspace(levels, L) / 2;
-  const bool keep_argmax = L > 0 && levels[0].argmax != nullptr;  // every level or none
+  // Every level or none keeps its argmax; an empty level has no storage (a null pointer) either way.
+  bool keep_argmax = false;
+  for (int64_t l = 0; l < L; ++l) keep_argmax = keep_argmax || levels[l].argmax != nullptr;
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;

@@ -16,7 +16,7 @@ namespace cuda {
 // One level of the forward: logits x [N, K, H, W] (element strides xs) ->
 // out (dtype of x), log_p (accumulator dtype) and argmax (int64), each a
 // contiguous [N, H, W]; argmax may be null (no backward to come: not stored), for
-// every level of a call or for none.
+// every level of a call or for none (an empty level's is null either way).
 struct CmssLevel {
   const void* x;
   int64_t xs[4];

@@ -231,6 +231,20 @@ def test_list_of_levels(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("empty", [(2, 9, 0, 10), (2, 9, 8, 0)])
+def test_list_of_levels_with_an_empty_first_level(device, empty):
+    """An empty level first (no argmax storage: a null pointer on CUDA) must not turn off the argmax of
+    the levels after it: their gradients equal the reference's."""
+    levels = [logits(empty, device).requires_grad_(), logits((2, 9, 4, 5), device).requires_grad_()]
+    out = tbd_ops.channel_max_spatial_softmax(levels)
+    g = torch.randn_like(out[1])
+    gx = torch.autograd.grad(out[1], levels[1], g)[0]
+    want = torch.autograd.grad(ref.channel_max_spatial_softmax(levels[1]), levels[1], g)[0]
+    torch.testing.assert_close(gx, want, rtol=1e-10, atol=1e-14)
+    assert out[0].shape == (2,) + empty[2:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_autocast_keeps_input_dtype(device):
     dtype = torch.bfloat16
     x32 = logits((2, 5, 4, 6), device, torch.float32)
