@@ -257,11 +257,14 @@ masked_grad_kernel(MaskedGradTable<T, A> t) {
 
 bool has_work(const MaskedLevel& v) { return v.N > 0 && v.H * v.W > 0; }
 
-// Sizes the kernels index with 32 bits (a level's H*W locations, C, K).
+// Sizes the kernels index with 32 bits (a level's H*W locations, C, K). Locations stay below
+// 2^30, so that a tile's end (i0 + tile_len, at most H*W + H*W / 256) and a thread's next
+// location (i + kBlock) cannot overflow either.
 void check_sizes(const MaskedLevel* lv, int64_t L) {
   for (int64_t l = 0; l < L; ++l) {
-    if (lv[l].H * lv[l].W > 0x7fffffff || lv[l].C > 0x7fffffff || lv[l].K > 0x7fffffff) {
-      throw std::invalid_argument("tbd_ops: masked reduction: H * W, C and K must each be below 2^31");
+    if (lv[l].H * lv[l].W >= (int64_t(1) << 30) || lv[l].C > 0x7fffffff || lv[l].K > 0x7fffffff) {
+      throw std::invalid_argument(
+          "tbd_ops: masked reduction: H * W must be below 2^30, C and K below 2^31 on CUDA");
     }
   }
 }
