@@ -2,7 +2,7 @@
 
 Problem: one distillation step of a one-stage detector on COCO-sized inputs: images resized to
 fit 800x1333 and padded to 800x1344 (MMDetection's pad_size_divisor=32), five FPN levels,
-strides 8..128 (100x168, 50x84, 25x42, 13x21, 7x11 = 22,308 locations), 256-channel features,
+strides 8..128 (100x168, 50x84, 25x42, 13x21, 7x11 = 22,400 locations), 256-channel features,
 80 classes, student and teacher head outputs of the same shapes:
 
   RetinaNet: A = 9 anchors (MMDetection's AnchorGenerator, octave base scale 4, 3 scales,

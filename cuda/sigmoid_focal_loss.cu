@@ -1,5 +1,7 @@
-// Sigmoid focal loss (SPEC 2.4); the per-element math is tbd_ops/focal.h,
-// shared with the CPU kernels (per-element results agree bit for bit).
+// Sigmoid focal loss; the per-element math is tbd_ops/focal.h, shared with the
+// CPU kernels (per-element results agree bit for bit under emulation; on a GPU,
+// where powf / exp / log1p come from libdevice, to rounding for a gamma other
+// than 0, 1 or 2 and in float64).
 //
 // Forward:
 //   "none": focal_forward_kernel, one thread per element (grid-stride), writes
