@@ -219,11 +219,39 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
           autograd::slice(flat, 2 * L, L)};
 }
 
+// The no-grad variants have no backward: under grad mode an input that requires grad is an
+// error (channel_max_spatial_softmax is the op to call), not a silently missing gradient.
+void check_no_grad_needed(const char* op, at::TensorList x) {
+  if (!at::GradMode::is_enabled()) return;
+  for (size_t l = 0; l < x.size(); ++l) {
+    TORCH_CHECK_VALUE(!x[l].requires_grad(), op, ": x", (x.size() > 1 ? "[" + std::to_string(l) + "]" : ""),
+                      " requires grad, and this op has no backward; call channel_max_spatial_softmax");
+  }
+}
+
+at::Tensor cmss_no_grad_autograd(const at::Tensor& x, double temperature, bool scale_by_hw) {
+  static auto op = typed_op<at::Tensor(const at::Tensor&, double, bool)>(
+      TBD_OPS_LIB_NAME "::_channel_max_spatial_softmax_no_grad");
+  check_no_grad_needed("_channel_max_spatial_softmax_no_grad", {x});
+  const at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(x, temperature, scale_by_hw);
+}
+
+std::vector<at::Tensor> cmss_levels_no_grad_autograd(at::TensorList x, double temperature, bool scale_by_hw) {
+  static auto op = typed_op<std::vector<at::Tensor>(at::TensorList, double, bool)>(
+      TBD_OPS_LIB_NAME "::_channel_max_spatial_softmax_levels_no_grad");
+  check_no_grad_needed("_channel_max_spatial_softmax_levels_no_grad", x);
+  const at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(x, temperature, scale_by_hw);
+}
+
 }  // namespace
 
 TBD_OPS_IMPL(Autograd,
     "channel_max_spatial_softmax", TORCH_FN(cmss_autograd),
-    "_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_autograd))
+    "_channel_max_spatial_softmax_levels", TORCH_FN(cmss_levels_autograd),
+    "_channel_max_spatial_softmax_no_grad", TORCH_FN(cmss_no_grad_autograd),
+    "_channel_max_spatial_softmax_levels_no_grad", TORCH_FN(cmss_levels_no_grad_autograd))
 
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/channel_max_spatial_softmax.cu, the shared

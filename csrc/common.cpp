@@ -46,6 +46,10 @@ std::vector<int64_t> image_offsets(const char* op, const char* name, at::IntArra
   for (size_t n = 0; n < counts.size(); ++n) {
     TORCH_CHECK_VALUE(counts[n] >= 0, op, ": ", name, " must be >= 0, got ", counts[n],
                       " for image ", n);
+    // Checked before the addition: a sum that wrapped around could match the rows again.
+    TORCH_CHECK_VALUE(counts[n] <= rows - off[n], op, ": ", name, " must sum to the rows of ",
+                      rows_of, " (", rows, "), got more by image ", n, " (", off[n], " + ",
+                      counts[n], ")");
     off[n + 1] = off[n] + counts[n];
   }
   TORCH_CHECK_VALUE(off.back() == rows, op, ": ", name, " must sum to the rows of ", rows_of,

@@ -20,6 +20,12 @@ TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def("_device_values(float[] values, Tensor like, ScalarType dtype) -> Tensor");
 }
 
+// No gradient: `like` only names the device, and the values are host numbers. Past autograd,
+// the output is a plain tensor even when `like` requires grad.
+TORCH_LIBRARY_IMPL(TBD_OPS_LIB, Autograd, m) {
+  m.impl("_device_values", torch::CppFunction::makeFallthrough());
+}
+
 // ---- CUDA registration (builds with the CUDA kernels): validation, allocation, device
 // guard and current stream; the kernels are cuda/device_values.cu, the shared pieces csrc/cuda_glue.h.
 #if TBD_OPS_CUDA_GLUE

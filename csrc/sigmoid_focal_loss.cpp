@@ -80,14 +80,16 @@ using FocalSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::opt
 
 // Autocast: logits and a weight of different floating dtypes run in the
 // widest of them; the per-element loss ("none") comes back in the dtype of
-// the logits.
+// the logits. 16-bit logits with a float32 weight (mixed-precision training)
+// are not copied to float32: the kernels compute 16-bit logits in float32
+// and read the weight in it, which gives the same values bit for bit.
 at::Tensor focal_autocast(const at::Tensor& logits, const at::Tensor& targets,
                           const c10::optional<at::Tensor>& weight, double gamma, double alpha,
                           c10::string_view reduction) {
   const AutocastOff off;
   static auto op = typed_op<FocalSig>(TBD_OPS_LIB_NAME "::sigmoid_focal_loss");
   const auto t = promote_dtype(logits, weight);
-  if (!t) return op.call(logits, targets, weight, gamma, alpha, reduction);
+  if (!t || *t == at::kFloat) return op.call(logits, targets, weight, gamma, alpha, reduction);
   at::Tensor out = op.call(logits.to(*t), targets, cast_to(weight, *t), gamma, alpha, reduction);
   return reduction == "none" ? out.to(logits.scalar_type()) : out;
 }

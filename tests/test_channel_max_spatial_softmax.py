@@ -653,3 +653,21 @@ def test_channel_max_spatial_softmax_split_blocks_take_several_steps(split_polic
     steps of 32 locations (the shared memory of one step is reused by the next)."""
     split_policy(2)
     cmss_levels_compare([torch.randn(1, 3, 100, 90) * 3, torch.randn(1, 3, 7, 5)])
+
+
+def test_no_grad_variants_refuse_an_input_that_needs_a_gradient():
+    """The p_c operators without argmax (for maps no gradient is asked of, e.g. a teacher's) have no
+    backward: called with an input that requires grad under grad mode they raise instead of returning
+    an output whose gradient would silently be missing; under no_grad they run."""
+    x = logits((2, 6, 3, 4), "cpu").requires_grad_()
+    ops = torch.ops.tbd_ops
+    with pytest.raises(ValueError, match=r"_channel_max_spatial_softmax_no_grad: x requires grad"):
+        ops._channel_max_spatial_softmax_no_grad(x)
+    with pytest.raises(ValueError, match=r"_channel_max_spatial_softmax_levels_no_grad: x\[1\] requires grad"):
+        ops._channel_max_spatial_softmax_levels_no_grad([x.detach(), x])
+    with torch.no_grad():
+        y = ops._channel_max_spatial_softmax_no_grad(x)
+    assert not y.requires_grad and torch.equal(y, tbd_ops.channel_max_spatial_softmax(x.detach()))
+    # _device_values only takes the device of `like`: a plain tensor comes back.
+    v = ops._device_values([1.0, 2.0], x, torch.float32)
+    assert not v.requires_grad and v.tolist() == [1.0, 2.0]

@@ -429,8 +429,17 @@ class TestBadInput:
             tbd_ops.box_max_iou(torch.zeros(2, 4), self.gts)
 
     def test_gt_counts_sum(self):
-        with pytest.raises(ValueError, match=r"gt_counts must sum to the rows of gt_bboxes \(4\), got 5"):
+        with pytest.raises(ValueError, match=r"gt_counts must sum to the rows of gt_bboxes \(4\), got more by "
+                                             r"image 1 \(3 \+ 2\)"):
             torch.ops.tbd_ops.decode_max_iou(self.pred, self.priors, torch.cat(self.gts), [3, 2])
+        with pytest.raises(ValueError, match=r"gt_counts must sum to the rows of gt_bboxes \(3\), got 2"):
+            torch.ops.tbd_ops.decode_max_iou(self.pred, self.priors, torch.cat(self.gts)[:3], [1, 1])
+        # Counts whose sum wraps around int64 back to the rows: refused, not indexed (it read out of bounds).
+        huge = [1 << 62, 1 << 62, 1 << 62, (1 << 62) + 3]
+        with pytest.raises(ValueError, match=r"gt_counts must sum to the rows of gt_bboxes \(3\), got more by "
+                                             r"image 0"):
+            dt = self.pred.dtype
+            torch.ops.tbd_ops.box_max_iou(torch.zeros(4, 2, 4, dtype=dt), torch.zeros(3, 4, dtype=dt), huge)
 
 
 @requires_cuda

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tbd_ops
 from tbd_ops import reference as ref
@@ -265,18 +266,37 @@ def test_nan_propagates(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_autocast_promotes_mixed_dtypes(device, reduction):
+@pytest.mark.parametrize("weight_dtype", [torch.float64, torch.float32])
+def test_autocast_promotes_mixed_dtypes(device, reduction, weight_dtype):
     """Under autocast, fp16 logits and a float64 weight run in float64 (the promote policy of every
-    op); the per-element loss comes back in the dtype of the logits."""
+    op); the per-element loss comes back in the dtype of the logits. With a float32 weight (mixed
+    precision training) the logits are not copied to float32: the same values and gradients, bit for
+    bit, as computed from float32 logits."""
     logits, targets, weight = inputs(12, 4, device, torch.float16)
+    weight = weight.to(weight_dtype)
     x = logits.requires_grad_()
-    with torch.autocast(device_type=device, dtype=torch.float16):
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype) and args[0].shape == x.shape:
+                copies.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast(device_type=device, dtype=torch.float16), Copies():
         y = OP(x, targets, weight, reduction=reduction)
-    want = OP(logits.detach().double(), targets, weight, reduction=reduction)
-    assert y.dtype == (torch.float16 if reduction == "none" else torch.float64)
+    wide = torch.float64 if weight_dtype == torch.float64 else torch.float32
+    x_wide = logits.detach().to(wide).requires_grad_()
+    want = OP(x_wide, targets, weight, reduction=reduction)
+    assert y.dtype == (torch.float16 if reduction == "none" else wide)
     torch.testing.assert_close(y, want.to(y.dtype), rtol=0, atol=0)
-    (gx,) = torch.autograd.grad(y.sum(), x)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gw,) = torch.autograd.grad(want, x_wide, g.to(want.dtype))
     assert gx.dtype == torch.float16 and torch.isfinite(gx).all()
+    if weight_dtype == torch.float32:
+        assert not copies, copies  # the [R, C] logits stay 16-bit
+        torch.testing.assert_close(gx, gw.to(gx.dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
