@@ -234,8 +234,9 @@ def scale_consistency_loss(feats_v1, feats_v2, mask=None):
         d = ((_acc(f1) - _acc(f2)) ** 2).sum(1, keepdim=True)
         if m is not None:
             d = d * _acc(m)
-        per_image = d.sum((1, 2, 3)) / (h * w) if h * w else d.new_zeros(n)
-        total = total + (per_image.mean() if n else d.new_zeros(()))
+        # An empty level adds 0, as a function of the inputs (their gradients are zeros, not absent).
+        per_image = d.sum((1, 2, 3)) / (h * w) if h * w else d.sum((1, 2, 3))
+        total = total + (per_image.mean() if n else d.sum())
     return total
 __all__ += ["scale_consistency_loss"]
 
