@@ -167,6 +167,8 @@ def assert_compiles_like_eager(fn, *args, **kwargs):
     for x, y in zip(got_leaves, want_leaves):
         if isinstance(x, torch.Tensor):
             torch.testing.assert_close(x, y, equal_nan=True)
+            # A compiled output that lost (or gained) its graph would skip the gradient check below.
+            assert x.requires_grad == y.requires_grad, "compiled and eager outputs differ in requires_grad"
     diff = [(x, y) for x, y in zip(got_leaves, want_leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
     if inputs and diff:
         outs = [x for x, _ in diff]

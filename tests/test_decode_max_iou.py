@@ -527,9 +527,16 @@ def test_reduced_precision_gradients_vs_reference(device, dtype):
                                           grad=g.to(dtype).double())
     same = arg_l == arg_d  # an exact IoU tie may round differently in 16-bit
     assert same.float().mean() > 0.9
-    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
-    for d, d64 in zip(grads_l, grads_d):
+    # Each gradient is computed in float32 from the rounded inputs and rounded once to the dtype
+    # (the priors' sum over images too): a few units of the dtype's rounding.
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    keep = same.view(pred.shape[0], 1, *pred.shape[2:]).expand_as(pred)  # A = 1: prediction p at (h, w)
+    for i, (d, d64) in enumerate(zip(grads_l, grads_d)):
         scale = float(d64.abs().max()) + 1e-6
+        if i == 0:  # bbox_pred: where both sides picked the same ground truth
+            d, d64 = d[keep], d64[keep]
+        elif not bool(same.all()):
+            continue  # priors and gts sum over predictions, some of which picked another ground truth
         torch.testing.assert_close(d.double(), d64, rtol=tol, atol=tol * scale)
 
 
@@ -878,8 +885,9 @@ def test_fp16_prior_gradient_rounded_once_over_chunks():
     iou, arg = CPU.decode_max_iou(*args)
     grad = torch.rand(N, P, dtype=torch.float64).to(torch.float16)
     _, gr, _ = EMU._decode_max_iou_backward(grad, arg, *args, [False, True, False])
-    # The same gradient in float64 from the float64 reference op on the same
-    # fp16 values, then rounded once to fp16: at most one fp16 rounding apart.
+    # The same gradient in float64 from the CPU kernels on the same fp16 values and the same
+    # argmax, so that only the rounding differs: at most one fp16 rounding apart. (The formula
+    # itself is checked against tbd_ops.reference by the contract and the float64 tests.)
     args64 = decode_args(pred.double(), priors.double(), [g.double() for g in gts], "delta_xywh", None)
     _, gr64, _ = CPU._decode_max_iou_backward(grad.double(), arg, *args64, [False, True, False])
     torch.testing.assert_close(gr.double(), gr64, rtol=1e-3, atol=1e-4)

@@ -301,6 +301,10 @@ def test_loss_no_ground_truth_image_contributes_zero(device, mode):
     y1 = tbd_ops.harmony_distillation_loss(*[[t[1:] for t in ts] for ts in maps], mode=mode)
     if mode == "iou_guided":
         torch.testing.assert_close(y2, y1 / 2, **F64_TOL)
+    else:  # "plain" has no psi: the image without ground truth counts as any other
+        y0 = tbd_ops.harmony_distillation_loss(*[[t[:1] for t in ts] for ts in maps], mode=mode)
+        assert y0.item() > 0
+        torch.testing.assert_close(y2, (y0 + y1) / 2, **F64_TOL)
 
 
 @pytest.mark.parametrize("device", DEVICES)
