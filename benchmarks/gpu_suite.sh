@@ -40,6 +40,9 @@ name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
 slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
 try:
     commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    changed = subprocess.check_output(["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"],
+                                      text=True).strip()
+    commit += "-dirty" if changed else ""
 except Exception:
     commit = "unknown"
 def tail(step, n=3):
