@@ -64,3 +64,36 @@ def test_summary_figure(tmp_path):
     import matplotlib.pyplot as plt
     height, width = plt.imread(str(path)).shape[:2]
     assert width <= 2000 and height <= 1500, (width, height)
+
+
+def test_guard_catches_planted_bugs():
+    """The guard against eager on a p_c case: values equal but 5% of the gradient dropped (it lives in
+    one channel of K, so 5% of its locations is 0.06% of the elements), and a forward that is wrong
+    only with gradients enabled (the forward fwd+bwd times), are both MISMATCH; the op itself is ok."""
+    import dataclasses
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_channel_max_spatial_softmax as bench
+        import harness
+    finally:
+        sys.path.pop(0)
+    cfg = harness.Config(device=torch.device("cpu"), quick=True)
+    case = bench.cases(cfg)[0][0]
+    base = case.make_inputs(cfg.device)
+    assert harness.check(case, base, cfg).startswith("ok")
+
+    def dropped(x, *a, **k):
+        out = tbd_ops.channel_max_spatial_softmax(x, *a, **k)
+        keep = (torch.rand(out.shape) > 0.05).to(out.dtype)
+        return out.detach() * (1 - keep) + out * keep
+
+    def doubled_with_grad(x, *a, **k):
+        out = tbd_ops.channel_max_spatial_softmax(x, *a, **k)
+        return out * 2 if torch.is_grad_enabled() else out
+
+    assert harness.check(dataclasses.replace(case, ours=dropped), base, cfg).startswith("MISMATCH grad")
+    assert harness.check(dataclasses.replace(case, ours=doubled_with_grad), base, cfg).startswith(
+        "MISMATCH fwd with grad")
