@@ -65,7 +65,7 @@ from typing import Dict, List, Sequence, Tuple
 RETINANET_LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21), (7, 11))
 ANCHORS, CLASSES, CHANNELS, GTS = 9, 80, 256, 7
 BLOCK = 256
-CHUNK = 64            # images per launch of decode_max_iou
+IMAGE_CHUNK = 64      # images per launch of decode_max_iou
 HD_CHUNK = 2048       # locations per block of harmony_distillation_loss
 MAX_BPI = 256         # partial sums per image
 MAX_LEVELS = 8        # levels per launch of p_c, the masked reductions and the HD loss
@@ -108,7 +108,7 @@ class OpCall:
 SPLIT_BELOW = 1 << 18  # locations of a call below which the channels of a location are split
 SPLIT = 8              # threads per location when split
 MAX_TILES = 256        # tiles (partial sums) per image
-CHUNK = 2048           # locations per block of the elementwise grid of p_c
+PC_CHUNK = 2048        # locations per block of the elementwise grid of p_c
 
 
 def _split(N, levels) -> int:
@@ -133,7 +133,7 @@ def _tile_grid_op(name, N, levels, kernels, level_bytes):
         return op
     totals = [0] * len(kernels)
     for hw in hws:
-        *nbytes, minimum = level_bytes(hw, _tiles(hw, s), _cdiv(hw, CHUNK), s)
+        *nbytes, minimum = level_bytes(hw, _tiles(hw, s), _cdiv(hw, PC_CHUNK), s)
         totals = [t + b for t, b in zip(totals, nbytes)]
         op.minimum += minimum
     for kernel, nbytes in zip(kernels, totals):
@@ -195,7 +195,7 @@ def decode_forward(N, levels, A, G, es=4, acc=4, per_image_shapes=True):
         if N == 0 or P == 0:
             continue
         gb = _cdiv(P, BLOCK)
-        op.add("decode_max_iou_fwd_kernel", _cdiv(N, CHUNK),
+        op.add("decode_max_iou_fwd_kernel", _cdiv(N, IMAGE_CHUNK),
                N * P * 4 * es * 2 + N * gb * (G * 4 * es + 2 * acc) + N * P * (es + 8))
         op.minimum += N * P * 4 * es + P * 4 * es + N * G * 4 * es + N * P * (es + 8)
     return op
@@ -207,7 +207,7 @@ def decode_backward(N, levels, A, G, es=4, acc=4):
         P = h * w * A
         if N == 0 or P == 0:
             continue
-        op.add("decode_max_iou_bwd_kernel", _cdiv(N, CHUNK),
+        op.add("decode_max_iou_bwd_kernel", _cdiv(N, IMAGE_CHUNK),
                N * P * (8 + es + 12 * es + 2 * acc) + N * P * 4 * es)
         op.minimum += N * P * (es + 8 + 4 * es) + P * 4 * es + N * G * 4 * es + N * P * 4 * es
     return op
