@@ -397,6 +397,7 @@ def emu_compare(op, a, b, m):
 @pytest.mark.emulated
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
+    seed=st.integers(0, 2**32 - 1),  # the tensors' seed: Hypothesis replays and shrinks it
     op=st.sampled_from(OPS),
     N=st.integers(1, 3),
     C=st.sampled_from([1, 2, 5]),
@@ -406,7 +407,8 @@ def emu_compare(op, a, b, m):
     dtype=st.sampled_from(EMU_DTYPES),
     layout=st.sampled_from(["contiguous", "channels_last", "padded_rows", "masks_expanded", "misaligned"]),
 )
-def test_emulated_matches_cpu_property(op, N, C, K, H, W, dtype, layout):
+def test_emulated_matches_cpu_property(op, N, C, K, H, W, dtype, layout, seed):
+    torch.manual_seed(seed)
     emu_compare(op, *emu_inputs(N, C, K, H, W, dtype, layout))
 
 
@@ -568,6 +570,7 @@ def emu_compare_levels(op, a, b, m):
 @pytest.mark.emulated
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
+    seed=st.integers(0, 2**32 - 1),  # the tensors' seed: Hypothesis replays and shrinks it
     op=st.sampled_from(OPS),
     policy=st.sampled_from([1, 2]),
     C=st.sampled_from([1, 3, 8, 13, 40]),  # fewer channels than groups, a multiple, a tail
@@ -576,7 +579,8 @@ def emu_compare_levels(op, a, b, m):
     dtype=st.sampled_from(EMU_DTYPES),
     layout=st.sampled_from(["contiguous", "channels_last", "padded_rows"]),
 )
-def test_emulated_levels_match_cpu_on_both_sides_of_the_split_rule(op, policy, C, K, shapes, dtype, layout):
+def test_emulated_levels_match_cpu_on_both_sides_of_the_split_rule(op, policy, C, K, shapes, dtype, layout, seed):
+    torch.manual_seed(seed)
     N = 2
     a, b, m = [], [], []
     for h, w in shapes:
