@@ -51,13 +51,13 @@ VotingProblem voting_prepare(const char* op, const at::Tensor& pred_boxes,
 namespace {
 
 using VotingSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef,
     c10::string_view);
 
 // Autocast: mixed floating dtypes of the boxes run in the widest of them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> voting_autocast(
     const at::Tensor& pred_boxes, const at::Tensor& gt_inds, const at::Tensor& pseudo_boxes,
-    at::IntArrayRef roi_counts, at::IntArrayRef pseudo_counts, c10::string_view mode) {
+    c10::SymIntArrayRef roi_counts, c10::SymIntArrayRef pseudo_counts, c10::string_view mode) {
   const AutocastOff off;
   static auto op = typed_op<VotingSig>(TBD_OPS_LIB_NAME "::consistency_voting");
   const auto t = promote_dtype(pred_boxes, pseudo_boxes);
@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> voting_autocast(
 // them, whatever requires one (they come back with requires_grad false).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> voting_autograd(
     const at::Tensor& pred_boxes, const at::Tensor& gt_inds, const at::Tensor& pseudo_boxes,
-    at::IntArrayRef roi_counts, at::IntArrayRef pseudo_counts, c10::string_view mode) {
+    c10::SymIntArrayRef roi_counts, c10::SymIntArrayRef pseudo_counts, c10::string_view mode) {
   static auto op = typed_op<VotingSig>(TBD_OPS_LIB_NAME "::consistency_voting");
   const at::AutoDispatchBelowADInplaceOrView below;
   return op.call(pred_boxes, gt_inds, pseudo_boxes, roi_counts, pseudo_counts, mode);
@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> voting_autograd(
 TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
       "consistency_voting(Tensor pred_boxes, Tensor gt_inds, Tensor pseudo_boxes,"
-      " int[] roi_counts, int[] pseudo_counts, str mode=\"pseco\")"
+      " SymInt[] roi_counts, SymInt[] pseudo_counts, str mode=\"pseco\")"
       " -> (Tensor sigma, Tensor w, Tensor reg_scale)");
 }
 

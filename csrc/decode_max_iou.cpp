@@ -187,7 +187,7 @@ void decode_backward_check(const DecodeProblem& pb, const at::Tensor& bbox_pred,
 namespace {
 
 using DecodeSig = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, at::IntArrayRef,
+    const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, c10::SymIntArrayRef,
     c10::string_view, at::ArrayRef<double>, at::ArrayRef<double>, double,
     c10::optional<at::ArrayRef<double>>, double, const c10::optional<at::Tensor>&);
 
@@ -198,7 +198,7 @@ c10::TypedOperatorHandle<DecodeSig>& decode_op() {
 
 std::tuple<at::Tensor, at::Tensor> decode_autocast(
     const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
-    const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
+    const at::Tensor& gt_bboxes, c10::SymIntArrayRef gt_counts, c10::string_view coder,
     at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
     c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
     const c10::optional<at::Tensor>& max_shapes) {
@@ -220,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> decode_autocast(
 struct DecodeFunction : torch::autograd::Function<DecodeFunction> {
   static autograd::variable_list forward(
       autograd::AutogradContext* ctx, const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
-      const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
+      const at::Tensor& gt_bboxes, c10::SymIntArrayRef gt_counts, c10::string_view coder,
       at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
       c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
       const c10::optional<at::Tensor>& max_shapes) {
@@ -247,7 +247,7 @@ struct DecodeFunction : torch::autograd::Function<DecodeFunction> {
   static autograd::variable_list backward(autograd::AutogradContext* ctx, autograd::variable_list grad) {
     static auto op = typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-        const at::Tensor&, at::IntArrayRef, c10::string_view, at::ArrayRef<double>, at::ArrayRef<double>,
+        const at::Tensor&, c10::SymIntArrayRef, c10::string_view, at::ArrayRef<double>, at::ArrayRef<double>,
         double, c10::optional<at::ArrayRef<double>>, double, std::array<bool, 3>,
         const c10::optional<at::Tensor>&)>(TBD_OPS_LIB_NAME "::_decode_max_iou_backward");
     const auto saved = ctx->get_saved_variables();
@@ -261,7 +261,7 @@ struct DecodeFunction : torch::autograd::Function<DecodeFunction> {
                                    ctx->needs_input_grad(gts_edge)};
     autograd::Grads out(ctx, grad);
     if (!grad[0].defined() || !(mask[0] || mask[1] || mask[2])) return out.none(11).take();
-    const auto gt_counts = d["gt_counts"].toIntVector();
+    const auto gt_counts = d["gt_counts"].toSymIntVector();
     const auto means = d["means"].toDoubleVector(), stds = d["stds"].toDoubleVector();
     std::vector<double> max_shape_v;
     c10::optional<at::ArrayRef<double>> max_shape;
@@ -285,7 +285,7 @@ struct DecodeFunction : torch::autograd::Function<DecodeFunction> {
 
 std::tuple<at::Tensor, at::Tensor> decode_autograd(
     const at::Tensor& bbox_pred, const c10::optional<at::Tensor>& priors,
-    const at::Tensor& gt_bboxes, at::IntArrayRef gt_counts, c10::string_view coder,
+    const at::Tensor& gt_bboxes, c10::SymIntArrayRef gt_counts, c10::string_view coder,
     at::ArrayRef<double> means, at::ArrayRef<double> stds, double scale,
     c10::optional<at::ArrayRef<double>> max_shape, double wh_ratio_clip,
     const c10::optional<at::Tensor>& max_shapes) {
@@ -302,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> decode_autograd(
 // box_max_iou: the same op on already-decoded boxes.
 std::tuple<at::Tensor, at::Tensor> box_max_iou(const at::Tensor& boxes,
                                                const at::Tensor& gt_bboxes,
-                                               at::IntArrayRef gt_counts) {
+                                               c10::SymIntArrayRef gt_counts) {
   TORCH_CHECK_VALUE(boxes.dim() == 3 && boxes.size(2) == 4,
                     "box_max_iou: boxes must be [N, P, 4], got shape ", boxes.sizes());
   static const std::vector<double> zeros{0., 0., 0., 0.}, ones{1., 1., 1., 1.};
@@ -314,16 +314,16 @@ std::tuple<at::Tensor, at::Tensor> box_max_iou(const at::Tensor& boxes,
 
 TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
-      "decode_max_iou(Tensor bbox_pred, Tensor? priors, Tensor gt_bboxes, int[] gt_counts,"
+      "decode_max_iou(Tensor bbox_pred, Tensor? priors, Tensor gt_bboxes, SymInt[] gt_counts,"
       " str coder=\"delta_xywh\", float[] means=[0., 0., 0., 0.], float[] stds=[1., 1., 1., 1.],"
       " float scale=1.0, float[]? max_shape=None, float wh_ratio_clip=0.016,"
       " Tensor? max_shapes=None) -> (Tensor iou, Tensor arg)");
   m.def(
       "_decode_max_iou_backward(Tensor grad_iou, Tensor arg, Tensor bbox_pred, Tensor? priors,"
-      " Tensor gt_bboxes, int[] gt_counts, str coder, float[] means, float[] stds, float scale,"
+      " Tensor gt_bboxes, SymInt[] gt_counts, str coder, float[] means, float[] stds, float scale,"
       " float[]? max_shape, float wh_ratio_clip, bool[3] output_mask, Tensor? max_shapes=None)"
       " -> (Tensor grad_bbox_pred, Tensor grad_priors, Tensor grad_gt_bboxes)");
-  m.def("box_max_iou(Tensor boxes, Tensor gt_bboxes, int[] gt_counts) -> (Tensor iou, Tensor arg)",
+  m.def("box_max_iou(Tensor boxes, Tensor gt_bboxes, SymInt[] gt_counts) -> (Tensor iou, Tensor arg)",
         TORCH_FN(box_max_iou));
 }
 

@@ -74,15 +74,15 @@ AssignProblem assign_prepare(const char* op, const at::Tensor& boxes, const at::
 namespace {
 
 using AssignSig = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
-    at::IntArrayRef, const c10::optional<at::Tensor>&, double, int64_t, double);
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+    c10::SymIntArrayRef, const c10::optional<at::Tensor>&, double, int64_t, double);
 
 // Autocast: mixed floating dtypes (e.g. fp16 teacher scores, fp32 boxes) run
 // in the widest of them; q comes back in that dtype.
 std::tuple<at::Tensor, at::Tensor> assign_autocast(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& pseudo_boxes,
-    const at::Tensor& pseudo_labels, at::IntArrayRef proposal_counts,
-    at::IntArrayRef pseudo_counts, const c10::optional<at::Tensor>& valid, double iou_thr,
+    const at::Tensor& pseudo_labels, c10::SymIntArrayRef proposal_counts,
+    c10::SymIntArrayRef pseudo_counts, const c10::optional<at::Tensor>& valid, double iou_thr,
     int64_t topk, double alpha) {
   const AutocastOff off;
   static auto op = typed_op<AssignSig>(TBD_OPS_LIB_NAME "::prediction_guided_assign");
@@ -99,8 +99,8 @@ std::tuple<at::Tensor, at::Tensor> assign_autocast(
 // they come back with requires_grad false whatever requires a gradient.
 std::tuple<at::Tensor, at::Tensor> assign_autograd(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& pseudo_boxes,
-    const at::Tensor& pseudo_labels, at::IntArrayRef proposal_counts,
-    at::IntArrayRef pseudo_counts, const c10::optional<at::Tensor>& valid, double iou_thr,
+    const at::Tensor& pseudo_labels, c10::SymIntArrayRef proposal_counts,
+    c10::SymIntArrayRef pseudo_counts, const c10::optional<at::Tensor>& valid, double iou_thr,
     int64_t topk, double alpha) {
   static auto op = typed_op<AssignSig>(TBD_OPS_LIB_NAME "::prediction_guided_assign");
   const at::AutoDispatchBelowADInplaceOrView below;
@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> assign_autograd(
 TORCH_LIBRARY_FRAGMENT(TBD_OPS_LIB, m) {
   m.def(
       "prediction_guided_assign(Tensor boxes, Tensor scores, Tensor pseudo_boxes,"
-      " Tensor pseudo_labels, int[] proposal_counts, int[] pseudo_counts, Tensor? valid=None,"
+      " Tensor pseudo_labels, SymInt[] proposal_counts, SymInt[] pseudo_counts, Tensor? valid=None,"
       " float iou_thr=0.4, int topk=12, float alpha=0.5) -> (Tensor gt_inds, Tensor q)");
 }
 

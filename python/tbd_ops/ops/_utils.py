@@ -136,12 +136,13 @@ def check_rows(op: str, name: str, parts: List[torch.Tensor], i: int, rows: str,
     others)`` its rows must be those of ``others[i]``. ValueError naming the argument otherwise."""
     t = parts[i]
     ok = t.dim() == (1 if cols is None else 2) and (not isinstance(cols, int) or t.shape[1] == cols)
-    expected = f"[{rows}]" if cols is None else f"[{rows}, {cols}]"
     if like is not None:
-        other, others = like
-        ok = ok and t.shape[0] == others[i].shape[0]
-        expected += f" with {rows} = {others[i].shape[0]} (the rows of {other}[{i}])"
-    if not ok:
+        ok = ok and t.shape[0] == like[1][i].shape[0]
+    if not ok:  # the message only then: formatting a size would specialize it under torch.compile
+        expected = f"[{rows}]" if cols is None else f"[{rows}, {cols}]"
+        if like is not None:
+            other, others = like
+            expected += f" with {rows} = {others[i].shape[0]} (the rows of {other}[{i}])"
         raise ValueError(f"{op}: {name}[{i}] must be {expected}, got shape {tuple(t.shape)}")
 
 

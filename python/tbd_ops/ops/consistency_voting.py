@@ -55,8 +55,8 @@ def consistency_voting(
         check_rows(_OP, "pred_boxes", pred_boxes, i, "R", 4)
         check_rows(_OP, "gt_inds", gt_inds, i, "R", like=("pred_boxes", pred_boxes))
         check_rows(_OP, "pseudo_boxes", pseudo_boxes, i, "M", 4)
-    r_counts = [int(b.shape[0]) for b in pred_boxes]
-    m_counts = [int(g.shape[0]) for g in pseudo_boxes]
+    r_counts = [b.shape[0] for b in pred_boxes]
+    m_counts = [g.shape[0] for g in pseudo_boxes]
     sigma, w, reg_scale = torch.ops.tbd_ops.consistency_voting.default(
         cat_images(pred_boxes), cat_images(gt_inds), cat_images(pseudo_boxes), r_counts, m_counts, mode)
     return list(sigma.split(m_counts)), list(w.split(r_counts)), reg_scale

@@ -27,7 +27,7 @@ def _flatten_gts(op: str, gt_bboxes, n: int, ref: torch.Tensor) -> Tuple[torch.T
     for i, g in enumerate(gt_bboxes):
         if g.dim() != 2 or g.shape[1] != 4:
             raise ValueError(f"{op}: gt_bboxes[{i}] must be [G, 4], got shape {tuple(g.shape)}")
-    counts = [int(g.shape[0]) for g in gt_bboxes]
+    counts = [g.shape[0] for g in gt_bboxes]
     return (cat_images(gt_bboxes) if n else ref.new_empty((0, 4))), counts
 
 

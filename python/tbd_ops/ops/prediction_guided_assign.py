@@ -71,8 +71,8 @@ def prediction_guided_assign(
         check_rows(_OP, "pseudo_labels", pseudo_labels, i, "M", like=("pseudo_boxes", pseudo_boxes))
         if valid is not None:
             check_rows(_OP, "valid", valid, i, "P", like=("boxes", boxes))
-    p_counts = [int(b.shape[0]) for b in boxes]
-    m_counts = [int(g.shape[0]) for g in pseudo_boxes]
+    p_counts = [b.shape[0] for b in boxes]
+    m_counts = [g.shape[0] for g in pseudo_boxes]
     gt_inds, q = torch.ops.tbd_ops.prediction_guided_assign.default(
         cat_images(boxes), cat_images(scores), cat_images(pseudo_boxes), cat_images(pseudo_labels), p_counts, m_counts,
         None if valid is None else cat_images(valid), as_float(_OP, "iou_thr", iou_thr), as_int(_OP, "topk", topk),
