@@ -767,3 +767,15 @@ def test_a_checkpoint_of_another_detector_is_refused(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"does not fit the detector built from the config: \d+ keys "
                                                       r"differ in shape: student\.neck"):
         load_checkpoint(model, str(tmp_path / "wider.pth"), map_location="cpu")
+    # A detector trained on other classes (the usual fine-tuning start): everything but the classifier and
+    # box regressor of the RoI head loads; those keep their initialization (mmengine warns).
+    other = MODELS.build(ConfigDict(detector(num_classes=7, channels=16)))
+    torch.save(dict(state_dict=other.state_dict()), tmp_path / "classes.pth")
+    model = build(detector(channels=16))
+    head = {k: v.clone() for k, v in model.student.state_dict().items() if "bbox_head.fc_" in k}
+    load_checkpoint(model, str(tmp_path / "classes.pth"), map_location="cpu")
+    for k, v in other.state_dict().items():
+        if "bbox_head.fc_cls" in k or "bbox_head.fc_reg" in k:
+            assert torch.equal(model.student.state_dict()[k], head[k]), k
+        else:
+            assert torch.equal(model.student.state_dict()[k], v), k

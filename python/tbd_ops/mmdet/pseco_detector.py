@@ -35,6 +35,7 @@ the teacher (``semi_test_cfg.predict_on``) with P3-P7.
 """
 import copy
 import math
+import re
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -85,6 +86,8 @@ _OFFICIAL_NAMES = {"rpn_pseudo_threshold": "rpn_pseudo_thr", "cls_pseudo_thresho
                    "min_pseduo_box_size": "min_pseudo_bbox_wh", "min_pseudo_box_size": "min_pseudo_bbox_wh"}
 _VIEWS = ("teacher", "student")
 _BRANCHES = ("sup", "unsup_teacher", "unsup_student")
+# The RoI head's layers whose shapes follow the number of classes.
+_CLASS_LAYERS = re.compile(r"(^|\.)roi_head\.bbox_head\.(fc_cls|fc_reg)\.")
 # Samplers that read only gt_inds of an AssignResult (no max_overlaps).
 _SAMPLERS_WITHOUT_OVERLAPS = (RandomSampler, PseudoSampler)
 
@@ -394,14 +397,17 @@ class PseCoDetector(SemiBaseDetector):
         """mmdet's loading (a plain detector's checkpoint fills the student and the teacher), then a
         check that the checkpoint fits: mmengine's load_from and resume load non-strictly, so a
         checkpoint of another architecture would leave the mismatched weights at their
-        initialization with a warning in the log."""
+        initialization with a warning in the log. The class-dependent layers of the RoI head
+        (fc_cls, fc_reg) may differ: starting from a detector trained on other classes is the
+        usual fine-tuning, and mmengine's warning names them."""
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         own = {k: v for k, v in self.state_dict().items()}
         keys = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         missing = sorted(k for k in own if k not in keys)
         shapes = sorted(f"{k} (checkpoint {list(keys[k].shape)}, model {list(own[k].shape)})" for k in own
-                        if k in keys and hasattr(keys[k], "shape") and keys[k].shape != own[k].shape)
+                        if k in keys and hasattr(keys[k], "shape") and keys[k].shape != own[k].shape
+                        and not _CLASS_LAYERS.search(k))
         if missing or shapes:
             from .checkpoint import CheckpointMismatchError, _listing
 
