@@ -124,6 +124,26 @@ def _listing(keys: List[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def mismatches(expected: Dict[str, Tensor], state: Dict[str, Tensor], unexpected_ok: bool = False,
+               shape_ok=lambda key: False) -> List[str]:
+    """What keeps ``state`` from loading into a model whose state dict is ``expected``: the model's keys
+    missing from it, its keys not in the model (unless ``unexpected_ok``) and the keys whose shapes
+    differ (unless ``shape_ok(key)``), each part naming the keys; empty when it fits."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = [] if unexpected_ok else sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(state) & set(expected)
+                        if state[k].shape != expected[k].shape and not shape_ok(k))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} keys of the model are missing from the checkpoint: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys of the checkpoint are not in the model: {_listing(unexpected)}")
+    if mismatched:
+        shapes = [f"{k} (checkpoint {list(state[k].shape)}, model {list(expected[k].shape)})" for k in mismatched]
+        parts.append(f"{len(mismatched)} keys differ in shape: {_listing(shapes, 4)}")
+    return parts
+
+
 def load_state_dict_strict(model: nn.Module, filename: str, what: str = "checkpoint") -> dict:
     """Loads ``filename`` into ``model``; every key must be present with the model's shape.
 
@@ -139,19 +159,8 @@ def load_state_dict_strict(model: nn.Module, filename: str, what: str = "checkpo
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointMismatchError(f"{what} {filename!r} cannot be read as a PyTorch checkpoint: {first}") from e
     state = _state_dict_of(checkpoint, filename)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} keys of the model are missing from the checkpoint: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} keys of the checkpoint are not in the model: {_listing(unexpected)}")
-        if mismatched:
-            shapes = [f"{k} (checkpoint {list(state[k].shape)}, model {list(expected[k].shape)})" for k in mismatched]
-            parts.append(f"{len(mismatched)} keys differ in shape: {_listing(shapes, 4)}")
+    parts = mismatches(model.state_dict(), state)
+    if parts:
         raise CheckpointMismatchError(
             f"{what} {filename!r} does not fit the {type(model).__name__} built from its config: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)

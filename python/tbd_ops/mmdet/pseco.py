@@ -13,7 +13,6 @@ from ..nn import ConsistencyVotingWeights, ScaleConsistencyLoss, SigmoidFocalLos
 from ..nn.pseco import assigner_args
 
 
-
 @MODELS.register_module(name="FusedFocalLoss", force=True)
 class FusedFocalLoss(SigmoidFocalLoss):
     """``tbd_ops.nn.SigmoidFocalLoss`` as an MMDetection loss type. ``use_sigmoid=True`` must be in

@@ -160,7 +160,7 @@ def check_semi_test_cfg(cfg) -> ConfigDict:
     unknown = sorted(set(cfg) - set(_TEST_KEYS))
     if unknown:
         raise ValueError(f"{_NAME}: unknown semi_test_cfg keys {unknown} (known: {list(_TEST_KEYS)})")
-    for key in ("predict_on", "forward_on", "extract_feat_on"):
+    for key in _TEST_KEYS:
         if key in cfg and cfg[key] not in _VIEWS:
             raise ValueError(f"{_NAME}: semi_test_cfg.{key} must be 'teacher' or 'student', got {cfg[key]!r}")
     return ConfigDict(cfg)
@@ -402,17 +402,12 @@ class PseCoDetector(SemiBaseDetector):
         usual fine-tuning, and mmengine's warning names them."""
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        own = {k: v for k, v in self.state_dict().items()}
-        keys = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        missing = sorted(k for k in own if k not in keys)
-        shapes = sorted(f"{k} (checkpoint {list(keys[k].shape)}, model {list(own[k].shape)})" for k in own
-                        if k in keys and hasattr(keys[k], "shape") and keys[k].shape != own[k].shape
-                        and not _CLASS_LAYERS.search(k))
-        if missing or shapes:
-            from .checkpoint import CheckpointMismatchError, _listing
+        from .checkpoint import CheckpointMismatchError, mismatches
 
-            parts = ([f"{len(shapes)} keys differ in shape: {_listing(shapes, 4)}"] if shapes else []) + \
-                ([f"{len(missing)} keys of the model are missing: {_listing(missing)}"] if missing else [])
+        # Keys of other modules' state (non-tensor extra state, a wrapper's) are mmengine's to report.
+        state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and hasattr(v, "shape")}
+        parts = mismatches(self.state_dict(), state, unexpected_ok=True, shape_ok=_CLASS_LAYERS.search)
+        if parts:
             raise CheckpointMismatchError(f"{_NAME}: the checkpoint (load_from / resume) does not fit the detector "
                                           "built from the config: " + "; ".join(parts))
 
