@@ -2,7 +2,7 @@
 
 Timing is torch.utils.benchmark.Timer(...).blocked_autorange() (warm-up, accelerator sync,
 thread count), the providers of a mode interleaved over ROUNDS rounds; median and IQR over
-every block. Added here: the fwd / bwd / fwd+bwd modes, a correctness guard
+every block. The bwd mode times each backward alone, after its own untimed forward (Backward). Added here: the fwd / bwd / fwd+bwd modes, a correctness guard
 (tbd_ops vs eager), GB/s from the bytes a case must move, the peak extra memory of one call
 (CUDA: allocator stats; CPU: torch.profiler allocator events), a CSV keyed by device, torch
 version and commit, and a PNG. See README.md (what is measured, how to add a bench script).
@@ -110,20 +110,64 @@ def _upstream(outs: List[torch.Tensor]) -> List[torch.Tensor]:
     return [torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype) for o in outs]
 
 
+class Backward:
+    """The ``bwd`` iteration: ``prepare()`` runs the forward (untimed), a call then runs the backward of
+    that graph, once, as a training step does (no ``retain_graph``: torch.compile's backward may reuse
+    the memory of the tensors its forward saved, its donated buffers)."""
+
+    def __init__(self, fn: Callable, args: list, kwargs: dict, leaves: List[torch.Tensor]):
+        self.fn, self.args, self.kwargs, self.leaves = fn, args, kwargs, leaves
+        self.prepare()
+        self.grads = _upstream(self.outs)
+
+    def prepare(self) -> None:
+        self.outs = _diff(self.fn(*self.args, **self.kwargs))
+
+    def __call__(self):
+        if self.outs is None:
+            self.prepare()
+        outs, self.outs = self.outs, None
+        return torch.autograd.grad(outs, self.leaves, self.grads, allow_unused=True)
+
+
 def make_runner(case: Case, fn: Callable, mode: str, base: Inputs) -> Callable[[], Any]:
-    """One iteration of ``mode``; for ``bwd`` the forward runs here, once, untimed."""
+    """One iteration of ``mode`` (for ``bwd`` a ``Backward``)."""
     if mode == "fwd":
         return lambda: fn(*base.args, **base.kwargs)
     args, leaves = _grad_inputs(case, base)
-    outs = _diff(fn(*args, **base.kwargs))
-    grads = _upstream(outs)
     if mode == "bwd":
-        return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True)
-    del outs
+        return Backward(fn, args, base.kwargs, leaves)
+    grads = _upstream(_diff(fn(*args, **base.kwargs)))
     return lambda: torch.autograd.grad(_diff(fn(*args, **base.kwargs)), leaves, grads, allow_unused=True)
 
 
+def _time_backward(run: Backward, device: torch.device, budget: float) -> List[float]:
+    """Seconds per backward, one sample per call, each after an untimed forward, for about ``budget``
+    seconds of backward (at most 4x that in all); on CUDA between events after a synchronized forward."""
+    times: List[float] = []
+    wall0 = time.perf_counter()
+    while len(times) < 3 or (sum(times) < budget and time.perf_counter() - wall0 < 4 * budget):
+        run.prepare()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def peak_mib(run: Callable, device: torch.device) -> float:
+    """MiB allocated at the peak of one call of ``run`` over what was allocated before it (for a
+    ``Backward``, after its forward)."""
+    if isinstance(run, Backward):
+        run.prepare()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -222,6 +266,11 @@ def _time_interleaved(case: Case, cfg: Config, mode: str, runners: Dict[str, Tup
             if row["status"] != "ok":
                 continue
             try:
+                if isinstance(run, Backward):
+                    t = _time_backward(run, cfg.device, cfg.min_run_time / ROUNDS)
+                    times[prov] += t
+                    runs[prov] += len(t)
+                    continue
                 m = benchmark.Timer("run()", globals={"run": run}, num_threads=cfg.threads, label=case.label,
                                     sub_label=case.name, description=prov
                                     ).blocked_autorange(min_run_time=cfg.min_run_time / ROUNDS)
@@ -426,8 +475,6 @@ def main(modules: Sequence[Any], tag: str = "", argv: Optional[Sequence[str]] = 
     if cuda:
         cfg.mem_budget = 0.4 * torch.cuda.mem_get_info(cfg.device)[0]
     torch.set_num_threads(cfg.threads)
-    import torch._functorch.config as functorch_config
-    functorch_config.donated_buffer = False  # the bwd mode calls backward repeatedly on one graph
     env = environment(cfg)
     found = [m.cases(cfg) for m in modules]
     cases = [c for cs, _ in found for c in cs if not cfg.filter or re.search(cfg.filter, f"{c.label} {c.name}")]

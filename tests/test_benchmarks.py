@@ -97,3 +97,40 @@ def test_guard_catches_planted_bugs():
     assert harness.check(dataclasses.replace(case, ours=dropped), base, cfg).startswith("MISMATCH grad")
     assert harness.check(dataclasses.replace(case, ours=doubled_with_grad), base, cfg).startswith(
         "MISMATCH fwd with grad")
+
+
+def test_bwd_times_one_backward_per_forward():
+    """The bwd mode runs a fresh forward (untimed) before each backward, as a training step does, with
+    torch.compile's default donated buffers (its backward may write into memory its forward saved,
+    which a retained graph forbids): each call gives the gradients of eager, and the timing loop does
+    one forward per backward."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_masked_reduce as bench
+        import harness
+    finally:
+        sys.path.pop(0)
+    import torch._functorch.config as functorch_config
+    assert functorch_config.donated_buffer  # torch's default, which the harness must not need to change
+    cfg = harness.Config(device=torch.device("cpu"), quick=True)
+    case = bench.cases(cfg)[0][0]
+    base = case.make_inputs(cfg.device)
+    torch._dynamo.reset()
+    compiled = torch.compile(case.eager, dynamic=False)
+    want = harness._forward_and_grads(case, case.eager, base)[1]
+    run = harness.make_runner(case, compiled, "bwd", base)
+    assert isinstance(run, harness.Backward)
+    for _ in range(3):
+        got = run()
+        assert len(got) == len(want) == 2
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    assert harness.peak_mib(run, cfg.device) > 0
+    prepared = []
+    prepare = run.prepare
+    run.prepare = lambda: (prepared.append(1), prepare())[1]
+    times = harness._time_backward(run, cfg.device, budget=0.01)
+    assert len(times) >= 3 and len(prepared) == len(times)
+    assert all(t > 0 for t in times)
