@@ -143,10 +143,11 @@ def make_runner(case: Case, fn: Callable, mode: str, base: Inputs) -> Callable[[
 
 def _time_backward(run: Backward, device: torch.device, budget: float) -> List[float]:
     """Seconds per backward, one sample per call, each after an untimed forward, for about ``budget``
-    seconds of backward (at most 4x that in all); on CUDA between events after a synchronized forward."""
+    seconds of backward (at most 2x that in all, at least 3 samples); on CUDA between events after a
+    synchronized forward."""
     times: List[float] = []
     wall0 = time.perf_counter()
-    while len(times) < 3 or (sum(times) < budget and time.perf_counter() - wall0 < 4 * budget):
+    while len(times) < 3 or (sum(times) < budget and time.perf_counter() - wall0 < 2 * budget):
         run.prepare()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
