@@ -2,7 +2,8 @@
 
 Timing is torch.utils.benchmark.Timer(...).blocked_autorange() (warm-up, accelerator sync,
 thread count), the providers of a mode interleaved over ROUNDS rounds; median and IQR over
-every block. The bwd mode times each backward alone, after its own untimed forward (Backward). Added here: the fwd / bwd / fwd+bwd modes, a correctness guard
+every block. The bwd mode times each backward alone, after its own untimed forward
+(Backward, _time_backward). Added here: the fwd / bwd / fwd+bwd modes, a correctness guard
 (tbd_ops vs eager), GB/s from the bytes a case must move, the peak extra memory of one call
 (CUDA: allocator stats; CPU: torch.profiler allocator events), a CSV keyed by device, torch
 version and commit, and a PNG. See README.md (what is measured, how to add a bench script).
@@ -113,7 +114,8 @@ def _upstream(outs: List[torch.Tensor]) -> List[torch.Tensor]:
 class Backward:
     """The ``bwd`` iteration: ``prepare()`` runs the forward (untimed), a call then runs the backward of
     that graph, once, as a training step does (no ``retain_graph``: torch.compile's backward may reuse
-    the memory of the tensors its forward saved, its donated buffers)."""
+    the memory of the tensors its forward saved, its donated buffers). Every call needs a ``prepare()``
+    before it (the constructor does the first)."""
 
     def __init__(self, fn: Callable, args: list, kwargs: dict, leaves: List[torch.Tensor]):
         self.fn, self.args, self.kwargs, self.leaves = fn, args, kwargs, leaves
@@ -124,9 +126,9 @@ class Backward:
         self.outs = _diff(self.fn(*self.args, **self.kwargs))
 
     def __call__(self):
-        if self.outs is None:
-            self.prepare()
         outs, self.outs = self.outs, None
+        if outs is None:
+            raise RuntimeError("Backward: prepare() (the untimed forward) must run before each backward")
         return torch.autograd.grad(outs, self.leaves, self.grads, allow_unused=True)
 
 
@@ -142,25 +144,36 @@ def make_runner(case: Case, fn: Callable, mode: str, base: Inputs) -> Callable[[
 
 
 def _time_backward(run: Backward, device: torch.device, budget: float) -> List[float]:
-    """Seconds per backward, one sample per call, each after an untimed forward, for about ``budget``
-    seconds of backward (at most 2x that in all, at least 3 samples); on CUDA between events after a
-    synchronized forward."""
+    """Seconds per backward, one sample per call, each after its own untimed forward, for about
+    ``budget`` seconds of backward (a round stops at 2x that in wall time, forwards included, and has
+    at least 3 samples), after one untimed warm-up backward, with the garbage collector off (as the
+    Timer runs). On CUDA between events after a synchronized forward: the latency of one backward,
+    host launch costs included (nothing overlaps it)."""
     times: List[float] = []
-    wall0 = time.perf_counter()
-    while len(times) < 3 or (sum(times) < budget and time.perf_counter() - wall0 < 2 * budget):
-        run.prepare()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
+    run.prepare()
+    run()  # warm-up: caches and allocator after another provider's round
+    gc.collect()
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        wall0 = time.perf_counter()
+        while len(times) < 3 or (sum(times) < budget and time.perf_counter() - wall0 < 2 * budget):
+            run.prepare()
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+    finally:
+        if gc_was_on:
+            gc.enable()
     return times
 
 

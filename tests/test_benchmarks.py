@@ -100,10 +100,13 @@ def test_guard_catches_planted_bugs():
 
 
 def test_bwd_times_one_backward_per_forward():
-    """The bwd mode runs a fresh forward (untimed) before each backward, as a training step does, with
-    torch.compile's default donated buffers (its backward may write into memory its forward saved,
-    which a retained graph forbids): each call gives the gradients of eager, and the timing loop does
-    one forward per backward."""
+    """The bwd mode runs a fresh forward (untimed) before each backward, as a training step does: the
+    forward's time is not in the samples, each backward consumes its graph (none is retained, so
+    torch.compile's donated buffers work), and every call gives eager's gradients."""
+    import statistics
+    import time
+
+    import pytest
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -112,25 +115,47 @@ def test_bwd_times_one_backward_per_forward():
         import harness
     finally:
         sys.path.pop(0)
-    import torch._functorch.config as functorch_config
-    assert functorch_config.donated_buffer  # torch's default, which the harness must not need to change
     cfg = harness.Config(device=torch.device("cpu"), quick=True)
     case = bench.cases(cfg)[0][0]
     base = case.make_inputs(cfg.device)
-    torch._dynamo.reset()
-    compiled = torch.compile(case.eager, dynamic=False)
-    want = harness._forward_and_grads(case, case.eager, base)[1]
-    run = harness.make_runner(case, compiled, "bwd", base)
+
+    # The forward is outside the timed region: a forward that sleeps 50 ms does not show.
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return case.eager(*args, **kwargs)
+
+    run = harness.make_runner(case, slow, "bwd", base)
     assert isinstance(run, harness.Backward)
+    times = harness._time_backward(run, cfg.device, budget=0.01)
+    assert len(times) >= 3 and statistics.median(times) < 0.025, times
+
+    # Each backward consumes its graph, and a call without a forward before it is refused.
+    run.prepare()
+    outs = run.outs
+    run()
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(outs, run.leaves, run.grads)
+    with pytest.raises(RuntimeError, match="prepare"):
+        run()
+
+    # Every backward gives eager's gradients, under torch.compile too.
+    want = harness._forward_and_grads(case, case.eager, base)[1]
+    torch._dynamo.reset()
+    crun = harness.make_runner(case, torch.compile(case.eager, dynamic=False), "bwd", base)
     for _ in range(3):
-        got = run()
+        got = crun()
         assert len(got) == len(want) == 2
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w)
-    assert harness.peak_mib(run, cfg.device) > 0
-    prepared = []
-    prepare = run.prepare
-    run.prepare = lambda: (prepared.append(1), prepare())[1]
-    times = harness._time_backward(run, cfg.device, budget=0.01)
-    assert len(times) >= 3 and len(prepared) == len(times)
-    assert all(t > 0 for t in times)
+        crun.prepare()
+
+    # A compiled function with donated buffers (a retained graph raises there) runs backward after
+    # backward: Backward never retains the graph.
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, w1, w2: torch.mm(torch.mm(x, w1).relu(), w2), dynamic=False)
+    xs = [torch.randn(32, 32, requires_grad=True) for _ in range(3)]
+    o = f(*xs)
+    with pytest.raises(RuntimeError, match="donated"):
+        torch.autograd.grad(o, xs, torch.ones_like(o), retain_graph=True)
+    drun = harness.Backward(f, xs, {}, xs)
+    assert len(harness._time_backward(drun, cfg.device, budget=0.01)) >= 3
