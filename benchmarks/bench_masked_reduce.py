@@ -16,12 +16,13 @@ with the channel sum accumulated in float32 for 16-bit inputs (``sum(1, dtype=fl
 It forms the [N, C, H, W] difference (and, with autograd, keeps it for backward).
 
 Gradients: ``a`` and ``b`` require grad, ``masks`` does not (in TBD and PseCo the masks are
-detached teacher maps).
+detached teacher maps); and, as in TBD's feature distillation, only ``b`` (the "grad b" case of
+masked_sq_dist on the pyramid).
 
 Bytes the op must move (for GB/s), es = element size of the inputs:
   fwd: read a and b (2*N*C*HW*es) and masks (N*K*HW*es), write out (N*K*4);
   bwd: read the output gradient (N*K*4), a, b and masks (2*N*C*HW*es + N*K*HW*es),
-       write the gradients of a and b (2*N*C*HW*es);
+       write the gradients of a and b (2*N*C*HW*es; "grad b": N*C*HW*es);
   fwd+bwd: the sum.
 
     python benchmarks/bench_masked_reduce.py [--device cpu|cuda] [--quick]
@@ -56,11 +57,13 @@ EAGER = {"masked_sq_dist": _eager(lambda d: d * d), "masked_l1": _eager(torch.ab
 
 
 def make_case(op: str, k: int, levels: Sequence[str], n: int, dtype: torch.dtype = torch.float32,
-              c: int = CHANNELS, shapes: Sequence[Tuple[int, int]] = None, name: str = None) -> Case:
+              c: int = CHANNELS, shapes: Sequence[Tuple[int, int]] = None, name: str = None,
+              grads: str = "a,b") -> Case:
     shapes = list(shapes) if shapes is not None else [LEVELS[lv] for lv in levels]
     hw = sum(h * w for h, w in shapes)
     es = torch.empty(0, dtype=dtype).element_size()
     as_list = len(shapes) > 1
+    grad_args = {"a,b": (0, 1), "b": (1,)}[grads]
 
     def make_inputs(device: torch.device) -> Inputs:
         a = [torch.randn(n, c, h, w, device=device).to(dtype) for h, w in shapes]
@@ -72,14 +75,14 @@ def make_case(op: str, k: int, levels: Sequence[str], n: int, dtype: torch.dtype
     def bytes_moved(mode: str) -> int:
         out = n * k * len(shapes) * 4
         fwd = (2 * n * c * hw + n * k * hw) * es + out
-        bwd = out + (2 * n * c * hw + n * k * hw) * es + 2 * n * c * hw * es
+        bwd = out + (2 * n * c * hw + n * k * hw) * es + len(grad_args) * n * c * hw * es
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
     lv_name = (f"{levels[0]}-{levels[-1]}" if as_list else levels[0]) if levels else f"{len(shapes)} levels"
-    return Case(op=op, label=OPS[op], name=name or f"K{k} {lv_name} b{n}",
-                params={"K": k, "C": c, "levels": lv_name, "HW": hw, "N": n, "grads": "a,b"},
+    return Case(op=op, label=OPS[op], name=name or f"K{k} {lv_name} b{n}" + ("" if grads == "a,b" else f" grad {grads}"),
+                params={"K": k, "C": c, "levels": lv_name, "HW": hw, "N": n, "grads": grads},
                 make_inputs=make_inputs, ours=getattr(tbd_ops, op), eager=EAGER[op],
-                bytes_moved=bytes_moved, dtype=dtype, grad_args=(0, 1))
+                bytes_moved=bytes_moved, dtype=dtype, grad_args=grad_args)
 
 
 def cases(cfg: Config) -> Tuple[List[Case], List[str]]:
@@ -92,6 +95,8 @@ def cases(cfg: Config) -> Tuple[List[Case], List[str]]:
     out = [make_case("masked_sq_dist", k, levels, n)
            for n in batches for levels in (("P3",), ("P5",), PYRAMID) for k in (1, 2)]
     out += [make_case("masked_l1", k, PYRAMID, n) for n in batches for k in (1, 2)]
+    # TBD's feature distillation: the teacher's features (a) are detached, only b gets a gradient.
+    out += [make_case("masked_sq_dist", 2, PYRAMID, n, grads="b") for n in batches]
     if gpu:
         out += [make_case(op, 2, PYRAMID, 16, dt) for op in OPS for dt in (torch.bfloat16, torch.float16)]
     notes = [] if gpu or cfg.full else ["masked reductions on CPU: batch 2, float32 "
