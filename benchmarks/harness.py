@@ -466,6 +466,22 @@ def environment(cfg: Config) -> Dict[str, str]:
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
+def reuse_freed_memory() -> str:
+    """CPU: glibc's malloc keeps freed memory for the next allocation (mmap and trim thresholds of
+    1 GiB), as a long training process's heap does and PyTorch's caching allocator does on a GPU, so
+    that a measurement is of the kernels rather than of the page faults of fresh memory, and does not
+    depend on what ran before it in the process (glibc's default thresholds move with the history of
+    frees). Returns a note for the header."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, 1 << 30) == 1 and libc.mallopt(-1, 1 << 30) == 1  # M_MMAP_, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        ok = False
+    return ("malloc: glibc keeps freed memory for reuse (mmap/trim thresholds 1 GiB; --malloc default "
+            "leaves glibc's)") if ok else "malloc: not glibc, left as is"
+
+
 def main(modules: Sequence[Any], tag: str = "", argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p = argparse.ArgumentParser(description="tbd_ops vs eager vs torch.compile")
     for flag, kw in (("--device", dict(choices=["cpu", "cuda"], help="default: cuda when usable, else cpu")),
@@ -476,6 +492,8 @@ def main(modules: Sequence[Any], tag: str = "", argv: Optional[Sequence[str]] = 
                      ("--filter", dict(help="regex on '<label> <case>'")),
                      ("--threads", dict(type=int, help="CPU threads (default: all cores; --quick: 1)")),
                      ("--min-run-time", dict(type=float, help="s per blocked_autorange (0.5; --quick 0.05)")),
+                     ("--malloc", dict(choices=["reuse", "default"], default="reuse",
+                                       help="CPU: glibc keeps freed memory for reuse (default) or its defaults")),
                      ("--out-dir", dict(default=str(ROOT / "benchmarks" / "results"))),
                      ("--no-plot", dict(action="store_true"))):
         p.add_argument(flag, **kw)
@@ -494,6 +512,8 @@ def main(modules: Sequence[Any], tag: str = "", argv: Optional[Sequence[str]] = 
     cases = [c for cs, _ in found for c in cs if not cfg.filter or re.search(cfg.filter, f"{c.label} {c.name}")]
     print(f"{env['device']} ({cfg.device}, {cfg.threads} threads), torch {env['torch']}, commit {env['commit']}")
     print(f"timing: torch.utils.benchmark blocked_autorange, min_run_time {cfg.min_run_time} s; median, IQR")
+    if cfg.device.type == "cpu":
+        print(reuse_freed_memory() if a.malloc == "reuse" else "malloc: glibc's defaults")
     print("".join(f"note: {n}\n" for _, ns in found for n in ns) + HEADER)
     rows = []
     for case in cases:
