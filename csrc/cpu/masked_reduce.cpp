@@ -86,7 +86,9 @@ __attribute__((target_clones("avx2", "default"))) void term_rows(
 template <MaskedMode M>
 __attribute__((always_inline)) inline cpu::f32v term_v(const cpu::f32v& d) {
   if (M == MaskedMode::kSqDist) return d * d;
-  return d < cpu::splat(0.0f) ? -d : d;  // abs_val: -0 and NaN keep their sign
+  // |d| by clearing the sign bit. abs_val keeps the sign of -0 and NaN: the
+  // sums are the same (each starts at +0, and +0 + -0 = +0), up to a NaN's sign.
+  return reinterpret_cast<cpu::f32v>(reinterpret_cast<const cpu::u32v&>(d) & 0x7fffffffu);
 }
 
 template <MaskedMode M>
