@@ -66,6 +66,24 @@ def test_summary_figure(tmp_path):
     assert width <= 2000 and height <= 1500, (width, height)
 
 
+def _first_quick_case(script: str):
+    """The harness module, a quick CPU config, and the first quick case of benchmarks/<script>.py with
+    its inputs."""
+    import importlib
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        bench = importlib.import_module(script)
+        import harness
+    finally:
+        sys.path.pop(0)
+    cfg = harness.Config(device=torch.device("cpu"), quick=True)
+    case = bench.cases(cfg)[0][0]
+    return harness, cfg, case, case.make_inputs(cfg.device)
+
+
 def test_guard_catches_planted_bugs():
     """The guard against eager on a p_c case: values equal but 5% of the gradient dropped (it lives in
     one channel of K, so 5% of its locations is 0.06% of the elements), and a forward that is wrong
@@ -74,15 +92,7 @@ def test_guard_catches_planted_bugs():
 
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_channel_max_spatial_softmax as bench
-        import harness
-    finally:
-        sys.path.pop(0)
-    cfg = harness.Config(device=torch.device("cpu"), quick=True)
-    case = bench.cases(cfg)[0][0]
-    base = case.make_inputs(cfg.device)
+    harness, cfg, case, base = _first_quick_case("bench_channel_max_spatial_softmax")
     assert harness.check(case, base, cfg).startswith("ok")
 
     def dropped(x, *a, **k):
@@ -99,35 +109,40 @@ def test_guard_catches_planted_bugs():
         "MISMATCH fwd with grad")
 
 
-def test_bwd_times_one_backward_per_forward():
+def test_bwd_times_one_backward_per_forward(monkeypatch):
     """The bwd mode runs a fresh forward (untimed) before each backward, as a training step does: the
     forward's time is not in the samples, each backward consumes its graph (none is retained, so
     torch.compile's donated buffers work), and every call gives eager's gradients."""
-    import statistics
-    import time
+    import types
 
     import pytest
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_masked_reduce as bench
-        import harness
-    finally:
-        sys.path.pop(0)
-    cfg = harness.Config(device=torch.device("cpu"), quick=True)
-    case = bench.cases(cfg)[0][0]
-    base = case.make_inputs(cfg.device)
+    harness, cfg, case, base = _first_quick_case("bench_masked_reduce")
 
-    # The forward is outside the timed region: a forward that sleeps 50 ms does not show.
-    def slow(*args, **kwargs):
-        time.sleep(0.05)
-        return case.eager(*args, **kwargs)
+    # Only the backward is timed: on a fake clock, each forward takes 1000 s and each backward 1 s.
+    clock = [0.0]
 
-    run = harness.make_runner(case, slow, "bwd", base)
+    class Tick(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            clock[0] += 1.0
+            return g
+
+    def ticking(*args, **kwargs):
+        clock[0] += 1000.0
+        return Tick.apply(case.eager(*args, **kwargs))
+
+    run = harness.make_runner(case, ticking, "bwd", base)
     assert isinstance(run, harness.Backward)
-    times = harness._time_backward(run, cfg.device, budget=0.01)
-    assert len(times) >= 3 and statistics.median(times) < 0.025, times
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    times = harness._time_backward(run, cfg.device, budget=10.0)
+    monkeypatch.undo()
+    assert len(times) >= 3 and all(t == 1.0 for t in times), times
 
     # Each backward consumes its graph, and a call without a forward before it is refused.
     run.prepare()
