@@ -157,8 +157,9 @@ def config_on_base(path, base, model: dict, cfg: dict, header: str = "") -> str:
     return str(path)
 
 
-def train(config_path, **overrides):
-    """``Runner.from_cfg(Config.fromfile(path)).train()``, as ``tools/train.py`` does; returns the runner."""
+def runner(config_path, **overrides):
+    """``Runner.from_cfg(Config.fromfile(path))`` with ``overrides`` merged (``--cfg-options``), as
+    ``tools/train.py`` builds it."""
     from mmengine.config import Config
     from mmengine.runner import Runner
 
@@ -168,9 +169,14 @@ def train(config_path, **overrides):
         # The visualizer is a process-wide instance per name: a second Runner in this process would
         # otherwise log into the first one's work_dir.
         cfg.visualizer.name = f"visualizer_{uuid.uuid4().hex}"
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-    return runner
+    return Runner.from_cfg(cfg)
+
+
+def train(config_path, **overrides):
+    """``runner(path, **overrides).train()``, as ``tools/train.py`` does; returns the runner."""
+    r = runner(config_path, **overrides)
+    r.train()
+    return r
 
 
 def scalars(work_dir) -> List[dict]:
@@ -275,15 +281,8 @@ def semi_runtime(labeled: Dict[str, str], unlabeled: Dict[str, str], work_dir, m
 
 def train_with_hooks(config_path, hooks: Sequence = (), **overrides):
     """``train()`` with extra hook objects registered (priority LOWEST: after the config's hooks)."""
-    from mmengine.config import Config
-    from mmengine.runner import Runner
-
-    cfg = Config.fromfile(str(config_path))
-    cfg.merge_from_dict(overrides)
-    if cfg.get("visualizer") is not None:
-        cfg.visualizer.name = f"visualizer_{uuid.uuid4().hex}"  # as in train(): one visualizer per Runner
-    runner = Runner.from_cfg(cfg)
+    r = runner(config_path, **overrides)
     for hook in hooks:
-        runner.register_hook(hook, priority="LOWEST")
-    runner.train()
-    return runner
+        r.register_hook(hook, priority="LOWEST")
+    r.train()
+    return r

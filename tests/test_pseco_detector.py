@@ -239,6 +239,29 @@ def test_runner_trains_resumes_and_teacher_moves_only_by_ema(semi_data, tmp_path
     logs = [r for r in rh.scalars(work_dir) if "loss" in r]
     assert logs[-1]["iter"] == 3 and all(math.isfinite(logs[-1][k]) for k in SUP_KEYS + UNSUP_KEYS)
 
+    # load_from that Runner-written checkpoint, as a user starts a new run from it (--cfg-options):
+    head = "model.detector.roi_head.bbox_head."
+    # another architecture (wider shared FCs): refused before the first iteration, naming the layers;
+    # mmengine alone would warn and train the mismatched layers from their initialization
+    from tbd_ops.mmdet.checkpoint import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match=r"does not fit the detector built from the config: "
+                                                      r"\d+ keys differ in shape: .*bbox_head\.shared_fcs"):
+        rh.train(path, **{head + "fc_out_channels": 128, "load_from": str(ckpt),
+                          "work_dir": str(tmp_path / "wider")})
+    # fine-tuning on other classes: every weight but the RoI head's classifier and box regressor is the
+    # checkpoint's (read from the file, for the student and the teacher)
+    tuned = rh.runner(path, **{head + "num_classes": 5, "load_from": str(ckpt), "work_dir": str(tmp_path / "tune")})
+    tuned.load_or_resume()  # what train() does first
+    own = tuned.model.state_dict()
+    class_layers = [k for k in state if ".bbox_head.fc_cls." in k or ".bbox_head.fc_reg." in k]
+    assert len(class_layers) == 8  # weight and bias of both layers, in the student and the teacher
+    for k, v in state.items():
+        if k in class_layers:
+            assert own[k].shape != v.shape, k
+        else:
+            assert torch.equal(own[k], v), k
+
 
 @pytest.mark.parametrize("use_teacher_proposal", [True, False])
 def test_no_gradient_reaches_an_unfrozen_teacher(use_teacher_proposal):
