@@ -79,7 +79,8 @@ def make_case(op: str, k: int, levels: Sequence[str], n: int, dtype: torch.dtype
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
     lv_name = (f"{levels[0]}-{levels[-1]}" if as_list else levels[0]) if levels else f"{len(shapes)} levels"
-    return Case(op=op, label=OPS[op], name=name or f"K{k} {lv_name} b{n}" + ("" if grads == "a,b" else f" grad {grads}"),
+    suffix = "" if grads == "a,b" else f" grad {grads}"
+    return Case(op=op, label=OPS[op], name=name or f"K{k} {lv_name} b{n}{suffix}",
                 params={"K": k, "C": c, "levels": lv_name, "HW": hw, "N": n, "grads": grads},
                 make_inputs=make_inputs, ours=getattr(tbd_ops, op), eager=EAGER[op],
                 bytes_moved=bytes_moved, dtype=dtype, grad_args=grad_args)

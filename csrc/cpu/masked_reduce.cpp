@@ -85,6 +85,7 @@ __attribute__((target_clones("avx2", "default"))) void term_rows(
 // two vectors per group, ran out of registers and were slower.)
 template <MaskedMode M>
 __attribute__((always_inline)) inline cpu::f32v term_v(const cpu::f32v& d) {
+  // masked_term's math; it cannot take a vector (its |d| branch compares with a scalar 0).
   if (M == MaskedMode::kSqDist) return d * d;
   // |d| by clearing the sign bit. abs_val keeps the sign of -0 and NaN: the
   // sums are the same (each starts at +0, and +0 + -0 = +0), up to a NaN's sign.
@@ -189,7 +190,8 @@ std::tuple<at::Tensor, at::Tensor> masked_forward_level(const at::Tensor& a, con
     A* pt = term.mutable_data_ptr<A>();
     std::vector<A> partial(N * chunks * K);  // [N, chunks, K]
     at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> groups(rows ? kMaskedGroups * kChunk : 0);
+      // term_rows' group rows (the float32 path keeps its group sums in registers).
+      std::vector<A> groups(rows && !std::is_same<scalar_t, float>::value ? kMaskedGroups * kChunk : 0);
       A mrow[kChunk];
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / chunks, i0 = (item % chunks) * kChunk;
