@@ -208,8 +208,7 @@ def test_cpu_work_splits_agree_bitwise(N, dtype):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_float64_gradient_of_several_mib_matches_reference(channels_last):
-    """A gradient over 2 MiB pages (the CPU backward asks for huge pages for it): zero outside the
-    argmax channel, the reference's values in it."""
+    """A gradient of several MiB: zero outside the argmax channel, the reference's values in it."""
     x = logits((2, 80, 60, 70), "cpu")  # 5.1 MiB of float64 gradient
     if channels_last:
         x = x.to(memory_format=torch.channels_last)

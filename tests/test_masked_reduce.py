@@ -64,14 +64,35 @@ def test_float64_matches_reference(device, op, shape, K):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_float64_gradients_of_several_mib_match_reference(op, layout):
-    """Gradients over 2 MiB pages (the CPU backward asks for huge pages for them) and work items
-    of 4096 locations with a partial last one: the reference's values."""
+    """Gradients of several MiB, over work items of 4096 locations with a partial last one: the
+    reference's values."""
     n, c, h, w = 2, 16, 100, 90  # 11.5 MiB per gradient, 9000 locations per image
     a, b = rand((n, c, h, w), "cpu"), rand((n, c, h, w), "cpu")
     if layout == "channels_last":
         a, b = (t.to(memory_format=torch.channels_last) for t in (a, b))
     m = masks_for(n, 2, h, w, "cpu")
     compare(op, a, b, m, dict(rtol=1e-10, atol=1e-10), dict(rtol=1e-10, atol=1e-12), rand((n, 2), "cpu"))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("wanted", ["a and b", "b"])
+def test_float32_streamed_gradients_are_the_formula_bit_for_bit(op, wanted):
+    """Gradients of 16 MiB and more, which the float32 CPU backward writes with streaming stores (an
+    aligned middle, plain stores before and after it in rows that start anywhere: H*W = 44850 is 2
+    mod 4): term'(a - b) * (g * m) element by element, as eager torch computes it, with one mask
+    (w = 0 + g * m is exact), for TFD's gradient of b alone too."""
+    n, c, h, w = 2, 48, 150, 299  # 17.2 MB per tensor
+    a, b = (rand((n, c, h, w), "cpu", torch.float32) for _ in range(2))
+    m = masks_for(n, 1, h, w, "cpu", torch.float32)
+    g = rand((n, 1), "cpu", torch.float32)
+    leaves = [a.requires_grad_(wanted == "a and b"), b.requires_grad_()]
+    got = torch.autograd.grad(fn(op, tbd_ops)(a, b, m), [t for t in leaves if t.requires_grad], g)
+    d = a.detach() - b.detach()
+    term_grad = 2 * d if op == "masked_sq_dist" else torch.sign(d)
+    want_a = term_grad * (g[:, :, None, None] * m)
+    assert_bitwise(got[-1], -want_a)
+    if wanted == "a and b":
+        assert_bitwise(got[0], want_a)
 
 
 class MaskedContract(OpContract):

@@ -40,6 +40,29 @@ template <typename V, typename P> __attribute__((always_inline)) inline void sto
   __builtin_memcpy(p, &v, sizeof(v));
 }
 __attribute__((always_inline)) inline f32v splat(float a) { return f32v{} + a; }
+
+// Non-temporal (streaming) stores of 8 floats at a 16-byte aligned address:
+// they bypass the caches, so a store to a line not in cache does not read the
+// line first. For outputs far larger than the caches, which nothing reads back
+// soon; stream_fence() after the last one, before another thread reads them.
+// SSE2 (the x86-64 baseline), so any clone can use them; plain stores elsewhere.
+constexpr uintptr_t kStreamAlign = 16;
+__attribute__((always_inline)) inline void stream_store(float* p, const f32v& v) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __m128 lo, hi;
+  __builtin_memcpy(&lo, &v, sizeof(lo));
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  _mm_stream_ps(p, lo);
+  _mm_stream_ps(p + 4, hi);
+#else
+  storev(p, v);
+#endif
+}
+__attribute__((always_inline)) inline void stream_fence() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  _mm_sfence();
+#endif
+}
 __attribute__((always_inline)) inline i32v splat(int32_t a) { return i32v{} + a; }
 
 // ---- exp(x) for x in [-inf, 0] or NaN (all that a softmax needs: y - max y) ----
