@@ -75,23 +75,29 @@ def test_float64_gradients_of_several_mib_match_reference(op, layout):
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("wanted", ["a and b", "b"])
+@pytest.mark.parametrize("wanted", ["a and b", "b", "a and b, other strides"])
 def test_float32_streamed_gradients_are_the_formula_bit_for_bit(op, wanted):
-    """Gradients of 16 MiB and more, which the float32 CPU backward writes with streaming stores (an
-    aligned middle, plain stores before and after it in rows that start anywhere: H*W = 44850 is 2
-    mod 4): term'(a - b) * (g * m) element by element, as eager torch computes it, with one mask
-    (w = 0 + g * m is exact), for TFD's gradient of b alone too."""
-    n, c, h, w = 2, 48, 150, 299  # 17.2 MB per tensor
+    """Gradients of twice the 16 MiB (both counted) from which the float32 CPU backward writes them
+    with streaming stores, in an aligned middle with plain stores before and after it: term'(a - b)
+    * (g * m) element by element, as eager torch computes it, with one mask (w = 0 + g * m is
+    exact), for TFD's gradient of b alone too. H*W = 45149 is 1 mod 4, so the rows start at every
+    offset from an aligned address; with a laid out [C, N, H, W] its gradient's rows and b's start at
+    different offsets in most rows (plain stores there); a - b = 0 at every 7th element (sign(0))."""
+    n, c, h, w = 2, 96, 151, 299  # 34.7 MB per tensor
     a, b = (rand((n, c, h, w), "cpu", torch.float32) for _ in range(2))
+    if wanted.endswith("other strides"):
+        a = a.transpose(0, 1).contiguous().transpose(0, 1)
+    b.view(-1)[::7] = a.reshape(-1)[::7]  # b is contiguous: the same logical elements
     m = masks_for(n, 1, h, w, "cpu", torch.float32)
     g = rand((n, 1), "cpu", torch.float32)
-    leaves = [a.requires_grad_(wanted == "a and b"), b.requires_grad_()]
+    leaves = [a.requires_grad_(wanted != "b"), b.requires_grad_()]
     got = torch.autograd.grad(fn(op, tbd_ops)(a, b, m), [t for t in leaves if t.requires_grad], g)
     d = a.detach() - b.detach()
     term_grad = 2 * d if op == "masked_sq_dist" else torch.sign(d)
     want_a = term_grad * (g[:, :, None, None] * m)
     assert_bitwise(got[-1], -want_a)
-    if wanted == "a and b":
+    if wanted != "b":
+        assert got[0].stride() == a.stride()
         assert_bitwise(got[0], want_a)
 
 

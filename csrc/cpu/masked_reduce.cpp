@@ -42,9 +42,10 @@ constexpr int64_t kGradChunk = 4096;
 // little next to the gradients of a and b, so small levels run it inline.
 constexpr int64_t kWeightGrain = 4;
 constexpr int kLanes = 8;        // interleaved partial sums of the mask products
-// Bytes of gradients of a and b written by one call from which the float32
-// backward streams them past the caches (cpu::stream_store): far more than a
-// core's L2, and most of a typical L3 (RetinaNet's P3 at batch 2: 34 MiB each).
+// Bytes of gradients of a and b written by one call, both counted, from which
+// the float32 backward streams them past the caches (cpu::stream_store): far
+// more than a core's L2, and half of a typical L3. At batch 2 and C = 256:
+// RetinaNet's P3 (32.8 MiB per gradient) and, with both gradients, P4.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 struct Strides4 {
@@ -274,8 +275,7 @@ TBD_CLONES void grad_rows_stream(const float* pa, int64_t as1, const float* pb, 
     const uintptr_t off = reinterpret_cast<uintptr_t>(kA ? rda : rdb) % cpu::kStreamAlign;
     // Streams where the rows of both gradients start at the same distance from an
     // aligned address (the rows of tensors with equal strides do), else plain stores.
-    const bool aligned = off % sizeof(float) == 0 &&
-                         (!(kA && kB) || reinterpret_cast<uintptr_t>(rdb) % cpu::kStreamAlign == off);
+    const bool aligned = !(kA && kB) || reinterpret_cast<uintptr_t>(rdb) % cpu::kStreamAlign == off;
     const int64_t head =
         aligned ? std::min<int64_t>(len, ((cpu::kStreamAlign - off) % cpu::kStreamAlign) / sizeof(float)) : len;
     int64_t i = 0;

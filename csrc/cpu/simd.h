@@ -45,10 +45,16 @@ __attribute__((always_inline)) inline f32v splat(float a) { return f32v{} + a; }
 // they bypass the caches, so a store to a line not in cache does not read the
 // line first. For outputs far larger than the caches, which nothing reads back
 // soon; stream_fence() after the last one, before another thread reads them.
-// SSE2 (the x86-64 baseline), so any clone can use them; plain stores elsewhere.
+// SSE2 (the x86-64 baseline), so any clone can use them; plain stores elsewhere,
+// and under AddressSanitizer, which does not check the streaming stores' bounds.
 constexpr uintptr_t kStreamAlign = 16;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
+#define TBD_OPS_STREAM_STORES 1
+#else
+#define TBD_OPS_STREAM_STORES 0
+#endif
 __attribute__((always_inline)) inline void stream_store(float* p, const f32v& v) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if TBD_OPS_STREAM_STORES
   __m128 lo, hi;
   __builtin_memcpy(&lo, &v, sizeof(lo));
   __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
@@ -59,7 +65,7 @@ __attribute__((always_inline)) inline void stream_store(float* p, const f32v& v)
 #endif
 }
 __attribute__((always_inline)) inline void stream_fence() {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if TBD_OPS_STREAM_STORES
   _mm_sfence();
 #endif
 }
