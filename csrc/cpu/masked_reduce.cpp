@@ -400,25 +400,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_level(
           scalar_t* da = want_a ? pga + n * gas.s0 + c0 * gas.s1 : nullptr;
           scalar_t* db = want_b ? pgb + n * gbs.s0 + c0 * gbs.s1 : nullptr;
           const A* wn = w + n * HW;
+          // The kernel for the gradients asked for: f(kA, kB) as std::bool_constant.
+          const auto wanted = [&](auto f) {
+            if (want_a && want_b) {
+              f(std::true_type{}, std::true_type{});
+            } else if (want_a) {
+              f(std::true_type{}, std::false_type{});
+            } else {
+              f(std::false_type{}, std::true_type{});
+            }
+          };
+          bool done = false;
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (stream) {
-              if (want_a && want_b) {
-                grad_rows_stream<M, true, true>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, cnt, HW, wn);
-              } else if (want_a) {
-                grad_rows_stream<M, true, false>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, cnt, HW, wn);
-              } else {
-                grad_rows_stream<M, false, true>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, cnt, HW, wn);
-              }
-              row += cnt;
-              continue;
+              wanted([&](auto ka, auto kb) {
+                grad_rows_stream<M, decltype(ka)::value, decltype(kb)::value>(
+                    ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, cnt, HW, wn);
+              });
+              done = true;
             }
           }
-          if (want_a && want_b) {
-            grad_rows<M, true, true>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, cnt, HW, wn);
-          } else if (want_a) {
-            grad_rows<M, true, false>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, cnt, HW, wn);
-          } else {
-            grad_rows<M, false, true>(ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, cnt, HW, wn);
+          if (!done) {
+            wanted([&](auto ka, auto kb) {
+              grad_rows<M, decltype(ka)::value, decltype(kb)::value>(
+                  ra, as.s1, rb, bs.s1, da, gas.s1, db, gbs.s1, cnt, HW, wn);
+            });
           }
           row += cnt;
         }
