@@ -218,6 +218,28 @@ def test_float64_gradient_of_several_mib_matches_reference(channels_last):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
 
 
+def test_float32_streamed_gradient_is_the_channels_last_one_bit_for_bit():
+    """A float32 gradient over the 16 MiB from which the CPU backward writes NCHW planes with
+    streaming stores (aligned middles, plain stores before and after): bit for bit the gradient
+    that the channels_last backward scatters into zeros, one value per location; the reference's
+    values in the argmax channel (torch's argmax of the input), exact zeros elsewhere. H*W = 5917
+    is 1 mod 4, so the channel rows start at every offset from an aligned address."""
+    x = logits((2, 720, 61, 97), "cpu", torch.float32)  # 34 MB of float32 gradient, 2 images
+    g = torch.randn(2, 61, 97)
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xi = x.to(memory_format=fmt).requires_grad_()
+        (gx,) = torch.autograd.grad(tbd_ops.channel_max_spatial_softmax(xi, temperature=0.5), xi, g)
+        assert gx.is_contiguous(memory_format=fmt)
+        grads.append(gx.contiguous())
+    assert_bitwise(grads[0], grads[1])
+    am = x.argmax(dim=1, keepdim=True)
+    assert grads[0].clone().scatter_(1, am, 0.0).eq(0).all()
+    xr = x.double().requires_grad_()
+    (want,) = torch.autograd.grad(ref.channel_max_spatial_softmax(xr, temperature=0.5), xr, g.double())
+    torch.testing.assert_close(grads[0].gather(1, am).double(), want.gather(1, am), rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_list_of_levels(device):
     levels = [logits((2, 9, 8, 10), device), logits((2, 9, 4, 5), device), logits((2, 9, 2, 3), device)]

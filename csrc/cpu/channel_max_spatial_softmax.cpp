@@ -17,6 +17,12 @@
 // where present, with the same results) with the deterministic exp of
 // csrc/cpu/simd.h; float64 stays scalar. The channel argmax is exact
 // (torch.max semantics; csrc/cpu/channel_argmax.h).
+//
+// Backward: dot = sum p * g per image (fixed-order chunk partials), then the
+// gradient dz of each location, which goes to its argmax channel only. NCHW:
+// dx is written once, by chunks of locations, channel row by channel row (dz
+// where the argmax is the channel, else 0; float32 of kStreamBytes and more
+// with streaming stores); channels_last: zeros, then one value per location.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -24,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -39,6 +46,13 @@ namespace {
 using namespace cpu;  // SIMD types, exp_nonpositive, channel_argmax_tile
 
 constexpr int64_t kChunk = 256;  // locations per partial sum of the backward's dot product
+// Locations per work item of the backward's NCHW gradient (no sums: any split
+// gives the same values); its channel rows are written kPlaneChunk at a time.
+constexpr int64_t kPlaneChunk = 2048;
+// Bytes of float32 gradient from which the backward streams it past the caches
+// (cpu::stream_store): far more than a core's L2, half of a typical L3. At
+// batch 2: RetinaNet's (K = 720) P3 and P4, not FCOS's (K = 80) levels.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // Locations per work item of the forward (fixed: thread-independent results):
 // every channel row is read in contiguous runs of kTile values (long enough
 // for the hardware prefetcher) while the running max and argmax of the tile
@@ -407,14 +421,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmss_cpu(const at::Tensor& x, dou
   return {std::get<0>(r)[0], std::get<1>(r)[0], std::get<2>(r)[0]};
 }
 
+// One channel row of dx (NCHW) over `len` locations: the location's gradient dz
+// where its argmax is channel c, else 0.
+template <typename T>
+TBD_CLONES void plane_row(T* row, const T* dz, const int32_t* cls, int32_t c, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) row[i] = cls[i] == c ? dz[i] : T(0);
+}
+
+// The same for float32 rows of a dx far larger than the caches, with streaming
+// stores (8 lanes, from a 16-byte aligned address): dx is then written once
+// and never read from memory first. The same values as plane_row.
+TBD_CLONES void plane_row_stream(float* row, const float* dz, const int32_t* cls, int32_t c, int64_t len) {
+  const uintptr_t off = reinterpret_cast<uintptr_t>(row) % kStreamAlign;
+  const int64_t head = std::min<int64_t>(len, ((kStreamAlign - off) % kStreamAlign) / sizeof(float));
+  int64_t i = 0;
+  for (; i < head; ++i) row[i] = cls[i] == c ? dz[i] : 0.0f;
+  const i32v cv = splat(c);
+  for (; i + kLanes <= len; i += kLanes) {
+    const i32v keep = loadv<i32v>(cls + i) == cv;  // all ones where the argmax is c
+    stream_store(row + i, reinterpret_cast<f32v>(loadv<i32v>(dz + i) & keep));
+  }
+  for (; i < len; ++i) row[i] = cls[i] == c ? dz[i] : 0.0f;
+  stream_fence();
+}
+
 at::Tensor cmss_backward_cpu(const at::Tensor& grad, const at::Tensor& log_p,
                              const at::Tensor& argmax, int64_t channels, double temperature,
                              bool scale_by_hw, bool channels_last) {
   cmss_backward_check(grad, log_p, argmax, channels, temperature);
   const int64_t N = grad.size(0), H = grad.size(1), W = grad.size(2), HW = H * W;
+  // NCHW: every element of dx is written below, once. channels_last (or more
+  // channels than an int32 holds): zeros, then one value per location.
+  const bool scatter = channels_last || channels > std::numeric_limits<int32_t>::max();
   auto dx = at::empty({N, channels, H, W}, grad.options(),
-                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
-                .zero_();
+                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (scatter || N == 0 || HW == 0) dx.zero_();
   if (N == 0 || HW == 0) return dx;
   const auto lpc = log_p.contiguous();
   const auto amc = argmax.contiguous();
@@ -447,13 +488,45 @@ at::Tensor cmss_backward_cpu(const at::Tensor& grad, const at::Tensor& log_p,
     std::vector<A> dot(N, A(0));
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < chunks; ++c) dot[n] += partial[n * chunks + c];
-    at::parallel_for(0, N * HW, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        const int64_t n = j / HW, i = j % HW;
-        const A dz = spatial_softmax_grad(static_cast<A>(math_exp(lp[j])), g_at(n, i), dot[n],
-                                          scale, inv_t);
-        if (am[j] < 0 || am[j] >= channels) continue;  // not produced by the forward
-        pd[n * d0 + am[j] * d1 + (i / W) * d2 + (i % W) * d3] = static_cast<scalar_t>(dz);
+    auto dz_at = [&](int64_t j) {
+      return static_cast<scalar_t>(spatial_softmax_grad(static_cast<A>(math_exp(lp[j])), g_at(j / HW, j % HW),
+                                                        dot[j / HW], scale, inv_t));
+    };
+    if (scatter) {
+      at::parallel_for(0, N * HW, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          if (am[j] < 0 || am[j] >= channels) continue;  // not produced by the forward
+          const int64_t i = j % HW;
+          pd[(j / HW) * d0 + am[j] * d1 + (i / W) * d2 + (i % W) * d3] = dz_at(j);
+        }
+      });
+      return;
+    }
+    // NCHW, items (image, chunk of kPlaneChunk locations): the chunk's gradients
+    // and argmax channels (-1: none, not produced by the forward), then its row
+    // in every channel plane, front to back.
+    const int64_t pchunks = (HW + kPlaneChunk - 1) / kPlaneChunk;
+    const bool stream = std::is_same<scalar_t, float>::value && dx.numel() * int64_t(sizeof(float)) >= kStreamBytes;
+    at::parallel_for(0, N * pchunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> dz(kPlaneChunk);
+      std::vector<int32_t> cls(kPlaneChunk);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / pchunks, i0 = (item % pchunks) * kPlaneChunk;
+        const int64_t len = std::min(kPlaneChunk, HW - i0);
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t j = n * HW + i0 + i;
+          dz[i] = dz_at(j);
+          cls[i] = am[j] < 0 || am[j] >= channels ? -1 : static_cast<int32_t>(am[j]);
+        }
+        for (int64_t c = 0; c < channels; ++c) {
+          scalar_t* row = pd + n * d0 + c * d1 + i0;
+          if (stream) {  // float32 only
+            plane_row_stream(reinterpret_cast<float*>(row), reinterpret_cast<const float*>(dz.data()), cls.data(),
+                             static_cast<int32_t>(c), len);
+          } else {
+            plane_row(row, dz.data(), cls.data(), static_cast<int32_t>(c), len);
+          }
+        }
       }
     });
   });
