@@ -36,8 +36,12 @@ def test_installs_a_module_with_a_spec():
     # mmengine (revert_sync_batchnorm) and importlib ask for the spec of an imported module.
     assert importlib.util.find_spec("mmcv._ext") is not None
     assert ext.__spec__.name == "mmcv._ext"
-    with pytest.raises(mmcv_lite.CompiledOpCalled, match=r"mmcv\._ext\.roi_align_forward"):
+    with pytest.raises(mmcv_lite.CompiledOpCalled, match=r"mmcv\._ext\.roi_align_forward.*use_torchvision=True"):
         ext.roi_align_forward()
+    with pytest.raises(mmcv_lite.CompiledOpCalled, match=r"mmcv\._ext\.deform_conv_forward was called, but "
+                                                         r"mmcv-lite has no compiled ops \(install the full mmcv "
+                                                         r"for it\)$"):
+        ext.deform_conv_forward()
     mmcv_lite.install()  # idempotent
     assert sys.modules["mmcv._ext"] is ext
 

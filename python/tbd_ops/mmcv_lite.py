@@ -28,10 +28,20 @@ class CompiledOpCalled(RuntimeError):
     """A compiled mmcv op that mmcv-lite does not have was called."""
 
 
+# What to change in a config instead, for the compiled ops that have a pure-PyTorch option.
+_HINTS = {
+    "roi_align": "or give the RoI extractor roi_layer=dict(type=\"RoIAlign\", ..., use_torchvision=True), e.g. "
+                 "--cfg-options model.roi_head.bbox_roi_extractor.roi_layer.use_torchvision=True "
+                 "(model.detector.roi_head... for PseCo; a two-stage TBD teacher needs it in its own config too)",
+}
+
+
 def _missing(name: str):
+    hint = next((h for prefix, h in _HINTS.items() if name.startswith(prefix + "_")), None)
+
     def fn(*args, **kwargs):
         raise CompiledOpCalled(f"mmcv._ext.{name} was called, but mmcv-lite has no compiled ops "
-                               "(install the full mmcv for it)")
+                               f"(install the full mmcv for it{', ' + hint if hint else ''})")
 
     fn.__name__ = name
     return fn
