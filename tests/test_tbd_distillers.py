@@ -191,8 +191,15 @@ def test_mismatched_teachers_raise():
     # As many anchors per location, but of other sizes: the teacher's deltas would be decoded wrongly.
     bigger = mmdet_model("retinanet")
     bigger["bbox_head"]["anchor_generator"]["octave_base_scale"] = 8
-    with pytest.raises(ValueError, match=r"same priors \(anchor sizes"):
+    with pytest.raises(ValueError, match=r"same priors \(anchor sizes, ratios, scales and offsets\); they differ in "
+                                         r"octave_base_scale: 4 \(student\) vs 8 \(teacher\); scales: \[4\.0, "
+                                         r"5\.0397, 6\.3496\] \(student\) vs \[8\.0, 10\.0794, 12\.6992\] "
+                                         r"\(teacher\)$"):
         MODELS.build(distiller_cfg("retinanet", teacher=bigger))
+    offset_anchors = mmdet_model("retinanet")
+    offset_anchors["bbox_head"]["anchor_generator"]["center_offset"] = 0.5
+    with pytest.raises(ValueError, match=r"they differ in center_offset: 0\.0 \(student\) vs 0\.5 \(teacher\)$"):
+        MODELS.build(distiller_cfg("retinanet", teacher=offset_anchors))
     offset = mmdet_model("fcos")
     offset["bbox_head"]["center_sample_radius"] = 1.0  # not a prior setting: builds
     MODELS.build(distiller_cfg("fcos", teacher=offset))

@@ -66,6 +66,39 @@ def _prior_signature(generator) -> tuple:
             float(getattr(generator, "offset", 0.0)))
 
 
+# The settings of mmdet's prior generators (AnchorGenerator, SSD's, YOLO's, MlvlPointGenerator) that
+# an error names when two generators make different priors.
+_PRIOR_SETTINGS = ("octave_base_scale", "scales_per_octave", "scales", "ratios", "base_sizes", "center_offset",
+                   "centers", "scale_major", "offset")
+
+
+def _prior_differences(student, teacher) -> str:
+    """The settings in which two prior generators differ, student's then teacher's value; the
+    first differing base anchors where no setting differs (a generator of other settings)."""
+
+    def value(g, name):
+        v = getattr(g, name, None)
+        if isinstance(v, torch.Tensor):
+            v = v.tolist()
+        return [round(x, 4) if isinstance(x, float) else x for x in v] if isinstance(v, (list, tuple)) else v
+
+    def short(v) -> str:
+        text = repr(v)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    if type(student) is not type(teacher):
+        return f"type: {type(student).__name__} (student) vs {type(teacher).__name__} (teacher)"
+    diffs = [f"{name}: {short(value(student, name))} (student) vs {short(value(teacher, name))} (teacher)"
+             for name in _PRIOR_SETTINGS if value(student, name) != value(teacher, name)]
+    if diffs:
+        return "; ".join(diffs)
+    s_sig, t_sig = _prior_signature(student), _prior_signature(teacher)
+    for level, (a, b) in enumerate(zip(s_sig[1] or (), t_sig[1] or ())):
+        if a != b:
+            return f"base anchors of level {level}: {short(a)} (student) vs {short(b)} (teacher)"
+    return f"{short(s_sig)} (student) vs {short(t_sig)} (teacher)"
+
+
 def _num_classes(head: nn.Module) -> int:
     return int(getattr(head, "cls_out_channels", getattr(head, "num_classes", -1)))
 
@@ -156,7 +189,8 @@ class TBDDistillerMixin:
         s_sig, t_sig = _prior_signature(s_head.prior_generator), _prior_signature(t_head.prior_generator)
         if s_sig != t_sig:
             raise ValueError(f"{owner}: student and teacher heads must have the same priors (anchor sizes, ratios, "
-                             f"scales and offsets), got {s_sig} and {t_sig}")
+                             f"scales and offsets); they differ in "
+                             f"{_prior_differences(s_head.prior_generator, t_head.prior_generator)}")
         s_c, t_c = _num_classes(s_head), _num_classes(t_head)
         if s_c != t_c and not allow_class_mismatch:
             raise ValueError(f"{owner}: student and teacher heads predict different numbers of classes ({s_c} and "
