@@ -190,6 +190,31 @@ def test_train_command(data, tmp_path):
     assert not (tmp_path / "unused").exists()
     with pytest.raises(FileNotFoundError, match="tbd_ops ships no tbd/nope.py"):
         train_main(["tbd_ops::tbd/nope.py"])
+    # A config of one's own on a shipped one by its tbd_ops:: name (mmengine cannot read those).
+    by_name = tmp_path / "by_name.py"
+    by_name.write_text(f'_base_ = "{SHIPPED["atss"]}"\n')
+    with pytest.raises(ValueError, match=r"by_name\.py.*'tbd_ops::\.\.\.' cannot be read by mmengine.*"
+                                         r"--list-configs"):
+        train_main([str(by_name)])
+
+
+def test_export_command_errors_name_the_problem(tmp_path, capsys):
+    """``python -m tbd_ops.mmdet.export``: a missing file, or a checkpoint that is not a distiller's,
+    ends with the reason on one line (exit status 2), not a traceback."""
+    from tbd_ops.mmdet.export import main as export_main
+
+    with pytest.raises(SystemExit) as e:
+        export_main([str(tmp_path / "nope.pth"), str(tmp_path / "out.pth")])
+    assert e.value.code == 2
+    assert "python -m tbd_ops.mmdet.export: error: " in capsys.readouterr().err
+    plain = tmp_path / "plain.pth"
+    torch.save(dict(state_dict={"backbone.conv1.weight": torch.zeros(1)}), plain)
+    with pytest.raises(SystemExit) as e:
+        export_main([str(plain), str(tmp_path / "out.pth")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.startswith("python -m tbd_ops.mmdet.export: error: checkpoint ") and "has no tbd_loss.* weights" in err
+    assert not (tmp_path / "out.pth").exists()
 
 
 def test_command_line_lists_the_shipped_configs():

@@ -41,7 +41,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("checkpoint", help="a TBD distiller's checkpoint (e.g. work_dirs/.../epoch_12.pth)")
     parser.add_argument("out", help="where to write the student's checkpoint")
     args = parser.parse_args(argv)
-    student = export_student(args.checkpoint, args.out)
+    try:
+        student = export_student(args.checkpoint, args.out)
+    except (OSError, ValueError) as e:  # no such file, not a distiller's checkpoint, ...: no traceback
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"wrote {args.out}: {len(student)} tensors of the student")
 
 

@@ -74,7 +74,15 @@ def main(argv: Optional[List[str]] = None):
     from mmengine.runner import Runner
 
     path = config_path(args.config)
-    cfg = Config.fromfile(path)
+    try:
+        cfg = Config.fromfile(path)
+    except AssertionError as e:  # mmengine's answer to _base_ = "tbd_ops::..."
+        if "does not support to load tbd_ops config" not in str(e):
+            raise
+        raise ValueError(f"config {path!r}: a _base_ (or other inherited config) named 'tbd_ops::...' cannot be "
+                         "read by mmengine, which resolves 'pkg::' names only for OpenMMLab packages: name the "
+                         "shipped config by its path (python -m tbd_ops.mmdet.train --list-configs prints "
+                         "them)") from e
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
