@@ -256,6 +256,14 @@ __attribute__((target_clones("avx2", "default"))) void grad_rows(
   }
 }
 
+// term'(d) in 8 float lanes: masked_term_grad's math (2 d, or sign(d) with
+// sign(0) = sign(NaN) = +0, as sign_val computes it on the host).
+template <MaskedMode M>
+__attribute__((always_inline)) inline cpu::f32v term_grad_v(const cpu::f32v& d) {
+  if (M == MaskedMode::kSqDist) return cpu::splat(2.0f) * d;
+  return __builtin_convertvector((d < cpu::splat(0.0f)) - (d > cpu::splat(0.0f)), cpu::f32v);
+}
+
 // grad_rows for float32 gradients far larger than the caches, with streaming
 // stores: a store then does not first read its line from memory. TFD's backward
 // (the gradient of b only) moves three streams instead of four, and with both
@@ -285,11 +293,9 @@ TBD_CLONES void grad_rows_stream(const float* pa, int64_t as1, const float* pb, 
     }
     if (aligned) {
       for (; i + cpu::kLanes <= len; i += cpu::kLanes) {
-        float g[cpu::kLanes];  // the shared header's math, 8 lanes at a time (vectorized)
-        for (int j = 0; j < cpu::kLanes; ++j) g[j] = masked_grad_a<M>(ra[i + j] - rb[i + j], w[i + j]);
-        const f32v v = loadv<f32v>(g);
-        if (kA) cpu::stream_store(rda + i, v);
-        if (kB) cpu::stream_store(rdb + i, -v);
+        const f32v g = term_grad_v<M>(loadv<f32v>(ra + i) - loadv<f32v>(rb + i)) * loadv<f32v>(w + i);
+        if (kA) cpu::stream_store(rda + i, g);
+        if (kB) cpu::stream_store(rdb + i, -g);
       }
     }
     for (; i < len; ++i) {
