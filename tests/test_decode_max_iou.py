@@ -970,18 +970,22 @@ def scalar_max_iou(boxes, gts, eps, np_dtype):
 
 
 def special_problem(dtype, seed=0):
-    """Four images: ground truths without NaN, with NaN, the structured boxes, and two boxes that
-    predictions touch at -0.0 (a zero IoU of either sign is the maximum); predictions
-    [3, P, 4] (coder "none": the boxes themselves) from the same values, NaN included."""
+    """Five images: ground truths without NaN, with NaN, the structured boxes, and two boxes that
+    predictions touch at -0.0, in both orders (a zero IoU of either sign is the maximum); predictions
+    [5, P, 4] (coder "none": the boxes themselves) from the same values, NaN included but in the
+    last image, whose first 16 and more predictions have no NaN area (the CPU kernel's vector
+    path, a lane per prediction, takes them)."""
     gen = torch.Generator().manual_seed(seed)
     s = structured_boxes()
     pred = torch.cat([s, special_boxes(gen, 60)])
     touching = torch.tensor([[-2.0, 0.0, -0.0, 2.0], [0.0, -2.0, 2.0, -0.0], [-2.0, 0.0, 0.0, 2.0], [2.0, 0.0, 4.0, 2.0]],
                             dtype=F64)
     pred = torch.stack([pred, pred.flip(0), torch.cat([special_boxes(gen, 45, allow_nan=False), s, s]),
-                        torch.cat([touching, special_boxes(gen, 71)])])
+                        torch.cat([touching, special_boxes(gen, 71)]),
+                        torch.cat([touching, s, touching, s, special_boxes(gen, 37, allow_nan=False)])])
+    touched = torch.tensor([[0.0, 0.0, 2.0, 2.0], [-0.0, 0.0, 2.0, 2.0]], dtype=F64)
     gts = [torch.cat([s, special_boxes(gen, 25, allow_nan=False)]), torch.cat([special_boxes(gen, 20), s]), s,
-           torch.tensor([[0.0, 0.0, 2.0, 2.0], [-0.0, 0.0, 2.0, 2.0]], dtype=F64)]
+           touched, touched.flip(0)]
     return pred.to(dtype), [g.to(dtype) for g in gts]
 
 

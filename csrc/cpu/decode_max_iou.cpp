@@ -1,13 +1,25 @@
 // CPU kernel of decode_max_iou (p_r): every prediction is decoded once and
 // compared with the image's ground truths; no P x G matrix is formed. The
-// coder and IoU math is in tbd_ops/box.h, shared with the CUDA kernel.
+// coder and IoU math is in tbd_ops/box.h, shared with the CUDA kernel. In
+// float, blocks of 16 predictions are compared with the ground truths in
+// vectors, a lane per prediction, by the same box_iou_with_areas and
+// argmax_update_above as the CUDA kernel's.
+// box_iou_with_areas and argmax_update_above (defined before simd.h's pragma)
+// are instantiated with 8-lane vectors below; always inlined, their vector
+// arguments never cross an ABI boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <climits>
+#include <type_traits>
+
 #include "../decode_max_iou.h"
 #include "box_rows.h"
+#include "simd.h"
 #include "tbd_ops/layout.h"
 
 namespace tbd_ops {
@@ -52,6 +64,70 @@ Decoder<T> make_decoder(const DecodeProblem& pb, const at::Tensor& bbox_pred,
   return d;
 }
 
+// max_iou of a block of up to kIouBlock float boxes at once, for the float
+// kernels: the boxes in columns with their areas (box_area), none of which is
+// NaN, against boxes[0, n) with areas, none NaN, n >= 1. Lane by lane
+// box_iou_with_areas(lane's box, boxes[j]) and argmax_update_above, started
+// below every IoU, in 8-lane vectors: the values and indices of max_iou bit
+// for bit. Unused lanes hold zero boxes; their results are ignored.
+using cpu::f32v;
+using cpu::i32v;
+using cpu::kLanes;
+using cpu::loadv;
+using cpu::splat;
+using cpu::storev;
+constexpr int kIouBlock = 16;
+struct BoxColumns {
+  float x1[kIouBlock], y1[kIouBlock], x2[kIouBlock], y2[kIouBlock], area[kIouBlock];
+};
+
+TBD_CLONES void max_iou_columns(const BoxColumns& c, const Box<float>* boxes, const float* areas,
+                                int32_t n, float eps, float* value, int32_t* index) {
+  constexpr int V = kIouBlock / kLanes;
+  Box<f32v> box[V];
+  f32v area[V], best[V];
+  i32v arg[V];
+  for (int v = 0; v < V; ++v) {
+    const int o = v * kLanes;
+    box[v] = {loadv<f32v>(c.x1 + o), loadv<f32v>(c.y1 + o), loadv<f32v>(c.x2 + o), loadv<f32v>(c.y2 + o)};
+    area[v] = loadv<f32v>(c.area + o);
+    best[v] = splat(-1.0f);  // below every IoU (NaN or >= -0.0)
+    arg[v] = splat(int32_t(-1));
+  }
+  const f32v e = splat(eps);
+  i32v jv = splat(int32_t(0));
+  for (int32_t j = 0; j < n; ++j, jv += 1) {
+    const Box<f32v> gt = {splat(boxes[j].x1), splat(boxes[j].y1), splat(boxes[j].x2), splat(boxes[j].y2)};
+    const f32v gt_area = splat(areas[j]);
+    for (int v = 0; v < V; ++v) {
+      argmax_update_above(best[v], arg[v], box_iou_with_areas(box[v], area[v], gt, gt_area, e), jv);
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    storev(value + v * kLanes, best[v]);
+    storev(index + v * kLanes, arg[v]);
+  }
+}
+
+// The max IoU and its argmax of boxes[0, len), len <= kIouBlock, against
+// the G >= 1 ground truths, none of the areas NaN, in vectors (float).
+void block_max_iou(const Box<float>* boxes, const float* box_areas, int len, const Box<float>* gts,
+                   const float* gt_areas, int32_t G, float eps, float* best, int32_t* arg) {
+  BoxColumns cols;
+  for (int i = 0; i < kIouBlock; ++i) {
+    const bool in = i < len;
+    cols.x1[i] = in ? boxes[i].x1 : 0.0f;
+    cols.y1[i] = in ? boxes[i].y1 : 0.0f;
+    cols.x2[i] = in ? boxes[i].x2 : 0.0f;
+    cols.y2[i] = in ? boxes[i].y2 : 0.0f;
+    cols.area[i] = in ? box_areas[i] : 0.0f;
+  }
+  max_iou_columns(cols, gts, gt_areas, G, eps, best, arg);
+}
+// Other accumulation types take the scalar path; never called.
+template <typename A>
+void block_max_iou(const Box<A>*, const A*, int, const Box<A>*, const A*, int32_t, A, A*, int32_t*) {}
+
 std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(const DecodeProblem& pb,
                                                       const at::Tensor& bbox_pred,
                                                       const c10::optional<at::Tensor>& priors) {
@@ -75,17 +151,44 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(const DecodeProblem& pb,
         if (is_nan(areas[g])) nan_area[n] = 1;
       }
     }
-    at::parallel_for(0, pb.N * pb.P, 64, [&](int64_t begin, int64_t end) {
+    // Blocks of up to kIouBlock predictions of one image: decoded one by one,
+    // then (float, no NaN area, 1 <= G < 2^31) compared with the ground truths
+    // in vectors, a lane per prediction; otherwise one by one.
+    constexpr int B = kIouBlock;
+    at::parallel_for(0, pb.N * pb.P, 256, [&](int64_t begin, int64_t end) {
       std::vector<A> row;
-      for (int64_t j = begin; j < end; ++j) {
-        const int64_t n = j / pb.P, p = j % pb.P;
+      Box<A> boxes[B];
+      A pred_area[B];
+      A best[B];
+      int32_t best_arg[B];
+      for (int64_t j = begin; j < end;) {
+        const int64_t n = j / pb.P, p0 = j % pb.P;
+        const int len = static_cast<int>(std::min<int64_t>({end - j, pb.P - p0, int64_t(B)}));
         const int64_t g0 = pb.gt_offsets[n], G = pb.gt_offsets[n + 1] - g0;
-        A d[4], r[4];
-        const Box<A> b = dec.decode(n, p, d, r);
-        const ArgMax<A> best =
-            cpu::max_iou(b, gts.data() + g0, areas.data() + g0, nan_area[n] != 0, G, eps, row);
-        pi[j] = static_cast<scalar_t>(best.index < 0 ? A(0) : best.value);
-        pa[j] = best.index;
+        bool vec = std::is_same_v<A, float> && G > 0 && G <= INT32_MAX && !nan_area[n];
+        for (int i = 0; i < len; ++i) {
+          A d[4], r[4];
+          boxes[i] = dec.decode(n, p0 + i, d, r);
+          pred_area[i] = box_area(boxes[i]);
+          vec = vec && !is_nan(pred_area[i]);
+        }
+        if (vec) {
+          block_max_iou(boxes, pred_area, len, gts.data() + g0, areas.data() + g0, static_cast<int32_t>(G),
+                        eps, best, best_arg);
+          for (int i = 0; i < len; ++i) {
+            pi[j + i] = static_cast<scalar_t>(best[i]);
+            pa[j + i] = best_arg[i];
+          }
+          j += len;
+          continue;
+        }
+        for (int i = 0; i < len; ++i) {
+          const ArgMax<A> b =
+              cpu::max_iou(boxes[i], gts.data() + g0, areas.data() + g0, nan_area[n] != 0, G, eps, row);
+          pi[j + i] = static_cast<scalar_t>(b.index < 0 ? A(0) : b.value);
+          pa[j + i] = b.index;
+        }
+        j += len;
       }
     });
   });

@@ -39,7 +39,9 @@ template <typename V, typename P> __attribute__((always_inline)) inline V loadv(
 template <typename V, typename P> __attribute__((always_inline)) inline void storev(P* p, const V& v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
-__attribute__((always_inline)) inline f32v splat(float a) { return f32v{} + a; }
+// (A broadcast, not f32v{} + a: 0.0f + -0.0f is +0.0f.)
+static_assert(kLanes == 8, "splat lists 8 lanes");
+__attribute__((always_inline)) inline f32v splat(float a) { return f32v{a, a, a, a, a, a, a, a}; }
 
 // Non-temporal (streaming) stores of 8 floats at a 16-byte aligned address:
 // they bypass the caches, so a store to a line not in cache does not read the
@@ -69,7 +71,7 @@ __attribute__((always_inline)) inline void stream_fence() {
   _mm_sfence();
 #endif
 }
-__attribute__((always_inline)) inline i32v splat(int32_t a) { return i32v{} + a; }
+__attribute__((always_inline)) inline i32v splat(int32_t a) { return i32v{a, a, a, a, a, a, a, a}; }
 
 // ---- exp(x) for x in [-inf, 0] or NaN (all that a softmax needs: y - max y) ----
 // Lane by lane, deterministic (plain IEEE operations, no FMA contraction), a

@@ -33,11 +33,16 @@ template <typename T> TBD_HD void argmax_update(ArgMax<T>& a, T v, int64_t idx) 
 // not <= v), later ones replace the best as argmax_takes says (`!(v <= best)`
 // is v > best or v NaN while best is not NaN), so no emptiness test per
 // candidate. The index stays -1 while empty.
-// The (value, index) form lets a hot loop keep a 32-bit index.
+// The (value, index) form lets a hot loop keep a 32-bit index; written with
+// selects, so that T and I may also be CPU vector types of floats and of
+// 32-bit ints (GCC vector extensions: a running argmax per lane).
 template <typename T> TBD_HD ArgMax<T> argmax_below(T v) { return {v, -1}; }
 template <typename T, typename I>
 TBD_HD void argmax_update_above(T& value, I& index, T v, I idx) {
-  if (!(v <= value) && !is_nan(value)) { value = v; index = idx; }
+  const auto above = !(v <= value);  // v > value, or v NaN
+  const auto take = above & (value == value);  // and value not NaN
+  value = take ? v : value;
+  index = take ? idx : index;
 }
 template <typename T> TBD_HD void argmax_update_above(ArgMax<T>& a, T v, int64_t idx) {
   argmax_update_above(a.value, a.index, v, idx);

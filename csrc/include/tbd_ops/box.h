@@ -174,7 +174,9 @@ template <typename A> TBD_HD A box_iou(const Box<A>& a, const Box<A>& b, A eps) 
 // area NaN, so here no coordinate is NaN and the min/max are plain compares
 // that return a's coordinate on ties (-0.0 vs +0.0 included), as min_nan and
 // max_nan do; `v < lo ? lo : v` is clamp_min_val (a NaN stays NaN), so the
-// operations and their order are those of box_iou.
+// operations and their order are those of box_iou. Written with selects only,
+// so that A may also be a CPU vector type (GCC vector extensions: a lane per
+// pair, the same operations lane by lane); A{} is +0.
 template <typename A>
 TBD_HD A box_iou_with_areas(const Box<A>& a, A area_a, const Box<A>& b, A area_b, A eps) {
   const A x1 = b.x1 > a.x1 ? b.x1 : a.x1;
@@ -182,8 +184,9 @@ TBD_HD A box_iou_with_areas(const Box<A>& a, A area_a, const Box<A>& b, A area_b
   const A x2 = b.x2 < a.x2 ? b.x2 : a.x2;
   const A y2 = b.y2 < a.y2 ? b.y2 : a.y2;
   const A iw_raw = x2 - x1, ih_raw = y2 - y1;
-  const A iw = iw_raw < A(0) ? A(0) : iw_raw;
-  const A ih = ih_raw < A(0) ? A(0) : ih_raw;
+  const A zero = A{};
+  const A iw = iw_raw < zero ? zero : iw_raw;
+  const A ih = ih_raw < zero ? zero : ih_raw;
   const A inter = iw * ih;
   const A uni = area_a + area_b - inter;
   return inter / (uni < eps ? eps : uni);
