@@ -132,11 +132,13 @@ decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
     if (a >= 0 && a < chunk.off[0][i + 1] - chunk.off[0][i]) {
       A d[4], r[4], dr[4] = {A(0), A(0), A(0), A(0)};
       const CoderParams<A> cpn = image_params(cp, shapes, n);
-      const Box<A> b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, cpn, d, r);
+      load_pred(pred, pl, n, p, d, ToAcc());
+      load_prior(priors, ps0, ps1, pdim, p, r, ToAcc());
+      const DecodedBox<A> db = decode_box_full(d, r, cpn);
       Box<A> gb, gg;
-      box_iou_backward(b, load_box<A>(gts, chunk.off[0][i] + a, ToAcc()), eps,
+      box_iou_backward(db.box, load_box<A>(gts, chunk.off[0][i] + a, ToAcc()), eps,
                        to_acc(grad[n * gs0 + p * gs1]), gb, gg);
-      decode_box_backward(d, r, cpn, gb, dp, grad_priors ? dr : nullptr);
+      decode_box_backward(d, r, cpn, db, gb, dp, grad_priors ? dr : nullptr);
       for (int k = 0; k < 4; ++k) acc[k] += dr[k];
     }
     if (grad_pred) {

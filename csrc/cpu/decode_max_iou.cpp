@@ -39,11 +39,13 @@ template <typename T> struct Decoder {
 
   // The coder parameters of image n (its own clip shape, if any).
   CoderParams<A> params(int64_t n) const { return image_params(cp, shapes, n); }
-  Box<A> decode(int64_t n, int64_t p, A d[4], A r[4]) const {
+  // decode_box_full of prediction p of image n; its pred and prior in d, r.
+  DecodedBox<A> decode_full(int64_t n, int64_t p, A d[4], A r[4]) const {
     load_pred(pred, pl, n, p, d, CastTo<A>());
     load_prior(priors, ps0, ps1, pdim, p, r, CastTo<A>());
-    return decode_box(d, r, params(n));
+    return decode_box_full(d, r, params(n));
   }
+  Box<A> decode(int64_t n, int64_t p, A d[4], A r[4]) const { return decode_full(n, p, d, r).box; }
   Box<A> gt(int64_t row) const { return load_box<A>(gts, row, CastTo<A>()); }
 };
 
@@ -228,11 +230,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
             const int64_t a = pa[n * pb.P + p];
             if (a < 0 || a >= pb.gt_offsets[n + 1] - pb.gt_offsets[n]) continue;
             A d[4], r[4], dp[4], dr[4] = {A(0), A(0), A(0), A(0)};
-            const Box<A> b = dec.decode(n, p, d, r);
+            const DecodedBox<A> db = dec.decode_full(n, p, d, r);
             Box<A> gb, gg;
-            box_iou_backward(b, dec.gt(pb.gt_offsets[n] + a), eps,
+            box_iou_backward(db.box, dec.gt(pb.gt_offsets[n] + a), eps,
                              static_cast<A>(pg[n * gs0 + p * gs1]), gb, gg);
-            decode_box_backward(d, r, dec.params(n), gb, dp, gr ? dr : nullptr);
+            decode_box_backward(d, r, dec.params(n), db, gb, dp, gr ? dr : nullptr);
             if (gp) {
               const int64_t o = pred_offset(gpl, n, p, 0);
               for (int k = 0; k < 4; ++k) gp[o + k * gpl.sC] = static_cast<scalar_t>(dp[k]);

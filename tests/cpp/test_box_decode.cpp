@@ -132,8 +132,9 @@ template <typename A> Grads run_backward(const Vec4& d, const Vec4& r, const Ref
   const A ra[4] = {A(r[0]), A(r[1]), A(r[2]), A(r[3])};
   A dp[4] = {A(0), A(0), A(0), A(0)};
   A dr[4] = {A(0), A(0), A(0), A(0)};  // callers zero the prior gradient
-  decode_box_backward(da, ra, to_params<A>(rp), Box<A>{A(g[0]), A(g[1]), A(g[2]), A(g[3])}, dp,
-                      want_prior ? dr : nullptr);
+  const CoderParams<A> cp = to_params<A>(rp);
+  decode_box_backward(da, ra, cp, decode_box_full(da, ra, cp), Box<A>{A(g[0]), A(g[1]), A(g[2]), A(g[3])},
+                      dp, want_prior ? dr : nullptr);
   return {{dp[0], dp[1], dp[2], dp[3]}, {dr[0], dr[1], dr[2], dr[3]}};
 }
 

@@ -66,9 +66,20 @@ template <typename A> TBD_HD CoderParams<A> cast_params(const CoderParams<double
   return c;
 }
 
+// decode_box and what its backward needs, computed once: the box before
+// clipping, and for delta_xywh the exponentials of the clamped log-size deltas.
+template <typename A> struct DecodedBox {
+  Box<A> box;        // decode_box(d, r, cp)
+  Box<A> unclipped;  // the same before clipping
+  A ew, eh;          // delta_xywh: exp(clamped dw), exp(clamped dh); 1 otherwise
+};
+
 // d = pred, r = prior (4 anchor coordinates, or the point (x, y) in r[0], r[1]).
 template <typename A>
-TBD_HD Box<A> decode_box(const A d[4], const A r[4], const CoderParams<A>& cp) {
+TBD_HD DecodedBox<A> decode_box_full(const A d[4], const A r[4], const CoderParams<A>& cp) {
+  DecodedBox<A> o;
+  o.ew = A(1);
+  o.eh = A(1);
   Box<A> b;
   if (cp.coder == Coder::kDeltaXYWH) {
     const A dx = d[0] * cp.std[0] + cp.mean[0];
@@ -81,8 +92,10 @@ TBD_HD Box<A> decode_box(const A d[4], const A r[4], const CoderParams<A>& cp) {
     const A ph = r[3] - r[1];
     const A gx = px + pw * dx;
     const A gy = py + ph * dy;
-    const A gw = pw * math_exp(dw);
-    const A gh = ph * math_exp(dh);
+    o.ew = math_exp(dw);
+    o.eh = math_exp(dh);
+    const A gw = pw * o.ew;
+    const A gh = ph * o.eh;
     b = {gx - gw * A(0.5), gy - gh * A(0.5), gx + gw * A(0.5), gy + gh * A(0.5)};
   } else if (cp.coder == Coder::kDistance) {
     b = {r[0] - d[0] * cp.scale, r[1] - d[1] * cp.scale,
@@ -90,25 +103,33 @@ TBD_HD Box<A> decode_box(const A d[4], const A r[4], const CoderParams<A>& cp) {
   } else {
     b = {d[0], d[1], d[2], d[3]};
   }
+  o.unclipped = b;
   if (cp.clip) {
     b.x1 = clamp_val(b.x1, A(0), cp.max_w);
     b.y1 = clamp_val(b.y1, A(0), cp.max_h);
     b.x2 = clamp_val(b.x2, A(0), cp.max_w);
     b.y2 = clamp_val(b.y2, A(0), cp.max_h);
   }
-  return b;
+  o.box = b;
+  return o;
 }
 
-// Vector-Jacobian product of decode_box: given g = dL/d(box), writes dL/d(pred)
-// into d_pred[4] and, when d_prior is non-null, dL/d(prior) into d_prior[0..3]
-// (anchors) or d_prior[0..1] (points).
+// The decoded (and, with cp.clip, clipped) box.
+template <typename A>
+TBD_HD Box<A> decode_box(const A d[4], const A r[4], const CoderParams<A>& cp) {
+  return decode_box_full(d, r, cp).box;
+}
+
+// Vector-Jacobian product of decode_box: given g = dL/d(box) and dec =
+// decode_box_full(d, r, cp), writes dL/d(pred) into d_pred[4] and, when
+// d_prior is non-null, dL/d(prior) into d_prior[0..3] (anchors) or
+// d_prior[0..1] (points).
 template <typename A>
 TBD_HD void decode_box_backward(const A d[4], const A r[4], const CoderParams<A>& cp,
-                                Box<A> g, A d_pred[4], A* d_prior) {
+                                const DecodedBox<A>& dec, Box<A> g, A d_pred[4], A* d_prior) {
   if (cp.clip) {
     // Masks from the unclipped box.
-    const CoderParams<A> nc = [&] { CoderParams<A> c = cp; c.clip = false; return c; }();
-    const Box<A> u = decode_box(d, r, nc);
+    const Box<A>& u = dec.unclipped;
     g.x1 *= clamp_grad(u.x1, A(0), cp.max_w);
     g.y1 *= clamp_grad(u.y1, A(0), cp.max_h);
     g.x2 *= clamp_grad(u.x2, A(0), cp.max_w);
@@ -119,8 +140,7 @@ TBD_HD void decode_box_backward(const A d[4], const A r[4], const CoderParams<A>
     const A dy = d[1] * cp.std[1] + cp.mean[1];
     const A dw_raw = d[2] * cp.std[2] + cp.mean[2];
     const A dh_raw = d[3] * cp.std[3] + cp.mean[3];
-    const A ew = math_exp(clamp_val(dw_raw, -cp.max_ratio, cp.max_ratio));
-    const A eh = math_exp(clamp_val(dh_raw, -cp.max_ratio, cp.max_ratio));
+    const A ew = dec.ew, eh = dec.eh;
     const A pw = r[2] - r[0];
     const A ph = r[3] - r[1];
     const A g_gx = g.x1 + g.x2, g_gy = g.y1 + g.y2;

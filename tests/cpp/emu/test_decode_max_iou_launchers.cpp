@@ -172,12 +172,12 @@ TEST(Launchers, DecodeMaxIouBackwardWritesEveryRequestedElement) {
       float d[4], r[4];
       load_pred(pb.pred.data(), a.pl, n, p, d, cvt);
       load_prior(pb.priors.data(), 4, 1, 4, p, r, cvt);
-      const Box<float> b = decode_box(d, r, cp);
+      const DecodedBox<float> db = decode_box_full(d, r, cp);
       const float* q = &pb.gts[(pb.offsets[n] + g) * 4];
       Box<float> gb, gg;
-      box_iou_backward(b, Box<float>{q[0], q[1], q[2], q[3]}, 1e-6f, 1.f, gb, gg);
+      box_iou_backward(db.box, Box<float>{q[0], q[1], q[2], q[3]}, 1e-6f, 1.f, gb, gg);
       float dp[4], dr[4] = {0.f, 0.f, 0.f, 0.f};
-      decode_box_backward(d, r, cp, gb, dp, dr);
+      decode_box_backward(d, r, cp, db, gb, dp, dr);
       for (int k = 0; k < 4; ++k) expect_pri[p * 4 + k] += dr[k];
       const int64_t row = pb.offsets[n] + g;
       expect[row * 4 + 0] += gg.x1;
