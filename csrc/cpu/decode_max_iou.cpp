@@ -3,10 +3,11 @@
 // coder and IoU math is in tbd_ops/box.h, shared with the CUDA kernel. In
 // float, blocks of 16 predictions are compared with the ground truths in
 // vectors, a lane per prediction, by the same box_iou_with_areas and
-// argmax_update_above as the CUDA kernel's.
-// box_iou_with_areas and argmax_update_above (defined before simd.h's pragma)
-// are instantiated with 8-lane vectors below; always inlined, their vector
-// arguments never cross an ABI boundary.
+// argmax_update_above as the CUDA kernel's. The float backward takes 8
+// predictions at a time in vectors, a lane per prediction, through the same
+// decode_box_full, box_iou_backward and decode_box_backward as the CUDA kernels.
+// These box.h functions are instantiated with 8-lane vectors below; inlined
+// (always_inline, flatten), their vector arguments never cross an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -130,6 +131,65 @@ void block_max_iou(const Box<float>* boxes, const float* box_areas, int len, con
 template <typename A>
 void block_max_iou(const Box<A>*, const A*, int, const Box<A>*, const A*, int32_t, A, A*, int32_t*) {}
 
+// The gradients of the predictions (and priors) of kLanes predictions of one
+// image at once (float), a lane per prediction: decode_box_full,
+// box_iou_backward and decode_box_backward, the scalar loop's functions on
+// 8-lane vectors, so lane by lane the same operations and values. In and out
+// in columns; a lane that matched nothing holds zeros and is ignored.
+struct LaneColumns {
+  alignas(32) float d[4][kLanes];   // prediction
+  alignas(32) float r[4][kLanes];   // prior
+  alignas(32) float gt[4][kLanes];  // matched ground truth
+  alignas(32) float g[kLanes];      // incoming gradient of the IoU
+  alignas(32) float dp[4][kLanes];  // out: gradient of the prediction
+  alignas(32) float dr[4][kLanes];  // out: gradient of the prior (zeros when not asked for)
+  alignas(32) float gg[4][kLanes];  // out: gradient of the ground truth
+};
+
+// The coder parameters in every lane.
+__attribute__((always_inline)) inline CoderParams<f32v> splat_params(const CoderParams<float>& c) {
+  const auto f = [](float v) { return splat(v); };
+  CoderParams<f32v> v;
+  v.coder = c.coder;
+  for (int k = 0; k < 4; ++k) {
+    v.mean[k] = f(c.mean[k]);
+    v.std[k] = f(c.std[k]);
+  }
+  v.max_ratio = f(c.max_ratio);
+  v.scale = f(c.scale);
+  v.clip = c.clip;
+  v.max_h = f(c.max_h);
+  v.max_w = f(c.max_w);
+  return v;
+}
+
+// flatten: the header functions are inlined into each clone (compiled for its
+// ISA; called, they would take their vector arguments in the baseline ABI).
+TBD_CLONES __attribute__((flatten)) void lanes_backward(LaneColumns& c, const CoderParams<float>& params, float eps,
+                                                        bool want_prior) {
+  const CoderParams<f32v> cp = splat_params(params);
+  f32v d[4], r[4], dp[4], dr[4];
+  for (int k = 0; k < 4; ++k) {
+    d[k] = loadv<f32v>(c.d[k]);
+    r[k] = loadv<f32v>(c.r[k]);
+    dr[k] = splat(0.0f);
+  }
+  const DecodedBox<f32v> db = decode_box_full(d, r, cp);
+  const Box<f32v> gt = {loadv<f32v>(c.gt[0]), loadv<f32v>(c.gt[1]), loadv<f32v>(c.gt[2]),
+                        loadv<f32v>(c.gt[3])};
+  Box<f32v> gb, gg;
+  box_iou_backward(db.box, gt, splat(eps), loadv<f32v>(c.g), gb, gg);
+  decode_box_backward(d, r, cp, db, gb, dp, want_prior ? dr : nullptr);
+  const f32v ggs[4] = {gg.x1, gg.y1, gg.x2, gg.y2};
+  for (int k = 0; k < 4; ++k) {
+    storev(c.dp[k], dp[k]);
+    storev(c.dr[k], dr[k]);
+    storev(c.gg[k], ggs[k]);
+  }
+}
+// Other accumulation types take the scalar path; never called.
+template <typename A> void lanes_backward(LaneColumns&, const CoderParams<A>&, A, bool) {}
+
 std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(const DecodeProblem& pb,
                                                       const at::Tensor& bbox_pred,
                                                       const c10::optional<at::Tensor>& priors) {
@@ -221,8 +281,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
     scalar_t* gp = output_mask[0] ? grad_pred.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gr = want_priors ? grad_priors.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t gr_cols = want_priors ? grad_priors.size(1) : 0;
+    // In float, kLanes predictions of an image at once in vectors
+    // (lanes_backward); gather fills the columns of predictions p0 .. p0 + len
+    // - 1 of image n, zeros in the lanes that matched no ground truth, and
+    // says which did and whether any did.
+    const auto gather = [&](int64_t n, int64_t p0, int len, LaneColumns& c, bool valid[kLanes]) {
+      const int64_t g0 = pb.gt_offsets[n], G = pb.gt_offsets[n + 1] - g0;
+      bool any = false;
+      for (int i = 0; i < kLanes; ++i) {
+        const int64_t p = p0 + i;
+        const int64_t a = i < len ? pa[n * pb.P + p] : -1;
+        valid[i] = a >= 0 && a < G;
+        any = any || valid[i];
+        A d[4] = {A(0), A(0), A(0), A(0)}, r[4] = {A(0), A(0), A(0), A(0)};
+        Box<A> q = {A(0), A(0), A(0), A(0)};
+        if (valid[i]) {
+          load_pred(dec.pred, dec.pl, n, p, d, CastTo<A>());
+          load_prior(dec.priors, dec.ps0, dec.ps1, dec.pdim, p, r, CastTo<A>());
+          q = dec.gt(g0 + a);
+        }
+        for (int k = 0; k < 4; ++k) {
+          c.d[k][i] = static_cast<float>(d[k]);
+          c.r[k][i] = static_cast<float>(r[k]);
+        }
+        c.gt[0][i] = static_cast<float>(q.x1);
+        c.gt[1][i] = static_cast<float>(q.y1);
+        c.gt[2][i] = static_cast<float>(q.x2);
+        c.gt[3][i] = static_cast<float>(q.y2);
+        c.g[i] = valid[i] ? static_cast<float>(pg[n * gs0 + p * gs1]) : 0.0f;
+      }
+      return any;
+    };
     // Predictions and priors: one work item per prior, images in order.
-    if (gp || gr) {
+    if constexpr (std::is_same_v<A, float>) {
+      if (gp || gr) {
+        at::parallel_for(0, pb.P, 64, [&](int64_t begin, int64_t end) {
+          LaneColumns c;
+          for (int64_t p0 = begin; p0 < end; p0 += kLanes) {
+            const int len = static_cast<int>(std::min<int64_t>(kLanes, end - p0));
+            A acc[4][kLanes] = {};
+            for (int64_t n = 0; n < pb.N; ++n) {
+              bool valid[kLanes];
+              if (!gather(n, p0, len, c, valid)) continue;
+              lanes_backward(c, dec.params(n), eps, gr != nullptr);
+              for (int i = 0; i < len; ++i) {
+                if (!valid[i]) continue;
+                if (gp) {
+                  const int64_t o = pred_offset(gpl, n, p0 + i, 0);
+                  for (int k = 0; k < 4; ++k) gp[o + k * gpl.sC] = static_cast<scalar_t>(c.dp[k][i]);
+                }
+                for (int k = 0; k < 4; ++k) acc[k][i] += c.dr[k][i];
+              }
+            }
+            if (gr) {
+              for (int i = 0; i < len; ++i) {
+                for (int k = 0; k < pb.prior_dim; ++k) {
+                  gr[(p0 + i) * gr_cols + k] = static_cast<scalar_t>(acc[k][i]);
+                }
+              }
+            }
+          }
+        });
+      }
+    } else if (gp || gr) {
       at::parallel_for(0, pb.P, 64, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
           A acc[4] = {A(0), A(0), A(0), A(0)};
@@ -255,6 +376,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
           const int64_t g0 = pb.gt_offsets[n], G = pb.gt_offsets[n + 1] - g0;
           if (G == 0) continue;
           std::vector<A> acc(G * 4, A(0));
+          if constexpr (std::is_same_v<A, float>) {
+            LaneColumns c;
+            for (int64_t p0 = 0; p0 < pb.P; p0 += kLanes) {
+              const int len = static_cast<int>(std::min<int64_t>(kLanes, pb.P - p0));
+              bool valid[kLanes];
+              if (!gather(n, p0, len, c, valid)) continue;
+              lanes_backward(c, dec.params(n), eps, false);
+              for (int i = 0; i < len; ++i) {
+                if (!valid[i]) continue;
+                const int64_t a = pa[n * pb.P + p0 + i];
+                for (int k = 0; k < 4; ++k) acc[a * 4 + k] += c.gg[k][i];
+              }
+            }
+            for (int64_t i = 0; i < G * 4; ++i) gg_out[g0 * 4 + i] = static_cast<scalar_t>(acc[i]);
+            continue;
+          }
           for (int64_t p = 0; p < pb.P; ++p) {
             const int64_t a = pa[n * pb.P + p];
             if (a < 0 || a >= G) continue;

@@ -78,16 +78,16 @@ template <typename A> struct DecodedBox {
 template <typename A>
 TBD_HD DecodedBox<A> decode_box_full(const A d[4], const A r[4], const CoderParams<A>& cp) {
   DecodedBox<A> o;
-  o.ew = A(1);
-  o.eh = A(1);
+  o.ew = lit<A>(1);
+  o.eh = lit<A>(1);
   Box<A> b;
   if (cp.coder == Coder::kDeltaXYWH) {
     const A dx = d[0] * cp.std[0] + cp.mean[0];
     const A dy = d[1] * cp.std[1] + cp.mean[1];
     const A dw = clamp_val(d[2] * cp.std[2] + cp.mean[2], -cp.max_ratio, cp.max_ratio);
     const A dh = clamp_val(d[3] * cp.std[3] + cp.mean[3], -cp.max_ratio, cp.max_ratio);
-    const A px = (r[0] + r[2]) * A(0.5);
-    const A py = (r[1] + r[3]) * A(0.5);
+    const A px = (r[0] + r[2]) * lit<A>(0.5f);
+    const A py = (r[1] + r[3]) * lit<A>(0.5f);
     const A pw = r[2] - r[0];
     const A ph = r[3] - r[1];
     const A gx = px + pw * dx;
@@ -96,7 +96,7 @@ TBD_HD DecodedBox<A> decode_box_full(const A d[4], const A r[4], const CoderPara
     o.eh = math_exp(dh);
     const A gw = pw * o.ew;
     const A gh = ph * o.eh;
-    b = {gx - gw * A(0.5), gy - gh * A(0.5), gx + gw * A(0.5), gy + gh * A(0.5)};
+    b = {gx - gw * lit<A>(0.5f), gy - gh * lit<A>(0.5f), gx + gw * lit<A>(0.5f), gy + gh * lit<A>(0.5f)};
   } else if (cp.coder == Coder::kDistance) {
     b = {r[0] - d[0] * cp.scale, r[1] - d[1] * cp.scale,
          r[0] + d[2] * cp.scale, r[1] + d[3] * cp.scale};
@@ -105,10 +105,10 @@ TBD_HD DecodedBox<A> decode_box_full(const A d[4], const A r[4], const CoderPara
   }
   o.unclipped = b;
   if (cp.clip) {
-    b.x1 = clamp_val(b.x1, A(0), cp.max_w);
-    b.y1 = clamp_val(b.y1, A(0), cp.max_h);
-    b.x2 = clamp_val(b.x2, A(0), cp.max_w);
-    b.y2 = clamp_val(b.y2, A(0), cp.max_h);
+    b.x1 = clamp_val(b.x1, lit<A>(0), cp.max_w);
+    b.y1 = clamp_val(b.y1, lit<A>(0), cp.max_h);
+    b.x2 = clamp_val(b.x2, lit<A>(0), cp.max_w);
+    b.y2 = clamp_val(b.y2, lit<A>(0), cp.max_h);
   }
   o.box = b;
   return o;
@@ -130,10 +130,10 @@ TBD_HD void decode_box_backward(const A d[4], const A r[4], const CoderParams<A>
   if (cp.clip) {
     // Masks from the unclipped box.
     const Box<A>& u = dec.unclipped;
-    g.x1 *= clamp_grad(u.x1, A(0), cp.max_w);
-    g.y1 *= clamp_grad(u.y1, A(0), cp.max_h);
-    g.x2 *= clamp_grad(u.x2, A(0), cp.max_w);
-    g.y2 *= clamp_grad(u.y2, A(0), cp.max_h);
+    g.x1 *= clamp_grad(u.x1, lit<A>(0), cp.max_w);
+    g.y1 *= clamp_grad(u.y1, lit<A>(0), cp.max_h);
+    g.x2 *= clamp_grad(u.x2, lit<A>(0), cp.max_w);
+    g.y2 *= clamp_grad(u.y2, lit<A>(0), cp.max_h);
   }
   if (cp.coder == Coder::kDeltaXYWH) {
     const A dx = d[0] * cp.std[0] + cp.mean[0];
@@ -144,7 +144,7 @@ TBD_HD void decode_box_backward(const A d[4], const A r[4], const CoderParams<A>
     const A pw = r[2] - r[0];
     const A ph = r[3] - r[1];
     const A g_gx = g.x1 + g.x2, g_gy = g.y1 + g.y2;
-    const A g_gw = (g.x2 - g.x1) * A(0.5), g_gh = (g.y2 - g.y1) * A(0.5);
+    const A g_gw = (g.x2 - g.x1) * lit<A>(0.5f), g_gh = (g.y2 - g.y1) * lit<A>(0.5f);
     d_pred[0] = g_gx * pw * cp.std[0];
     d_pred[1] = g_gy * ph * cp.std[1];
     d_pred[2] = g_gw * pw * ew * clamp_grad(dw_raw, -cp.max_ratio, cp.max_ratio) * cp.std[2];
@@ -152,10 +152,10 @@ TBD_HD void decode_box_backward(const A d[4], const A r[4], const CoderParams<A>
     if (d_prior) {
       const A g_pw = g_gx * dx + g_gw * ew;  // d/d(pw)
       const A g_ph = g_gy * dy + g_gh * eh;
-      d_prior[0] = g_gx * A(0.5) - g_pw;
-      d_prior[1] = g_gy * A(0.5) - g_ph;
-      d_prior[2] = g_gx * A(0.5) + g_pw;
-      d_prior[3] = g_gy * A(0.5) + g_ph;
+      d_prior[0] = g_gx * lit<A>(0.5f) - g_pw;
+      d_prior[1] = g_gy * lit<A>(0.5f) - g_ph;
+      d_prior[2] = g_gx * lit<A>(0.5f) + g_pw;
+      d_prior[3] = g_gy * lit<A>(0.5f) + g_ph;
     }
   } else if (cp.coder == Coder::kDistance) {
     d_pred[0] = -g.x1 * cp.scale;
@@ -176,13 +176,13 @@ TBD_HD void decode_box_backward(const A d[4], const A r[4], const CoderParams<A>
 
 // Area with widths and heights clamped at 0 (a degenerate box has area 0).
 template <typename A> TBD_HD A box_area(const Box<A>& b) {
-  return clamp_min_val(b.x2 - b.x1, A(0)) * clamp_min_val(b.y2 - b.y1, A(0));
+  return clamp_min_val(b.x2 - b.x1, lit<A>(0)) * clamp_min_val(b.y2 - b.y1, lit<A>(0));
 }
 
 // inter / max(area_a + area_b - inter, eps).
 template <typename A> TBD_HD A box_iou(const Box<A>& a, const Box<A>& b, A eps) {
-  const A iw = clamp_min_val(min_nan(a.x2, b.x2) - max_nan(a.x1, b.x1), A(0));
-  const A ih = clamp_min_val(min_nan(a.y2, b.y2) - max_nan(a.y1, b.y1), A(0));
+  const A iw = clamp_min_val(min_nan(a.x2, b.x2) - max_nan(a.x1, b.x1), lit<A>(0));
+  const A ih = clamp_min_val(min_nan(a.y2, b.y2) - max_nan(a.y1, b.y1), lit<A>(0));
   const A inter = iw * ih;
   const A uni = box_area(a) + box_area(b) - inter;
   return inter / clamp_min_val(uni, eps);
@@ -223,24 +223,24 @@ TBD_HD void box_iou_backward(const Box<A>& a, const Box<A>& b, A eps, A g,
                              Box<A>& ga, Box<A>& gb) {
   const A iw_raw = min_nan(a.x2, b.x2) - max_nan(a.x1, b.x1);
   const A ih_raw = min_nan(a.y2, b.y2) - max_nan(a.y1, b.y1);
-  const A iw = clamp_min_val(iw_raw, A(0));
-  const A ih = clamp_min_val(ih_raw, A(0));
+  const A iw = clamp_min_val(iw_raw, lit<A>(0));
+  const A ih = clamp_min_val(ih_raw, lit<A>(0));
   const A inter = iw * ih;
   const A aw_raw = a.x2 - a.x1, ah_raw = a.y2 - a.y1;
   const A bw_raw = b.x2 - b.x1, bh_raw = b.y2 - b.y1;
-  const A aw = clamp_min_val(aw_raw, A(0)), ah = clamp_min_val(ah_raw, A(0));
-  const A bw = clamp_min_val(bw_raw, A(0)), bh = clamp_min_val(bh_raw, A(0));
+  const A aw = clamp_min_val(aw_raw, lit<A>(0)), ah = clamp_min_val(ah_raw, lit<A>(0));
+  const A bw = clamp_min_val(bw_raw, lit<A>(0)), bh = clamp_min_val(bh_raw, lit<A>(0));
   const A uni = aw * ah + bw * bh - inter;
   const A u = clamp_min_val(uni, eps);
   const A g_u = -g * inter / (u * u);
   const A g_uni = g_u * clamp_min_grad(uni, eps);
   const A g_inter = g / u - g_uni;
-  const A g_iw = g_inter * ih * clamp_min_grad(iw_raw, A(0));
-  const A g_ih = g_inter * iw * clamp_min_grad(ih_raw, A(0));
-  const A g_aw = g_uni * ah * clamp_min_grad(aw_raw, A(0));
-  const A g_ah = g_uni * aw * clamp_min_grad(ah_raw, A(0));
-  const A g_bw = g_uni * bh * clamp_min_grad(bw_raw, A(0));
-  const A g_bh = g_uni * bw * clamp_min_grad(bh_raw, A(0));
+  const A g_iw = g_inter * ih * clamp_min_grad(iw_raw, lit<A>(0));
+  const A g_ih = g_inter * iw * clamp_min_grad(ih_raw, lit<A>(0));
+  const A g_aw = g_uni * ah * clamp_min_grad(aw_raw, lit<A>(0));
+  const A g_ah = g_uni * aw * clamp_min_grad(ah_raw, lit<A>(0));
+  const A g_bw = g_uni * bh * clamp_min_grad(bw_raw, lit<A>(0));
+  const A g_bh = g_uni * bw * clamp_min_grad(bh_raw, lit<A>(0));
   ga.x1 = -g_iw * dmax_da(a.x1, b.x1) - g_aw;
   ga.x2 = g_iw * dmin_da(a.x2, b.x2) + g_aw;
   ga.y1 = -g_ih * dmax_da(a.y1, b.y1) - g_ah;

@@ -23,7 +23,13 @@ template <typename A> struct CastTo {
   template <typename T> TBD_HD A operator()(T v) const { return static_cast<A>(v); }
 };
 
-template <typename T> TBD_HD bool is_nan(T v) { return v != v; }
+// Whether v is NaN: a bool, or for a GCC vector type (CPU) a mask per lane.
+template <typename T> TBD_HD auto is_nan(T v) -> decltype(v != v) { return v != v; }
+
+// The constant c, which is 0, 0.5 or 1 (exact in every floating type), as a T:
+// also a GCC vector type (CPU; c in every lane), for the functions below and
+// those of box.h that the CPU kernels run on vectors as well as on scalars.
+template <typename T> TBD_HD T lit(float c) { return T{} + c; }
 
 // ---- libm in the precision of the argument ----------------------------------
 // math_<name>(float) calls <f>, math_<name>(double) <d>.
@@ -37,6 +43,14 @@ TBD_OPS_LIBM(tanh, tanhf, tanh)
 TBD_OPS_LIBM(sqrt, sqrtf, sqrt)
 TBD_OPS_LIBM(floor, floorf, floor)
 #undef TBD_OPS_LIBM
+#if defined(__GNUC__) && !defined(__CUDACC__)
+// math_exp of a GCC vector type (CPU), lane by lane: the scalar values bit for bit.
+template <typename V, typename = decltype(V{}[0])> inline V math_exp(const V& v) {
+  V e = v;
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(v[0])); ++i) e[i] = math_exp(v[i]);
+  return e;
+}
+#endif
 TBD_HD float math_pow(float b, float e) { return powf(b, e); }
 TBD_HD double math_pow(double b, double e) { return pow(b, e); }
 
@@ -182,10 +196,10 @@ template <typename T> TBD_HD T min_nan(T a, T b) {
 }
 // d max(a,b) / da as autograd computes it for torch.maximum (ties split 0.5).
 template <typename T> TBD_HD T dmax_da(T a, T b) {
-  return a > b ? T(1) : (a == b ? T(0.5) : T(0));
+  return a > b ? lit<T>(1) : (a == b ? lit<T>(0.5f) : lit<T>(0));
 }
 template <typename T> TBD_HD T dmin_da(T a, T b) {
-  return a < b ? T(1) : (a == b ? T(0.5) : T(0));
+  return a < b ? lit<T>(1) : (a == b ? lit<T>(0.5f) : lit<T>(0));
 }
 
 // ---- clamp --------------------------------------------------------------------
@@ -194,14 +208,14 @@ template <typename T> TBD_HD T clamp_val(T v, T lo, T hi) {
   return is_nan(v) ? v : (v < lo ? lo : (v > hi ? hi : v));
 }
 template <typename T> TBD_HD T clamp_grad(T v, T lo, T hi) {
-  return (v >= lo && v <= hi) ? T(1) : T(0);
+  return (v >= lo && v <= hi) ? lit<T>(1) : lit<T>(0);
 }
 // torch.clamp(v, min=lo) and its gradient mask.
 template <typename T> TBD_HD T clamp_min_val(T v, T lo) {
   return is_nan(v) ? v : (v < lo ? lo : v);
 }
 template <typename T> TBD_HD T clamp_min_grad(T v, T lo) {
-  return v >= lo ? T(1) : T(0);
+  return v >= lo ? lit<T>(1) : lit<T>(0);
 }
 
 // ---- selects without comparisons ------------------------------------------------
