@@ -146,28 +146,11 @@ struct LaneColumns {
   alignas(32) float gg[4][kLanes];  // out: gradient of the ground truth
 };
 
-// The coder parameters in every lane.
-__attribute__((always_inline)) inline CoderParams<f32v> splat_params(const CoderParams<float>& c) {
-  const auto f = [](float v) { return splat(v); };
-  CoderParams<f32v> v;
-  v.coder = c.coder;
-  for (int k = 0; k < 4; ++k) {
-    v.mean[k] = f(c.mean[k]);
-    v.std[k] = f(c.std[k]);
-  }
-  v.max_ratio = f(c.max_ratio);
-  v.scale = f(c.scale);
-  v.clip = c.clip;
-  v.max_h = f(c.max_h);
-  v.max_w = f(c.max_w);
-  return v;
-}
-
 // flatten: the header functions are inlined into each clone (compiled for its
 // ISA; called, they would take their vector arguments in the baseline ABI).
 TBD_CLONES __attribute__((flatten)) void lanes_backward(LaneColumns& c, const CoderParams<float>& params, float eps,
                                                         bool want_prior) {
-  const CoderParams<f32v> cp = splat_params(params);
+  const CoderParams<f32v> cp = convert_params<f32v>(params, [](float v) { return splat(v); });  // every lane
   f32v d[4], r[4], dp[4], dr[4];
   for (int k = 0; k < 4; ++k) {
     d[k] = loadv<f32v>(c.d[k]);

@@ -30,21 +30,6 @@ typedef float v8 __attribute__((vector_size(4 * kLanes)));
 
 v8 splat8(float a) { return v8{a, a, a, a, a, a, a, a}; }
 
-CoderParams<v8> splat_params(const CoderParams<float>& c) {
-  CoderParams<v8> v;
-  v.coder = c.coder;
-  for (int k = 0; k < 4; ++k) {
-    v.mean[k] = splat8(c.mean[k]);
-    v.std[k] = splat8(c.std[k]);
-  }
-  v.max_ratio = splat8(c.max_ratio);
-  v.scale = splat8(c.scale);
-  v.clip = c.clip;
-  v.max_h = splat8(c.max_h);
-  v.max_w = splat8(c.max_w);
-  return v;
-}
-
 CoderParams<float> params(Coder coder, bool clip) {
   CoderParams<float> c;
   c.coder = coder;
@@ -92,7 +77,7 @@ struct Lanes {
 // Compares every output of one 8-lane call with the 8 scalar calls.
 void check_lanes(const Lanes& in, const CoderParams<float>& cp, const std::string& where) {
   const float eps = 1e-6f;
-  const CoderParams<v8> vcp = splat_params(cp);
+  const CoderParams<v8> vcp = convert_params<v8>(cp, splat8);
   v8 d[4], r[4], dp[4], dr[4];
   for (int k = 0; k < 4; ++k) {
     std::memcpy(&d[k], in.d[k], sizeof(v8));

@@ -50,20 +50,27 @@ TBD_HD CoderParams<A> image_params(CoderParams<A> cp, const A* shapes, int64_t n
   return cp;
 }
 
-// Parameters in the accumulation type A (they are validated and stored in double).
-template <typename A> TBD_HD CoderParams<A> cast_params(const CoderParams<double>& p) {
-  CoderParams<A> c;
+// The parameters with every number converted by cvt: to an accumulation type
+// (cast_params) or, on the CPU, broadcast to a vector type.
+template <typename B, typename A, typename Cvt>
+TBD_HD CoderParams<B> convert_params(const CoderParams<A>& p, Cvt cvt) {
+  CoderParams<B> c;
   c.coder = p.coder;
   for (int k = 0; k < 4; ++k) {
-    c.mean[k] = static_cast<A>(p.mean[k]);
-    c.std[k] = static_cast<A>(p.std[k]);
+    c.mean[k] = cvt(p.mean[k]);
+    c.std[k] = cvt(p.std[k]);
   }
-  c.max_ratio = static_cast<A>(p.max_ratio);
-  c.scale = static_cast<A>(p.scale);
+  c.max_ratio = cvt(p.max_ratio);
+  c.scale = cvt(p.scale);
   c.clip = p.clip;
-  c.max_h = static_cast<A>(p.max_h);
-  c.max_w = static_cast<A>(p.max_w);
+  c.max_h = cvt(p.max_h);
+  c.max_w = cvt(p.max_w);
   return c;
+}
+
+// Parameters in the accumulation type A (they are validated and stored in double).
+template <typename A> TBD_HD CoderParams<A> cast_params(const CoderParams<double>& p) {
+  return convert_params<A>(p, CastTo<A>());
 }
 
 // decode_box and what its backward needs, computed once: the box before
