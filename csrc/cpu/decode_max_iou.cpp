@@ -6,8 +6,10 @@
 // argmax_update_above as the CUDA kernel's. The float backward takes 8
 // predictions at a time in vectors, a lane per prediction, through the same
 // decode_box_full, box_iou_backward and decode_box_backward as the CUDA kernels.
-// These box.h functions are instantiated with 8-lane vectors below; inlined
-// (always_inline, flatten), their vector arguments never cross an ABI boundary.
+// These header functions are instantiated with 8-lane vectors below and
+// inlined (flatten) into the target_clones functions that call them,
+// max_iou_columns and lanes_backward, so that they are compiled for the clone's
+// ISA and their vector arguments never cross an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -84,8 +86,9 @@ struct BoxColumns {
   float x1[kIouBlock], y1[kIouBlock], x2[kIouBlock], y2[kIouBlock], area[kIouBlock];
 };
 
-TBD_CLONES void max_iou_columns(const BoxColumns& c, const Box<float>* boxes, const float* areas,
-                                int32_t n, float eps, float* value, int32_t* index) {
+TBD_CLONES __attribute__((flatten)) void max_iou_columns(const BoxColumns& c, const Box<float>* boxes,
+                                                         const float* areas, int32_t n, float eps, float* value,
+                                                         int32_t* index) {
   constexpr int V = kIouBlock / kLanes;
   Box<f32v> box[V];
   f32v area[V], best[V];
@@ -146,8 +149,6 @@ struct LaneColumns {
   alignas(32) float gg[4][kLanes];  // out: gradient of the ground truth
 };
 
-// flatten: the header functions are inlined into each clone (compiled for its
-// ISA; called, they would take their vector arguments in the baseline ABI).
 TBD_CLONES __attribute__((flatten)) void lanes_backward(LaneColumns& c, const CoderParams<float>& params, float eps,
                                                         bool want_prior) {
   const CoderParams<f32v> cp = convert_params<f32v>(params, [](float v) { return splat(v); });  // every lane

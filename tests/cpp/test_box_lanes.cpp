@@ -74,7 +74,8 @@ struct Lanes {
   float d[4][kLanes], r[4][kLanes], gt[4][kLanes], g[kLanes];
 };
 
-// Compares every output of one 8-lane call with the 8 scalar calls.
+// Compares every output of one 8-lane call with the 8 scalar calls (the
+// prediction's gradient also without the prior's).
 void check_lanes(const Lanes& in, const CoderParams<float>& cp, const std::string& where) {
   const float eps = 1e-6f;
   const CoderParams<v8> vcp = convert_params<v8>(cp, splat8);
@@ -91,6 +92,8 @@ void check_lanes(const Lanes& in, const CoderParams<float>& cp, const std::strin
   Box<v8> vgb, vgg;
   box_iou_backward(vdb.box, Box<v8>{gtv[0], gtv[1], gtv[2], gtv[3]}, splat8(eps), gv, vgb, vgg);
   decode_box_backward(d, r, vcp, vdb, vgb, dp, dr);
+  v8 dp_only[4];  // without the prior's gradient (d_prior = nullptr), as the ground-truth pass calls it
+  decode_box_backward(d, r, vcp, vdb, vgb, dp_only, static_cast<v8*>(nullptr));
 
   for (int i = 0; i < kLanes; ++i) {
     const float sd[4] = {in.d[0][i], in.d[1][i], in.d[2][i], in.d[3][i]};
@@ -121,6 +124,7 @@ void check_lanes(const Lanes& in, const CoderParams<float>& cp, const std::strin
                            "d pred[0]", "d pred[1]", "d pred[2]", "d pred[3]", "d prior[0]",
                            "d prior[1]", "d prior[2]", "d prior[3]"};
     for (int j = 0; j < 26; ++j) ASSERT_TRUE(SameBits(vec[j], sca[j], at + names[j]));
+    for (int k = 0; k < 4; ++k) ASSERT_TRUE(SameBits(dp_only[k][i], sdp[k], at + "d pred, no prior"));
   }
 }
 
