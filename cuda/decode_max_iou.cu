@@ -32,13 +32,16 @@ constexpr int kTile = 1024;    // ground-truth boxes per shared-memory tile (dyn
 // The ground-truth offsets (absolute rows of gts) of a chunk of images.
 using GtChunk = ImageChunk<1>;
 
+// Loads prediction (n, p) and its prior into d and r and decodes them; the
+// callers that need only the box take .box (the rest is then never computed).
 template <typename T, typename A>
-__device__ __forceinline__ Box<A> decode_at(const T* pred, const PredLayout& pl, const T* priors,
-                                            int64_t ps0, int64_t ps1, int pdim, int64_t n,
-                                            int64_t p, const CoderParams<A>& cp, A d[4], A r[4]) {
+__device__ __forceinline__ DecodedBox<A> decode_at(const T* pred, const PredLayout& pl,
+                                                   const T* priors, int64_t ps0, int64_t ps1,
+                                                   int pdim, int64_t n, int64_t p,
+                                                   const CoderParams<A>& cp, A d[4], A r[4]) {
   load_pred(pred, pl, n, p, d, ToAcc());
   load_prior(priors, ps0, ps1, pdim, p, r, ToAcc());
-  return decode_box(d, r, cp);
+  return decode_box_full(d, r, cp);
 }
 
 // Shared memory of the forward: a tile of kTile ground-truth boxes, then their
@@ -69,7 +72,7 @@ decode_max_iou_fwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
   Box<A> b{};
   if (active) {
     A d[4], r[4];
-    b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r);
+    b = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r).box;
   }
   const A area = box_area(b);
   // Running argmax (tbd_ops/argmax.h); every IoU is NaN or >= -0.0. The pair
@@ -132,9 +135,7 @@ decode_max_iou_bwd_kernel(const T* __restrict__ pred, PredLayout pl, const T* __
     if (a >= 0 && a < chunk.off[0][i + 1] - chunk.off[0][i]) {
       A d[4], r[4], dr[4] = {A(0), A(0), A(0), A(0)};
       const CoderParams<A> cpn = image_params(cp, shapes, n);
-      load_pred(pred, pl, n, p, d, ToAcc());
-      load_prior(priors, ps0, ps1, pdim, p, r, ToAcc());
-      const DecodedBox<A> db = decode_box_full(d, r, cpn);
+      const DecodedBox<A> db = decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, cpn, d, r);
       Box<A> gb, gg;
       box_iou_backward(db.box, load_box<A>(gts, chunk.off[0][i] + a, ToAcc()), eps,
                        to_acc(grad[n * gs0 + p * gs1]), gb, gg);
@@ -181,7 +182,7 @@ decode_max_iou_gt_keys_kernel(const T* __restrict__ pred, PredLayout pl,
   if (keep) {
     A d[4], r[4];
     const Box<A> b =
-        decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r);
+        decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r).box;
     Box<A> gb, gg;
     box_iou_backward(b, load_box<A>(gts, g0 + a, ToAcc()), eps, to_acc(grad[n * gs0 + p * gs1]),
                      gb, gg);
@@ -218,7 +219,7 @@ decode_max_iou_bwd_gt_kernel(const T* __restrict__ pred, PredLayout pl,
     const int64_t n = v / P, p = v - n * P;
     A d[4], r[4];
     const Box<A> b =
-        decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r);
+        decode_at(pred, pl, priors, ps0, ps1, pdim, n, p, image_params(cp, shapes, n), d, r).box;
     Box<A> gb, gg;
     box_iou_backward(b, gt, eps, to_acc(grad[n * gs0 + p * gs1]), gb, gg);
     s = Box4Sum<A>()(s, gg);

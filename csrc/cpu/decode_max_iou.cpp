@@ -134,45 +134,50 @@ void block_max_iou(const Box<float>* boxes, const float* box_areas, int len, con
 template <typename A>
 void block_max_iou(const Box<A>*, const A*, int, const Box<A>*, const A*, int32_t, A, A*, int32_t*) {}
 
-// The gradients of the predictions (and priors) of kLanes predictions of one
-// image at once (float), a lane per prediction: decode_box_full,
-// box_iou_backward and decode_box_backward, the scalar loop's functions on
-// 8-lane vectors, so lane by lane the same operations and values. In and out
-// in columns; a lane that matched nothing holds zeros and is ignored.
+// The gradients of kLanes predictions of one image at once (float), a lane
+// per prediction: decode_box_full, box_iou_backward and decode_box_backward,
+// the scalar loop's functions on 8-lane vectors, so lane by lane the same
+// operations and values. In and out in columns; a lane that matched nothing
+// holds zeros and is ignored.
 struct LaneColumns {
   alignas(32) float d[4][kLanes];   // prediction
   alignas(32) float r[4][kLanes];   // prior
   alignas(32) float gt[4][kLanes];  // matched ground truth
   alignas(32) float g[kLanes];      // incoming gradient of the IoU
   alignas(32) float dp[4][kLanes];  // out: gradient of the prediction
-  alignas(32) float dr[4][kLanes];  // out: gradient of the prior (zeros when not asked for)
+  alignas(32) float dr[4][kLanes];  // out: gradient of the prior
   alignas(32) float gg[4][kLanes];  // out: gradient of the ground truth
 };
 
+// The gradients lanes_backward writes: the ground truth's always; kPredGt
+// adds the prediction's, kAll the prediction's and the prior's.
+enum class LaneGrads { kGtOnly, kPredGt, kAll };
+
 TBD_CLONES __attribute__((flatten)) void lanes_backward(LaneColumns& c, const CoderParams<float>& params, float eps,
-                                                        bool want_prior) {
+                                                        LaneGrads want) {
   const CoderParams<f32v> cp = convert_params<f32v>(params, [](float v) { return splat(v); });  // every lane
-  f32v d[4], r[4], dp[4], dr[4];
+  f32v d[4], r[4];
   for (int k = 0; k < 4; ++k) {
     d[k] = loadv<f32v>(c.d[k]);
     r[k] = loadv<f32v>(c.r[k]);
-    dr[k] = splat(0.0f);
   }
   const DecodedBox<f32v> db = decode_box_full(d, r, cp);
   const Box<f32v> gt = {loadv<f32v>(c.gt[0]), loadv<f32v>(c.gt[1]), loadv<f32v>(c.gt[2]),
                         loadv<f32v>(c.gt[3])};
   Box<f32v> gb, gg;
   box_iou_backward(db.box, gt, splat(eps), loadv<f32v>(c.g), gb, gg);
-  decode_box_backward(d, r, cp, db, gb, dp, want_prior ? dr : nullptr);
   const f32v ggs[4] = {gg.x1, gg.y1, gg.x2, gg.y2};
+  for (int k = 0; k < 4; ++k) storev(c.gg[k], ggs[k]);
+  if (want == LaneGrads::kGtOnly) return;
+  f32v dp[4], dr[4] = {};  // points: the prior gradient has two columns; the other two stay 0
+  decode_box_backward(d, r, cp, db, gb, dp, want == LaneGrads::kAll ? dr : nullptr);
   for (int k = 0; k < 4; ++k) {
     storev(c.dp[k], dp[k]);
-    storev(c.dr[k], dr[k]);
-    storev(c.gg[k], ggs[k]);
+    if (want == LaneGrads::kAll) storev(c.dr[k], dr[k]);
   }
 }
 // Other accumulation types take the scalar path; never called.
-template <typename A> void lanes_backward(LaneColumns&, const CoderParams<A>&, A, bool) {}
+template <typename A> void lanes_backward(LaneColumns&, const CoderParams<A>&, A, LaneGrads) {}
 
 std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(const DecodeProblem& pb,
                                                       const at::Tensor& bbox_pred,
@@ -307,14 +312,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
             for (int64_t n = 0; n < pb.N; ++n) {
               bool valid[kLanes];
               if (!gather(n, p0, len, c, valid)) continue;
-              lanes_backward(c, dec.params(n), eps, gr != nullptr);
+              lanes_backward(c, dec.params(n), eps, gr ? LaneGrads::kAll : LaneGrads::kPredGt);
               for (int i = 0; i < len; ++i) {
                 if (!valid[i]) continue;
                 if (gp) {
                   const int64_t o = pred_offset(gpl, n, p0 + i, 0);
                   for (int k = 0; k < 4; ++k) gp[o + k * gpl.sC] = static_cast<scalar_t>(c.dp[k][i]);
                 }
-                for (int k = 0; k < 4; ++k) acc[k][i] += c.dr[k][i];
+                if (gr) {
+                  for (int k = 0; k < 4; ++k) acc[k][i] += c.dr[k][i];
+                }
               }
             }
             if (gr) {
@@ -366,27 +373,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
               const int len = static_cast<int>(std::min<int64_t>(kLanes, pb.P - p0));
               bool valid[kLanes];
               if (!gather(n, p0, len, c, valid)) continue;
-              lanes_backward(c, dec.params(n), eps, false);
+              lanes_backward(c, dec.params(n), eps, LaneGrads::kGtOnly);
               for (int i = 0; i < len; ++i) {
                 if (!valid[i]) continue;
                 const int64_t a = pa[n * pb.P + p0 + i];
                 for (int k = 0; k < 4; ++k) acc[a * 4 + k] += c.gg[k][i];
               }
             }
-            for (int64_t i = 0; i < G * 4; ++i) gg_out[g0 * 4 + i] = static_cast<scalar_t>(acc[i]);
-            continue;
-          }
-          for (int64_t p = 0; p < pb.P; ++p) {
-            const int64_t a = pa[n * pb.P + p];
-            if (a < 0 || a >= G) continue;
-            A d[4], r[4];
-            const Box<A> b = dec.decode(n, p, d, r);
-            Box<A> gb, gg;
-            box_iou_backward(b, dec.gt(g0 + a), eps, static_cast<A>(pg[n * gs0 + p * gs1]), gb, gg);
-            acc[a * 4 + 0] += gg.x1;
-            acc[a * 4 + 1] += gg.y1;
-            acc[a * 4 + 2] += gg.x2;
-            acc[a * 4 + 3] += gg.y2;
+          } else {
+            for (int64_t p = 0; p < pb.P; ++p) {
+              const int64_t a = pa[n * pb.P + p];
+              if (a < 0 || a >= G) continue;
+              A d[4], r[4];
+              const Box<A> b = dec.decode(n, p, d, r);
+              Box<A> gb, gg;
+              box_iou_backward(b, dec.gt(g0 + a), eps, static_cast<A>(pg[n * gs0 + p * gs1]), gb, gg);
+              acc[a * 4 + 0] += gg.x1;
+              acc[a * 4 + 1] += gg.y1;
+              acc[a * 4 + 2] += gg.x2;
+              acc[a * 4 + 3] += gg.y2;
+            }
           }
           for (int64_t i = 0; i < G * 4; ++i) gg_out[g0 * 4 + i] = static_cast<scalar_t>(acc[i]);
         }
