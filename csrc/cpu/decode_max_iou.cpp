@@ -42,11 +42,15 @@ template <typename T> struct Decoder {
 
   // The coder parameters of image n (its own clip shape, if any).
   CoderParams<A> params(int64_t n) const { return image_params(cp, shapes, n); }
-  // decode_box_full of prediction p of image n; its pred and prior in d, r.
-  DecodedBox<A> decode_full(int64_t n, int64_t p, A d[4], A r[4]) const {
-    load_pred(pred, pl, n, p, d, CastTo<A>());
+  // decode_box_full of prediction p of image n, whose values are at offset
+  // off = pred_offset(pl, n, p, 0) (a PredWalk's); its pred and prior in d, r.
+  DecodedBox<A> decode_full_at(int64_t n, int64_t p, int64_t off, A d[4], A r[4]) const {
+    load_pred_at(pred, pl, off, d, CastTo<A>());
     load_prior(priors, ps0, ps1, pdim, p, r, CastTo<A>());
     return decode_box_full(d, r, params(n));
+  }
+  DecodedBox<A> decode_full(int64_t n, int64_t p, A d[4], A r[4]) const {
+    return decode_full_at(n, p, pred_offset(pl, n, p, 0), d, r);
   }
   Box<A> decode(int64_t n, int64_t p, A d[4], A r[4]) const { return decode_full(n, p, d, r).box; }
   Box<A> gt(int64_t row) const { return load_box<A>(gts, row, CastTo<A>()); }
@@ -217,9 +221,10 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(const DecodeProblem& pb,
         const int len = static_cast<int>(std::min<int64_t>({end - j, pb.P - p0, int64_t(B)}));
         const int64_t g0 = pb.gt_offsets[n], G = pb.gt_offsets[n + 1] - g0;
         bool vec = std::is_same_v<A, float> && G > 0 && G <= INT32_MAX && !nan_area[n];
-        for (int i = 0; i < len; ++i) {
+        PredWalk walk(pb.pl, n, p0);
+        for (int i = 0; i < len; ++i, walk.next()) {
           A d[4], r[4];
-          boxes[i] = dec.decode(n, p0 + i, d, r);
+          boxes[i] = dec.decode_full_at(n, p0 + i, walk.offset(), d, r).box;
           pred_area[i] = box_area(boxes[i]);
           vec = vec && !is_nan(pred_area[i]);
         }
@@ -277,7 +282,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
     const auto gather = [&](int64_t n, int64_t p0, int len, LaneColumns& c, bool valid[kLanes]) {
       const int64_t g0 = pb.gt_offsets[n], G = pb.gt_offsets[n + 1] - g0;
       bool any = false;
-      for (int i = 0; i < kLanes; ++i) {
+      PredWalk walk(dec.pl, n, p0);
+      for (int i = 0; i < kLanes; ++i, walk.next()) {
         const int64_t p = p0 + i;
         const int64_t a = i < len ? pa[n * pb.P + p] : -1;
         valid[i] = a >= 0 && a < G;
@@ -285,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
         A d[4] = {A(0), A(0), A(0), A(0)}, r[4] = {A(0), A(0), A(0), A(0)};
         Box<A> q = {A(0), A(0), A(0), A(0)};
         if (valid[i]) {
-          load_pred(dec.pred, dec.pl, n, p, d, CastTo<A>());
+          load_pred_at(dec.pred, dec.pl, walk.offset(), d, CastTo<A>());
           load_prior(dec.priors, dec.ps0, dec.ps1, dec.pdim, p, r, CastTo<A>());
           q = dec.gt(g0 + a);
         }
@@ -313,10 +319,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
               bool valid[kLanes];
               if (!gather(n, p0, len, c, valid)) continue;
               lanes_backward(c, dec.params(n), eps, gr ? LaneGrads::kAll : LaneGrads::kPredGt);
-              for (int i = 0; i < len; ++i) {
+              PredWalk out(gpl, n, p0);
+              for (int i = 0; i < len; ++i, out.next()) {
                 if (!valid[i]) continue;
                 if (gp) {
-                  const int64_t o = pred_offset(gpl, n, p0 + i, 0);
+                  const int64_t o = out.offset();
                   for (int k = 0; k < 4; ++k) gp[o + k * gpl.sC] = static_cast<scalar_t>(c.dp[k][i]);
                 }
                 if (gr) {

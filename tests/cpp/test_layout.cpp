@@ -207,4 +207,50 @@ TEST(Layout, RowColWalkMatchesDivision) {
   }
 }
 
+// From every start, the walk gives pred_offset(l, n, p, 0) of each following
+// prediction of the image (pred_offset is checked against counting above), in
+// the head layouts (contiguous, channels_last, strided) and the [N, P, 4] form.
+TEST(Layout, PredWalkMatchesPredOffset) {
+  const Shape s{3, 9, 5, 7};
+  const PredLayout layouts[] = {
+      {s.A, s.H, s.W, s.C() * s.H * s.W, s.H * s.W, s.W, 1},         // NCHW
+      {s.A, s.H, s.W, s.H * s.W * s.C(), 1, s.W * s.C(), s.C()},     // channels_last
+      {s.A, s.H, s.W, 2 * s.C() * s.H * s.W + 5, 3, 50 * s.W, 50},  // strided
+      {1, 1, s.P(), s.P() * 4, 1, 0, 4},                             // [N, P, 4]
+      {1, 1, s.P(), 4, s.P() * s.N, 0, s.N},                         // [N, P, 4] of [4, P, N]
+  };
+  for (const PredLayout& l : layouts) {
+    const int64_t P = l.A * l.H * l.W;
+    ASSERT_EQ(P, s.P());
+    for (int64_t n = 0; n < s.N; ++n) {
+      for (int64_t p0 = 0; p0 < P; ++p0) {
+        PredWalk w(l, n, p0);
+        for (int64_t p = p0; p < P; ++p, w.next()) {
+          ASSERT_EQ(w.offset(), pred_offset(l, n, p, 0)) << "sC=" << l.sC << " n=" << n << " p0=" << p0 << " p=" << p;
+        }
+      }
+    }
+  }
+}
+
+// load_pred_at at pred_offset(l, n, p, 0) reads what load_pred reads.
+TEST(Layout, LoadPredAtMatchesLoadPred) {
+  const Shape s{2, 3, 4, 5};
+  const PredLayout l{s.A, s.H, s.W, s.H * s.W * s.C(), 1, s.W * s.C(), s.C()};
+  std::vector<float> t(s.N * s.C() * s.H * s.W);
+  for (size_t i = 0; i < t.size(); ++i) t[i] = 0.5f * static_cast<float>(i) - 7.0f;
+  const auto cvt = [](float v) { return static_cast<double>(v); };
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t p = 0; p < s.P(); ++p) {
+      double a[4], b[4];
+      load_pred(t.data(), l, n, p, a, cvt);
+      load_pred_at(t.data(), l, pred_offset(l, n, p, 0), b, cvt);
+      for (int k = 0; k < 4; ++k) {
+        EXPECT_EQ(a[k], b[k]);
+        EXPECT_EQ(b[k], t[pred_offset(l, n, p, k)]);
+      }
+    }
+  }
+}
+
 }  // namespace

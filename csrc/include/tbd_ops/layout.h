@@ -21,11 +21,42 @@ TBD_HD int64_t pred_offset(const PredLayout& l, int64_t n, int64_t p, int64_t k)
   return n * l.sN + (a * 4 + k) * l.sC + h * l.sH + w * l.sW;
 }
 
+// pred_offset(l, n, p, 0) of predictions p, p + 1, p + 2, ... of image n in
+// turn, for loops over consecutive predictions: two divisions when it starts,
+// then counting (pred_offset divides twice per prediction).
+struct PredWalk {
+  PredLayout l;
+  int64_t base;     // n * sN
+  int64_t a, w, h;  // of the current prediction
+  TBD_HD PredWalk(const PredLayout& layout, int64_t n, int64_t p) : l(layout), base(n * layout.sN) {
+    a = p % l.A;
+    const int64_t hw = p / l.A;
+    w = hw % l.W;
+    h = hw / l.W;
+  }
+  TBD_HD int64_t offset() const { return base + a * 4 * l.sC + h * l.sH + w * l.sW; }
+  TBD_HD void next() {
+    if (++a == l.A) {
+      a = 0;
+      if (++w == l.W) {
+        w = 0;
+        ++h;
+      }
+    }
+  }
+};
+
+// Loads the 4 regression values at offset base (pred_offset(l, n, p, 0) of
+// prediction (n, p)) converted to A.
+template <typename A, typename T, typename Cvt>
+TBD_HD void load_pred_at(const T* pred, const PredLayout& l, int64_t base, A out[4], Cvt cvt) {
+  for (int k = 0; k < 4; ++k) out[k] = cvt(pred[base + k * l.sC]);
+}
+
 // Loads the 4 regression values of prediction (n, p) converted to A.
 template <typename A, typename T, typename Cvt>
 TBD_HD void load_pred(const T* pred, const PredLayout& l, int64_t n, int64_t p, A out[4], Cvt cvt) {
-  const int64_t base = pred_offset(l, n, p, 0);
-  for (int k = 0; k < 4; ++k) out[k] = cvt(pred[base + k * l.sC]);
+  load_pred_at(pred, l, pred_offset(l, n, p, 0), out, cvt);
 }
 
 // Loads prior p ([P, D] with strides s0, s1; D = 4 anchors or 2 points).
