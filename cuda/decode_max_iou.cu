@@ -33,7 +33,7 @@ constexpr int kTile = 1024;    // ground-truth boxes per shared-memory tile (dyn
 using GtChunk = ImageChunk<1>;
 
 // Loads prediction (n, p) and its prior into d and r and decodes them; the
-// callers that need only the box take .box (the rest is then never computed).
+// callers that need only the box take .box (the rest is dead once inlined).
 template <typename T, typename A>
 __device__ __forceinline__ DecodedBox<A> decode_at(const T* pred, const PredLayout& pl,
                                                    const T* priors, int64_t ps0, int64_t ps1,

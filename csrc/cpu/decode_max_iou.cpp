@@ -52,7 +52,6 @@ template <typename T> struct Decoder {
   DecodedBox<A> decode_full(int64_t n, int64_t p, A d[4], A r[4]) const {
     return decode_full_at(n, p, pred_offset(pl, n, p, 0), d, r);
   }
-  Box<A> decode(int64_t n, int64_t p, A d[4], A r[4]) const { return decode_full(n, p, d, r).box; }
   Box<A> gt(int64_t row) const { return load_box<A>(gts, row, CastTo<A>()); }
 };
 
@@ -148,9 +147,9 @@ struct LaneColumns {
   alignas(32) float r[4][kLanes];   // prior
   alignas(32) float gt[4][kLanes];  // matched ground truth
   alignas(32) float g[kLanes];      // incoming gradient of the IoU
-  alignas(32) float dp[4][kLanes];  // out: gradient of the prediction
-  alignas(32) float dr[4][kLanes];  // out: gradient of the prior
-  alignas(32) float gg[4][kLanes];  // out: gradient of the ground truth
+  alignas(32) float dp[4][kLanes];  // out: gradient of the prediction (kPredGt, kAll)
+  alignas(32) float dr[4][kLanes];  // out: gradient of the prior (kAll)
+  alignas(32) float gg[4][kLanes];  // out: gradient of the ground truth (always)
 };
 
 // The gradients lanes_backward writes: the ground truth's always; kPredGt
@@ -173,7 +172,7 @@ TBD_CLONES __attribute__((flatten)) void lanes_backward(LaneColumns& c, const Co
   const f32v ggs[4] = {gg.x1, gg.y1, gg.x2, gg.y2};
   for (int k = 0; k < 4; ++k) storev(c.gg[k], ggs[k]);
   if (want == LaneGrads::kGtOnly) return;
-  f32v dp[4], dr[4] = {};  // points: the prior gradient has two columns; the other two stay 0
+  f32v dp[4], dr[4] = {};  // the columns decode_box_backward does not write (points: 2, 3) stay 0
   decode_box_backward(d, r, cp, db, gb, dp, want == LaneGrads::kAll ? dr : nullptr);
   for (int k = 0; k < 4; ++k) {
     storev(c.dp[k], dp[k]);
@@ -221,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> decode_max_iou_cpu(const DecodeProblem& pb,
         const int len = static_cast<int>(std::min<int64_t>({end - j, pb.P - p0, int64_t(B)}));
         const int64_t g0 = pb.gt_offsets[n], G = pb.gt_offsets[n + 1] - g0;
         bool vec = std::is_same_v<A, float> && G > 0 && G <= INT32_MAX && !nan_area[n];
-        PredWalk walk(pb.pl, n, p0);
+        PredWalk walk(dec.pl, n, p0);
         for (int i = 0; i < len; ++i, walk.next()) {
           A d[4], r[4];
           boxes[i] = dec.decode_full_at(n, p0 + i, walk.offset(), d, r).box;
@@ -388,11 +387,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_max_iou_backward_cpu(
               }
             }
           } else {
-            for (int64_t p = 0; p < pb.P; ++p) {
+            PredWalk walk(dec.pl, n, 0);
+            for (int64_t p = 0; p < pb.P; ++p, walk.next()) {
               const int64_t a = pa[n * pb.P + p];
               if (a < 0 || a >= G) continue;
               A d[4], r[4];
-              const Box<A> b = dec.decode(n, p, d, r);
+              const Box<A> b = dec.decode_full_at(n, p, walk.offset(), d, r).box;
               Box<A> gb, gg;
               box_iou_backward(b, dec.gt(g0 + a), eps, static_cast<A>(pg[n * gs0 + p * gs1]), gb, gg);
               acc[a * 4 + 0] += gg.x1;

@@ -92,7 +92,7 @@ void check_lanes(const Lanes& in, const CoderParams<float>& cp, const std::strin
   Box<v8> vgb, vgg;
   box_iou_backward(vdb.box, Box<v8>{gtv[0], gtv[1], gtv[2], gtv[3]}, splat8(eps), gv, vgb, vgg);
   decode_box_backward(d, r, vcp, vdb, vgb, dp, dr);
-  v8 dp_only[4];  // without the prior's gradient (d_prior = nullptr), as the ground-truth pass calls it
+  v8 dp_only[4];  // without the prior's gradient (d_prior = nullptr), as the prediction pass calls it then
   decode_box_backward(d, r, vcp, vdb, vgb, dp_only, static_cast<v8*>(nullptr));
 
   for (int i = 0; i < kLanes; ++i) {

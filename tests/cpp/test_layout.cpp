@@ -209,47 +209,58 @@ TEST(Layout, RowColWalkMatchesDivision) {
 
 // From every start, the walk gives pred_offset(l, n, p, 0) of each following
 // prediction of the image (pred_offset is checked against counting above), in
-// the head layouts (contiguous, channels_last, strided) and the [N, P, 4] form.
+// the head layouts (contiguous, channels_last, padded rows and images, one
+// column: the row changes at every location) and the [N, P, 4] form.
 TEST(Layout, PredWalkMatchesPredOffset) {
-  const Shape s{3, 9, 5, 7};
+  const int64_t N = 3, A = 9, H = 5, W = 7, C = A * 4, P = H * W * A, Wp = W + 3;
   const PredLayout layouts[] = {
-      {s.A, s.H, s.W, s.C() * s.H * s.W, s.H * s.W, s.W, 1},         // NCHW
-      {s.A, s.H, s.W, s.H * s.W * s.C(), 1, s.W * s.C(), s.C()},     // channels_last
-      {s.A, s.H, s.W, 2 * s.C() * s.H * s.W + 5, 3, 50 * s.W, 50},  // strided
-      {1, 1, s.P(), s.P() * 4, 1, 0, 4},                             // [N, P, 4]
-      {1, 1, s.P(), 4, s.P() * s.N, 0, s.N},                         // [N, P, 4] of [4, P, N]
+      {A, H, W, C * H * W, H * W, W, 1},              // NCHW
+      {A, H, W, H * W * C, 1, W * C, C},              // channels_last
+      {A, H, W, 2 * C * H * Wp, H * Wp, Wp, 1},       // NCHW, rows padded to Wp, every other image
+      {2, 6, 1, 8 * 6, 6, 1, 1},                      // NCHW, W = 1
+      {1, 1, P, P * 4, 1, 0, 4},                      // [N, P, 4]
+      {1, 1, P, 1, P * N, 0, N},                      // [N, P, 4] view of [4, P, N] storage
   };
   for (const PredLayout& l : layouts) {
-    const int64_t P = l.A * l.H * l.W;
-    ASSERT_EQ(P, s.P());
-    for (int64_t n = 0; n < s.N; ++n) {
-      for (int64_t p0 = 0; p0 < P; ++p0) {
+    const int64_t np = l.A * l.H * l.W;
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t p0 = 0; p0 < np; ++p0) {
         PredWalk w(l, n, p0);
-        for (int64_t p = p0; p < P; ++p, w.next()) {
-          ASSERT_EQ(w.offset(), pred_offset(l, n, p, 0)) << "sC=" << l.sC << " n=" << n << " p0=" << p0 << " p=" << p;
+        for (int64_t p = p0; p < np; ++p, w.next()) {
+          ASSERT_EQ(w.offset(), pred_offset(l, n, p, 0))
+              << "A=" << l.A << " W=" << l.W << " sC=" << l.sC << " n=" << n << " p0=" << p0 << " p=" << p;
         }
       }
     }
   }
 }
 
-// load_pred_at at pred_offset(l, n, p, 0) reads what load_pred reads.
-TEST(Layout, LoadPredAtMatchesLoadPred) {
+// A walk from prediction 0 and load_pred_at read the four channels of every
+// prediction in order: an NCHW buffer holds a code of (n, c, h, w), and the
+// expected values come from counting h, w and a, not from pred_offset.
+TEST(Layout, PredWalkLoadsEveryPredictionInOrder) {
   const Shape s{2, 3, 4, 5};
-  const PredLayout l{s.A, s.H, s.W, s.H * s.W * s.C(), 1, s.W * s.C(), s.C()};
-  std::vector<float> t(s.N * s.C() * s.H * s.W);
-  for (size_t i = 0; i < t.size(); ++i) t[i] = 0.5f * static_cast<float>(i) - 7.0f;
-  const auto cvt = [](float v) { return static_cast<double>(v); };
+  const int64_t C = s.C();
+  std::vector<int32_t> buf(s.N * C * s.H * s.W);
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t h = 0; h < s.H; ++h)
+        for (int64_t w = 0; w < s.W; ++w)
+          buf[((n * C + c) * s.H + h) * s.W + w] = static_cast<int32_t>(n * 1000000 + c * 10000 + h * 100 + w);
+  const PredLayout l{s.A, s.H, s.W, C * s.H * s.W, s.H * s.W, s.W, 1};
+  const auto cvt = [](int32_t v) { return static_cast<double>(v) + 0.5; };
   for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t p = 0; p < s.P(); ++p) {
-      double a[4], b[4];
-      load_pred(t.data(), l, n, p, a, cvt);
-      load_pred_at(t.data(), l, pred_offset(l, n, p, 0), b, cvt);
-      for (int k = 0; k < 4; ++k) {
-        EXPECT_EQ(a[k], b[k]);
-        EXPECT_EQ(b[k], t[pred_offset(l, n, p, k)]);
-      }
-    }
+    PredWalk walk(l, n, 0);
+    int64_t p = 0;
+    for (int64_t h = 0; h < s.H; ++h)
+      for (int64_t w = 0; w < s.W; ++w)
+        for (int64_t a = 0; a < s.A; ++a, ++p, walk.next()) {
+          double out[4];
+          load_pred_at(buf.data(), l, walk.offset(), out, cvt);
+          for (int64_t k = 0; k < 4; ++k)
+            ASSERT_EQ(out[k], n * 1000000 + (a * 4 + k) * 10000 + h * 100 + w + 0.5)
+                << "n" << n << " p" << p << " k" << k;
+        }
   }
 }
 

@@ -13,12 +13,24 @@ struct PredLayout {
   int64_t sN, sC, sH, sW;  // element strides
 };
 
-TBD_HD int64_t pred_offset(const PredLayout& l, int64_t n, int64_t p, int64_t k) {
-  const int64_t a = p % l.A;
+// Anchor a, row h and column w of prediction p = (h * W + w) * A + a.
+struct PredIndex {
+  int64_t a, h, w;
+};
+
+TBD_HD PredIndex pred_index(const PredLayout& l, int64_t p) {
   const int64_t hw = p / l.A;
-  const int64_t w = hw % l.W;
-  const int64_t h = hw / l.W;
-  return n * l.sN + (a * 4 + k) * l.sC + h * l.sH + w * l.sW;
+  return {p % l.A, hw / l.W, hw % l.W};
+}
+
+// Offset of regression value k of prediction i of image n.
+TBD_HD int64_t pred_offset(const PredLayout& l, int64_t n, const PredIndex& i, int64_t k) {
+  return n * l.sN + (i.a * 4 + k) * l.sC + i.h * l.sH + i.w * l.sW;
+}
+
+// Offset of regression value k of prediction p of image n.
+TBD_HD int64_t pred_offset(const PredLayout& l, int64_t n, int64_t p, int64_t k) {
+  return pred_offset(l, n, pred_index(l, p), k);
 }
 
 // pred_offset(l, n, p, 0) of predictions p, p + 1, p + 2, ... of image n in
@@ -26,21 +38,17 @@ TBD_HD int64_t pred_offset(const PredLayout& l, int64_t n, int64_t p, int64_t k)
 // then counting (pred_offset divides twice per prediction).
 struct PredWalk {
   PredLayout l;
-  int64_t base;     // n * sN
-  int64_t a, w, h;  // of the current prediction
-  TBD_HD PredWalk(const PredLayout& layout, int64_t n, int64_t p) : l(layout), base(n * layout.sN) {
-    a = p % l.A;
-    const int64_t hw = p / l.A;
-    w = hw % l.W;
-    h = hw / l.W;
-  }
-  TBD_HD int64_t offset() const { return base + a * 4 * l.sC + h * l.sH + w * l.sW; }
+  int64_t n;
+  PredIndex i;  // of the current prediction
+  TBD_HD PredWalk(const PredLayout& layout, int64_t image, int64_t p)
+      : l(layout), n(image), i(pred_index(layout, p)) {}
+  TBD_HD int64_t offset() const { return pred_offset(l, n, i, 0); }
   TBD_HD void next() {
-    if (++a == l.A) {
-      a = 0;
-      if (++w == l.W) {
-        w = 0;
-        ++h;
+    if (++i.a == l.A) {
+      i.a = 0;
+      if (++i.w == l.W) {
+        i.w = 0;
+        ++i.h;
       }
     }
   }
