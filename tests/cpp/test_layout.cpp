@@ -95,9 +95,11 @@ TEST(Layout, StridedBatchAndRows) {
   });
 }
 
+// Fill an NCHW buffer with a code of (n, c, h, w) and read it back per prior,
+// counting h, w and a: by load_pred, and by load_pred_at at the offsets of a
+// walk from prediction 0.
 TEST(Layout, LoadPredReadsTheFourChannels) {
-  // Fill an NCHW buffer with a code of (n, c, h, w) and read it back per prior.
-  const Shape s{2, 3, 2, 3};
+  const Shape s{2, 3, 4, 5};
   const int64_t C = s.C();
   std::vector<int32_t> buf(s.N * C * s.H * s.W);
   for (int64_t n = 0; n < s.N; ++n)
@@ -108,15 +110,19 @@ TEST(Layout, LoadPredReadsTheFourChannels) {
   const PredLayout l{s.A, s.H, s.W, C * s.H * s.W, s.H * s.W, s.W, 1};
   auto cvt = [](int32_t v) { return static_cast<double>(v) + 0.5; };
   for (int64_t n = 0; n < s.N; ++n) {
+    PredWalk walk(l, n, 0);
     int64_t p = 0;
     for (int64_t h = 0; h < s.H; ++h)
       for (int64_t w = 0; w < s.W; ++w)
-        for (int64_t a = 0; a < s.A; ++a, ++p) {
-          double out[4];
+        for (int64_t a = 0; a < s.A; ++a, ++p, walk.next()) {
+          double out[4], walked[4];
           load_pred(buf.data(), l, n, p, out, cvt);
-          for (int64_t k = 0; k < 4; ++k)
-            EXPECT_EQ(out[k], n * 1000000 + (a * 4 + k) * 10000 + h * 100 + w + 0.5)
-                << "n" << n << " p" << p << " k" << k;
+          load_pred_at(buf.data(), l, walk.offset(), walked, cvt);
+          for (int64_t k = 0; k < 4; ++k) {
+            const double want = n * 1000000 + (a * 4 + k) * 10000 + h * 100 + w + 0.5;
+            EXPECT_EQ(out[k], want) << "n" << n << " p" << p << " k" << k;
+            EXPECT_EQ(walked[k], want) << "walk: n" << n << " p" << p << " k" << k;
+          }
         }
   }
 }
@@ -232,35 +238,6 @@ TEST(Layout, PredWalkMatchesPredOffset) {
         }
       }
     }
-  }
-}
-
-// A walk from prediction 0 and load_pred_at read the four channels of every
-// prediction in order: an NCHW buffer holds a code of (n, c, h, w), and the
-// expected values come from counting h, w and a, not from pred_offset.
-TEST(Layout, PredWalkLoadsEveryPredictionInOrder) {
-  const Shape s{2, 3, 4, 5};
-  const int64_t C = s.C();
-  std::vector<int32_t> buf(s.N * C * s.H * s.W);
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t h = 0; h < s.H; ++h)
-        for (int64_t w = 0; w < s.W; ++w)
-          buf[((n * C + c) * s.H + h) * s.W + w] = static_cast<int32_t>(n * 1000000 + c * 10000 + h * 100 + w);
-  const PredLayout l{s.A, s.H, s.W, C * s.H * s.W, s.H * s.W, s.W, 1};
-  const auto cvt = [](int32_t v) { return static_cast<double>(v) + 0.5; };
-  for (int64_t n = 0; n < s.N; ++n) {
-    PredWalk walk(l, n, 0);
-    int64_t p = 0;
-    for (int64_t h = 0; h < s.H; ++h)
-      for (int64_t w = 0; w < s.W; ++w)
-        for (int64_t a = 0; a < s.A; ++a, ++p, walk.next()) {
-          double out[4];
-          load_pred_at(buf.data(), l, walk.offset(), out, cvt);
-          for (int64_t k = 0; k < 4; ++k)
-            ASSERT_EQ(out[k], n * 1000000 + (a * 4 + k) * 10000 + h * 100 + w + 0.5)
-                << "n" << n << " p" << p << " k" << k;
-        }
   }
 }
 
